@@ -1,0 +1,103 @@
+"""PCM audio as it travels between services: AudioFormat checks and conversions."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from bgm import media
+from bgm.errors import InvalidInput
+from bgm.v1 import common_pb2
+
+PCM_S16LE = common_pb2.ENCODING_PCM_S16LE
+PCM_F32LE = common_pb2.ENCODING_PCM_F32LE
+CONTAINER = common_pb2.ENCODING_CONTAINER
+
+MIN_RATE, MAX_RATE = 8_000, 192_000
+MAX_CHANNELS = 8
+
+
+def audio_format(sample_rate: int, channels: int, encoding: int = PCM_F32LE) -> common_pb2.AudioFormat:
+    return common_pb2.AudioFormat(sample_rate_hz=sample_rate, channels=channels, encoding=encoding)  # type: ignore[arg-type]
+
+
+def check_format(fmt: common_pb2.AudioFormat, what: str = "audio") -> None:
+    """Raise InvalidInput unless ``fmt`` describes audio we can take."""
+    if fmt.encoding == CONTAINER:
+        return
+    if fmt.encoding not in (PCM_S16LE, PCM_F32LE):
+        raise InvalidInput(f"{what}: set format.encoding to PCM_S16LE, PCM_F32LE or CONTAINER")
+    if not MIN_RATE <= fmt.sample_rate_hz <= MAX_RATE:
+        raise InvalidInput(
+            f"{what}: sample rate {fmt.sample_rate_hz} Hz is not supported "
+            f"(use {MIN_RATE}..{MAX_RATE} Hz, or send a container)"
+        )
+    if not 1 <= fmt.channels <= MAX_CHANNELS:
+        raise InvalidInput(f"{what}: {fmt.channels} channels is not supported (1..{MAX_CHANNELS})")
+
+
+def bytes_per_frame(fmt: common_pb2.AudioFormat) -> int:
+    return fmt.channels * (2 if fmt.encoding == PCM_S16LE else 4)
+
+
+def pcm_to_float(data: bytes, fmt: common_pb2.AudioFormat) -> np.ndarray:
+    """Raw PCM bytes to float32 frames (n, channels)."""
+    width = bytes_per_frame(fmt)
+    if len(data) % width:
+        raise InvalidInput(
+            f"PCM byte count {len(data)} is not a whole number of {fmt.channels}-channel frames; "
+            "the stream was cut or the format is wrong"
+        )
+    if fmt.encoding == PCM_S16LE:
+        samples = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+    else:
+        samples = np.frombuffer(data, dtype="<f4").astype(np.float32)
+        if not np.all(np.isfinite(samples)):
+            raise InvalidInput("PCM_F32LE audio contains NaN or infinite samples")
+    return samples.reshape(-1, fmt.channels)
+
+
+def float_to_pcm(frames: np.ndarray, encoding: int = PCM_F32LE) -> bytes:
+    frames = np.asarray(frames, dtype=np.float32)
+    if encoding == PCM_S16LE:
+        return (np.clip(frames, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+    return frames.astype("<f4").tobytes()
+
+
+def load_audio(path: Path, fmt: common_pb2.AudioFormat, sample_rate: int, channels: int) -> np.ndarray:
+    """Streamed-in audio (raw PCM or a container file) as float32 (n, channels) at ``sample_rate``."""
+    if fmt.encoding == CONTAINER:
+        media.probe(path, "audio")
+        return media.decode_audio(path, sample_rate, channels, "audio")
+    frames = pcm_to_float(path.read_bytes(), fmt)
+    frames = mix_channels(frames, channels)
+    return resample(frames, fmt.sample_rate_hz, sample_rate)
+
+
+def mix_channels(frames: np.ndarray, channels: int) -> np.ndarray:
+    if frames.shape[1] == channels:
+        return frames
+    mono = frames.mean(axis=1, keepdims=True)
+    return np.repeat(mono, channels, axis=1) if channels > 1 else mono
+
+
+def resample(frames: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
+    """Band-limited resampling (polyphase), frames (n, channels) float32."""
+    if rate_in == rate_out or frames.shape[0] == 0:
+        return frames.astype(np.float32, copy=False)
+    from math import gcd
+
+    from scipy.signal import resample_poly
+
+    g = gcd(rate_in, rate_out)
+    return resample_poly(frames, rate_out // g, rate_in // g, axis=0).astype(np.float32)
+
+
+def to_wav_bytes(frames: np.ndarray, sample_rate: int) -> bytes:
+    import soundfile
+
+    buf = io.BytesIO()
+    soundfile.write(buf, np.asarray(frames, dtype=np.float32), sample_rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()

@@ -1,0 +1,119 @@
+"""Client side of the shared runtime: channels with the same message limits as the
+servers, a retry policy for UNAVAILABLE only, deadlines, and health waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bgm import logs
+
+log = logs.get("bgm.client")
+T = TypeVar("T")
+
+SERVICES = (
+    "bgm.v1.SpeechToText",
+    "bgm.v1.EmotionClassifier",
+    "bgm.v1.MusicGenerator",
+    "bgm.v1.Mixer",
+    "bgm.v1.Gateway",
+)
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries UNAVAILABLE only: every other status means repeating will not help."""
+
+    max_attempts: int = 4
+    initial_backoff_s: float = 0.5
+    max_backoff_s: float = 5.0
+    multiplier: float = 2.0
+
+    def service_config(self) -> str:
+        policy = {
+            "maxAttempts": self.max_attempts,
+            "initialBackoff": f"{self.initial_backoff_s}s",
+            "maxBackoff": f"{self.max_backoff_s}s",
+            "backoffMultiplier": self.multiplier,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        }
+        return json.dumps(
+            {
+                "loadBalancingConfig": [{"round_robin": {}}],
+                "methodConfig": [
+                    {"name": [{"service": s} for s in (*SERVICES, "grpc.health.v1.Health")],
+                     "retryPolicy": policy}
+                ],
+            }
+        )
+
+    def backoff(self, attempt: int) -> float:
+        return min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
+
+
+def make_channel(
+    target: str,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    retry: RetryPolicy | None = None,
+) -> aio.Channel:
+    """An aio channel to ``target`` (``host:port`` or ``dns:///name:port`` for round-robin)."""
+    options: list[tuple[str, int | str]] = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", (retry or RetryPolicy()).service_config()),
+    ]
+    if credentials is not None:
+        return aio.secure_channel(target, credentials, options=options)
+    return aio.insecure_channel(target, options=options)
+
+
+async def call_with_retry(
+    attempt_fn: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str
+) -> T:
+    """Run ``attempt_fn`` again after UNAVAILABLE, with backoff; other errors pass through.
+
+    For calls whose whole request can be replayed (the channel's own retries stop once a
+    response has started to arrive or the request outgrew its buffer).
+    """
+    for attempt in range(1, policy.max_attempts + 1):
+        try:
+            return await attempt_fn()
+        except aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == policy.max_attempts:
+                raise
+            delay = policy.backoff(attempt)
+            log.warning(
+                "unavailable; retrying",
+                extra={"fields": {"call": what, "attempt": attempt, "delay_s": delay, "error": exc.details()}},
+            )
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+async def wait_for_serving(channel: aio.Channel, service: str = "", timeout: float = 60.0) -> None:
+    """Poll the health service until ``service`` reports SERVING, or raise TimeoutError."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2.0)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        except aio.AioRpcError as exc:
+            last = f"{exc.code().name}: {exc.details()}"
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"{service or 'server'} not SERVING after {timeout:g} s (last: {last})")

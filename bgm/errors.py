@@ -1,0 +1,185 @@
+"""Exceptions that carry their gRPC status, and the one interceptor that maps them.
+
+Servicers raise these (or anything else); the interceptor turns them into statuses:
+InvalidInput -> INVALID_ARGUMENT, NotReady -> UNAVAILABLE, Overloaded -> RESOURCE_EXHAUSTED,
+anything unexpected -> INTERNAL with a short message (the traceback goes to the log only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from bgm import logs
+
+log = logs.get("bgm.errors")
+
+
+class ServiceError(Exception):
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(ServiceError):
+    """The request cannot be served as sent; sending it again will not help."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotReady(ServiceError):
+    """The model is not loaded yet (or a dependency is down); try again later."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Overloaded(ServiceError):
+    """Too many requests at once; try again after ``retry_after_s``."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_s: float = 5.0) -> None:
+        super().__init__(f"{message}; retry after {retry_after_s:g} s")
+        self.retry_after_s = retry_after_s
+
+
+class Unsupported(ServiceError):
+    """A valid request for something this deployment does not offer (e.g. a backend not installed)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ConcurrencyLimiter:
+    """Admits at most ``limit`` requests at once and refuses the rest at once (no queueing)."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        self.limit = limit
+        self.what = what
+        self.active = 0
+
+    def __enter__(self) -> ConcurrencyLimiter:
+        if self.active >= self.limit:
+            raise Overloaded(f"{self.what} is busy with {self.active} request(s), its limit")
+        self.active += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.active -= 1
+
+
+def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, ServiceError):
+        return exc.code, exc.message
+    rid = logs.request_id.get()
+    log.error("unhandled error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); request id {rid}"
+
+
+def _request_id(context: aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= 64:
+            return value
+    return uuid.uuid4().hex[:16]
+
+
+class ErrorInterceptor(aio.ServerInterceptor):
+    """Sets the request id for logs and maps every exception a handler raises to a status."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary, method),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap_stream(handler.stream_stream, method),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+
+
+async def _fail(context: aio.ServicerContext, method: str, started: float, exc: BaseException) -> None:
+    code, message = _status_for(exc)
+    log.info(
+        "rpc failed",
+        extra={"fields": {"method": method, "code": code.name, "error": message,
+                          "duration_s": round(time.monotonic() - started, 3)}},
+    )
+    await context.abort(code, message)
+
+
+def _log_ok(method: str, started: float) -> None:
+    log.info("rpc ok", extra={"fields": {"method": method, "duration_s": round(time.monotonic() - started, 3)}})
+
+
+def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+    async def handle(request: Any, context: aio.ServicerContext) -> Any:
+        token = logs.request_id.set(_request_id(context))
+        started = time.monotonic()
+        try:
+            response = await behavior(request, context)
+            _log_ok(method, started)
+            return response
+        except (asyncio.CancelledError, aio.AbortError):
+            raise
+        except Exception as exc:
+            await _fail(context, method, started, exc)
+        finally:
+            logs.request_id.reset(token)
+
+    return handle
+
+
+def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., Any]:
+    async def handle(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        token = logs.request_id.set(_request_id(context))
+        started = time.monotonic()
+        try:
+            async for response in behavior(request, context):
+                yield response
+            _log_ok(method, started)
+        except (asyncio.CancelledError, aio.AbortError):
+            raise
+        except Exception as exc:
+            await _fail(context, method, started, exc)
+        finally:
+            _reset(token)
+
+    return handle
+
+
+def _reset(token: Any) -> None:
+    # A streaming handler may be resumed in a copy of the context it started in.
+    try:
+        logs.request_id.reset(token)
+    except ValueError:
+        pass

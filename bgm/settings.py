@@ -1,0 +1,107 @@
+"""Settings from environment variables, parsed once at start-up with clear errors.
+
+A settings class is a frozen dataclass; each field ``name`` is read from ``{PREFIX}_{NAME}``
+(e.g. ``BGM_STT_PORT``) and parsed by the field's type. A bad value raises SettingsError
+naming the variable, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value that cannot be used."""
+
+
+def _parse(var: str, raw: str, kind: Any) -> Any:
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(kind) if a is not type(None)]
+        if raw.strip() == "":
+            return None
+        return _parse(var, raw, inner[0])
+    if kind is bool:
+        low = raw.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise SettingsError(f"{var}={raw!r} is not a boolean (use true/false, 1/0, yes/no, on/off)")
+    if kind is int:
+        try:
+            return int(raw.strip())
+        except ValueError:
+            raise SettingsError(f"{var}={raw!r} is not an integer") from None
+    if kind is float:
+        try:
+            return float(raw.strip())
+        except ValueError:
+            raise SettingsError(f"{var}={raw!r} is not a number") from None
+    if kind is str:
+        return raw.strip()
+    if origin is tuple:
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    raise TypeError(f"unsupported settings type {kind!r} for {var}")
+
+
+def load(cls: type[T], prefix: str, env: Mapping[str, str] | None = None) -> T:
+    """Build ``cls`` from environment variables named ``{prefix}_{FIELD}``."""
+    env = os.environ if env is None else env
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        var = f"{prefix}_{field.name.upper()}"
+        if var in env:
+            values[field.name] = _parse(var, env[var], hints[field.name])
+    try:
+        settings = cls(**values)
+    except SettingsError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"{prefix}_*: {exc}") from None
+    return settings
+
+
+def check(condition: bool, var: str, message: str) -> None:
+    """For ``__post_init__`` range checks: raise SettingsError naming the variable."""
+    if not condition:
+        raise SettingsError(f"{var}: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    """What every service's server needs; read from ``BGM_{SERVICE}_*``."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    # Requests handled at once; the excess gets RESOURCE_EXHAUSTED.
+    max_concurrency: int = 2
+    # Per-message limit on both ends; media always travels in smaller chunks.
+    max_message_bytes: int = 4 * 1024 * 1024
+    # Largest total input one request may stream in.
+    max_input_bytes: int = 2 * 1024**3
+    grace_s: float = 30.0
+    log_level: str = "INFO"
+    tmp_dir: str = ""
+
+    def __post_init__(self) -> None:
+        check(0 <= self.port <= 65535, "PORT", f"{self.port} is not a TCP port (0..65535)")
+        check(self.max_concurrency >= 1, "MAX_CONCURRENCY", "must be at least 1")
+        check(self.max_message_bytes >= 2 * 1024 * 1024, "MAX_MESSAGE_BYTES", "must be at least 2 MiB")
+        check(self.max_input_bytes > 0, "MAX_INPUT_BYTES", "must be positive")
+        check(self.grace_s >= 0, "GRACE_S", "must not be negative")
+
+
+def server_settings(service: str, env: Mapping[str, str] | None = None) -> ServerSettings:
+    return load(ServerSettings, f"BGM_{service.upper()}", env)
