@@ -1,0 +1,1 @@
+"""Speech to text with faster-whisper: timestamps, VAD, language detection, translation."""

@@ -1,0 +1,199 @@
+"""faster-whisper behind one small interface, with model resolution and language routing.
+
+Two models may be in play: the primary one (English-only tiny.en by default on a CPU: fast)
+and a multilingual one (bundled Whisper base by default) that detects the language, serves
+non-English speech and does Whisper's translate task. The multilingual model loads lazily
+unless language detection is on, in which case it loads at start.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bgm import logs, models
+from bgm.errors import Unsupported
+from services.stt.settings import SttSettings
+
+log = logs.get("bgm.stt")
+SAMPLE_RATE = 16_000
+# Shortest clip worth sending to the decoder; shorter input yields no segments.
+MIN_SAMPLES = SAMPLE_RATE // 10
+
+
+def cuda_available() -> bool:
+    try:
+        import ctranslate2
+
+        return ctranslate2.get_cuda_device_count() > 0
+    except Exception:
+        return False
+
+
+def _local_hub_model(name: str) -> str | None:
+    """The local directory of a hub model already in the cache, or None (never downloads)."""
+    try:
+        from faster_whisper.utils import download_model
+
+        return str(download_model(name, local_files_only=True))
+    except Exception:
+        return None
+
+
+def resolve_model(name: str, fallback: str, full_model: str, device: str) -> str:
+    """Turn a setting into something WhisperModel can open without a hub."""
+    if name == "auto":
+        if device == "cuda":
+            local = _local_hub_model(full_model)
+            if local:
+                return local
+        name = fallback
+    if name in models.WHISPER_BUNDLED:
+        return str(models.WHISPER_BUNDLED[name]())
+    if Path(name).is_dir():
+        if not (Path(name) / "model.bin").is_file():
+            raise models.ModelNotFound(f"{name} has no model.bin: not a CTranslate2 Whisper model directory")
+        return name
+    # A faster-whisper size or hub id: faster-whisper fetches it where a hub is reachable.
+    return name
+
+
+@dataclass(frozen=True)
+class Options:
+    task: str = "transcribe"
+    language: str | None = None
+    vad_filter: bool = True
+    word_timestamps: bool = True
+    beam_size: int = 5
+
+
+@dataclass
+class Word:
+    text: str
+    start_s: float
+    end_s: float
+    probability: float
+
+
+@dataclass
+class Segment:
+    id: int
+    text: str
+    start_s: float
+    end_s: float
+    words: list[Word]
+    language: str
+    translated: bool
+    avg_logprob: float
+    no_speech_prob: float
+    compression_ratio: float
+
+
+@dataclass
+class Detected:
+    language: str
+    probability: float
+
+
+class WhisperBackend:
+    def __init__(self, settings: SttSettings, workers: int) -> None:
+        self.settings = settings
+        self.workers = workers
+        self.device = "cuda" if settings.device == "cuda" or (
+            settings.device == "auto" and cuda_available()) else "cpu"
+        self.compute_type = settings.compute_type or ("float16" if self.device == "cuda" else "int8")
+        self._lock = threading.Lock()
+        self._multilingual: object | None = None
+        self.primary_path = resolve_model(settings.model, "tiny.en", settings.full_model, self.device)
+        self.primary = self._open(self.primary_path)
+        if self.is_multilingual(self.primary):
+            self._multilingual = self.primary
+        elif settings.detect_language:
+            self.multilingual()
+
+    def _open(self, path: str) -> object:
+        from faster_whisper import WhisperModel
+
+        started = time.monotonic()
+        model = WhisperModel(path, device=self.device, compute_type=self.compute_type,
+                             cpu_threads=self.settings.cpu_threads, num_workers=self.workers)
+        log.info("whisper model loaded", extra={"fields": {
+            "model": path, "device": self.device, "compute_type": self.compute_type,
+            "multilingual": model.model.is_multilingual, "load_s": round(time.monotonic() - started, 2)}})
+        return model
+
+    @staticmethod
+    def is_multilingual(model: object) -> bool:
+        return bool(model.model.is_multilingual)  # type: ignore[attr-defined]
+
+    def multilingual(self) -> object:
+        with self._lock:
+            if self._multilingual is None:
+                try:
+                    path = resolve_model(self.settings.multilingual_model, "base",
+                                         self.settings.full_model, self.device)
+                    self._multilingual = self._open(path)
+                except models.ModelNotFound as exc:
+                    raise Unsupported(f"no multilingual Whisper model is installed: {exc}") from exc
+            return self._multilingual
+
+    @property
+    def name(self) -> str:
+        for bundled, locate in models.WHISPER_BUNDLED.items():
+            if self.primary_path == str(locate()):
+                return f"whisper-{bundled}"
+        return self.primary_path
+
+    def choose(self, audio: np.ndarray, options: Options) -> tuple[object, Options, Detected | None]:
+        """Pick the model for a request and, if needed, the language."""
+        needs_multilingual = options.task == "translate" or (
+            options.language not in (None, "en"))
+        if needs_multilingual or self.is_multilingual(self.primary):
+            return self.multilingual() if needs_multilingual else self.primary, options, None
+        if options.language == "en" or not self.settings.detect_language:
+            return self.primary, options, Detected("en", 1.0) if options.language == "en" else None
+        language, probability, _ = self.multilingual().detect_language(  # type: ignore[attr-defined]
+            audio, vad_filter=options.vad_filter)
+        detected = Detected(language, float(probability))
+        if language == "en":
+            return self.primary, Options(**{**options.__dict__, "language": "en"}), detected
+        return self.multilingual(), Options(**{**options.__dict__, "language": language}), detected
+
+    def transcribe(
+        self, audio: np.ndarray, options: Options, cancel: threading.Event
+    ) -> Iterator[Detected | Segment]:
+        """Yield the detected language first, then segments as the decoder produces them."""
+        if audio.shape[0] < MIN_SAMPLES:
+            return
+        model, options, detected = self.choose(audio, options)
+        segments, info = model.transcribe(  # type: ignore[attr-defined]
+            audio,
+            task=options.task,
+            language=options.language,
+            beam_size=options.beam_size,
+            vad_filter=options.vad_filter,
+            word_timestamps=options.word_timestamps,
+            condition_on_previous_text=False,  # keeps one bad segment from poisoning the rest
+        )
+        language = info.language
+        yield detected if detected is not None else Detected(language, float(info.language_probability))
+        translated = options.task == "translate" and language != "en"
+        for seg in segments:
+            if cancel.is_set():
+                return
+            text = seg.text.strip()
+            if not text:
+                continue
+            yield Segment(
+                id=seg.id, text=text, start_s=float(seg.start), end_s=float(seg.end),
+                words=[Word(w.word.strip(), float(w.start), float(w.end), float(w.probability))
+                       for w in (seg.words or [])],
+                language=language, translated=translated,
+                avg_logprob=float(seg.avg_logprob), no_speech_prob=float(seg.no_speech_prob),
+                compression_ratio=float(seg.compression_ratio),
+            )
