@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bgm.settings import check
+
+
+@dataclass(frozen=True)
+class EmotionSettings:
+    """``BGM_EMOTION_*``: backend and smoothing defaults (a request may override the latter)."""
+
+    # "nade" (offline, default on CPU), "transformers", or "auto" (transformers on a GPU
+    # when its weights are present, else nade).
+    backend: str = "auto"
+    # Hub name or local directory of a text-classification model.
+    model: str = "j-hartmann/emotion-english-distilroberta-base"
+    device: str = "auto"
+    batch_size: int = 32
+    min_span_s: float = 5.0
+    weight_by_duration: bool = True
+    weight_by_confidence: bool = False
+    # A top score under this counts as neutral.
+    neutral_threshold: float = 0.3
+    max_text_chars: int = 2000
+    max_segments: int = 20000
+
+    def __post_init__(self) -> None:
+        check(self.backend in ("auto", "nade", "transformers"), "BGM_EMOTION_BACKEND",
+              f"{self.backend!r} is not auto, nade or transformers")
+        check(self.device in ("auto", "cpu", "cuda"), "BGM_EMOTION_DEVICE", "must be auto, cpu or cuda")
+        check(self.min_span_s >= 0, "BGM_EMOTION_MIN_SPAN_S", "must not be negative")
+        check(0 <= self.neutral_threshold < 1, "BGM_EMOTION_NEUTRAL_THRESHOLD", "must be in [0, 1)")
+        check(self.batch_size >= 1, "BGM_EMOTION_BATCH_SIZE", "must be at least 1")
