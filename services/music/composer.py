@@ -1,0 +1,209 @@
+"""The offline composer: rules from ``styles`` become MIDI, FluidSynth renders it.
+
+Each span gets a whole number of bars: its tempo is the style's, nudged so the bars fill
+the span exactly. So every change of emotion falls on a bar line and the audio fits the
+timeline to the sample. The same seed gives the same MIDI and so the same audio.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bgm import logs
+from bgm.errors import Unsupported
+from services.music.styles import STYLES, Style
+
+log = logs.get("bgm.music")
+
+SOUNDFONTS = ("/usr/share/sounds/sf2/FluidR3_GM.sf2", "/usr/share/sounds/sf2/default-GM.sf2")
+BEATS_PER_BAR = 4
+DRUM_KICK, DRUM_SNARE, DRUM_HAT, DRUM_RIDE = 36, 38, 42, 51
+
+
+@dataclass(frozen=True)
+class SpanPlan:
+    emotion: str
+    start_s: float
+    end_s: float
+    bars: int
+    tempo: float
+
+    @property
+    def beat_s(self) -> float:
+        return 60.0 / self.tempo
+
+
+def plan(spans: Sequence[tuple[str, float, float]], tempo_override: float | None = None) -> list[SpanPlan]:
+    """Whole bars per span, tempo nudged to fit; a span shorter than a bar plays one bar's worth."""
+    plans = []
+    for emotion, start, end in spans:
+        tempo = tempo_override or STYLES[emotion].tempo
+        bar_s = BEATS_PER_BAR * 60.0 / tempo
+        bars = max(1, round((end - start) / bar_s))
+        fitted = bars * BEATS_PER_BAR * 60.0 / (end - start)
+        plans.append(SpanPlan(emotion, start, end, bars, fitted))
+    return plans
+
+
+def soundfont() -> str:
+    for path in (os.environ.get("BGM_MUSIC_SOUNDFONT", ""), *SOUNDFONTS):
+        if path and Path(path).is_file():
+            return path
+    raise Unsupported("no General MIDI soundfont found (Debian: apt-get install fluid-soundfont-gm)")
+
+
+def _chord(style: Style, degree: int) -> list[int]:
+    """A triad on ``degree`` of the style's mode, as MIDI notes around the tonic."""
+    mode = style.mode
+    notes = []
+    for step in (0, 2, 4):
+        idx = degree + step
+        notes.append(style.tonic + mode[idx % 7] + 12 * (idx // 7))
+    return notes
+
+
+def compose(plans: Sequence[SpanPlan], seed: int) -> object:
+    """The MIDI score (a pretty_midi.PrettyMIDI) for the whole timeline."""
+    import pretty_midi
+
+    rng = np.random.default_rng(seed)
+    pm = pretty_midi.PrettyMIDI(initial_tempo=plans[0].tempo)
+    tracks: dict[tuple[int, bool], pretty_midi.Instrument] = {}
+
+    def track(program: int, drum: bool = False) -> pretty_midi.Instrument:
+        key = (program, drum)
+        if key not in tracks:
+            tracks[key] = pretty_midi.Instrument(program=program, is_drum=drum)
+            pm.instruments.append(tracks[key])
+        return tracks[key]
+
+    def note(inst: pretty_midi.Instrument, pitch: int, start: float, end: float, velocity: int) -> None:
+        velocity = int(np.clip(velocity + rng.integers(-6, 7), 1, 127))
+        inst.notes.append(pretty_midi.Note(velocity=velocity, pitch=int(pitch), start=start, end=end))
+
+    for p in plans:
+        style = STYLES[p.emotion]
+        beat = p.beat_s
+        chords, melody, bass = track(style.chord_program), track(style.melody_program), track(style.bass_program)
+        drums = track(0, drum=True)
+        previous = style.tonic + 12
+        for bar in range(p.bars):
+            bar_start = p.start_s + bar * BEATS_PER_BAR * beat
+            degree = style.progression[bar % len(style.progression)]
+            triad = _chord(style, degree)
+            last_bar = bar == p.bars - 1
+            # Comping
+            if style.comping == "block":
+                for pitch in triad:
+                    note(chords, pitch, bar_start, bar_start + BEATS_PER_BAR * beat * 0.98, style.velocity - 10)
+            elif style.comping == "arpeggio":
+                pattern = [*triad, triad[1] + 0, triad[2], triad[0] + 12, triad[2], triad[1]]
+                for k in range(BEATS_PER_BAR * 2):
+                    t = bar_start + k * beat / 2
+                    note(chords, pattern[k % len(pattern)], t, t + beat / 2 * 0.95, style.velocity - 14)
+            else:  # pulse
+                for k in range(BEATS_PER_BAR * 2):
+                    t = bar_start + k * beat / 2
+                    for pitch in triad:
+                        note(chords, pitch, t, t + beat / 2 * 0.6, style.velocity - (8 if k % 2 == 0 else 20))
+            # Bass: root on beats 1 and 3
+            root = triad[0] - 24
+            for k in (0, 2):
+                t = bar_start + k * beat
+                note(bass, root, t, t + beat * 1.9, style.velocity - 6)
+            # Melody: chord tones on strong beats, scale steps between, seeded
+            steps = max(1, round(BEATS_PER_BAR * style.density))
+            step_s = BEATS_PER_BAR * beat / steps
+            scale = [style.tonic + 12 + o + 12 * octave for octave in (0, 1) for o in style.mode]
+            for k in range(steps if not last_bar else max(1, steps // 2)):
+                t = bar_start + k * step_s
+                if k == 0 or (k * step_s) % (2 * beat) < 1e-9:
+                    target = min((n + 12 for n in triad), key=lambda n: abs(n - previous))
+                else:
+                    idx = min(range(len(scale)), key=lambda i: abs(scale[i] - previous))
+                    idx = int(np.clip(idx + rng.choice([-2, -1, -1, 1, 1, 2]), 0, len(scale) - 1))
+                    target = scale[idx]
+                length = step_s * (2.0 if last_bar else 0.9)
+                note(melody, target, t, t + length, style.velocity)
+                previous = target
+            # Drums
+            _drums(drums, style, bar_start, beat, note)
+    return pm
+
+
+def _drums(drums: object, style: Style, bar_start: float, beat: float, note: object) -> None:
+    hit = note  # (instrument, pitch, start, end, velocity)
+    v = style.velocity
+    if style.drums == "straight":
+        for k in range(BEATS_PER_BAR):
+            t = bar_start + k * beat
+            hit(drums, DRUM_KICK if k % 2 == 0 else DRUM_SNARE, t, t + 0.1, v)  # type: ignore[operator]
+        for k in range(BEATS_PER_BAR * 2):
+            t = bar_start + k * beat / 2
+            hit(drums, DRUM_HAT, t, t + 0.05, v - 30)  # type: ignore[operator]
+    elif style.drums == "driving":
+        for k in range(BEATS_PER_BAR * 2):
+            t = bar_start + k * beat / 2
+            hit(drums, DRUM_KICK, t, t + 0.1, v)  # type: ignore[operator]
+            hit(drums, DRUM_HAT, t, t + 0.05, v - 25)  # type: ignore[operator]
+        for k in (1, 3):
+            t = bar_start + k * beat
+            hit(drums, DRUM_SNARE, t, t + 0.1, v)  # type: ignore[operator]
+    else:  # soft
+        for k in range(BEATS_PER_BAR):
+            t = bar_start + k * beat
+            hit(drums, DRUM_KICK if k % 2 == 0 else DRUM_RIDE, t, t + 0.1, v - 20)  # type: ignore[operator]
+
+
+_render_lock = threading.Lock()
+
+
+def render(pm: object, sample_rate: int, total_samples: int) -> np.ndarray:
+    """Render a score with FluidSynth to float32 stereo of exactly ``total_samples`` frames."""
+    import soundfile
+
+    if shutil.which("fluidsynth") is None:
+        raise Unsupported("FluidSynth is not installed (Debian: apt-get install fluidsynth)")
+    with tempfile.TemporaryDirectory(prefix="bgm-music-") as tmp:
+        midi, wav = Path(tmp) / "score.mid", Path(tmp) / "score.wav"
+        pm.write(str(midi))  # type: ignore[attr-defined]
+        cmd = ["fluidsynth", "-ni", "-q", "-g", "0.5", "-r", str(sample_rate), "-O", "float",
+               "-o", "synth.reverb.active=1", "-o", "synth.chorus.active=0",
+               "-F", str(wav), soundfont(), str(midi)]
+        proc = subprocess.run(cmd, capture_output=True, timeout=600, stdin=subprocess.DEVNULL)
+        if proc.returncode != 0 or not wav.is_file():
+            raise RuntimeError(f"fluidsynth failed: {proc.stderr.decode(errors='replace')[-300:]}")
+        audio, _ = soundfile.read(str(wav), dtype="float32", always_2d=True)
+    out = np.zeros((total_samples, 2), dtype=np.float32)
+    n = min(total_samples, audio.shape[0])
+    out[:n] = audio[:n, :2] if audio.shape[1] >= 2 else np.repeat(audio[:n], 2, axis=1)
+    return out
+
+
+class ComposerBackend:
+    name = "composer"
+
+    def __init__(self) -> None:
+        soundfont()  # fail at load, not at the first request
+
+    def generate(self, spans: Sequence[tuple[str, float, float]], *, sample_rate: int, seed: int,
+                 tempo: float | None, cancel: threading.Event | None = None) -> tuple[np.ndarray, float]:
+        plans = plan(spans, tempo)
+        total = round(spans[-1][2] * sample_rate)
+        score = compose(plans, seed)
+        audio = render(score, sample_rate, total)
+        # A short fade at the very end so the score never stops on a click.
+        fade = min(total, int(0.5 * sample_rate))
+        audio[total - fade:] *= np.linspace(1.0, 0.0, fade, dtype=np.float32)[:, None]
+        peak = float(np.abs(audio).max()) or 1.0
+        audio *= min(1.0, 0.89 / peak)
+        return audio, plans[0].tempo

@@ -1,0 +1,142 @@
+"""The MusicGenerator gRPC servicer: a timeline in, audio covering it exactly streamed out."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Iterator, Sequence
+
+import numpy as np
+from grpc import aio
+
+from bgm import audio, settings
+from bgm.chunks import CHUNK_BYTES
+from bgm.errors import ConcurrencyLimiter, InvalidInput, Unsupported
+from bgm.server import ModelServicer, Servicer
+from bgm.settings import ServerSettings
+from bgm.v1 import common_pb2, music_pb2, music_pb2_grpc
+from services.music.composer import ComposerBackend
+from services.music.settings import MusicSettings
+
+EMOTION_NAMES = {
+    value: name.removeprefix("EMOTION_").lower()
+    for name, value in common_pb2.Emotion.items()
+    if value != common_pb2.EMOTION_UNSPECIFIED
+}
+# Spans must meet exactly; this absorbs float noise from upstream arithmetic.
+TOLERANCE_S = 1e-6
+DEFAULT_RATE = 44_100
+
+
+class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
+    service_name = music_pb2.DESCRIPTOR.services_by_name["MusicGenerator"].full_name
+
+    def __init__(self, music: MusicSettings, server: ServerSettings) -> None:
+        super().__init__()
+        self.settings = music
+        self.limiter = ConcurrencyLimiter(server.max_concurrency, "the music service")
+        self.composer: ComposerBackend | None = None
+
+    def add_to_server(self, server: aio.Server) -> None:
+        music_pb2_grpc.add_MusicGeneratorServicer_to_server(self, server)
+
+    async def load(self) -> None:
+        if self.settings.backend in ("riffusion", "triton"):
+            raise Unsupported(f"the {self.settings.backend} backend is not part of this build yet")
+        self.composer = await asyncio.to_thread(ComposerBackend)
+        self.ready = True
+
+    def timeline(self, request: music_pb2.GenerateRequest) -> list[tuple[str, float, float]]:
+        if not request.spans:
+            raise InvalidInput("the timeline is empty: send at least one span")
+        spans = []
+        expected_start = 0.0
+        for i, span in enumerate(request.spans):
+            name = EMOTION_NAMES.get(span.emotion)
+            if name is None:
+                raise InvalidInput(f"span {i}: unknown emotion {span.emotion}; use one of {sorted(EMOTION_NAMES.values())}")
+            start, end = span.span.start_s, span.span.end_s
+            if not (math.isfinite(start) and math.isfinite(end)):
+                raise InvalidInput(f"span {i}: times must be finite numbers")
+            if abs(start - expected_start) > TOLERANCE_S:
+                kind = "a hole" if start > expected_start else "an overlap"
+                raise InvalidInput(
+                    f"span {i} starts at {start:g} s but the previous one ends at {expected_start:g} s ({kind}); "
+                    "spans must be sorted and meet exactly, starting at 0")
+            if end <= start:
+                raise InvalidInput(f"span {i}: end {end:g} s is not after start {start:g} s")
+            spans.append((name, expected_start, end))
+            expected_start = end
+        if expected_start > self.settings.max_duration_s:
+            raise InvalidInput(
+                f"the timeline is {expected_start:g} s long; the limit is {self.settings.max_duration_s:g} s")
+        return spans
+
+    def output_format(self, request: music_pb2.GenerateRequest) -> common_pb2.AudioFormat:
+        fmt = common_pb2.AudioFormat()
+        fmt.CopyFrom(request.format)
+        if not fmt.sample_rate_hz:
+            fmt.sample_rate_hz = DEFAULT_RATE
+        if not fmt.channels:
+            fmt.channels = 2
+        if fmt.encoding == common_pb2.ENCODING_UNSPECIFIED:
+            fmt.encoding = common_pb2.ENCODING_PCM_F32LE
+        if fmt.encoding == common_pb2.ENCODING_CONTAINER:
+            raise InvalidInput("music is returned as raw PCM: use PCM_F32LE or PCM_S16LE")
+        audio.check_format(fmt, "format")
+        if fmt.channels > 2:
+            raise InvalidInput("music is mono or stereo: set format.channels to 1 or 2")
+        return fmt
+
+    def style(self, request: music_pb2.GenerateRequest) -> tuple[int, float | None]:
+        style = request.style
+        backend = style.backend or self.settings.backend
+        if backend not in ("auto", "composer"):
+            if backend in ("riffusion", "triton"):
+                raise Unsupported(f"the {backend} backend is not available in this deployment; use 'composer'")
+            raise InvalidInput(f"unknown music backend {backend!r}; use composer, riffusion or triton")
+        tempo = style.tempo_bpm if style.HasField("tempo_bpm") else None
+        if tempo is not None and not 30 <= tempo <= 240:
+            raise InvalidInput(f"tempo_bpm {tempo:g} is out of range (30..240)")
+        seed = style.seed if style.HasField("seed") else self.settings.seed
+        return seed, tempo
+
+    async def Generate(  # noqa: N802 - gRPC method name
+        self, request: music_pb2.GenerateRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[music_pb2.GenerateResponse]:
+        self.require_ready()
+        assert self.composer is not None
+        with self.limiter:
+            spans = self.timeline(request)
+            fmt = self.output_format(request)
+            seed, tempo = self.style(request)
+            rate = fmt.sample_rate_hz
+            music, used_tempo = await asyncio.to_thread(
+                self.composer.generate, spans, sample_rate=rate, seed=seed, tempo=tempo)
+            if fmt.channels == 1:
+                music = music.mean(axis=1, keepdims=True)
+            total = music.shape[0]
+            yield music_pb2.GenerateResponse(header=music_pb2.MusicHeader(
+                format=fmt, total_samples=total, tempo_bpm=used_tempo, backend="composer", seed=seed))
+            for message in span_chunks(music, spans, request, fmt):
+                yield message
+
+
+def span_chunks(music: np.ndarray, spans: Sequence[tuple[str, float, float]],
+                request: music_pb2.GenerateRequest, fmt: common_pb2.AudioFormat
+                ) -> Iterator[music_pb2.GenerateResponse]:
+    """Cut the audio at the span boundaries (rounded to samples) and into chunks, each tagged."""
+    rate = fmt.sample_rate_hz
+    frames_per_chunk = max(1, CHUNK_BYTES // audio.bytes_per_frame(fmt))
+    for index, (_, start_s, end_s) in enumerate(spans):
+        first = round(start_s * rate)
+        last = music.shape[0] if index == len(spans) - 1 else round(end_s * rate)
+        for begin in range(first, last, frames_per_chunk):
+            stop = min(last, begin + frames_per_chunk)
+            yield music_pb2.GenerateResponse(chunk=music_pb2.MusicChunk(
+                span_index=index, emotion=request.spans[index].emotion, start_sample=begin,
+                pcm=audio.float_to_pcm(music[begin:stop], fmt.encoding)))
+
+
+def build() -> Sequence[Servicer]:
+    return [MusicServicer(settings.load(MusicSettings, "BGM_MUSIC"), settings.server_settings("music"))]

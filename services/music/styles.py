@@ -1,0 +1,41 @@
+"""Musical rules per emotion: an editable table the composer follows.
+
+Tempos are in BPM, 4/4 time. Chords are scale degrees (0 = tonic) of the mode; programs
+are General MIDI instruments (0-based). ``density`` is melody notes per beat.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAJOR = (0, 2, 4, 5, 7, 9, 11)
+MINOR = (0, 2, 3, 5, 7, 8, 10)
+
+
+@dataclass(frozen=True)
+class Style:
+    tempo: float
+    mode: tuple[int, ...]
+    # Tonic as a MIDI note number (60 = middle C).
+    tonic: int
+    progression: tuple[int, ...]
+    chord_program: int
+    melody_program: int
+    bass_program: int
+    velocity: int
+    density: float
+    # "straight" (kick/snare/hats), "soft" (kick and brush-like hats), "driving" (eighth kicks)
+    drums: str
+    # How the chord instrument plays: "block", "arpeggio" or "pulse" (repeated eighths).
+    comping: str
+
+
+STYLES: dict[str, Style] = {
+    "joy": Style(120, MAJOR, 60, (0, 4, 5, 3), 0, 73, 33, 96, 1.0, "straight", "arpeggio"),
+    "sadness": Style(72, MINOR, 57, (0, 5, 2, 6), 48, 0, 32, 64, 0.5, "soft", "block"),
+    "anger": Style(140, MINOR, 52, (0, 0, 5, 6), 30, 29, 34, 112, 1.0, "driving", "pulse"),
+    "fear": Style(84, MINOR, 50, (0, 1, 0, 6), 44, 41, 43, 70, 0.5, "soft", "pulse"),
+    "surprise": Style(132, MAJOR, 65, (0, 1, 4, 5), 45, 9, 33, 92, 1.0, "straight", "arpeggio"),
+    "disgust": Style(92, MINOR, 53, (0, 1, 3, 1), 70, 68, 38, 80, 0.5, "soft", "pulse"),
+    "neutral": Style(100, MAJOR, 62, (0, 5, 3, 4), 4, 11, 33, 76, 0.5, "soft", "arpeggio"),
+}
