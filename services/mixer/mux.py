@@ -1,0 +1,63 @@
+"""Putting the new audio into the original container without touching the picture."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import ffmpeg
+
+from bgm import media
+from bgm.errors import InvalidInput
+
+# Output container and audio codec per input extension. WebM cannot hold AAC, so it gets Opus.
+CONTAINERS = {
+    ".mp4": ("mp4", "aac", "video/mp4"),
+    ".m4v": ("mp4", "aac", "video/mp4"),
+    ".mov": ("mov", "aac", "video/quicktime"),
+    ".mkv": ("matroska", "aac", "video/x-matroska"),
+    ".webm": ("webm", "libopus", "video/webm"),
+    ".avi": ("matroska", "aac", "video/x-matroska"),
+    ".ts": ("mpegts", "aac", "video/mp2t"),
+}
+AUDIO_ONLY = ("ipod", "aac", "audio/mp4", ".m4a")
+
+
+@dataclass(frozen=True)
+class Output:
+    format: str
+    audio_codec: str
+    mime_type: str
+    suffix: str
+
+
+def output_for(original_name: str, info: media.MediaInfo) -> Output:
+    if not info.has_video:
+        return Output(*AUDIO_ONLY)
+    suffix = Path(original_name).suffix.lower()
+    fmt, codec, mime = CONTAINERS.get(suffix, CONTAINERS[".mkv"])
+    return Output(fmt, codec, mime, suffix if suffix in CONTAINERS and suffix != ".avi" else ".mkv")
+
+
+def mux(original: Path, audio_wav: Path, out: Output, target: Path, bitrate: str) -> None:
+    """Copy the original's video streams, add the new audio, keep container metadata."""
+    guard = {"protocol_whitelist": "file,pipe", "format_whitelist": media.DEMUXER_WHITELIST}
+    source = ffmpeg.input(str(original), **guard)
+    new_audio = ffmpeg.input(str(audio_wav), protocol_whitelist="file,pipe")
+    streams = [new_audio.audio]
+    info = media.probe(original, "the original")
+    if info.has_video:
+        streams.insert(0, source["v"])
+    kwargs: dict[str, str | int] = {"acodec": out.audio_codec, "audio_bitrate": bitrate, "f": out.format,
+                                    "map_metadata": 0}
+    if info.has_video:
+        kwargs["vcodec"] = "copy"
+    if out.format in ("mp4", "mov", "ipod"):
+        kwargs["movflags"] = "+faststart"
+    cmd = ffmpeg.output(*streams, str(target), **kwargs).overwrite_output().compile()
+    cmd = [cmd[0], "-nostdin", "-hide_banner", "-loglevel", "error", *cmd[1:]]
+    proc = subprocess.run(cmd, capture_output=True, timeout=3600)
+    if proc.returncode != 0:
+        detail = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise InvalidInput(f"could not write the remixed file ({detail[-1][:300] if detail else 'ffmpeg failed'})")

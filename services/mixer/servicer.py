@@ -1,0 +1,197 @@
+"""The Mixer gRPC servicer: Separate (speech out of a recording) and MixAndMux."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import soundfile
+from grpc import aio
+
+from bgm import audio, media, settings
+from bgm.chunks import CHUNK_BYTES, Spool, iter_chunks, iter_file_chunks, read_config, spool_payload
+from bgm.errors import ConcurrencyLimiter, InvalidInput
+from bgm.server import ModelServicer, Servicer
+from bgm.settings import ServerSettings
+from bgm.v1 import common_pb2, mixer_pb2, mixer_pb2_grpc
+from services.mixer import dsp, mux, separation
+from services.mixer.settings import MixerSettings
+
+RATE = dsp.SAMPLE_RATE
+TRACK_NAMES = {mixer_pb2.TRACK_ORIGINAL: "original", mixer_pb2.TRACK_SPEECH: "speech", mixer_pb2.TRACK_BGM: "bgm"}
+
+
+def _progress(stage: int, fraction: float, started: float, message: str) -> common_pb2.Progress:
+    return common_pb2.Progress(stage=stage, fraction=fraction,  # type: ignore[arg-type]
+                               elapsed_s=time.monotonic() - started, message=message)
+
+
+class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
+    service_name = mixer_pb2.DESCRIPTOR.services_by_name["Mixer"].full_name
+
+    def __init__(self, mixer: MixerSettings, server: ServerSettings) -> None:
+        super().__init__()
+        self.settings = mixer
+        self.server = server
+        self.limiter = ConcurrencyLimiter(server.max_concurrency, "the mixer service")
+        self.separators: dict[str, separation.Separator] = {}
+
+    def add_to_server(self, server: aio.Server) -> None:
+        mixer_pb2_grpc.add_MixerServicer_to_server(self, server)
+
+    async def load(self) -> None:
+        name = self.settings.separation_backend
+        self.separators[name] = await asyncio.to_thread(separation.create, name)
+        self.ready = True
+
+    def separator(self, name: str) -> separation.Separator:
+        name = name or self.settings.separation_backend
+        if name not in ("deepfilternet", "demucs"):
+            raise InvalidInput(f"unknown separation backend {name!r}; use deepfilternet or demucs")
+        if name not in self.separators:
+            self.separators[name] = separation.create(name)
+        return self.separators[name]
+
+    # ----- Separate -------------------------------------------------------------------
+    async def Separate(  # noqa: N802 - gRPC method name
+        self, request_iterator: AsyncIterator[mixer_pb2.SeparateRequest], context: aio.ServicerContext
+    ) -> AsyncIterator[mixer_pb2.SeparateResponse]:
+        self.require_ready()
+        with self.limiter:
+            started = time.monotonic()
+            config, rest = await read_config(request_iterator, "config", "audio")
+            audio.check_format(config.format, "config.format")
+            stems = list(config.stems) or [mixer_pb2.STEM_SPEECH]
+            if any(s not in (mixer_pb2.STEM_SPEECH, mixer_pb2.STEM_REST) for s in stems):
+                raise InvalidInput("Separate returns SPEECH and REST stems only")
+            separator = self.separator(config.backend)
+            with Spool(self.server.max_input_bytes, "audio", self.server.tmp_dir) as spool:
+                await spool_payload(rest, spool, "config", "audio")
+                if spool.size == 0:
+                    raise InvalidInput("no audio was sent after the config message")
+                mono = (await asyncio.to_thread(audio.load_audio, spool.finish(), config.format, RATE, 1))[:, 0]
+            yield mixer_pb2.SeparateResponse(progress=_progress(
+                common_pb2.STAGE_SEPARATE, 0.1, started, f"separating with {separator.name}"))
+            speech = await asyncio.to_thread(separator.speech, mono)
+            fmt = audio.audio_format(RATE, 1)
+            yield mixer_pb2.SeparateResponse(header=mixer_pb2.StemsHeader(
+                format=fmt, stems=stems, total_samples=mono.shape[0], backend=separator.name))  # type: ignore[arg-type]
+            for stem in stems:
+                data = speech if stem == mixer_pb2.STEM_SPEECH else mono - speech
+                for piece in iter_chunks(audio.float_to_pcm(data), CHUNK_BYTES):
+                    yield mixer_pb2.SeparateResponse(chunk=mixer_pb2.StemChunk(stem=stem, data=piece))
+
+    # ----- MixAndMux ------------------------------------------------------------------
+    def levels(self, options: mixer_pb2.MixOptions) -> dsp.MixLevels:
+        s = self.settings
+
+        def pick(name: str, default: float, low: float, high: float) -> float:
+            value = getattr(options, name) if options.HasField(name) else default
+            if not (low <= value <= high):
+                raise InvalidInput(f"mix option {name}={value:g} is out of range ({low:g}..{high:g})")
+            return float(value)
+
+        return dsp.MixLevels(
+            duck_db=pick("duck_db", s.duck_db, 0, 60),
+            loudness_lufs=pick("loudness_lufs", s.loudness_lufs, -60, 0),
+            true_peak_dbtp=pick("true_peak_dbtp", s.true_peak_dbtp, -20, 0),
+            fade_in_s=pick("fade_in_s", s.fade_in_s, 0, 60),
+            fade_out_s=pick("fade_out_s", s.fade_out_s, 0, 60),
+            attack_ms=pick("attack_ms", s.attack_ms, 1, 5000),
+            release_ms=pick("release_ms", s.release_ms, 1, 10000),
+            bgm_gain_db=pick("bgm_gain_db", s.bgm_gain_db, -60, 20),
+        )
+
+    async def _receive_tracks(self, rest: AsyncIterator[mixer_pb2.MixRequest], spools: dict[int, Spool]) -> None:
+        total = 0
+        async for message in rest:
+            if message.WhichOneof("payload") != "chunk":
+                raise InvalidInput("'config' was sent twice; send it once, as the first message")
+            track = message.chunk.track
+            if track not in spools:
+                raise InvalidInput(f"chunk for unknown track {track}; use ORIGINAL, SPEECH or BGM")
+            total += len(message.chunk.data)
+            if total > self.server.max_input_bytes:
+                raise InvalidInput(f"the upload is larger than the limit of {self.server.max_input_bytes} bytes")
+            spools[track].write(message.chunk.data)
+
+    async def MixAndMux(  # noqa: N802 - gRPC method name
+        self, request_iterator: AsyncIterator[mixer_pb2.MixRequest], context: aio.ServicerContext
+    ) -> AsyncIterator[mixer_pb2.MixResponse]:
+        self.require_ready()
+        with self.limiter, tempfile.TemporaryDirectory(prefix="bgm-mix-", dir=self.server.tmp_dir or None) as tmp:
+            started = time.monotonic()
+            config, rest = await read_config(request_iterator, "config", "chunk")
+            levels = self.levels(config.options)
+            for name, fmt in (("speech_format", config.speech_format), ("bgm_format", config.bgm_format)):
+                if fmt.encoding != common_pb2.ENCODING_UNSPECIFIED:
+                    audio.check_format(fmt, name)
+            suffix = Path(config.original_name).suffix.lower()[:8] if config.original_name else ""
+            spools = {track: Spool(self.server.max_input_bytes, name, tmp, suffix if name == "original" else "")
+                      for track, name in TRACK_NAMES.items()}
+            try:
+                await self._receive_tracks(rest, spools)
+                outcome, out_path, out, info = await asyncio.to_thread(self._mix, config, levels, spools, Path(tmp))
+            finally:
+                for spool in spools.values():
+                    spool.close()
+            yield mixer_pb2.MixResponse(progress=_progress(common_pb2.STAGE_MIX, 1.0, started, "mixed and muxed"))
+            yield mixer_pb2.MixResponse(result=mixer_pb2.MixResult(
+                container=out.format, mime_type=out.mime_type, duration_s=info.duration_s,
+                loudness_lufs=outcome.loudness_lufs, true_peak_dbtp=outcome.true_peak_dbtp,
+                video_copied=info.has_video))
+            for piece in iter_file_chunks(out_path):
+                yield mixer_pb2.MixResponse(media=piece)
+            for message in stem_messages(config.options.return_stems, outcome, Path(tmp)):
+                yield message
+
+    def _mix(self, config: mixer_pb2.MixConfig, levels: dsp.MixLevels, spools: dict[int, Spool],
+             tmp: Path) -> tuple[dsp.MixOutcome, Path, mux.Output, media.MediaInfo]:
+        original = spools[mixer_pb2.TRACK_ORIGINAL]
+        if original.size == 0:
+            raise InvalidInput("no ORIGINAL track was sent: the original media file is needed to mux into")
+        info = media.probe(original.finish(), "the original")
+        if info.duration_s <= 0:
+            raise InvalidInput("the original has zero length")
+        n = round(info.duration_s * RATE)
+        speech = self._track(spools[mixer_pb2.TRACK_SPEECH], config.speech_format, n, "speech")
+        bgm = self._track(spools[mixer_pb2.TRACK_BGM], config.bgm_format, n, "bgm")
+        outcome = dsp.mix(speech, bgm, levels)
+        wav = tmp / "mix.wav"
+        soundfile.write(str(wav), outcome.mix, RATE, subtype="FLOAT")
+        out = mux.output_for(config.original_name, info)
+        target = tmp / f"remixed{out.suffix}"
+        mux.mux(original.path, wav, out, target, self.settings.audio_bitrate)
+        return outcome, target, out, info
+
+    @staticmethod
+    def _track(spool: Spool, fmt: common_pb2.AudioFormat, n: int, what: str) -> np.ndarray:
+        """A streamed track as (n, 2) at 48 kHz: silence if absent, cut or padded to n."""
+        if spool.size == 0:
+            return np.zeros((n, 2), dtype=np.float32)
+        if fmt.encoding == common_pb2.ENCODING_UNSPECIFIED:
+            raise InvalidInput(f"{what} audio was sent without {what}_format in the config")
+        frames = audio.load_audio(spool.finish(), fmt, RATE, 2)
+        if frames.shape[0] >= n:
+            return frames[:n]
+        return np.pad(frames, ((0, n - frames.shape[0]), (0, 0)))
+
+
+def stem_messages(wanted: Sequence[int], outcome: dsp.MixOutcome, tmp: Path) -> Iterator[mixer_pb2.MixResponse]:
+    sources = {mixer_pb2.STEM_BGM: outcome.bgm, mixer_pb2.STEM_MIX: outcome.mix,
+               mixer_pb2.STEM_SPEECH: outcome.mix - outcome.bgm}
+    for stem in dict.fromkeys(wanted):
+        if stem not in sources:
+            raise InvalidInput("return_stems takes SPEECH, BGM and MIX")
+        path = tmp / f"stem-{stem}.wav"
+        soundfile.write(str(path), sources[stem], RATE, subtype="PCM_16")
+        for piece in iter_file_chunks(path):
+            yield mixer_pb2.MixResponse(stem=mixer_pb2.StemChunk(stem=stem, data=piece))  # type: ignore[arg-type]
+
+
+def build() -> Sequence[Servicer]:
+    return [MixerServicer(settings.load(MixerSettings, "BGM_MIXER"), settings.server_settings("mixer"))]

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bgm.settings import check
+
+
+@dataclass(frozen=True)
+class MixerSettings:
+    """``BGM_MIXER_*``: separation backend and the default mix levels."""
+
+    # "deepfilternet" (offline default); "demucs" is reserved for the full separator.
+    separation_backend: str = "deepfilternet"
+    duck_db: float = 12.0
+    loudness_lufs: float = -14.0
+    true_peak_dbtp: float = -1.0
+    fade_in_s: float = 1.5
+    fade_out_s: float = 3.0
+    attack_ms: float = 80.0
+    release_ms: float = 400.0
+    # Music level relative to the speech's loudness, outside speech.
+    bgm_gain_db: float = -6.0
+    audio_bitrate: str = "192k"
+
+    def __post_init__(self) -> None:
+        check(self.separation_backend in ("deepfilternet", "demucs"), "BGM_MIXER_SEPARATION_BACKEND",
+              f"{self.separation_backend!r} is not deepfilternet or demucs")
+        check(0 <= self.duck_db <= 60, "BGM_MIXER_DUCK_DB", "must be 0..60")
+        check(-60 <= self.loudness_lufs <= 0, "BGM_MIXER_LOUDNESS_LUFS", "must be -60..0")
+        check(-20 <= self.true_peak_dbtp <= 0, "BGM_MIXER_TRUE_PEAK_DBTP", "must be -20..0")
