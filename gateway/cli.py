@@ -1,0 +1,357 @@
+"""``bgm``: remix a video, analyse one, make the example, or run the services.
+
+Exit codes: 0 done; 2 bad usage or a missing/unreadable input file; 3 the input was refused
+(INVALID_ARGUMENT); 4 a service or the gateway is unavailable; 5 a deadline passed;
+1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc import aio
+
+from bgm.chunks import iter_file_chunks
+from bgm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, mixer_pb2, music_pb2, stt_pb2
+
+EXIT_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT: 3,
+    grpc.StatusCode.FAILED_PRECONDITION: 3,
+    grpc.StatusCode.UNAVAILABLE: 4,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 4,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 5,
+}
+STAGES = {v: k.removeprefix("STAGE_").lower().replace("_", " ") for k, v in common_pb2.Stage.items()}
+STEM_NAMES = {mixer_pb2.STEM_SPEECH: "speech", mixer_pb2.STEM_BGM: "bgm", mixer_pb2.STEM_MIX: "mix"}
+
+
+class UsageError(Exception):
+    pass
+
+
+# ----- progress ---------------------------------------------------------------------
+@dataclass
+class ProgressBars:
+    """One line per stage; redrawn in place on a terminal, printed once per stage otherwise."""
+
+    stream: object = sys.stderr
+    started: float = field(default_factory=time.monotonic)
+    shown: dict[int, float] = field(default_factory=dict)
+    quiet: bool = False
+
+    def update(self, p: common_pb2.Progress) -> None:
+        if self.quiet:
+            return
+        tty = getattr(self.stream, "isatty", lambda: False)()
+        name = STAGES.get(p.stage, "?")
+        width = 24
+        filled = int(round(p.fraction * width))
+        line = f"{name:<15} [{'#' * filled}{'-' * (width - filled)}] {p.fraction * 100:5.1f}%  {p.elapsed_s:6.1f}s"
+        if p.message and p.fraction < 1:
+            line += f"  {p.message[:50]}"
+        if tty:
+            print(f"\r\033[K{line}", end="" if p.fraction < 1 else "\n", file=self.stream, flush=True)  # type: ignore[call-overload]
+        elif p.fraction >= 1 and self.shown.get(p.stage, 0) < 1:
+            print(line, file=self.stream, flush=True)  # type: ignore[call-overload]
+        self.shown[p.stage] = p.fraction
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            print(text, file=self.stream, flush=True)  # type: ignore[call-overload]
+
+
+# ----- talking to a gateway ---------------------------------------------------------
+def build_options(args: argparse.Namespace, filename: str) -> gateway_pb2.RemixOptions:
+    options = gateway_pb2.RemixOptions(filename=filename)
+    if getattr(args, "translate", False):
+        options.task = stt_pb2.STT_TASK_TRANSLATE
+    if getattr(args, "language", None):
+        options.language = args.language
+    if getattr(args, "min_span", None) is not None:
+        options.smoothing.min_span_s = args.min_span
+    music = music_pb2.MusicStyle()
+    if getattr(args, "music_backend", None):
+        music.backend = args.music_backend
+    if getattr(args, "seed", None) is not None:
+        music.seed = args.seed
+    if getattr(args, "tempo", None) is not None:
+        music.tempo_bpm = args.tempo
+    options.music.CopyFrom(music)
+    if getattr(args, "duck_db", None) is not None:
+        options.mix.duck_db = args.duck_db
+    if getattr(args, "loudness", None) is not None:
+        options.mix.loudness_lufs = args.loudness
+    if getattr(args, "stems", None):
+        options.mix.return_stems.extend([mixer_pb2.STEM_SPEECH, mixer_pb2.STEM_BGM, mixer_pb2.STEM_MIX])
+    if getattr(args, "separation", None):
+        options.separation_backend = args.separation
+    return options
+
+
+async def _requests(options: gateway_pb2.RemixOptions, path: Path) -> AsyncIterator[gateway_pb2.RemixRequest]:
+    yield gateway_pb2.RemixRequest(options=options)
+    for piece in iter_file_chunks(path):
+        yield gateway_pb2.RemixRequest(video=piece)
+
+
+@dataclass
+class Outcome:
+    transcript: gateway_pb2.Transcript | None = None
+    timeline: gateway_pb2.EmotionTimeline | None = None
+    result: gateway_pb2.RemixResponse | None = None
+    video_bytes: int = 0
+
+
+async def run_job(stub: gateway_pb2_grpc.GatewayStub, args: argparse.Namespace, bars: ProgressBars,
+                  analyze_only: bool) -> Outcome:
+    source = Path(args.input)
+    options = build_options(args, source.name)
+    outcome = Outcome()
+    out_path = Path(args.output) if not analyze_only else None
+    partial = out_path.with_name(out_path.name + ".partial") if out_path else None
+    stems: dict[int, object] = {}
+    call = (stub.Analyze if analyze_only else stub.Remix)(_requests(options, source), timeout=args.timeout)
+    try:
+        video_file = open(partial, "wb") if partial else None  # noqa: SIM115 - closed in finally
+        try:
+            async for event in call:
+                kind = event.WhichOneof("event")
+                if kind == "progress":
+                    bars.update(event.progress)
+                elif kind == "transcript":
+                    outcome.transcript = event.transcript
+                elif kind == "timeline":
+                    outcome.timeline = event.timeline
+                elif kind == "result":
+                    outcome.result = event
+                elif kind == "video" and video_file is not None:
+                    video_file.write(event.video)
+                    outcome.video_bytes += len(event.video)
+                elif kind == "stem" and args.stems:
+                    stem_dir = Path(args.stems)
+                    stem_dir.mkdir(parents=True, exist_ok=True)
+                    if event.stem.stem not in stems:
+                        stems[event.stem.stem] = open(  # noqa: SIM115 - closed below
+                            stem_dir / f"{STEM_NAMES.get(event.stem.stem, 'stem')}.wav", "wb")
+                    stems[event.stem.stem].write(event.stem.data)  # type: ignore[attr-defined]
+        finally:
+            if video_file is not None:
+                video_file.close()
+            for f in stems.values():
+                f.close()  # type: ignore[attr-defined]
+        if partial is not None and out_path is not None:
+            if outcome.video_bytes == 0:
+                raise RuntimeError("the gateway finished without sending a video")
+            partial.replace(out_path)
+    finally:
+        if partial is not None and partial.exists():
+            partial.unlink()
+    return outcome
+
+
+def write_extras(args: argparse.Namespace, outcome: Outcome, bars: ProgressBars) -> None:
+    from gateway import outputs
+
+    if outcome.transcript is None or outcome.timeline is None:
+        return
+    if args.srt:
+        Path(args.srt).write_text(outputs.srt(outcome.transcript), encoding="utf-8")
+        bars.note(f"subtitles: {args.srt}")
+    if args.timeline:
+        Path(args.timeline).write_text(outputs.timeline_json(outcome.transcript, outcome.timeline), encoding="utf-8")
+        bars.note(f"timeline: {args.timeline}")
+    if getattr(args, "plot", None):
+        outputs.plot(Path(args.plot), Path(args.input), outcome.transcript, outcome.timeline)
+        bars.note(f"plot: {args.plot}")
+
+
+def summary(outcome: Outcome) -> str:
+    from gateway.outputs import emotion_name
+
+    lines = []
+    if outcome.transcript is not None:
+        lines.append(f"transcript: {len(outcome.transcript.segments)} segments, "
+                     f"language {outcome.transcript.language or '-'}")
+    if outcome.timeline is not None:
+        spans = ", ".join(f"{emotion_name(s.emotion)} {s.span.start_s:.1f}-{s.span.end_s:.1f}s"
+                          for s in outcome.timeline.spans)
+        lines.append(f"emotions: {spans}")
+    return "\n".join(lines)
+
+
+async def _with_gateway(args: argparse.Namespace, analyze_only: bool) -> int:
+    bars = ProgressBars(quiet=args.quiet)
+    running = None
+    if args.gateway:
+        channel = aio.insecure_channel(args.gateway, options=[
+            ("grpc.max_receive_message_length", 8 * 2**20), ("grpc.max_send_message_length", 8 * 2**20)])
+        try:
+            await asyncio.wait_for(channel.channel_ready(), timeout=10)
+        except TimeoutError:
+            await channel.close()
+            print(f"bgm: cannot reach the gateway at {args.gateway} (is it running?)", file=sys.stderr)
+            return 4
+    else:
+        from bgm import settings
+        from bgm.server import start_server
+        from gateway.servicer import GatewayServicer
+        from gateway.settings import GatewaySettings
+
+        bars.note("bgm: starting the services in-process and loading models...")
+        server_settings = settings.server_settings("gateway")
+        from dataclasses import replace
+
+        server_settings = replace(server_settings, host="127.0.0.1", port=0)
+        servicer = GatewayServicer(settings.load(GatewaySettings, "BGM_GATEWAY"), server_settings)
+        running = await start_server([servicer], server_settings)
+        await running.wait_ready(timeout=900)
+        channel = aio.insecure_channel(running.address, options=[
+            ("grpc.max_receive_message_length", 8 * 2**20), ("grpc.max_send_message_length", 8 * 2**20)])
+    try:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        started = time.monotonic()
+        outcome = await run_job(stub, args, bars, analyze_only)
+        write_extras(args, outcome, bars)
+        if not args.quiet:
+            print(summary(outcome), file=sys.stderr)
+        if not analyze_only:
+            print(f"bgm: wrote {args.output} ({outcome.video_bytes / 2**20:.1f} MiB) in "
+                  f"{time.monotonic() - started:.1f} s", file=sys.stderr)
+        elif not args.timeline:
+            from gateway import outputs
+
+            if outcome.transcript is not None and outcome.timeline is not None:
+                print(outputs.timeline_json(outcome.transcript, outcome.timeline))
+        return 0
+    except aio.AioRpcError as exc:
+        print(f"\nbgm: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return EXIT_CODES.get(exc.code(), 1)
+    finally:
+        await channel.close()
+        if running is not None:
+            await running.stop(1.0)
+
+
+# ----- commands ---------------------------------------------------------------------
+def _check_input(path: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"no such file: {path}")
+    if not p.is_file() or not os.access(p, os.R_OK):
+        raise UsageError(f"cannot read {path}")
+
+
+def cmd_remix(args: argparse.Namespace) -> int:
+    _check_input(args.input)
+    if args.output is None:
+        src = Path(args.input)
+        args.output = str(src.with_name(f"{src.stem}.remixed{src.suffix or '.mp4'}"))
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        raise UsageError("the output would overwrite the input; choose another -o")
+    return asyncio.run(_with_gateway(args, analyze_only=False))
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    _check_input(args.input)
+    args.output = None
+    args.stems = None
+    return asyncio.run(_with_gateway(args, analyze_only=True))
+
+
+def cmd_example(args: argparse.Namespace) -> int:
+    from gateway.example import make_example
+
+    out = make_example(Path(args.output), section_s=args.section)
+    print(f"bgm: wrote example video {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.service == "stt":
+        from services.stt.__main__ import main
+    elif args.service == "emotion":
+        from services.emotion.__main__ import main
+    elif args.service == "music":
+        from services.music.__main__ import main
+    elif args.service == "mixer":
+        from services.mixer.__main__ import main
+    else:  # gateway, or all: the gateway with the four services embedded
+        if args.service == "all":
+            for name in ("STT", "EMOTION", "MUSIC", "MIXER"):
+                os.environ.pop(f"BGM_GATEWAY_{name}_ADDRESS", None)
+        from gateway.server import main
+    main()
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bgm", description="Score a video with new background music that "
+                                "follows the emotion of what is said.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def job_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("input", help="video (or audio) file")
+        sp.add_argument("--gateway", metavar="HOST:PORT", help="use a running gateway instead of in-process services")
+        sp.add_argument("--translate", action="store_true", help="translate non-English speech to English first")
+        sp.add_argument("--language", help="spoken language (ISO 639-1); detected when omitted")
+        sp.add_argument("--min-span", type=float, help="shortest emotion span in seconds (default 5)")
+        sp.add_argument("--srt", metavar="FILE", help="write subtitles")
+        sp.add_argument("--timeline", metavar="FILE", help="write the emotion timeline and transcript as JSON")
+        sp.add_argument("--plot", metavar="FILE", help="write a PNG of the emotion timeline over the waveform")
+        sp.add_argument("--timeout", type=float, default=6 * 3600, help="overall deadline in seconds")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+    remix = sub.add_parser("remix", help="replace a video's music with new music that follows its emotions")
+    job_args(remix)
+    remix.add_argument("-o", "--output", help="output file (default: INPUT.remixed.EXT)")
+    remix.add_argument("--music-backend", choices=["composer", "riffusion", "triton"])
+    remix.add_argument("--seed", type=int, help="music seed: the same seed gives the same music")
+    remix.add_argument("--tempo", type=float, help="force one tempo (BPM)")
+    remix.add_argument("--duck-db", type=float, help="how far the music dips under speech (dB, default 12)")
+    remix.add_argument("--loudness", type=float, help="loudness target in LUFS (default -14)")
+    remix.add_argument("--separation", choices=["deepfilternet", "demucs"], help="speech separation backend")
+    remix.add_argument("--stems", metavar="DIR", help="also write speech, bgm and mix WAV stems here")
+    remix.set_defaults(func=cmd_remix)
+
+    analyze = sub.add_parser("analyze", help="transcript and emotion timeline only (JSON on stdout)")
+    job_args(analyze)
+    analyze.set_defaults(func=cmd_analyze)
+
+    example = sub.add_parser("example", help="make the example video (colour bars, speech, a music bed)")
+    example.add_argument("output", nargs="?", default="demo.mp4")
+    example.add_argument("--section", type=float, default=10.0, help="seconds per emotion section")
+    example.set_defaults(func=cmd_example)
+
+    serve = sub.add_parser("serve", help="run a service (port from BGM_<SERVICE>_PORT)")
+    serve.add_argument("service", choices=["stt", "emotion", "music", "mixer", "gateway", "all"])
+    serve.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    os.environ.setdefault("BGM_LOG_LEVEL", "WARNING")
+    from bgm import logs
+
+    if args.command in ("remix", "analyze"):
+        logs.configure("bgm-cli", os.environ.get("BGM_CLI_LOG_LEVEL", "WARNING"))
+    try:
+        return int(args.func(args))
+    except UsageError as exc:
+        print(f"bgm: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nbgm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

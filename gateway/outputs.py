@@ -1,0 +1,92 @@
+"""Files a person wants beside the remixed video: subtitles, the timeline, a plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bgm.v1 import common_pb2, gateway_pb2
+
+EMOTION_COLOURS = {
+    "joy": "#f4c430", "sadness": "#4a6fa5", "disgust": "#6b8e23", "anger": "#c0392b",
+    "surprise": "#e67e22", "fear": "#6c3483", "neutral": "#95a5a6",
+}
+
+
+def emotion_name(value: int) -> str:
+    return common_pb2.Emotion.Name(value).removeprefix("EMOTION_").lower()  # type: ignore[arg-type]
+
+
+def _srt_time(seconds: float) -> str:
+    ms = max(0, round(seconds * 1000))
+    h, rem = divmod(ms, 3_600_000)
+    m, rem = divmod(rem, 60_000)
+    s, ms = divmod(rem, 1000)
+    return f"{h:02d}:{m:02d}:{s:02d},{ms:03d}"
+
+
+def srt(transcript: gateway_pb2.Transcript) -> str:
+    blocks = []
+    for i, seg in enumerate(transcript.segments, start=1):
+        end = max(seg.end_s, seg.start_s + 0.01)
+        blocks.append(f"{i}\n{_srt_time(seg.start_s)} --> {_srt_time(end)}\n{seg.text.strip()}\n")
+    return "\n".join(blocks)
+
+
+def timeline_json(transcript: gateway_pb2.Transcript, timeline: gateway_pb2.EmotionTimeline) -> str:
+    doc = {
+        "duration_s": transcript.duration_s,
+        "language": transcript.language,
+        "emotion_backend": timeline.backend,
+        "spans": [{"emotion": emotion_name(s.emotion), "start_s": s.span.start_s, "end_s": s.span.end_s,
+                   "confidence": round(s.confidence, 4)} for s in timeline.spans],
+        "sentences": [
+            {"text": sentence.text, "start_s": sentence.span.start_s, "end_s": sentence.span.end_s,
+             "language": sentence.language, "emotion": emotion_name(emo.emotion),
+             "probabilities": {emotion_name(p.emotion): round(p.probability, 4) for p in emo.probabilities}}
+            for sentence, emo in zip(timeline.sentences, timeline.segments, strict=False)
+        ],
+        "transcript": [
+            {"text": seg.text, "start_s": seg.start_s, "end_s": seg.end_s, "language": seg.language,
+             "translated": seg.translated,
+             "words": [{"text": w.text, "start_s": w.start_s, "end_s": w.end_s} for w in seg.words]}
+            for seg in transcript.segments
+        ],
+    }
+    return json.dumps(doc, indent=2)
+
+
+def plot(path: Path, video: Path, transcript: gateway_pb2.Transcript,
+         timeline: gateway_pb2.EmotionTimeline) -> None:
+    """A PNG: the emotion spans as coloured bands over the waveform, with the transcript."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from bgm import media
+
+    duration = transcript.duration_s or max((s.span.end_s for s in timeline.spans), default=1.0)
+    try:
+        wave = media.decode_audio(video, 8000, 1, "the video")[:, 0]
+    except Exception:
+        wave = np.zeros(1, dtype=np.float32)
+    fig, ax = plt.subplots(figsize=(14, 4.5), dpi=100)
+    for span in timeline.spans:
+        name = emotion_name(span.emotion)
+        ax.axvspan(span.span.start_s, span.span.end_s, color=EMOTION_COLOURS[name], alpha=0.35, lw=0)
+        ax.text((span.span.start_s + span.span.end_s) / 2, 1.02, name, ha="center", va="bottom", fontsize=10)
+    t = np.arange(wave.shape[0]) / 8000
+    peak = float(np.abs(wave).max()) or 1.0
+    ax.plot(t, wave / peak * 0.9, color="#222222", lw=0.3)
+    for i, seg in enumerate(transcript.segments):
+        ax.text(seg.start_s, -1.0 + 0.12 * (i % 3), seg.text[:60], fontsize=7, va="bottom")
+    ax.set_xlim(0, duration)
+    ax.set_ylim(-1.05, 1.15)
+    ax.set_xlabel("time (s)")
+    ax.set_yticks([])
+    ax.set_title("Emotion timeline")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

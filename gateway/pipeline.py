@@ -1,0 +1,279 @@
+"""One remix: the stages, how they overlap, and how their failures are reported.
+
+    upload -> extract audio --+--> separate (mixer) ------------------+
+                              +--> transcribe (stt) -> classify ---+  +--> mix and mux -> video out
+                                                   (emotion)       +-> generate music --+
+Separation runs while STT transcribes; music starts once the timeline is known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import numpy as np
+from grpc import aio
+
+from bgm import audio, logs, media
+from bgm.chunks import CHUNK_BYTES, iter_chunks, iter_file_chunks
+from bgm.client import RetryPolicy, call_with_retry
+from bgm.errors import InvalidInput, ServiceError
+from gateway import sentences
+from bgm.v1 import (
+    common_pb2,
+    emotion_pb2,
+    emotion_pb2_grpc,
+    gateway_pb2,
+    mixer_pb2,
+    mixer_pb2_grpc,
+    music_pb2,
+    music_pb2_grpc,
+    stt_pb2,
+    stt_pb2_grpc,
+)
+
+log = logs.get("bgm.gateway")
+T = TypeVar("T")
+SEPARATION_RATE = 48_000
+STT_RATE = 16_000
+STAGE_NAMES = {v: k.removeprefix("STAGE_") for k, v in common_pb2.Stage.items()}
+
+
+class StageFailed(ServiceError):
+    """A stage's RPC failed; carries the stage's status code and names the stage."""
+
+    def __init__(self, stage: int, code: grpc.StatusCode, detail: str) -> None:
+        super().__init__(f"stage {STAGE_NAMES.get(stage, stage)} failed: {detail}")
+        self.code = code
+        self.stage = stage
+
+
+@dataclass
+class Stubs:
+    stt: stt_pb2_grpc.SpeechToTextStub
+    emotion: emotion_pb2_grpc.EmotionClassifierStub
+    music: music_pb2_grpc.MusicGeneratorStub
+    mixer: mixer_pb2_grpc.MixerStub
+
+    @classmethod
+    def connect(cls, channels: dict[str, aio.Channel]) -> Stubs:
+        return cls(
+            stt=stt_pb2_grpc.SpeechToTextStub(channels["stt"]),
+            emotion=emotion_pb2_grpc.EmotionClassifierStub(channels["emotion"]),
+            music=music_pb2_grpc.MusicGeneratorStub(channels["music"]),
+            mixer=mixer_pb2_grpc.MixerStub(channels["mixer"]),
+        )
+
+
+Emit = Callable[[gateway_pb2.RemixResponse], Awaitable[None]]
+
+
+@dataclass
+class Remix:
+    stubs: Stubs
+    options: gateway_pb2.RemixOptions
+    video: Path
+    work: Path
+    emit: Emit
+    timeout_s: float
+    retry: RetryPolicy
+    started: float = field(default_factory=time.monotonic)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    # ----- helpers ----------------------------------------------------------------
+    async def progress(self, stage: int, fraction: float, message: str = "") -> None:
+        await self.emit(gateway_pb2.RemixResponse(progress=common_pb2.Progress(
+            stage=stage, fraction=fraction, elapsed_s=time.monotonic() - self.started,  # type: ignore[arg-type]
+            message=message)))
+
+    async def stage(self, stage: int, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run one stage: retried on UNAVAILABLE, timed, and any failure named by stage."""
+        await self.progress(stage, 0.0)
+        began = time.monotonic()
+        try:
+            result = await call_with_retry(attempt, self.retry, STAGE_NAMES[stage])
+        except aio.AioRpcError as exc:
+            raise StageFailed(stage, exc.code(), exc.details() or exc.code().name) from None
+        self.stage_seconds[STAGE_NAMES[stage].lower()] = time.monotonic() - began
+        await self.progress(stage, 1.0)
+        return result
+
+    # ----- stages -----------------------------------------------------------------
+    async def extract(self) -> tuple[media.MediaInfo, np.ndarray | None]:
+        await self.progress(common_pb2.STAGE_EXTRACT_AUDIO, 0.0)
+        began = time.monotonic()
+        info = await asyncio.to_thread(media.probe, self.video, "the upload")
+        if info.duration_s <= 0:
+            raise InvalidInput("the upload has zero length")
+        samples = None
+        if info.has_audio:
+            samples = (await asyncio.to_thread(
+                media.decode_audio, self.video, SEPARATION_RATE, 1, "the upload"))[:, 0]
+        self.stage_seconds["extract_audio"] = time.monotonic() - began
+        await self.progress(common_pb2.STAGE_EXTRACT_AUDIO, 1.0)
+        return info, samples
+
+    async def transcribe(self, samples: np.ndarray | None, duration: float) -> gateway_pb2.Transcript:
+        transcript = gateway_pb2.Transcript(duration_s=duration)
+        if samples is None:
+            return transcript
+        pcm16 = audio.float_to_pcm(audio.resample(samples[:, None], SEPARATION_RATE, STT_RATE), audio.PCM_S16LE)
+        config = stt_pb2.TranscribeConfig(
+            format=audio.audio_format(STT_RATE, 1, audio.PCM_S16LE),
+            task=self.options.task, language=self.options.language)
+
+        async def requests() -> AsyncIterator[stt_pb2.TranscribeRequest]:
+            yield stt_pb2.TranscribeRequest(config=config)
+            for piece in iter_chunks(pcm16, CHUNK_BYTES):
+                yield stt_pb2.TranscribeRequest(audio=piece)
+
+        async def attempt() -> gateway_pb2.Transcript:
+            result = gateway_pb2.Transcript(duration_s=duration)
+            async for event in self.stubs.stt.Transcribe(requests(), timeout=self.timeout_s):
+                kind = event.WhichOneof("event")
+                if kind == "language":
+                    result.language = event.language.language
+                    result.language_probability = event.language.probability
+                elif kind == "segment":
+                    result.segments.append(event.segment)
+                    await self.progress(common_pb2.STAGE_TRANSCRIBE, min(0.99, event.segment.end_s / duration),
+                                        event.segment.text[:80])
+            return result
+
+        return await self.stage(common_pb2.STAGE_TRANSCRIBE, attempt)
+
+    async def separate(self, samples: np.ndarray | None) -> np.ndarray | None:
+        if samples is None:
+            return None
+        pcm = audio.float_to_pcm(samples)
+        config = mixer_pb2.SeparateConfig(format=audio.audio_format(SEPARATION_RATE, 1),
+                                          backend=self.options.separation_backend,
+                                          stems=[mixer_pb2.STEM_SPEECH])
+
+        async def requests() -> AsyncIterator[mixer_pb2.SeparateRequest]:
+            yield mixer_pb2.SeparateRequest(config=config)
+            for piece in iter_chunks(pcm, CHUNK_BYTES):
+                yield mixer_pb2.SeparateRequest(audio=piece)
+
+        async def attempt() -> np.ndarray:
+            parts: list[bytes] = []
+            fmt = None
+            async for event in self.stubs.mixer.Separate(requests(), timeout=self.timeout_s):
+                kind = event.WhichOneof("event")
+                if kind == "header":
+                    fmt = event.header.format
+                elif kind == "chunk" and event.chunk.stem == mixer_pb2.STEM_SPEECH:
+                    parts.append(event.chunk.data)
+            if fmt is None:
+                raise InvalidInput("the mixer returned no stems header")
+            return audio.pcm_to_float(b"".join(parts), fmt)[:, 0]
+
+        return await self.stage(common_pb2.STAGE_SEPARATE, attempt)
+
+    async def classify(self, transcript: gateway_pb2.Transcript) -> gateway_pb2.EmotionTimeline:
+        request = emotion_pb2.ClassifyRequest(duration_s=transcript.duration_s, smoothing=self.options.smoothing)
+        confidence = {i: float(np.exp(seg.avg_logprob)) for i, seg in enumerate(transcript.segments)}
+        for sentence in sentences.split(list(transcript.segments), confidence):
+            request.segments.append(emotion_pb2.TextSegment(
+                text=sentence.text, span=common_pb2.TimeSpan(start_s=sentence.start_s, end_s=sentence.end_s),
+                confidence=sentence.confidence, language=sentence.language))
+
+        async def attempt() -> gateway_pb2.EmotionTimeline:
+            reply = await self.stubs.emotion.Classify(request, timeout=self.timeout_s)
+            return gateway_pb2.EmotionTimeline(segments=reply.segments, spans=reply.spans, backend=reply.backend,
+                                               sentences=request.segments)
+
+        return await self.stage(common_pb2.STAGE_CLASSIFY, attempt)
+
+    async def music(self, timeline: gateway_pb2.EmotionTimeline) -> tuple[bytes, common_pb2.AudioFormat]:
+        request = music_pb2.GenerateRequest(spans=timeline.spans, style=self.options.music)
+
+        async def attempt() -> tuple[bytes, common_pb2.AudioFormat]:
+            parts: list[bytes] = []
+            fmt = common_pb2.AudioFormat()
+            total = 0
+            async for event in self.stubs.music.Generate(request, timeout=self.timeout_s):
+                kind = event.WhichOneof("event")
+                if kind == "header":
+                    fmt.CopyFrom(event.header.format)
+                    total = event.header.total_samples
+                elif kind == "chunk":
+                    parts.append(event.chunk.pcm)
+                    if total:
+                        done = (event.chunk.start_sample + len(event.chunk.pcm) // audio.bytes_per_frame(fmt))
+                        await self.progress(common_pb2.STAGE_GENERATE_MUSIC, min(0.99, done / total))
+            return b"".join(parts), fmt
+
+        return await self.stage(common_pb2.STAGE_GENERATE_MUSIC, attempt)
+
+    async def mix(self, speech: np.ndarray | None, bgm: tuple[bytes, common_pb2.AudioFormat]) -> None:
+        config = mixer_pb2.MixConfig(options=self.options.mix, original_name=self.options.filename or "upload.mp4",
+                                     bgm_format=bgm[1])
+        speech_pcm = b""
+        if speech is not None:
+            config.speech_format.CopyFrom(audio.audio_format(SEPARATION_RATE, 1))
+            speech_pcm = audio.float_to_pcm(speech)
+
+        async def requests() -> AsyncIterator[mixer_pb2.MixRequest]:
+            yield mixer_pb2.MixRequest(config=config)
+            for track, source in ((mixer_pb2.TRACK_SPEECH, iter_chunks(speech_pcm)),
+                                  (mixer_pb2.TRACK_BGM, iter_chunks(bgm[0])),
+                                  (mixer_pb2.TRACK_ORIGINAL, iter_file_chunks(self.video))):
+                for piece in source:
+                    yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=track, data=piece))  # type: ignore[arg-type]
+
+        output = self.work / "remixed.bin"
+
+        async def attempt() -> list[gateway_pb2.RemixResponse]:
+            held: list[gateway_pb2.RemixResponse] = []
+            with open(output, "wb") as f:
+                async for event in self.stubs.mixer.MixAndMux(requests(), timeout=self.timeout_s):
+                    kind = event.WhichOneof("event")
+                    if kind == "result":
+                        held.append(gateway_pb2.RemixResponse(result=event.result))
+                    elif kind == "media":
+                        f.write(event.media)
+                    elif kind == "stem":
+                        held.append(gateway_pb2.RemixResponse(stem=event.stem))
+            return held
+
+        held = await self.stage(common_pb2.STAGE_MIX, attempt)
+        # Only a finished mix is sent on, so a retried attempt never sends half a file twice.
+        results = [m for m in held if m.WhichOneof("event") == "result"]
+        for message in results:
+            await self.emit(message)
+        for piece in iter_file_chunks(output):
+            await self.emit(gateway_pb2.RemixResponse(video=piece))
+        for message in held:
+            if message.WhichOneof("event") == "stem":
+                await self.emit(message)
+
+    # ----- the whole job -----------------------------------------------------------
+    async def run(self, analyze_only: bool) -> None:
+        info, samples = await self.extract()
+        separation = None
+        if not analyze_only:
+            separation = asyncio.ensure_future(self.separate(samples))
+        try:
+            transcript = await self.transcribe(samples, info.duration_s)
+            await self.emit(gateway_pb2.RemixResponse(transcript=transcript))
+            timeline = await self.classify(transcript)
+            await self.emit(gateway_pb2.RemixResponse(timeline=timeline))
+            if analyze_only:
+                return
+            assert separation is not None
+            bgm = await self.music(timeline)
+            speech = await separation
+            await self.mix(speech, bgm)
+        finally:
+            if separation is not None and not separation.done():
+                separation.cancel()
+                await asyncio.gather(separation, return_exceptions=True)
+        log.info("remix done", extra={"fields": {
+            "duration_s": info.duration_s, "wall_s": round(time.monotonic() - self.started, 2),
+            "stages_s": {k: round(v, 2) for k, v in self.stage_seconds.items()}}})

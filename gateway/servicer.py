@@ -1,0 +1,123 @@
+"""The Gateway gRPC servicer: Remix and Analyze."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from grpc import aio
+
+from bgm import logs
+from bgm.chunks import Spool, read_config, spool_payload
+from bgm.client import RetryPolicy, make_channel, wait_for_serving
+from bgm.errors import ConcurrencyLimiter, InvalidInput
+from bgm.server import ModelServicer
+from bgm.settings import ServerSettings
+from bgm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from gateway.embedded import EmbeddedServices, start_embedded
+from gateway.pipeline import Remix, Stubs
+from gateway.settings import GatewaySettings
+
+log = logs.get("bgm.gateway")
+SERVICE_HEALTH_NAMES = {
+    "stt": "bgm.v1.SpeechToText",
+    "emotion": "bgm.v1.EmotionClassifier",
+    "music": "bgm.v1.MusicGenerator",
+    "mixer": "bgm.v1.Mixer",
+}
+
+
+class GatewayServicer(ModelServicer, gateway_pb2_grpc.GatewayServicer):
+    service_name = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
+
+    def __init__(self, gateway: GatewaySettings, server: ServerSettings) -> None:
+        super().__init__()
+        self.settings = gateway
+        self.server = server
+        self.limiter = ConcurrencyLimiter(server.max_concurrency, "the gateway")
+        self.retry = RetryPolicy(max_attempts=gateway.retry_attempts)
+        self.embedded: EmbeddedServices | None = None
+        self.channels: dict[str, aio.Channel] = {}
+        self.stubs: Stubs | None = None
+
+    def add_to_server(self, server: aio.Server) -> None:
+        gateway_pb2_grpc.add_GatewayServicer_to_server(self, server)
+
+    async def load(self) -> None:
+        """Connect to the four services (starting them in-process in embedded mode) and wait
+        until each reports SERVING."""
+        s = self.settings
+        if s.embedded:
+            self.embedded = await start_embedded()
+            addresses = {name: srv.address for name, srv in zip(
+                ("stt", "emotion", "music", "mixer"), self.embedded.all, strict=True)}
+        else:
+            addresses = {"stt": s.stt_address, "emotion": s.emotion_address,
+                         "music": s.music_address, "mixer": s.mixer_address}
+        self.channels = {name: make_channel(target, max_message_bytes=self.server.max_message_bytes,
+                                            retry=self.retry) for name, target in addresses.items()}
+        for name, channel in self.channels.items():
+            await wait_for_serving(channel, SERVICE_HEALTH_NAMES[name], timeout=900.0)
+        self.stubs = Stubs.connect(self.channels)
+        self.ready = True
+
+    async def close(self) -> None:
+        self.ready = False
+        for channel in self.channels.values():
+            await channel.close()
+        if self.embedded is not None:
+            await self.embedded.stop()
+
+    async def Remix(  # noqa: N802 - gRPC method name
+        self, request_iterator: AsyncIterator[gateway_pb2.RemixRequest], context: aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.RemixResponse]:
+        async for message in self._run(request_iterator, analyze_only=False):
+            yield message
+
+    async def Analyze(  # noqa: N802 - gRPC method name
+        self, request_iterator: AsyncIterator[gateway_pb2.RemixRequest], context: aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.RemixResponse]:
+        async for message in self._run(request_iterator, analyze_only=True):
+            yield message
+
+    async def _run(
+        self, request_iterator: AsyncIterator[gateway_pb2.RemixRequest], analyze_only: bool
+    ) -> AsyncIterator[gateway_pb2.RemixResponse]:
+        self.require_ready()
+        assert self.stubs is not None
+        with self.limiter, tempfile.TemporaryDirectory(prefix="bgm-gw-", dir=self.settings.tmp_dir or None) as tmp:
+            options, rest = await read_config(request_iterator, "options", "video")
+            suffix = Path(options.filename).suffix.lower()[:8] if options.filename else ""
+            if suffix and not suffix[1:].isalnum():
+                raise InvalidInput(f"file name extension {suffix!r} is not valid")
+            with Spool(self.settings.max_upload_bytes, "the upload", tmp, suffix) as upload:
+                await spool_payload(rest, upload, "options", "video")
+                if upload.size == 0:
+                    raise InvalidInput("no video was sent after the options message")
+                video = upload.finish()
+                queue: asyncio.Queue[gateway_pb2.RemixResponse | None] = asyncio.Queue(maxsize=64)
+                job = Remix(self.stubs, options, video, Path(tmp), queue.put,
+                            self.settings.stage_timeout_s, self.retry)
+                yield gateway_pb2.RemixResponse(progress=common_pb2.Progress(
+                    stage=common_pb2.STAGE_UPLOAD, fraction=1.0, message=f"received {upload.size} bytes"))
+
+                async def drive() -> None:
+                    try:
+                        await job.run(analyze_only)
+                    finally:
+                        await queue.put(None)
+
+                task = asyncio.create_task(drive())
+                try:
+                    while (message := await queue.get()) is not None:
+                        yield message
+                    await task  # re-raises a stage failure
+                finally:
+                    if not task.done():  # the client went away: stop every stage
+                        task.cancel()
+                        while not task.done():
+                            while not queue.empty():
+                                queue.get_nowait()
+                            await asyncio.sleep(0.01)

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bgm.settings import check
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """``BGM_GATEWAY_*``. Leave every address empty to run the four services in-process
+    (embedded mode); ``dns:///name:port`` targets are balanced round-robin across pods."""
+
+    stt_address: str = ""
+    emotion_address: str = ""
+    music_address: str = ""
+    mixer_address: str = ""
+    # Largest video a client may upload.
+    max_upload_bytes: int = 2 * 1024**3
+    # Deadline for each stage's RPC.
+    stage_timeout_s: float = 3600.0
+    # Attempts for a stage that answers UNAVAILABLE.
+    retry_attempts: int = 4
+    tmp_dir: str = ""
+
+    def __post_init__(self) -> None:
+        addresses = [self.stt_address, self.emotion_address, self.music_address, self.mixer_address]
+        check(all(addresses) or not any(addresses), "BGM_GATEWAY_*_ADDRESS",
+              "set all four service addresses, or none (embedded mode)")
+        check(self.max_upload_bytes > 0, "BGM_GATEWAY_MAX_UPLOAD_BYTES", "must be positive")
+        check(self.stage_timeout_s > 0, "BGM_GATEWAY_STAGE_TIMEOUT_S", "must be positive")
+        check(self.retry_attempts >= 1, "BGM_GATEWAY_RETRY_ATTEMPTS", "must be at least 1")
+
+    @property
+    def embedded(self) -> bool:
+        return not self.stt_address
