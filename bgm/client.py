@@ -39,8 +39,9 @@ class RetryPolicy:
     multiplier: float = 2.0
 
     def service_config(self) -> str:
+        # gRPC accepts 2..5 attempts; one attempt means no retry policy at all.
         policy = {
-            "maxAttempts": self.max_attempts,
+            "maxAttempts": min(self.max_attempts, 5),
             "initialBackoff": f"{self.initial_backoff_s}s",
             "maxBackoff": f"{self.max_backoff_s}s",
             "backoffMultiplier": self.multiplier,
@@ -51,7 +52,7 @@ class RetryPolicy:
                 "loadBalancingConfig": [{"round_robin": {}}],
                 "methodConfig": [
                     {"name": [{"service": s} for s in (*SERVICES, "grpc.health.v1.Health")],
-                     "retryPolicy": policy}
+                     **({"retryPolicy": policy} if self.max_attempts >= 2 else {})}
                 ],
             }
         )

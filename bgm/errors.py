@@ -8,6 +8,7 @@ anything unexpected -> INTERNAL with a short message (the traceback goes to the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -179,7 +180,5 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Ca
 
 def _reset(token: Any) -> None:
     # A streaming handler may be resumed in a copy of the context it started in.
-    try:
+    with contextlib.suppress(ValueError):
         logs.request_id.reset(token)
-    except ValueError:
-        pass

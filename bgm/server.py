@@ -75,6 +75,10 @@ class RunningServer:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def start_loading(self) -> None:
+        if not self.loading:
+            self.loading = [asyncio.create_task(_load(s, self)) for s in self.servicers]
+
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until every model loaded; raise the first load error if one failed."""
         if self.loading:
@@ -108,8 +112,10 @@ async def start_server(
     *,
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[aio.ServerInterceptor] = (),
+    load_models: bool = True,
 ) -> RunningServer:
-    """Start a server for ``servicers`` and begin loading their models in the background."""
+    """Start a server for ``servicers`` and begin loading their models in the background
+    (or, with ``load_models=False``, when ``RunningServer.start_loading`` is called)."""
     server = aio.server(
         interceptors=[*interceptors, ErrorInterceptor()],
         options=server_options(settings.max_message_bytes),
@@ -135,8 +141,8 @@ async def start_server(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     running = RunningServer(server=server, port=port, health=health_servicer, servicers=servicers)
-    for servicer in servicers:
-        running.loading.append(asyncio.create_task(_load(servicer, running)))
+    if load_models:
+        running.start_loading()
     log.info("listening", extra={"fields": {"address": f"{settings.host}:{port}", "services": names}})
     return running
 

@@ -53,7 +53,7 @@ class ProgressBars:
         tty = getattr(self.stream, "isatty", lambda: False)()
         name = STAGES.get(p.stage, "?")
         width = 24
-        filled = int(round(p.fraction * width))
+        filled = round(p.fraction * width)
         line = f"{name:<15} [{'#' * filled}{'-' * (width - filled)}] {p.fraction * 100:5.1f}%  {p.elapsed_s:6.1f}s"
         if p.message and p.fraction < 1:
             line += f"  {p.message[:50]}"

@@ -23,7 +23,6 @@ from bgm import audio, logs, media
 from bgm.chunks import CHUNK_BYTES, iter_chunks, iter_file_chunks
 from bgm.client import RetryPolicy, call_with_retry
 from bgm.errors import InvalidInput, ServiceError
-from gateway import sentences
 from bgm.v1 import (
     common_pb2,
     emotion_pb2,
@@ -36,12 +35,13 @@ from bgm.v1 import (
     stt_pb2,
     stt_pb2_grpc,
 )
+from gateway import sentences
 
 log = logs.get("bgm.gateway")
 T = TypeVar("T")
 SEPARATION_RATE = 48_000
 STT_RATE = 16_000
-STAGE_NAMES = {v: k.removeprefix("STAGE_") for k, v in common_pb2.Stage.items()}
+STAGE_NAMES: dict[int, str] = {int(v): k.removeprefix("STAGE_") for k, v in common_pb2.Stage.items()}
 
 
 class StageFailed(ServiceError):
@@ -225,7 +225,7 @@ class Remix:
                                   (mixer_pb2.TRACK_BGM, iter_chunks(bgm[0])),
                                   (mixer_pb2.TRACK_ORIGINAL, iter_file_chunks(self.video))):
                 for piece in source:
-                    yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=track, data=piece))  # type: ignore[arg-type]
+                    yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=track, data=piece))
 
         output = self.work / "remixed.bin"
 

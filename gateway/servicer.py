@@ -70,13 +70,13 @@ class GatewayServicer(ModelServicer, gateway_pb2_grpc.GatewayServicer):
         if self.embedded is not None:
             await self.embedded.stop()
 
-    async def Remix(  # noqa: N802 - gRPC method name
+    async def Remix(
         self, request_iterator: AsyncIterator[gateway_pb2.RemixRequest], context: aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.RemixResponse]:
         async for message in self._run(request_iterator, analyze_only=False):
             yield message
 
-    async def Analyze(  # noqa: N802 - gRPC method name
+    async def Analyze(
         self, request_iterator: AsyncIterator[gateway_pb2.RemixRequest], context: aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.RemixResponse]:
         async for message in self._run(request_iterator, analyze_only=True):

@@ -12,7 +12,9 @@ extras=${EXTRAS:-all}
 
 # ffmpeg: decode/mux; espeak-ng: test speech and the example video; fluidsynth + the GM
 # soundfont: the composer's synthesiser; sox: handy for inspecting audio.
-apt_packages=(ffmpeg espeak-ng fluidsynth fluid-soundfont-gm sox python3-venv)
+apt_packages=(ffmpeg espeak-ng fluidsynth fluid-soundfont-gm sox)
+python=${PYTHON:-python3}
+"$python" -m venv --help >/dev/null 2>&1 || apt_packages+=(python3-venv)
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
@@ -25,7 +27,6 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-python=${PYTHON:-python3}
 [[ -x .venv/bin/python ]] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 echo "setup: installing bgm[$extras] into .venv"

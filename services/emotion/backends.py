@@ -57,7 +57,7 @@ class NadeBackend:
         top = table.max(axis=1)
         neutral = np.maximum.reduce([scores["anticipation"], scores["trust"],
                                      np.where(top < neutral_threshold, neutral_threshold, 0.0)])
-        table = np.concatenate([table, neutral[:, None]], axis=1) + 1e-6
+        table = (np.concatenate([table, neutral[:, None]], axis=1) + 1e-6).astype(np.float32)
         return (table / table.sum(axis=1, keepdims=True)).astype(np.float32)
 
 

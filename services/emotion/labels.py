@@ -6,8 +6,8 @@ from bgm.v1 import common_pb2
 
 EMOTIONS = ("joy", "sadness", "disgust", "anger", "surprise", "fear", "neutral")
 NEUTRAL = EMOTIONS.index("neutral")
-ENUM = {name: common_pb2.Emotion.Value(f"EMOTION_{name.upper()}") for name in EMOTIONS}
-NAME = {value: name for name, value in ENUM.items()}
+ENUM: dict[str, int] = {name: int(common_pb2.Emotion.Value(f"EMOTION_{name.upper()}")) for name in EMOTIONS}
+NAME: dict[int, str] = {value: name for name, value in ENUM.items()}
 
 
 def index_to_enum(index: int) -> int:

@@ -67,7 +67,7 @@ class EmotionServicer(ModelServicer, emotion_pb2_grpc.EmotionClassifierServicer)
             raise InvalidInput(f"smoothing.min_span_s {min_span!r} must be a non-negative number")
         return duration
 
-    async def Classify(  # noqa: N802 - gRPC method name
+    async def Classify(
         self, request: emotion_pb2.ClassifyRequest, context: aio.ServicerContext
     ) -> emotion_pb2.ClassifyResponse:
         self.require_ready()

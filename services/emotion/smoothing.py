@@ -13,6 +13,7 @@ The output is a fixed point: smoothing it again changes nothing.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -66,7 +67,7 @@ class Span:
 def _initial_runs(items: Sequence[Scored], duration: float) -> list[Run]:
     ordered = sorted(items, key=lambda s: (s.start_s, s.end_s))
     cuts = [0.0]
-    for prev, nxt in zip(ordered, ordered[1:], strict=False):
+    for prev, nxt in itertools.pairwise(ordered):
         cut = (min(prev.end_s, duration) + min(nxt.start_s, duration)) / 2
         cuts.append(min(max(cut, cuts[-1]), duration))
     cuts.append(duration)

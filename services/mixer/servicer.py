@@ -22,7 +22,8 @@ from services.mixer import dsp, mux, separation
 from services.mixer.settings import MixerSettings
 
 RATE = dsp.SAMPLE_RATE
-TRACK_NAMES = {mixer_pb2.TRACK_ORIGINAL: "original", mixer_pb2.TRACK_SPEECH: "speech", mixer_pb2.TRACK_BGM: "bgm"}
+TRACK_NAMES: dict[int, str] = {
+    mixer_pb2.TRACK_ORIGINAL: "original", mixer_pb2.TRACK_SPEECH: "speech", mixer_pb2.TRACK_BGM: "bgm"}
 
 
 def _progress(stage: int, fraction: float, started: float, message: str) -> common_pb2.Progress:
@@ -57,7 +58,7 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
         return self.separators[name]
 
     # ----- Separate -------------------------------------------------------------------
-    async def Separate(  # noqa: N802 - gRPC method name
+    async def Separate(
         self, request_iterator: AsyncIterator[mixer_pb2.SeparateRequest], context: aio.ServicerContext
     ) -> AsyncIterator[mixer_pb2.SeparateResponse]:
         self.require_ready()
@@ -79,7 +80,7 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
             speech = await asyncio.to_thread(separator.speech, mono)
             fmt = audio.audio_format(RATE, 1)
             yield mixer_pb2.SeparateResponse(header=mixer_pb2.StemsHeader(
-                format=fmt, stems=stems, total_samples=mono.shape[0], backend=separator.name))  # type: ignore[arg-type]
+                format=fmt, stems=stems, total_samples=mono.shape[0], backend=separator.name))
             for stem in stems:
                 data = speech if stem == mixer_pb2.STEM_SPEECH else mono - speech
                 for piece in iter_chunks(audio.float_to_pcm(data), CHUNK_BYTES):
@@ -90,7 +91,7 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
         s = self.settings
 
         def pick(name: str, default: float, low: float, high: float) -> float:
-            value = getattr(options, name) if options.HasField(name) else default
+            value = getattr(options, name) if options.HasField(name) else default  # type: ignore[arg-type]
             if not (low <= value <= high):
                 raise InvalidInput(f"mix option {name}={value:g} is out of range ({low:g}..{high:g})")
             return float(value)
@@ -119,7 +120,7 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
                 raise InvalidInput(f"the upload is larger than the limit of {self.server.max_input_bytes} bytes")
             spools[track].write(message.chunk.data)
 
-    async def MixAndMux(  # noqa: N802 - gRPC method name
+    async def MixAndMux(
         self, request_iterator: AsyncIterator[mixer_pb2.MixRequest], context: aio.ServicerContext
     ) -> AsyncIterator[mixer_pb2.MixResponse]:
         self.require_ready()
@@ -182,7 +183,7 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
 
 
 def stem_messages(wanted: Sequence[int], outcome: dsp.MixOutcome, tmp: Path) -> Iterator[mixer_pb2.MixResponse]:
-    sources = {mixer_pb2.STEM_BGM: outcome.bgm, mixer_pb2.STEM_MIX: outcome.mix,
+    sources: dict[int, np.ndarray] = {mixer_pb2.STEM_BGM: outcome.bgm, mixer_pb2.STEM_MIX: outcome.mix,
                mixer_pb2.STEM_SPEECH: outcome.mix - outcome.bgm}
     for stem in dict.fromkeys(wanted):
         if stem not in sources:

@@ -54,7 +54,8 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
         for i, span in enumerate(request.spans):
             name = EMOTION_NAMES.get(span.emotion)
             if name is None:
-                raise InvalidInput(f"span {i}: unknown emotion {span.emotion}; use one of {sorted(EMOTION_NAMES.values())}")
+                choices = ", ".join(sorted(EMOTION_NAMES.values()))
+                raise InvalidInput(f"span {i}: unknown emotion {span.emotion}; use one of {choices}")
             start, end = span.span.start_s, span.span.end_s
             if not (math.isfinite(start) and math.isfinite(end)):
                 raise InvalidInput(f"span {i}: times must be finite numbers")
@@ -101,7 +102,7 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
         seed = style.seed if style.HasField("seed") else self.settings.seed
         return seed, tempo
 
-    async def Generate(  # noqa: N802 - gRPC method name
+    async def Generate(
         self, request: music_pb2.GenerateRequest, context: aio.ServicerContext
     ) -> AsyncIterator[music_pb2.GenerateResponse]:
         self.require_ready()

@@ -94,6 +94,35 @@ class Segment:
     compression_ratio: float
 
 
+class Loudness:
+    """10 ms frame levels of the request's audio, to trim silence off word timings.
+
+    Whisper's word alignment often lets a sentence's last word run on into the pause that
+    follows (by up to a second). A word is shrunk to the frames inside it that are audible;
+    it is never widened, and a word with no audible frame is left as it is.
+    """
+
+    FRAME = SAMPLE_RATE // 100
+
+    def __init__(self, audio: np.ndarray) -> None:
+        frames = audio.shape[0] // self.FRAME
+        power = (audio[: frames * self.FRAME].reshape(frames, self.FRAME) ** 2).mean(axis=1) if frames else np.zeros(1)
+        levels = 10 * np.log10(power + 1e-12)
+        threshold = max(float(np.percentile(levels, 95)) - 35.0, -60.0)
+        self.audible = levels > threshold
+
+    def trim(self, start: float, end: float) -> tuple[float, float]:
+        first, last = int(start * 100), int(np.ceil(end * 100))
+        inside = np.flatnonzero(self.audible[first:last])
+        if inside.size == 0:
+            return start, end
+        new_start = max(start, (first + inside[0]) / 100)
+        new_end = min(end, (first + inside[-1] + 1) / 100)
+        if new_end - new_start < 0.05:  # keep very short words audible-length, not zero
+            return start, end
+        return new_start, new_end
+
+
 @dataclass
 class Detected:
     language: str
@@ -183,16 +212,18 @@ class WhisperBackend:
         language = info.language
         yield detected if detected is not None else Detected(language, float(info.language_probability))
         translated = options.task == "translate" and language != "en"
+        loudness = Loudness(audio)
         for seg in segments:
             if cancel.is_set():
                 return
             text = seg.text.strip()
             if not text:
                 continue
+            words = [Word(w.word.strip(), *loudness.trim(float(w.start), float(w.end)), float(w.probability))
+                     for w in (seg.words or [])]
+            start, end = (words[0].start_s, words[-1].end_s) if words else (float(seg.start), float(seg.end))
             yield Segment(
-                id=seg.id, text=text, start_s=float(seg.start), end_s=float(seg.end),
-                words=[Word(w.word.strip(), float(w.start), float(w.end), float(w.probability))
-                       for w in (seg.words or [])],
+                id=seg.id, text=text, start_s=start, end_s=end, words=words,
                 language=language, translated=translated,
                 avg_logprob=float(seg.avg_logprob), no_speech_prob=float(seg.no_speech_prob),
                 compression_ratio=float(seg.compression_ratio),

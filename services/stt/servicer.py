@@ -55,7 +55,7 @@ class SpeechToTextServicer(ModelServicer, stt_pb2_grpc.SpeechToTextServicer):
             beam_size=config.beam_size if config.HasField("beam_size") else self.stt.beam_size,
         )
 
-    async def Transcribe(  # noqa: N802 - gRPC method name
+    async def Transcribe(
         self, request_iterator: AsyncIterator[stt_pb2.TranscribeRequest], context: aio.ServicerContext
     ) -> AsyncIterator[stt_pb2.TranscribeResponse]:
         self.require_ready()

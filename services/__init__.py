@@ -1,0 +1,1 @@
+"""The four bgm services; each folder is deployable on its own."""

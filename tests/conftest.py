@@ -1,0 +1,94 @@
+"""Shared test fixtures: servers run on an asyncio loop in a background thread and are
+reached with ordinary (sync) gRPC clients over loopback, as any caller would."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Coroutine, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 600) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="session")
+def loop() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+def start(loop: LoopThread, servicers: Sequence[Any], wait: bool = True, **settings: Any) -> Any:
+    from bgm.server import start_server
+    from bgm.settings import ServerSettings
+
+    cfg = ServerSettings(**settings)
+
+    async def go() -> Any:
+        running = await start_server(servicers, cfg, load_models=wait)
+        if wait:
+            await running.wait_ready(600)
+        return running
+
+    return loop.run(go())
+
+
+def channel(address: str) -> grpc.Channel:
+    mib = 2**20
+    return grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 4 * mib),
+                                                   ("grpc.max_send_message_length", 4 * mib)])
+
+
+def health_status(ch: grpc.Channel, service: str) -> str:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def speak(text: str, path: Path, voice: str = "en-us", speed: int = 150) -> Path:
+    assert shutil.which("espeak-ng"), "espeak-ng is required (scripts/setup.sh installs it)"
+    subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(path), text], check=True)
+    return path
+
+
+def bgm_temp_files() -> set[str]:
+    import tempfile
+
+    root = Path(tempfile.gettempdir())
+    return {p.name for p in root.glob("bgm-*")}
+
+
+@pytest.fixture(scope="session")
+def stt_server(loop: LoopThread) -> Iterator[Any]:
+    from bgm.settings import ServerSettings
+    from services.stt.servicer import SpeechToTextServicer
+    from services.stt.settings import SttSettings
+
+    running = start(loop, [SpeechToTextServicer(SttSettings(), ServerSettings(max_concurrency=2))])
+    yield running
+    loop.run(running.stop(1))

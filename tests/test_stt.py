@@ -1,0 +1,250 @@
+"""The STT service with the real shipped Whisper weights, over gRPC: accuracy, timing,
+language detection and translation, music rejection, and bad input."""
+
+from __future__ import annotations
+
+import difflib
+import re
+import subprocess
+from pathlib import Path
+
+import grpc
+import jiwer
+import numpy as np
+import pytest
+import soundfile
+
+from bgm.chunks import iter_file_chunks
+from bgm.v1 import common_pb2, stt_pb2, stt_pb2_grpc
+from tests.conftest import channel, health_status, speak
+
+SENTENCES = [
+    "The weather is lovely this morning.",
+    "Please open the window in the kitchen.",
+    "My brother works at the hospital downtown.",
+    "We are going to the beach on Saturday.",
+    "She bought three apples and a loaf of bread.",
+    "The train to London leaves at seven o'clock.",
+    "I forgot my umbrella at the office.",
+    "Our team finished the project ahead of schedule.",
+    "The children are playing football in the park.",
+    "Could you send me the report by Friday?",
+    "He plays the piano every evening after dinner.",
+    "The museum is closed on Mondays.",
+]
+GAP_S = 1.2
+RATE = 16_000
+
+
+def normalise(text: str) -> str:
+    text = text.lower().replace("o'clock", "oclock").replace("7", "seven").replace("3", "three")
+    return re.sub(r"[^a-z' ]+", " ", text).replace("'", "").strip()
+
+
+def transcribe(address: str, path: Path, **config) -> list[stt_pb2.TranscribeResponse]:
+    def requests():
+        yield stt_pb2.TranscribeRequest(config=stt_pb2.TranscribeConfig(
+            format=common_pb2.AudioFormat(encoding=common_pb2.ENCODING_CONTAINER), **config))
+        for piece in iter_file_chunks(path):
+            yield stt_pb2.TranscribeRequest(audio=piece)
+
+    return list(stt_pb2_grpc.SpeechToTextStub(channel(address)).Transcribe(requests(), timeout=300))
+
+
+def segments(events) -> list[stt_pb2.Segment]:
+    return [e.segment for e in events if e.WhichOneof("event") == "segment"]
+
+
+@pytest.fixture(scope="module")
+def spoken(tmp_path_factory) -> tuple[Path, list[tuple[float, float]]]:
+    """The sentences spoken one after another with gaps; returns the file and where each
+    sentence's sound really starts and ends (measured, not assumed)."""
+    tmp = tmp_path_factory.mktemp("speech")
+    pieces, truth, t = [], [], 0.5
+    pieces.append(np.zeros(int(0.5 * RATE), dtype=np.float32))
+    for i, sentence in enumerate(SENTENCES):
+        wav = speak(sentence, tmp / f"s{i}.wav")
+        audio, rate = soundfile.read(wav, dtype="float32")
+        from bgm.audio import resample
+
+        audio = resample(audio[:, None], rate, RATE)[:, 0]
+        loud = np.flatnonzero(np.abs(audio) > 0.02)
+        truth.append((t + loud[0] / RATE, t + loud[-1] / RATE))
+        pieces += [audio, np.zeros(int(GAP_S * RATE), dtype=np.float32)]
+        t += audio.shape[0] / RATE + GAP_S
+    path = tmp / "sentences.wav"
+    soundfile.write(path, np.concatenate(pieces), RATE)
+    return path, truth
+
+
+def test_english_word_error_rate_and_timing(stt_server, spoken):
+    path, truth = spoken
+    events = transcribe(stt_server.address, path)
+    segs = segments(events)
+    assert events[0].language.language == "en"
+    hypothesis = normalise(" ".join(s.text for s in segs))
+    reference = normalise(" ".join(SENTENCES))
+    wer = jiwer.wer(reference, hypothesis)
+    print(f"\nWER tiny.en over {len(SENTENCES)} sentences: {wer:.3f}")
+    assert wer <= 0.15, hypothesis
+
+    # Whisper may group sentences into one segment, but a segment never starts or ends
+    # mid-sentence: each boundary is within 0.5 s of a real sentence boundary.
+    starts = np.array([t[0] for t in truth])
+    ends = np.array([t[1] for t in truth])
+    for seg in segs:
+        assert np.abs(starts - seg.start_s).min() <= 0.5, (seg.text, seg.start_s)
+        assert np.abs(ends - seg.end_s).min() <= 0.5, (seg.text, seg.end_s)
+        assert seg.words and all(seg.start_s - 0.01 <= w.start_s <= w.end_s <= seg.end_s + 0.01
+                                 for w in seg.words)
+    # And word timestamps place each sentence where it really is.
+    hyp_words = [(normalise(w.text), w) for s in segs for w in s.words if normalise(w.text)]
+    ref_words = [(i, word) for i, sentence in enumerate(SENTENCES) for word in normalise(sentence).split()]
+    matcher = difflib.SequenceMatcher(a=[w for _, w in ref_words], b=[w for w, _ in hyp_words], autojunk=False)
+    placed: dict[int, list[stt_pb2.Word]] = {}
+    for block in matcher.get_matching_blocks():
+        for k in range(block.size):
+            placed.setdefault(ref_words[block.a + k][0], []).append(hyp_words[block.b + k][1])
+    assert len(placed) == len(SENTENCES)
+    for i, (start, end) in enumerate(truth):
+        words = placed[i]
+        first_ref = normalise(SENTENCES[i]).split()[0]
+        if normalise(words[0].text) == first_ref:
+            assert abs(words[0].start_s - start) <= 0.5, (SENTENCES[i], words[0].start_s, start)
+        assert start - 0.5 <= words[0].start_s and words[-1].end_s <= end + 0.5, (SENTENCES[i], start, end)
+    summary = events[-1].summary
+    assert summary.segment_count == len(segs) and summary.model == "whisper-tiny.en"
+    assert all(not s.translated and s.language == "en" for s in segs)
+
+
+GERMAN = ("Guten Morgen. Heute ist ein schöner Tag. Ich gehe mit meinem Hund in den Park, "
+          "und danach trinke ich einen Kaffee mit meiner Schwester.")
+
+
+@pytest.fixture(scope="module")
+def german(tmp_path_factory) -> Path:
+    return speak(GERMAN, tmp_path_factory.mktemp("de") / "de.wav", voice="de", speed=140)
+
+
+def test_other_language_is_detected(stt_server, german):
+    events = transcribe(stt_server.address, german)
+    assert events[0].language.language == "de"
+    assert events[0].language.probability > 0.5
+    segs = segments(events)
+    assert segs and all(s.language == "de" and not s.translated for s in segs)
+    text = " ".join(s.text for s in segs).lower()
+    assert "morgen" in text
+
+
+def test_translate_gives_english_text(stt_server, german):
+    events = transcribe(stt_server.address, german, task=stt_pb2.STT_TASK_TRANSLATE)
+    segs = segments(events)
+    text = normalise(" ".join(s.text for s in segs))
+    print(f"\ntranslation: {text}")
+    assert events[0].language.language == "de"
+    assert all(s.translated and s.language == "de" for s in segs)
+    assert "good morning" in text and "coffee" in text and "sister" in text
+
+
+def _music_clip(tmp: Path) -> Path:
+    import immich_memories_music
+
+    track = sorted(Path(immich_memories_music.__file__).parent.glob("tracks/happy/*.opus"))[0]
+    out = tmp / "music.wav"
+    subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-ss", "10", "-t", "20", "-i", str(track),
+                    "-ac", "1", "-ar", "16000", str(out)], check=True)
+    return out
+
+
+def test_music_alone_yields_no_segments(stt_server, tmp_path):
+    clip = _music_clip(tmp_path)
+    events = transcribe(stt_server.address, clip)
+    assert segments(events) == []
+    assert events[-1].summary.duration_s == pytest.approx(20.0, abs=0.1)
+
+
+def test_silence_yields_no_segments(stt_server):
+    pcm = np.zeros(RATE * 5, dtype="<i2").tobytes()
+    events = list(stt_pb2_grpc.SpeechToTextStub(channel(stt_server.address)).Transcribe(iter([
+        stt_pb2.TranscribeRequest(config=stt_pb2.TranscribeConfig(format=common_pb2.AudioFormat(
+            sample_rate_hz=RATE, channels=1, encoding=common_pb2.ENCODING_PCM_S16LE))),
+        stt_pb2.TranscribeRequest(audio=pcm)]), timeout=60))
+    assert segments(events) == [] and events[-1].summary.segment_count == 0
+
+
+def _config(rate=16_000, channels=1, encoding=common_pb2.ENCODING_PCM_S16LE, **kw):
+    return stt_pb2.TranscribeRequest(config=stt_pb2.TranscribeConfig(format=common_pb2.AudioFormat(
+        sample_rate_hz=rate, channels=channels, encoding=encoding), **kw))
+
+
+BAD_INPUTS = {
+    "empty stream": ([], "empty stream"),
+    "no header": ([stt_pb2.TranscribeRequest(audio=b"\0" * 3200)], "must start with a 'config' message"),
+    "header twice": ([_config(), _config()], "'config' was sent twice"),
+    "header only": ([_config()], "no audio was sent"),
+    "undecodable container": ([_config(encoding=common_pb2.ENCODING_CONTAINER),
+                               stt_pb2.TranscribeRequest(audio=bytes(range(256)) * 40)],
+                              "not a media file we can read"),
+    "unsupported sample rate": ([_config(rate=4000), stt_pb2.TranscribeRequest(audio=b"\0" * 800)],
+                                "sample rate 4000 Hz is not supported"),
+    "no encoding": ([_config(encoding=common_pb2.ENCODING_UNSPECIFIED),
+                     stt_pb2.TranscribeRequest(audio=b"\0" * 800)], "set format.encoding"),
+    "half a frame": ([_config(), stt_pb2.TranscribeRequest(audio=b"\0" * 801)], "not a whole number"),
+    "bad language": ([_config(language="german"), stt_pb2.TranscribeRequest(audio=b"\0" * 800)],
+                     "not an ISO 639-1 code"),
+    "playlist": ([_config(encoding=common_pb2.ENCODING_CONTAINER), stt_pb2.TranscribeRequest(
+        audio=b"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\n/etc/passwd\n#EXT-X-ENDLIST\n")],
+                 "not a media file we can read"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gets_invalid_argument_and_service_keeps_serving(stt_server, case):
+    requests, fragment = BAD_INPUTS[case]
+    stub = stt_pb2_grpc.SpeechToTextStub(channel(stt_server.address))
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Transcribe(iter(requests), timeout=60))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in info.value.details()
+    assert health_status(channel(stt_server.address), "bgm.v1.SpeechToText") == "SERVING"
+
+
+def test_requests_over_the_concurrency_limit_get_resource_exhausted(loop):
+    import threading
+
+    from bgm.settings import ServerSettings
+    from services.stt.servicer import SpeechToTextServicer
+    from services.stt.settings import SttSettings
+    from tests.conftest import start
+
+    running = start(loop, [SpeechToTextServicer(SttSettings(detect_language=False),
+                                                ServerSettings(max_concurrency=1))])
+    release = threading.Event()
+    holding = threading.Event()
+
+    def slow_upload():
+        yield _config()
+        holding.set()
+        release.wait(30)  # the upload stalls: the request keeps its slot
+        yield stt_pb2.TranscribeRequest(audio=b"\0\0" * RATE)
+
+    try:
+        stub = stt_pb2_grpc.SpeechToTextStub(channel(running.address))
+        first = stub.Transcribe(slow_upload(), timeout=60)
+        collected = []
+        worker = threading.Thread(target=lambda: collected.extend(first))
+        worker.start()
+        assert holding.wait(10)
+        import time
+
+        time.sleep(0.3)  # let the config message reach the server
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Transcribe(iter([_config(), stt_pb2.TranscribeRequest(audio=b"\0\0" * RATE)]), timeout=30))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "retry after" in info.value.details()
+        release.set()
+        worker.join(30)
+        assert collected and collected[-1].WhichOneof("event") == "summary"
+    finally:
+        release.set()
+        loop.run(running.stop(0))
