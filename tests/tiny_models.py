@@ -1,0 +1,48 @@
+"""Tiny models with the same config shapes as the full ones, random weights, built and
+saved by the tests themselves: the real loading code runs on them, no download, no mock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# j-hartmann/emotion-english-distilroberta-base's label order.
+HARTMANN_LABELS = ["anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise"]
+
+CORPUS = [
+    "I am so happy today", "this is terrible and sad", "what a surprise", "I am afraid",
+    "that is disgusting", "stop it now, I am angry", "the meeting is at noon",
+]
+
+
+def tiny_text_classifier(directory: Path, labels: list[str] = HARTMANN_LABELS, favourite: str | None = None) -> Path:
+    """A 2-layer RoBERTa sequence classifier and a byte-level BPE tokenizer, saved to ``directory``.
+
+    ``favourite`` biases the classifier so that label wins on any input, which lets a test
+    check that the label mapping, not luck, decides the answer.
+    """
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaConfig, RobertaForSequenceClassification, RobertaTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS, vocab_size=300, min_frequency=1,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.save_model(str(directory))
+    tokenizer = RobertaTokenizerFast(vocab_file=str(directory / "vocab.json"), merges_file=str(directory / "merges.txt"))
+    tokenizer.save_pretrained(directory)
+
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=37, max_position_embeddings=130, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+        problem_type="single_label_classification",
+    )
+    model = RobertaForSequenceClassification(config).eval()
+    if favourite is not None:
+        with torch.no_grad():
+            model.classifier.out_proj.bias[labels.index(favourite)] += 20.0
+    model.save_pretrained(directory)
+    return directory
