@@ -7,13 +7,13 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from bgm.settings import ServerSettings  # noqa: E402
-from bgm.v1 import common_pb2, emotion_pb2, emotion_pb2_grpc  # noqa: E402
-from services.emotion.labels import ENUM  # noqa: E402
-from services.emotion.servicer import EmotionServicer  # noqa: E402
-from services.emotion.settings import EmotionSettings  # noqa: E402
-from tests.conftest import channel, start  # noqa: E402
-from tests.tiny_models import HARTMANN_LABELS, tiny_text_classifier  # noqa: E402
+from bgm.settings import ServerSettings
+from bgm.v1 import common_pb2, emotion_pb2, emotion_pb2_grpc
+from services.emotion.labels import ENUM
+from services.emotion.servicer import EmotionServicer
+from services.emotion.settings import EmotionSettings
+from tests.conftest import channel, start
+from tests.tiny_models import HARTMANN_LABELS, tiny_text_classifier
 
 
 @pytest.mark.parametrize("favourite", ["sadness", "surprise"])

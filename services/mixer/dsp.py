@@ -14,6 +14,8 @@ from scipy.signal import lfilter, resample_poly
 
 SAMPLE_RATE = 48_000
 FRAME = 480  # 10 ms
+# Room left under the true-peak ceiling for the lossy encoder's overshoot.
+CODEC_HEADROOM_DB = 0.5
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,7 @@ def mix(speech: np.ndarray, bgm: np.ndarray, levels: MixLevels) -> MixOutcome:
             break
         step = float(db_to_gain(levels.loudness_lufs - current))
         total_gain *= step
-        out = limit((out * step).astype(np.float32), levels.true_peak_dbtp)
+        out = limit((out * step).astype(np.float32), levels.true_peak_dbtp - CODEC_HEADROOM_DB)
         if abs(loudness(out) - levels.loudness_lufs) < 0.3:
             break
     return MixOutcome(out, (placed * total_gain).astype(np.float32), loudness(out), true_peak_db(out))

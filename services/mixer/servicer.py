@@ -22,6 +22,7 @@ from services.mixer import dsp, mux, separation
 from services.mixer.settings import MixerSettings
 
 RATE = dsp.SAMPLE_RATE
+STEM_SOURCES = (mixer_pb2.STEM_SPEECH, mixer_pb2.STEM_BGM, mixer_pb2.STEM_MIX)
 TRACK_NAMES: dict[int, str] = {
     mixer_pb2.TRACK_ORIGINAL: "original", mixer_pb2.TRACK_SPEECH: "speech", mixer_pb2.TRACK_BGM: "bgm"}
 
@@ -128,6 +129,8 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
             started = time.monotonic()
             config, rest = await read_config(request_iterator, "config", "chunk")
             levels = self.levels(config.options)
+            if any(s not in STEM_SOURCES for s in config.options.return_stems):
+                raise InvalidInput("return_stems takes SPEECH, BGM and MIX")
             for name, fmt in (("speech_format", config.speech_format), ("bgm_format", config.bgm_format)):
                 if fmt.encoding != common_pb2.ENCODING_UNSPECIFIED:
                     audio.check_format(fmt, name)
@@ -162,11 +165,21 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
         speech = self._track(spools[mixer_pb2.TRACK_SPEECH], config.speech_format, n, "speech")
         bgm = self._track(spools[mixer_pb2.TRACK_BGM], config.bgm_format, n, "bgm")
         outcome = dsp.mix(speech, bgm, levels)
-        wav = tmp / "mix.wav"
-        soundfile.write(str(wav), outcome.mix, RATE, subtype="FLOAT")
         out = mux.output_for(config.original_name, info)
         target = tmp / f"remixed{out.suffix}"
-        mux.mux(original.path, wav, out, target, self.settings.audio_bitrate)
+        wav = tmp / "mix.wav"
+        mixed = outcome.mix
+        # Lossy codecs overshoot a little: measure the encoded file itself and, if its true
+        # peak is over the ceiling, encode once more that much quieter.
+        for _ in range(3):
+            soundfile.write(str(wav), mixed, RATE, subtype="FLOAT")
+            mux.mux(original.path, wav, out, target, self.settings.audio_bitrate)
+            encoded = media.decode_audio(target, RATE, 2, "the remixed file")
+            peak = dsp.true_peak_db(encoded)
+            if peak <= levels.true_peak_dbtp:
+                break
+            mixed = (mixed * dsp.db_to_gain(levels.true_peak_dbtp - peak - 0.1)).astype(np.float32)
+        outcome = dsp.MixOutcome(mixed, outcome.bgm, dsp.loudness(encoded), peak)
         return outcome, target, out, info
 
     @staticmethod
@@ -184,10 +197,8 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
 
 def stem_messages(wanted: Sequence[int], outcome: dsp.MixOutcome, tmp: Path) -> Iterator[mixer_pb2.MixResponse]:
     sources: dict[int, np.ndarray] = {mixer_pb2.STEM_BGM: outcome.bgm, mixer_pb2.STEM_MIX: outcome.mix,
-               mixer_pb2.STEM_SPEECH: outcome.mix - outcome.bgm}
+                                      mixer_pb2.STEM_SPEECH: outcome.mix - outcome.bgm}
     for stem in dict.fromkeys(wanted):
-        if stem not in sources:
-            raise InvalidInput("return_stems takes SPEECH, BGM and MIX")
         path = tmp / f"stem-{stem}.wav"
         soundfile.write(str(path), sources[stem], RATE, subtype="PCM_16")
         for piece in iter_file_chunks(path):

@@ -1,0 +1,243 @@
+"""The mixer with real files: DeepFilterNet separation, the mix's levels, the muxed picture,
+and input that must be refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import soundfile
+
+from bgm.audio import audio_format, float_to_pcm
+from bgm.chunks import iter_chunks, iter_file_chunks
+from bgm.settings import ServerSettings
+from bgm.v1 import mixer_pb2, mixer_pb2_grpc
+from services.mixer import dsp
+from services.mixer.servicer import MixerServicer
+from services.mixer.settings import MixerSettings
+from tests.conftest import bgm_temp_files, channel, health_status, speak, start
+from tests.media_files import colour_video, decode, duration, ffmpeg, streams, video_packet_hashes
+
+RATE = 48_000
+TEXT = ("Good evening. Tonight we look at the history of the harbour. The first ships arrived two hundred "
+        "years ago.", "Today the old warehouses are shops and cafes, and the fishermen sell their catch at dawn.")
+
+
+@pytest.fixture(scope="module")
+def mixer(loop):
+    running = start(loop, [MixerServicer(MixerSettings(), ServerSettings())])
+    yield mixer_pb2_grpc.MixerStub(channel(running.address)), running
+    loop.run(running.stop(0))
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory):
+    """Clean speech with pauses, a music track of the same length, and their mix."""
+    import immich_memories_music
+
+    tmp = tmp_path_factory.mktemp("mix")
+    first, second = (decode(speak(text, tmp / f"speech{i}.wav"))[:, 0] for i, text in enumerate(TEXT))
+    # A 3 s pause in the middle: the music must come back up there.
+    speech = np.concatenate([np.zeros(RATE), first, np.zeros(3 * RATE), second, np.zeros(2 * RATE)]).astype(np.float32)
+    track = sorted(Path(immich_memories_music.__file__).parent.glob("tracks/energetic/*.opus"))[0]
+    music = decode(track)[: speech.shape[0], 0]
+    music = music / (np.sqrt((music**2).mean()) + 1e-9) * np.sqrt((speech**2).mean())  # 0 dB speech-to-music
+    return tmp, speech, music.astype(np.float32)
+
+
+def separate(stub, mono: np.ndarray, stems=(mixer_pb2.STEM_SPEECH,)) -> dict[int, np.ndarray]:
+    def requests():
+        yield mixer_pb2.SeparateRequest(config=mixer_pb2.SeparateConfig(format=audio_format(RATE, 1), stems=stems))
+        for piece in iter_chunks(float_to_pcm(mono[:, None])):
+            yield mixer_pb2.SeparateRequest(audio=piece)
+
+    parts: dict[int, list[bytes]] = {}
+    for event in stub.Separate(requests(), timeout=300):
+        if event.WhichOneof("event") == "chunk":
+            parts.setdefault(event.chunk.stem, []).append(event.chunk.data)
+    return {stem: np.frombuffer(b"".join(p), dtype="<f4") for stem, p in parts.items()}
+
+
+def srr(reference: np.ndarray, estimate: np.ndarray) -> float:
+    """Speech-to-residual ratio in dB, after the best scaling of the estimate."""
+    scale = float(reference @ estimate) / float(estimate @ estimate + 1e-12)
+    residual = reference - scale * estimate
+    return 10 * np.log10(float(reference @ reference) / float(residual @ residual + 1e-12))
+
+
+def test_deepfilternet_recovers_speech_from_music(mixer, material):
+    stub, _ = mixer
+    _, speech, music = material
+    mix = speech + music
+    stems = separate(stub, mix, (mixer_pb2.STEM_SPEECH, mixer_pb2.STEM_REST))
+    recovered = stems[mixer_pb2.STEM_SPEECH]
+    assert recovered.shape == mix.shape
+    assert np.allclose(recovered + stems[mixer_pb2.STEM_REST], mix, atol=1e-5)
+    before, after = srr(speech, mix), srr(speech, recovered)
+    print(f"\nDeepFilterNet3: speech-to-residual {before:.1f} dB -> {after:.1f} dB (+{after - before:.1f} dB)")
+    assert after - before >= 5.0
+
+
+def mix_and_mux(stub, original: Path, speech: np.ndarray | None, bgm: np.ndarray | None,
+                options: mixer_pb2.MixOptions | None = None, name: str | None = None):
+    config = mixer_pb2.MixConfig(options=options or mixer_pb2.MixOptions(), original_name=name or original.name)
+    tracks = []
+    if speech is not None:
+        config.speech_format.CopyFrom(audio_format(RATE, 1))
+        tracks.append((mixer_pb2.TRACK_SPEECH, float_to_pcm(speech[:, None])))
+    if bgm is not None:
+        config.bgm_format.CopyFrom(audio_format(RATE, 1))
+        tracks.append((mixer_pb2.TRACK_BGM, float_to_pcm(bgm[:, None])))
+
+    def requests():
+        yield mixer_pb2.MixRequest(config=config)
+        for track, data in tracks:
+            for piece in iter_chunks(data):
+                yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=track, data=piece))
+        for piece in iter_file_chunks(original):
+            yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=mixer_pb2.TRACK_ORIGINAL, data=piece))
+
+    result, media, stems = None, [], {}
+    for event in stub.MixAndMux(requests(), timeout=300):
+        kind = event.WhichOneof("event")
+        if kind == "result":
+            result = event.result
+        elif kind == "media":
+            media.append(event.media)
+        elif kind == "stem":
+            stems.setdefault(event.stem.stem, []).append(event.stem.data)
+    return result, b"".join(media), {k: b"".join(v) for k, v in stems.items()}
+
+
+def test_mix_levels_ducking_and_an_untouched_picture(mixer, material):
+    stub, _ = mixer
+    tmp, speech, music = material
+    seconds = speech.shape[0] / RATE
+    soundfile.write(tmp / "orig.wav", speech + music, RATE)
+    original = colour_video(tmp / "clip.mp4", seconds, tmp / "orig.wav")
+    options = mixer_pb2.MixOptions(return_stems=[mixer_pb2.STEM_SPEECH, mixer_pb2.STEM_BGM, mixer_pb2.STEM_MIX])
+    result, media, stems = mix_and_mux(stub, original, speech, music, options)
+    out = tmp / "remixed.mp4"
+    out.write_bytes(media)
+
+    assert result.container == "mp4" and result.video_copied
+    assert streams(out) == ["video:h264", "audio:aac"]
+    assert video_packet_hashes(out) == video_packet_hashes(original)
+    assert abs(duration(out) - duration(original)) <= 0.05
+
+    # Levels of the final file (after AAC), measured independently of the mixer's own report.
+    final = decode(out, RATE, 2)
+    lufs = dsp.loudness(final)
+    peak = dsp.true_peak_db(final)
+    print(f"\nmix: {lufs:.2f} LUFS (target -14), true peak {peak:.2f} dBTP (ceiling -1)")
+    assert abs(lufs + 14.0) <= 1.0
+    assert peak <= -1.0
+    assert result.true_peak_dbtp == pytest.approx(peak, abs=0.05)
+    assert result.loudness_lufs == pytest.approx(lufs, abs=0.05)
+
+    # During speech the music sits at least 12 dB under the speech (from the returned stems).
+    speech_stem = soundfile.read(_wav(tmp, stems[mixer_pb2.STEM_SPEECH]), dtype="float32")[0].mean(axis=1)
+    bgm_stem = soundfile.read(_wav(tmp, stems[mixer_pb2.STEM_BGM]), dtype="float32")[0].mean(axis=1)
+    n = min(speech_stem.shape[0], speech.shape[0])
+    speech_stem, bgm_stem = speech_stem[:n], bgm_stem[:n]
+    talking = dsp.speech_activity(speech[:n, None])
+    gap_db = 10 * np.log10((speech_stem[talking] ** 2).mean() / (bgm_stem[talking] ** 2).mean())
+    between = ~talking
+    between[: 2 * RATE] = False  # the fade-in
+    between[-4 * RATE :] = False  # the fade-out
+    bed_db = 10 * np.log10((bgm_stem[between] ** 2).mean() + 1e-12) - 10 * np.log10((bgm_stem[talking] ** 2).mean())
+    print(f"music under speech: {gap_db:.1f} dB below; {bed_db:.1f} dB louder between sentences")
+    assert gap_db >= 12.0
+    assert bed_db >= 6.0  # the music comes back up when nobody talks
+
+
+def _wav(tmp: Path, data: bytes) -> Path:
+    path = tmp / f"stem-{len(data)}.wav"
+    path.write_bytes(data)
+    return path
+
+
+def test_video_without_audio_gets_the_music_alone(mixer, material):
+    stub, _ = mixer
+    tmp, _, music = material
+    original = colour_video(tmp / "silent.mp4", 4.0)
+    result, media, _ = mix_and_mux(stub, original, None, music[: 4 * RATE])
+    out = tmp / "silent-remixed.mp4"
+    out.write_bytes(media)
+    assert streams(out) == ["video:h264", "audio:aac"]
+    assert video_packet_hashes(out) == video_packet_hashes(original)
+    assert dsp.loudness(decode(out, RATE, 2)) > -20
+
+
+def test_audio_only_input_returns_audio(mixer, material):
+    stub, _ = mixer
+    tmp, speech, music = material
+    soundfile.write(tmp / "voice.wav", speech, RATE)
+    result, media, _ = mix_and_mux(stub, tmp / "voice.wav", speech, music)
+    out = tmp / "voice-remixed.m4a"
+    out.write_bytes(media)
+    assert result.mime_type == "audio/mp4" and not result.video_copied
+    assert streams(out) == ["audio:aac"]
+    assert abs(duration(out) - speech.shape[0] / RATE) <= 0.05
+
+
+def crafted_inputs(tmp: Path) -> dict[str, bytes]:
+    secret = tmp / "secret.wav"
+    ffmpeg("-f", "lavfi", "-i", "sine=d=1", str(secret))
+    return {
+        "hls playlist naming a local file": (
+            f"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\n{secret}\n#EXT-X-ENDLIST\n").encode(),
+        "concat list naming a local file": f"ffconcat version 1.0\nfile '{secret}'\n".encode(),
+        "m3u with a file url": f"#EXTM3U\nfile://{secret}\n".encode(),
+    }
+
+
+@pytest.mark.parametrize("kind", ["hls playlist naming a local file", "concat list naming a local file",
+                                  "m3u with a file url"])
+def test_playlists_are_refused_and_nothing_is_read(mixer, tmp_path, kind):
+    stub, running = mixer
+    data = crafted_inputs(tmp_path)[kind]
+    name = {"hls playlist naming a local file": "x.m3u8", "concat list naming a local file": "x.ffconcat"}.get(
+        kind, "x.m3u")
+    path = tmp_path / name
+    path.write_bytes(data)
+    secret = tmp_path / "secret.wav"
+    before = secret.stat().st_atime_ns
+    with pytest.raises(grpc.RpcError) as info:
+        mix_and_mux(stub, path, None, np.zeros(RATE, dtype=np.float32))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a media file we can read" in info.value.details()
+    assert secret.stat().st_atime_ns == before
+    assert health_status(channel(running.address), "bgm.v1.Mixer") == "SERVING"
+
+
+def test_bad_originals_get_clear_errors_and_leave_no_files(mixer, material):
+    stub, running = mixer
+    tmp, _, _ = material
+    full = colour_video(tmp / "whole.mp4", 3.0)
+    truncated = tmp / "truncated.mp4"
+    truncated.write_bytes(full.read_bytes()[: 2000])
+    empty = tmp / "empty.mp4"
+    empty.write_bytes(b"")
+    junk = tmp / "junk.mp4"
+    junk.write_bytes(np.random.default_rng(1).bytes(50_000))
+    before = bgm_temp_files()
+    for path, fragment in ((truncated, "not a media file"), (empty, "no ORIGINAL track"), (junk, "not a media file")):
+        with pytest.raises(grpc.RpcError) as info:
+            mix_and_mux(stub, path, None, np.zeros(RATE, dtype=np.float32))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert fragment in info.value.details()
+        assert health_status(channel(running.address), "bgm.v1.Mixer") == "SERVING"
+    assert bgm_temp_files() <= before
+
+
+def test_mix_options_out_of_range_are_refused(mixer, material):
+    stub, _ = mixer
+    tmp, _, _ = material
+    original = colour_video(tmp / "opt.mp4", 1.0)
+    with pytest.raises(grpc.RpcError) as info:
+        mix_and_mux(stub, original, None, None, mixer_pb2.MixOptions(loudness_lufs=12))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "loudness_lufs=12 is out of range" in info.value.details()

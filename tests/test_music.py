@@ -1,0 +1,141 @@
+"""The music service's composer: real music, the intended tempo and mode, exact lengths,
+determinism, bar-line transitions, and bad input."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from bgm.settings import ServerSettings
+from bgm.v1 import common_pb2, music_pb2, music_pb2_grpc
+from services.music.composer import BEATS_PER_BAR, ComposerBackend, plan
+from services.music.servicer import MusicServicer
+from services.music.settings import MusicSettings
+from services.music.styles import STYLES
+from tests.conftest import channel, health_status, start
+
+RATE = 44_100
+EMOTION_ENUM = {name: common_pb2.Emotion.Value(f"EMOTION_{name.upper()}") for name in STYLES}
+MAJOR_PROFILE = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
+MINOR_PROFILE = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
+
+
+@pytest.fixture(scope="module")
+def composer():
+    return ComposerBackend()
+
+
+def key_mode(mono: np.ndarray) -> str:
+    """Krumhansl-Schmuckler key estimate on librosa's chroma: 'major' or 'minor'."""
+    import librosa
+
+    y = librosa.resample(mono, orig_sr=RATE, target_sr=22_050)
+    chroma = librosa.feature.chroma_cqt(y=y, sr=22_050).mean(axis=1)
+    best = max((np.corrcoef(np.roll(profile, k), chroma)[0, 1], mode)
+               for profile, mode in ((MAJOR_PROFILE, "major"), (MINOR_PROFILE, "minor")) for k in range(12))
+    return best[1]
+
+
+@pytest.mark.parametrize("emotion", list(STYLES))
+def test_each_emotion_renders_real_music_at_its_tempo(composer, emotion):
+    import librosa
+
+    audio, tempo = composer.generate([(emotion, 0.0, 20.0)], sample_rate=RATE, seed=7, tempo=None)
+    assert audio.shape == (20 * RATE, 2)
+    mono = audio.mean(axis=1)
+    rms = float(np.sqrt((mono**2).mean()))
+    flatness = float(np.median(librosa.feature.spectral_flatness(y=mono)))
+    assert rms > 0.01, "silence"
+    assert flatness < 0.1, "noise-like spectrum"
+    found = float(np.atleast_1d(librosa.beat.beat_track(y=mono, sr=RATE)[0])[0])
+    print(f"\n{emotion}: intended {tempo:.1f} BPM, beat tracker {found:.1f} BPM, rms {rms:.3f}")
+    assert abs(found - tempo) / tempo <= 0.05
+    assert abs(tempo - STYLES[emotion].tempo) / STYLES[emotion].tempo <= 0.05
+    if emotion == "joy":
+        assert key_mode(mono) == "major"
+    if emotion == "sadness":
+        assert key_mode(mono) == "minor"
+
+
+def test_same_seed_same_audio_other_seed_other_audio(composer):
+    spans = [("joy", 0.0, 6.0), ("fear", 6.0, 12.0)]
+    a, _ = composer.generate(spans, sample_rate=RATE, seed=3, tempo=None)
+    b, _ = composer.generate(spans, sample_rate=RATE, seed=3, tempo=None)
+    c, _ = composer.generate(spans, sample_rate=RATE, seed=4, tempo=None)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_transitions_fall_on_bar_lines():
+    spans = [("joy", 0.0, 9.3), ("sadness", 9.3, 21.7), ("anger", 21.7, 30.0)]
+    plans = plan(spans)
+    for p, (emotion, start, end) in zip(plans, spans, strict=True):
+        bars = (end - start) / (BEATS_PER_BAR * p.beat_s)
+        assert bars == pytest.approx(round(bars), abs=1e-9) and p.bars == round(bars)
+        assert abs(p.tempo - STYLES[emotion].tempo) / STYLES[emotion].tempo < 0.15
+
+    from services.music.composer import compose
+
+    score = compose(plans, seed=1)
+    onsets = sorted({round(n.start, 6) for inst in score.instruments for n in inst.notes})
+    for boundary in (9.3, 21.7):
+        assert round(boundary, 6) in onsets  # the new section starts exactly on its first downbeat
+
+
+@pytest.fixture(scope="module")
+def music(loop):
+    running = start(loop, [MusicServicer(MusicSettings(max_duration_s=600), ServerSettings())])
+    yield music_pb2_grpc.MusicGeneratorStub(channel(running.address)), running
+    loop.run(running.stop(0))
+
+
+def timeline(*spans: tuple[str, float, float]) -> list[common_pb2.EmotionSpan]:
+    return [common_pb2.EmotionSpan(emotion=EMOTION_ENUM[e], span=common_pb2.TimeSpan(start_s=s, end_s=t))
+            for e, s, t in spans]
+
+
+def test_generated_audio_fits_the_timeline_to_the_sample_and_is_tagged(music):
+    stub, _ = music
+    spans = timeline(("joy", 0.0, 7.25), ("sadness", 7.25, 12.0))
+    events = list(stub.Generate(music_pb2.GenerateRequest(spans=spans), timeout=120))
+    header = events[0].header
+    assert header.format.sample_rate_hz == RATE and header.format.channels == 2
+    assert header.total_samples == 12 * RATE
+    chunks = [e.chunk for e in events[1:]]
+    assert all(len(c.pcm) <= 512 * 1024 for c in chunks)
+    position = 0
+    for c in chunks:
+        assert c.start_sample == position
+        position += len(c.pcm) // 8
+        expected = 0 if c.start_sample < round(7.25 * RATE) else 1
+        assert c.span_index == expected and c.emotion == spans[expected].emotion
+    assert position == 12 * RATE
+    pcm = np.frombuffer(b"".join(c.pcm for c in chunks), dtype="<f4")
+    assert np.isfinite(pcm).all() and np.abs(pcm).max() <= 1.0
+
+
+@pytest.mark.parametrize(("spans", "fragment"), [
+    ([], "timeline is empty"),
+    ([common_pb2.EmotionSpan(emotion=0, span=common_pb2.TimeSpan(start_s=0, end_s=5))], "unknown emotion"),
+    (timeline(("joy", 0, 5), ("fear", 6, 10)), "(a hole)"),
+    (timeline(("joy", 0, 5), ("fear", 4, 10)), "(an overlap)"),
+    (timeline(("joy", 1, 5)), "starting at 0"),
+    (timeline(("joy", 0, 0)), "is not after start"),
+    (timeline(("joy", 0, 3600)), "the limit is 600 s"),
+])
+def test_bad_timelines_are_invalid_argument(music, spans, fragment):
+    stub, running = music
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(music_pb2.GenerateRequest(spans=spans), timeout=30))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in info.value.details()
+    assert health_status(channel(running.address), "bgm.v1.MusicGenerator") == "SERVING"
+
+
+def test_a_backend_this_build_lacks_is_failed_precondition(music):
+    stub, _ = music
+    request = music_pb2.GenerateRequest(spans=timeline(("joy", 0, 5)), style=music_pb2.MusicStyle(backend="riffusion"))
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(request, timeout=30))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
