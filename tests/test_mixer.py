@@ -163,7 +163,7 @@ def test_video_without_audio_gets_the_music_alone(mixer, material):
     stub, _ = mixer
     tmp, _, music = material
     original = colour_video(tmp / "silent.mp4", 4.0)
-    result, media, _ = mix_and_mux(stub, original, None, music[: 4 * RATE])
+    _, media, _ = mix_and_mux(stub, original, None, music[: 4 * RATE])
     out = tmp / "silent-remixed.mp4"
     out.write_bytes(media)
     assert streams(out) == ["video:h264", "audio:aac"]

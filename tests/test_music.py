@@ -70,8 +70,8 @@ def test_same_seed_same_audio_other_seed_other_audio(composer):
 def test_transitions_fall_on_bar_lines():
     spans = [("joy", 0.0, 9.3), ("sadness", 9.3, 21.7), ("anger", 21.7, 30.0)]
     plans = plan(spans)
-    for p, (emotion, start, end) in zip(plans, spans, strict=True):
-        bars = (end - start) / (BEATS_PER_BAR * p.beat_s)
+    for p, (emotion, begin, end) in zip(plans, spans, strict=True):
+        bars = (end - begin) / (BEATS_PER_BAR * p.beat_s)
         assert bars == pytest.approx(round(bars), abs=1e-9) and p.bars == round(bars)
         assert abs(p.tempo - STYLES[emotion].tempo) / STYLES[emotion].tempo < 0.15
 

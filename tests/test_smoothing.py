@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -47,7 +49,7 @@ def timelines(draw):
 def check_invariants(spans: list[Span], duration: float, min_span: float) -> None:
     assert spans[0].start_s == 0.0
     assert spans[-1].end_s == duration
-    for a, b in zip(spans, spans[1:], strict=False):
+    for a, b in itertools.pairwise(spans):
         assert a.end_s == b.start_s  # no holes, no overlaps
         assert a.emotion != b.emotion  # neighbours differ
     for s in spans:

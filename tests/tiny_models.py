@@ -29,7 +29,8 @@ def tiny_text_classifier(directory: Path, labels: list[str] = HARTMANN_LABELS, f
     bpe.train_from_iterator(CORPUS, vocab_size=300, min_frequency=1,
                             special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
     bpe.save_model(str(directory))
-    tokenizer = RobertaTokenizerFast(vocab_file=str(directory / "vocab.json"), merges_file=str(directory / "merges.txt"))
+    tokenizer = RobertaTokenizerFast(vocab_file=str(directory / "vocab.json"),
+                                     merges_file=str(directory / "merges.txt"))
     tokenizer.save_pretrained(directory)
 
     torch.manual_seed(0)

@@ -97,11 +97,11 @@ class TransformersBackend:
                 batch = self.tokenizer(texts[start : start + self.batch_size], padding=True, truncation=True,
                                        max_length=512, return_tensors="pt").to(self.device)
                 logits = self.model(**batch).logits.float()
-                probs = self.torch.softmax(logits, dim=-1)[:, self.columns]
-                out.append((probs / probs.sum(dim=-1, keepdim=True)).cpu().numpy())
+                ours = self.torch.softmax(logits, dim=-1)[:, self.columns]
+                out.append((ours / ours.sum(dim=-1, keepdim=True)).cpu().numpy())
         if not out:
             return np.zeros((0, len(EMOTIONS)), dtype=np.float32)
-        probs = np.concatenate(out)
+        probs: np.ndarray = np.concatenate(out)
         unsure = probs.max(axis=1) < neutral_threshold
         probs[unsure, NEUTRAL] = np.maximum(probs[unsure, NEUTRAL], probs[unsure].max(axis=1) + 1e-3)
         return probs / probs.sum(axis=1, keepdims=True)
