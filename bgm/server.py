@@ -155,10 +155,10 @@ async def _load(servicer: Servicer, running: RunningServer) -> None:
         raise
     except Exception as exc:
         running.load_errors[name] = exc
-        log.error("model failed to load", exc_info=exc, extra={"fields": {"service": name}})
+        log.error("model failed to load", exc_info=exc, extra={"fields": {"servicer": name}})
         return
     await running.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("ready", extra={"fields": {"service": name}})
+    log.info("ready", extra={"fields": {"servicer": name}})
 
 
 def serve(service: str, make_servicers: Callable[[], Sequence[Servicer]]) -> None:

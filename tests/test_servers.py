@@ -159,10 +159,12 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize(("module", "service"), [("services.music", "music"), ("services.emotion", "emotion")])
-def test_service_runs_as_its_own_process_and_stops_gracefully(module, service):
+def test_service_runs_as_its_own_process_and_stops_gracefully(module, service, tmp_path):
     port = _free_port()
     env = {**os.environ, f"BGM_{service.upper()}_PORT": str(port), f"BGM_{service.upper()}_GRACE_S": "2"}
-    proc = subprocess.Popen([sys.executable, "-m", module], env=env, stderr=subprocess.PIPE)
+    log_path = tmp_path / "service.log"
+    log_file = open(log_path, "wb")  # a file, not a pipe: an unread pipe can fill and stall the service
+    proc = subprocess.Popen([sys.executable, "-m", module], env=env, stderr=log_file)
     try:
         ch = channel(f"127.0.0.1:{port}")
         deadline = time.monotonic() + 120
@@ -172,14 +174,14 @@ def test_service_runs_as_its_own_process_and_stops_gracefully(module, service):
                 status = health_status(ch, SERVICES[service])
             except grpc.RpcError:
                 time.sleep(0.2)
-        assert status == "SERVING"
+        assert status == "SERVING", log_path.read_text()[-2000:]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-        logs = proc.stderr.read().decode()
-        assert '"msg": "shutting down"' in logs
+        assert '"msg": "shutting down"' in log_path.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
+        log_file.close()
 
 
 def test_bad_setting_stops_the_process_with_a_clear_message():
