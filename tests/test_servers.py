@@ -163,25 +163,25 @@ def test_service_runs_as_its_own_process_and_stops_gracefully(module, service, t
     port = _free_port()
     env = {**os.environ, f"BGM_{service.upper()}_PORT": str(port), f"BGM_{service.upper()}_GRACE_S": "2"}
     log_path = tmp_path / "service.log"
-    log_file = open(log_path, "wb")  # a file, not a pipe: an unread pipe can fill and stall the service
-    proc = subprocess.Popen([sys.executable, "-m", module], env=env, stderr=log_file)
-    try:
-        ch = channel(f"127.0.0.1:{port}")
-        deadline = time.monotonic() + 120
-        status = "none"
-        while time.monotonic() < deadline and status != "SERVING":
-            try:
-                status = health_status(ch, SERVICES[service])
-            except grpc.RpcError:
-                time.sleep(0.2)
-        assert status == "SERVING", log_path.read_text()[-2000:]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-        assert '"msg": "shutting down"' in log_path.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log_file.close()
+    # Logs go to a file, not a pipe: an unread pipe can fill up and stall the service.
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", module], env=env, stderr=log_file)
+        try:
+            ch = channel(f"127.0.0.1:{port}")
+            deadline = time.monotonic() + 120
+            status = "none"
+            while time.monotonic() < deadline and status != "SERVING":
+                try:
+                    status = health_status(ch, SERVICES[service])
+                except grpc.RpcError:
+                    time.sleep(0.2)
+            assert status == "SERVING", log_path.read_text()[-2000:]
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert '"msg": "shutting down"' in log_path.read_text()
 
 
 def test_bad_setting_stops_the_process_with_a_clear_message():
