@@ -191,7 +191,9 @@ class Remix:
         return await self.stage(common_pb2.STAGE_CLASSIFY, attempt)
 
     async def music(self, timeline: gateway_pb2.EmotionTimeline) -> tuple[bytes, common_pb2.AudioFormat]:
-        request = music_pb2.GenerateRequest(spans=timeline.spans, style=self.options.music)
+        # The mixer works at 48 kHz: asking for that avoids resampling the whole score.
+        request = music_pb2.GenerateRequest(spans=timeline.spans, style=self.options.music,
+                                            format=audio.audio_format(SEPARATION_RATE, 2))
 
         async def attempt() -> tuple[bytes, common_pb2.AudioFormat]:
             parts: list[bytes] = []

@@ -241,3 +241,16 @@ def test_mix_options_out_of_range_are_refused(mixer, material):
         mix_and_mux(stub, original, None, None, mixer_pb2.MixOptions(loudness_lufs=12))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "loudness_lufs=12 is out of range" in info.value.details()
+
+
+def test_true_peak_matches_full_oversampling_and_the_limiter_holds_the_ceiling(material):
+    from scipy.signal import resample_poly
+
+    _, speech, music = material
+    stereo = np.stack([music, 0.8 * music + 0.3 * speech], axis=1).astype(np.float32) * 3.0  # hot: clips
+    full = 20 * np.log10(np.abs(resample_poly(stereo, 4, 1, axis=0)).max())
+    assert dsp.true_peak_db(stereo) == pytest.approx(full, abs=0.05)
+    limited = dsp.limit(stereo, -1.0)
+    exact = 20 * np.log10(np.abs(resample_poly(limited, 4, 1, axis=0)).max())
+    print(f"\ntrue peak before {full:.2f} dBTP, after the limiter {exact:.2f} dBTP")
+    assert exact <= -1.0

@@ -107,19 +107,45 @@ def loudness(x: np.ndarray) -> float:
     return float(value) if np.isfinite(value) else -120.0
 
 
+# Inter-sample peaks rise at most a few dB over the sample peaks around them, so only
+# blocks whose sample peak is within this margin of what matters are oversampled.
+OVERSAMPLE_MARGIN_DB = 3.0
+BLOCK = 4800
+
+
+def peak_envelope(x: np.ndarray, near: float) -> np.ndarray:
+    """Per-sample peak (max over channels), true peak (4x oversampled, BS.1770) in blocks whose
+    sample peak exceeds ``near`` (linear), plain sample peak elsewhere."""
+    env = np.abs(x).max(axis=1) if x.ndim == 2 else np.abs(x)
+    n = env.shape[0]
+    blocks = -(-n // BLOCK)
+    padded = np.pad(env, (0, blocks * BLOCK - n))
+    hot = np.flatnonzero(padded.reshape(blocks, BLOCK).max(axis=1) > near)
+    out = env.copy()
+    for b in hot:
+        lo, hi = b * BLOCK, min(n, (b + 1) * BLOCK)
+        ctx_lo, ctx_hi = max(0, lo - 64), min(n, hi + 64)  # filter context at block edges
+        over = np.abs(resample_poly(x[ctx_lo:ctx_hi], 4, 1, axis=0))
+        over = over.max(axis=1) if over.ndim == 2 else over
+        per_sample = over[: (ctx_hi - ctx_lo) * 4].reshape(-1, 4).max(axis=1)
+        out[lo:hi] = np.maximum(env[lo:hi], per_sample[lo - ctx_lo : hi - ctx_lo])
+    return out
+
+
 def true_peak_db(x: np.ndarray) -> float:
-    over = resample_poly(x, 4, 1, axis=0)
-    peak = float(np.abs(over).max()) if over.size else 0.0
-    return 20 * np.log10(peak + 1e-12)
+    if x.size == 0:
+        return -240.0
+    sample_peak = float(np.abs(x).max())
+    near = sample_peak * float(db_to_gain(-OVERSAMPLE_MARGIN_DB))
+    return 20 * np.log10(float(peak_envelope(x, near).max()) + 1e-12)
 
 
 def limit(x: np.ndarray, ceiling_db: float, release_ms: float = 60.0) -> np.ndarray:
-    """Look-ahead peak limiter on the 4x oversampled envelope, keeping peaks under the ceiling."""
+    """Look-ahead peak limiter on the true-peak envelope, keeping peaks under the ceiling."""
     ceiling = float(db_to_gain(ceiling_db - 0.1))
-    over = np.abs(resample_poly(x, 4, 1, axis=0)).max(axis=1)
-    env = over.reshape(-1, 4).max(axis=1)[: x.shape[0]]
-    if env.shape[0] < x.shape[0]:
-        env = np.pad(env, (0, x.shape[0] - env.shape[0]))
+    env = peak_envelope(x, ceiling * float(db_to_gain(-OVERSAMPLE_MARGIN_DB)))
+    if env.max() <= ceiling:
+        return x.astype(np.float32, copy=False)
     lookahead = int(0.005 * SAMPLE_RATE)
     env = maximum_filter1d(env, size=2 * lookahead + 1)
     gain = np.minimum(1.0, ceiling / np.maximum(env, 1e-9))
@@ -127,7 +153,7 @@ def limit(x: np.ndarray, ceiling_db: float, release_ms: float = 60.0) -> np.ndar
     coeff = np.exp(-1.0 / (release_ms * SAMPLE_RATE / 1000))
     recovered = lfilter([1 - coeff], [1, -coeff], gain, zi=[gain[0] * coeff])[0]
     gain = np.minimum(gain, recovered)
-    gain = maximum_filter1d(-gain, size=2 * lookahead + 1) * -1  # spread reductions both ways
+    gain = -maximum_filter1d(-gain, size=2 * lookahead + 1)  # spread reductions both ways
     return (x * gain[:, None]).astype(np.float32)
 
 
@@ -149,14 +175,17 @@ def mix(speech: np.ndarray, bgm: np.ndarray, levels: MixLevels) -> MixOutcome:
     curve = duck_curve(active, levels) * fades(n, levels.fade_in_s, levels.fade_out_s)
     placed = (bgm * bed_gain * curve[:, None]).astype(np.float32)
     out = speech + placed
+    # Gain moves integrated loudness one for one, so measure once and scale; limiting then
+    # lowers it a little, which one more measurement and a small top-up correct.
     total_gain = 1.0
-    for _ in range(3):  # normalise, limit, re-measure: limiting lowers loudness a little
-        current = loudness(out)
+    current = loudness(out)
+    for _ in range(3):
         if current <= -70:
             break
         step = float(db_to_gain(levels.loudness_lufs - current))
         total_gain *= step
         out = limit((out * step).astype(np.float32), levels.true_peak_dbtp - CODEC_HEADROOM_DB)
-        if abs(loudness(out) - levels.loudness_lufs) < 0.3:
+        current = loudness(out)
+        if abs(current - levels.loudness_lufs) < 0.3:
             break
-    return MixOutcome(out, (placed * total_gain).astype(np.float32), loudness(out), true_peak_db(out))
+    return MixOutcome(out, (placed * total_gain).astype(np.float32), current, true_peak_db(out))

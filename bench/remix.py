@@ -1,0 +1,84 @@
+"""Remix benchmark: the embedded defaults on generated 30 s and 120 s videos.
+
+Reports wall time, real-time factor (wall / video length), each stage's time (from the
+gateway's progress events: first report to its 100 % report), and the overlap ratios:
+wall / slowest stage (1.0 would be perfect overlap) and wall / sum of stages.
+Targets on a 2-core CPU: real-time factor under 0.5, wall under 1.3 x the slowest stage.
+
+    python -m bench.remix [--lengths 30 120]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+from bgm.chunks import iter_file_chunks
+from bgm.client import make_channel
+from bgm.server import start_server
+from bgm.settings import ServerSettings
+from bgm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from gateway.example import make_example
+from gateway.servicer import GatewayServicer
+from gateway.settings import GatewaySettings
+
+STAGES = {v: k.removeprefix("STAGE_").lower() for k, v in common_pb2.Stage.items()}
+
+
+async def remix(stub: gateway_pb2_grpc.GatewayStub, video: Path) -> tuple[float, dict[str, float]]:
+    async def requests():
+        yield gateway_pb2.RemixRequest(options=gateway_pb2.RemixOptions(filename=video.name))
+        for piece in iter_file_chunks(video):
+            yield gateway_pb2.RemixRequest(video=piece)
+
+    began: dict[str, float] = {}
+    ended: dict[str, float] = {}
+    started = time.perf_counter()
+    async for event in stub.Remix(requests(), timeout=3600):
+        if event.WhichOneof("event") == "progress":
+            p = event.progress
+            name = STAGES[p.stage]
+            now = time.perf_counter() - started
+            began.setdefault(name, now)
+            if p.fraction >= 1.0:
+                ended[name] = now
+    wall = time.perf_counter() - started
+    stages = {name: ended[name] - began[name] for name in ended if name not in ("upload",)}
+    return wall, stages
+
+
+async def main_async(lengths: list[float]) -> None:
+    settings = ServerSettings()
+    running = await start_server([GatewayServicer(GatewaySettings(), settings)], settings)
+    await running.wait_ready(900)
+    async with make_channel(running.address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        with tempfile.TemporaryDirectory() as tmp:
+            warm = make_example(Path(tmp) / "warm.mp4", section_s=3)
+            await remix(stub, warm)  # first-call costs (lazy imports, caches) out of the figures
+            for length in lengths:
+                video = make_example(Path(tmp) / f"v{length:g}.mp4", section_s=length / 3)
+                wall, stages = await remix(stub, video)
+                slowest = max(stages.values())
+                print(f"\n== {length:g} s video (embedded defaults)")
+                print(f"wall {wall:.2f} s   real-time factor {wall / length:.3f} (target < 0.5)")
+                for name, seconds in stages.items():
+                    print(f"  {name:15s} {seconds:6.2f} s")
+                print(f"wall / slowest stage ({max(stages, key=stages.__getitem__)}): {wall / slowest:.2f} "
+                      f"(target < 1.3)")
+                print(f"wall / sum of stages: {wall / sum(stages.values()):.2f}")
+    await running.stop(1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lengths", type=float, nargs="+", default=[30.0, 120.0])
+    args = parser.parse_args()
+    asyncio.run(main_async(args.lengths))
+
+
+if __name__ == "__main__":
+    main()
