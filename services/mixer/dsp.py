@@ -122,7 +122,7 @@ def peak_envelope(x: np.ndarray, near: float) -> np.ndarray:
     padded = np.pad(env, (0, blocks * BLOCK - n))
     hot = np.flatnonzero(padded.reshape(blocks, BLOCK).max(axis=1) > near)
     out = env.copy()
-    for b in hot:
+    for b in hot.tolist():
         lo, hi = b * BLOCK, min(n, (b + 1) * BLOCK)
         ctx_lo, ctx_hi = max(0, lo - 64), min(n, hi + 64)  # filter context at block edges
         over = np.abs(resample_poly(x[ctx_lo:ctx_hi], 4, 1, axis=0))
