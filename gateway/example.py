@@ -40,8 +40,9 @@ def music_bed() -> Path | None:
     return tracks[0] if tracks else None
 
 
-def make_example(out: Path, section_s: float = 10.0, script: tuple[tuple[str, str], ...] = SCRIPT) -> Path:
-    """Write an H.264/AAC MP4 of len(script) * section_s seconds."""
+def make_example(out: Path, section_s: float = 10.0, script: tuple[tuple[str, str], ...] = SCRIPT,
+                 music: bool = True) -> Path:
+    """Write an H.264/AAC MP4 of len(script) * section_s seconds (``music=False``: speech alone)."""
     duration = section_s * len(script)
     with tempfile.TemporaryDirectory(prefix="bgm-example-") as tmp_name:
         tmp = Path(tmp_name)
@@ -62,11 +63,12 @@ def make_example(out: Path, section_s: float = 10.0, script: tuple[tuple[str, st
         bed = music_bed()
         bed_args = (["-stream_loop", "-1", "-i", str(bed)] if bed else
                     ["-f", "lavfi", "-i", f"sine=frequency=220:duration={duration}"])
+        bed_level = 0.25 if music else 0.0
         out.parent.mkdir(parents=True, exist_ok=True)
         _run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error",
               "-f", "lavfi", "-i", f"smptebars=size=640x360:rate=25:duration={duration}",
               "-i", str(speech), *bed_args,
-              "-filter_complex", "[2:a]volume=0.25,aresample=48000[bed];[1:a][bed]amix=inputs=2:duration=first:"
+              "-filter_complex", f"[2:a]volume={bed_level},aresample=48000[bed];[1:a][bed]amix=inputs=2:duration=first:"
               "normalize=0[a]",
               "-map", "0:v", "-map", "[a]", "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p",
               "-c:a", "aac", "-b:a", "128k", "-t", str(duration), "-metadata", "title=bgm example",

@@ -104,6 +104,24 @@ def test_remix_end_to_end(gateway, example, tmp_path):
     assert "video" not in again or not again["video"]  # Analyze sends no media
 
 
+def test_remix_keeps_speech_as_intelligible_as_the_clean_recording(gateway, tmp_path):
+    """Whisper tiny.en on the remix is at most 5 WER points worse than on clean speech."""
+    stub, _ = gateway
+    clean = make_example(tmp_path / "clean.mp4", music=False)
+    noisy = make_example(tmp_path / "noisy.mp4")
+    remixed = tmp_path / "remixed.mp4"
+    remixed.write_bytes(b"".join(run(stub.Remix(requests(noisy), timeout=600))["video"]))
+    reference = normalise(" ".join(text for _, text in SCRIPT))
+
+    def wer(path):
+        transcript = run(stub.Analyze(requests(path), timeout=600))["transcript"]
+        return jiwer.wer(reference, normalise(" ".join(s.text for s in transcript.segments)))
+
+    clean_wer, remix_wer = wer(clean), wer(remixed)
+    print(f"\nWER clean speech {clean_wer:.3f}, remix {remix_wer:.3f}")
+    assert remix_wer <= clean_wer + 0.05
+
+
 def test_cli_remix_writes_video_subtitles_timeline_and_plot(example, tmp_path):
     out = tmp_path / "cli.mp4"
     srt, timeline, plot = tmp_path / "cli.srt", tmp_path / "cli.json", tmp_path / "cli.png"

@@ -47,3 +47,27 @@ def tiny_text_classifier(directory: Path, labels: list[str] = HARTMANN_LABELS, f
             model.classifier.out_proj.bias[labels.index(favourite)] += 20.0
     model.save_pretrained(directory)
     return directory
+
+
+def demucs_package(model: object) -> dict:
+    """The dict demucs.states.serialize_model writes (which needs omegaconf only for the
+    training arguments, which a checkpoint for inference does not use)."""
+    from demucs.states import get_state
+
+    args, kwargs = model._init_args_kwargs  # type: ignore[attr-defined]
+    return {"klass": model.__class__, "args": args, "kwargs": kwargs,
+            "state": get_state(model, None, half=False), "training_args": {}}
+
+
+def tiny_htdemucs(path: Path, sources: tuple[str, ...] = ("drums", "bass", "other", "vocals")) -> Path:
+    """An HTDemucs of the htdemucs architecture (hybrid time/frequency branches, cross-domain
+    transformer) made very narrow, random weights, saved as demucs saves checkpoints."""
+    import torch
+    from demucs.htdemucs import HTDemucs
+
+    torch.manual_seed(0)
+    model = HTDemucs(sources=list(sources), audio_channels=2, channels=8, depth=4,
+                     t_layers=1, t_heads=2, samplerate=44100, segment=4)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(demucs_package(model), path)
+    return path

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -85,7 +86,72 @@ class DeepFilterNet:
         return out[self.LATENCY : self.LATENCY + total].copy()
 
 
-def create(backend: str) -> Separator:
+class Demucs:
+    """Demucs (htdemucs by default) as a two-stem separator: its "vocals" source is the speech.
+
+    ``model`` is a hub name (fetched by demucs where its model store is reachable), a
+    ``.th`` checkpoint file, or a directory holding ``<name>.th`` / ``<name>.yaml``.
+    Long audio runs through demucs' own overlapping windows, so the network only ever sees
+    ``segment`` seconds at a time.
+    """
+
+    name = "demucs"
+
+    def __init__(self, model: str = "htdemucs", device: str = "auto", overlap: float = 0.25) -> None:
+        try:
+            import torch
+            from demucs import pretrained, states
+        except ImportError as exc:
+            raise Unsupported("demucs is not installed (pip install 'bgm[mixer-full]')") from exc
+        self.torch = torch
+        self.device = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+        path = Path(model)
+        if path.is_file():
+            net = states.load_model(path)
+        elif path.is_dir():
+            net = pretrained.get_model(name=pretrained.DEFAULT_MODEL, repo=path)
+        else:
+            net = pretrained.get_model(name=model)
+        if "vocals" not in net.sources:
+            raise Unsupported(f"the demucs model's sources {net.sources} have no 'vocals' stem")
+        self.model = net.to(self.device).eval()
+        self.vocals = list(net.sources).index("vocals")
+        self.rate = int(net.samplerate)
+        self.channels = int(net.audio_channels)
+        self.overlap = overlap
+        log.info("demucs loaded", extra={"fields": {"model": model, "device": self.device,
+                                                    "sources": list(net.sources), "rate": self.rate}})
+
+    def speech(self, mono: np.ndarray, cancel: threading.Event | None = None) -> np.ndarray:
+        from demucs.apply import apply_model
+
+        from bgm.audio import resample
+
+        x = resample(mono[:, None], SAMPLE_RATE, self.rate)
+        x = np.repeat(x, self.channels, axis=1).T  # (channels, n)
+        # demucs normalises by the mix's statistics, as its own CLI does.
+        ref = x.mean(axis=0)
+        mean, std = float(ref.mean()), float(ref.std()) or 1.0
+        tensor = self.torch.from_numpy((x - mean) / std).float()[None]
+
+        def check(_: dict) -> None:
+            if cancel is not None and cancel.is_set():
+                raise RuntimeError("cancelled")
+
+        with self.torch.inference_mode():
+            sources = apply_model(self.model, tensor, split=True, overlap=self.overlap, device=self.device,
+                                  progress=False, callback=check)
+        vocals = (sources[0, self.vocals] * std + mean).mean(dim=0).cpu().numpy()
+        out = resample(vocals[:, None], self.rate, SAMPLE_RATE)[:, 0]
+        if out.shape[0] < mono.shape[0]:
+            out = np.pad(out, (0, mono.shape[0] - out.shape[0]))
+        return out[: mono.shape[0]].astype(np.float32)
+
+
+def create(backend: str, demucs_model: str = "htdemucs", device: str = "auto",
+           attenuation_limit_db: float = 18.0) -> Separator:
     if backend == "deepfilternet":
-        return DeepFilterNet()
-    raise Unsupported(f"the {backend} separation backend is not part of this build yet; use deepfilternet")
+        return DeepFilterNet(attenuation_limit_db)
+    if backend == "demucs":
+        return Demucs(demucs_model, device)
+    raise Unsupported(f"unknown separation backend {backend!r}; use deepfilternet or demucs")

@@ -47,7 +47,9 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
 
     async def load(self) -> None:
         name = self.settings.separation_backend
-        self.separators[name] = await asyncio.to_thread(separation.create, name)
+        self.separators[name] = await asyncio.to_thread(
+            separation.create, name, self.settings.demucs_model, self.settings.device,
+            self.settings.attenuation_limit_db)
         self.ready = True
 
     def separator(self, name: str) -> separation.Separator:
@@ -55,7 +57,9 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
         if name not in ("deepfilternet", "demucs"):
             raise InvalidInput(f"unknown separation backend {name!r}; use deepfilternet or demucs")
         if name not in self.separators:
-            self.separators[name] = separation.create(name)
+            # Another backend than the one loaded at start: load it on first use.
+            self.separators[name] = separation.create(name, self.settings.demucs_model, self.settings.device,
+                                                      self.settings.attenuation_limit_db)
         return self.separators[name]
 
     # ----- Separate -------------------------------------------------------------------
