@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from grpc import aio
@@ -16,6 +18,7 @@ from bgm.server import ModelServicer, Servicer
 from bgm.settings import ServerSettings
 from bgm.v1 import common_pb2, music_pb2, music_pb2_grpc
 from services.music.composer import ComposerBackend
+from services.music.riffusion import RiffusionBackend
 from services.music.settings import MusicSettings
 
 EMOTION_NAMES = {
@@ -28,6 +31,16 @@ TOLERANCE_S = 1e-6
 DEFAULT_RATE = 44_100
 
 
+@dataclass(frozen=True)
+class Style:
+    backend: str
+    seed: int
+    tempo: float | None
+    steps: int | None
+    guidance: float | None
+    strength: float | None
+
+
 class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
     service_name = music_pb2.DESCRIPTOR.services_by_name["MusicGenerator"].full_name
 
@@ -36,15 +49,39 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
         self.settings = music
         self.limiter = ConcurrencyLimiter(server.max_concurrency, "the music service")
         self.composer: ComposerBackend | None = None
+        self.riffusion: RiffusionBackend | None = None
 
     def add_to_server(self, server: aio.Server) -> None:
         music_pb2_grpc.add_MusicGeneratorServicer_to_server(self, server)
 
     async def load(self) -> None:
-        if self.settings.backend in ("riffusion", "triton"):
-            raise Unsupported(f"the {self.settings.backend} backend is not part of this build yet")
+        s = self.settings
+        if s.backend == "triton":
+            raise Unsupported("the triton backend is not part of this build yet")
         self.composer = await asyncio.to_thread(ComposerBackend)
+        if s.backend == "riffusion" or (s.backend == "auto" and await asyncio.to_thread(self._riffusion_usable)):
+            self.riffusion = await asyncio.to_thread(self._load_riffusion)
         self.ready = True
+
+    def _riffusion_usable(self) -> bool:
+        try:
+            import torch
+
+            from services.music.riffusion import local_model_available
+        except ImportError:
+            return False
+        return bool(torch.cuda.is_available()) and local_model_available(self.settings.riffusion_model)
+
+    def _load_riffusion(self) -> RiffusionBackend:
+        from services.music.riffusion import RiffusionBackend
+
+        s = self.settings
+        return RiffusionBackend(s.riffusion_model, s.device, s.steps, s.guidance, s.denoising_strength,
+                                s.clip_overlap_s, composer=self.composer)
+
+    @property
+    def default_backend(self) -> str:
+        return "riffusion" if self.riffusion is not None else "composer"
 
     def timeline(self, request: music_pb2.GenerateRequest) -> list[tuple[str, float, float]]:
         if not request.spans:
@@ -89,18 +126,33 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
             raise InvalidInput("music is mono or stereo: set format.channels to 1 or 2")
         return fmt
 
-    def style(self, request: music_pb2.GenerateRequest) -> tuple[int, float | None]:
+    def style(self, request: music_pb2.GenerateRequest) -> Style:
         style = request.style
-        backend = style.backend or self.settings.backend
-        if backend not in ("auto", "composer"):
-            if backend in ("riffusion", "triton"):
-                raise Unsupported(f"the {backend} backend is not available in this deployment; use 'composer'")
+        backend = style.backend or "auto"
+        if backend == "auto":
+            backend = self.default_backend
+        if backend not in ("composer", "riffusion", "triton"):
             raise InvalidInput(f"unknown music backend {backend!r}; use composer, riffusion or triton")
+        if backend == "triton" or (backend == "riffusion" and self.riffusion is None):
+            raise Unsupported(f"the {backend} backend is not loaded in this deployment "
+                              "(set BGM_MUSIC_BACKEND=riffusion and install bgm[music-full]); use 'composer'")
         tempo = style.tempo_bpm if style.HasField("tempo_bpm") else None
         if tempo is not None and not 30 <= tempo <= 240:
             raise InvalidInput(f"tempo_bpm {tempo:g} is out of range (30..240)")
-        seed = style.seed if style.HasField("seed") else self.settings.seed
-        return seed, tempo
+        if style.HasField("steps") and not 1 <= style.steps <= 200:
+            raise InvalidInput(f"steps {style.steps} is out of range (1..200)")
+        if style.HasField("guidance") and not 0 <= style.guidance <= 30:
+            raise InvalidInput(f"guidance {style.guidance:g} is out of range (0..30)")
+        if style.HasField("denoising_strength") and not 0 < style.denoising_strength <= 1:
+            raise InvalidInput(f"denoising_strength {style.denoising_strength:g} is out of range (0..1]")
+        return Style(
+            backend=backend,
+            seed=style.seed if style.HasField("seed") else self.settings.seed,
+            tempo=tempo,
+            steps=style.steps if style.HasField("steps") else None,
+            guidance=style.guidance if style.HasField("guidance") else None,
+            strength=style.denoising_strength if style.HasField("denoising_strength") else None,
+        )
 
     async def Generate(
         self, request: music_pb2.GenerateRequest, context: aio.ServicerContext
@@ -110,15 +162,26 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
         with self.limiter:
             spans = self.timeline(request)
             fmt = self.output_format(request)
-            seed, tempo = self.style(request)
+            style = self.style(request)
             rate = fmt.sample_rate_hz
-            music, used_tempo = await asyncio.to_thread(
-                self.composer.generate, spans, sample_rate=rate, seed=seed, tempo=tempo)
+            cancel = threading.Event()
+            try:
+                if style.backend == "riffusion":
+                    assert self.riffusion is not None
+                    music, used_tempo = await asyncio.to_thread(
+                        self.riffusion.generate, spans, sample_rate=rate, seed=style.seed, tempo=style.tempo,
+                        cancel=cancel, steps=style.steps, guidance=style.guidance, strength=style.strength)
+                else:
+                    music, used_tempo = await asyncio.to_thread(
+                        self.composer.generate, spans, sample_rate=rate, seed=style.seed, tempo=style.tempo)
+            finally:
+                cancel.set()  # the RPC ended or was cancelled: a generation still running stops
+            seed = style.seed
             if fmt.channels == 1:
                 music = music.mean(axis=1, keepdims=True)
             total = music.shape[0]
             yield music_pb2.GenerateResponse(header=music_pb2.MusicHeader(
-                format=fmt, total_samples=total, tempo_bpm=used_tempo, backend="composer", seed=seed))
+                format=fmt, total_samples=total, tempo_bpm=used_tempo, backend=style.backend, seed=seed))
             for message in span_chunks(music, spans, request, fmt):
                 yield message
 

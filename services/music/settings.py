@@ -9,10 +9,17 @@ from bgm.settings import check
 class MusicSettings:
     """``BGM_MUSIC_*``."""
 
-    # "composer" (offline default) or "auto" (picks the composer until a Riffusion
-    # pipeline is installed); "riffusion" and "triton" are reserved for the diffusion backends.
+    # "composer" (offline default), "riffusion" (diffusers), or "auto": Riffusion on a GPU
+    # when its weights are present locally, else the composer. "triton" is not built yet.
     backend: str = "auto"
     seed: int = 1234
+    # Hub name or local directory of a Stable Diffusion img2img pipeline.
+    riffusion_model: str = "riffusion/riffusion-model-v1"
+    device: str = "auto"
+    steps: int = 30
+    guidance: float = 7.0
+    denoising_strength: float = 0.75
+    clip_overlap_s: float = 0.5
     # Longest timeline one request may ask for.
     max_duration_s: float = 4 * 3600.0
 
@@ -20,3 +27,6 @@ class MusicSettings:
         check(self.backend in ("auto", "composer", "riffusion", "triton"), "BGM_MUSIC_BACKEND",
               f"{self.backend!r} is not auto, composer, riffusion or triton")
         check(self.max_duration_s > 0, "BGM_MUSIC_MAX_DURATION_S", "must be positive")
+        check(1 <= self.steps <= 200, "BGM_MUSIC_STEPS", "must be 1..200")
+        check(0 < self.denoising_strength <= 1, "BGM_MUSIC_DENOISING_STRENGTH", "must be in (0, 1]")
+        check(0 <= self.clip_overlap_s <= 2, "BGM_MUSIC_CLIP_OVERLAP_S", "must be 0..2")

@@ -39,3 +39,15 @@ STYLES: dict[str, Style] = {
     "disgust": Style(92, MINOR, 53, (0, 1, 3, 1), 70, 68, 38, 80, 0.5, "soft", "pulse"),
     "neutral": Style(100, MAJOR, 62, (0, 5, 3, 4), 4, 11, 33, 76, 0.5, "soft", "arpeggio"),
 }
+
+
+# Riffusion prompts per emotion: what the diffusion model is asked for. Edit freely.
+PROMPTS: dict[str, str] = {
+    "joy": "upbeat happy acoustic pop, bright piano and ukulele, cheerful",
+    "sadness": "slow sad piano ballad with soft strings, melancholic",
+    "anger": "aggressive heavy rock, distorted guitars and pounding drums",
+    "fear": "dark suspenseful cinematic drones, tense low strings",
+    "surprise": "playful quirky orchestral pizzicato, sudden bright accents",
+    "disgust": "dissonant murky experimental synth, uneasy",
+    "neutral": "calm ambient lo-fi background, soft electric piano",
+}

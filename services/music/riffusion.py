@@ -1,0 +1,239 @@
+"""The Riffusion backend: Stable Diffusion fine-tuned on spectrograms, through diffusers.
+
+For each 5.12 s clip of the timeline, the clip's emotion becomes the prompt and a composer
+render of that emotion (at the one tempo of the whole score) is the img2img seed image.
+Consecutive clips walk between neighbouring noise seeds of one seed family (slerp), so
+they vary but keep one style; a clip that straddles a change of emotion blends the two
+prompts' text embeddings (and seed images) from one emotion to the next. Clips overlap and
+are joined with equal-power crossfades; the result is trimmed to the timeline to the sample.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bgm import logs
+from bgm.audio import resample
+from bgm.errors import Unsupported
+from services.music import spectrogram
+from services.music.composer import ComposerBackend
+from services.music.styles import PROMPTS, STYLES
+
+log = logs.get("bgm.music.riffusion")
+P = spectrogram.PARAMS
+RATE = P.sample_rate
+
+
+class Cancelled(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Clip:
+    start_s: float
+    emotion_from: str
+    emotion_to: str
+    # 0 = all emotion_from, 1 = all emotion_to (for clips across a change of emotion).
+    blend: float
+    # Position in the seed family walk: noise slerps from seed k to seed k+1 by ``walk``.
+    seed_index: int
+    walk: float
+
+
+# Griffin-Lim gives (frames - 1) hops of audio for a 512-frame image.
+CLIP_SECONDS = (P.width - 1) * P.hop_length / RATE
+
+
+def plan_clips(spans: Sequence[tuple[str, float, float]], overlap_s: float, walk_steps: int = 4) -> list[Clip]:
+    total = spans[-1][2]
+    hop = CLIP_SECONDS - overlap_s
+    count = max(1, math.ceil((total - overlap_s) / hop))
+    clips = []
+    for k in range(count):
+        start = k * hop
+        middle = start + CLIP_SECONDS / 2
+        here = next((s for s in spans if s[1] <= middle < s[2]), spans[-1])
+        index = spans.index(here)
+        emotion_from, emotion_to, blend = here[0], here[0], 0.0
+        end = start + CLIP_SECONDS
+        # A change of emotion inside this clip: blend towards the side the clip ends in.
+        if index + 1 < len(spans) and spans[index + 1][1] < end:
+            emotion_to = spans[index + 1][0]
+            blend = (end - spans[index + 1][1]) / CLIP_SECONDS
+        elif index > 0 and here[1] > start:
+            emotion_from = spans[index - 1][0]
+            emotion_to = here[0]
+            blend = (end - here[1]) / CLIP_SECONDS
+        clips.append(Clip(start, emotion_from, emotion_to, float(np.clip(blend, 0, 1)),
+                          k // walk_steps, (k % walk_steps) / walk_steps))
+    return clips
+
+
+def slerp(t: float, a: Any, b: Any) -> Any:
+    """Spherical interpolation between two noise tensors (keeps their Gaussian statistics)."""
+    import torch
+
+    a_flat, b_flat = a.flatten().double(), b.flatten().double()
+    dot = torch.clamp((a_flat / a_flat.norm()) @ (b_flat / b_flat.norm()), -1.0, 1.0)
+    if abs(float(dot)) > 0.9995:
+        return (1 - t) * a + t * b
+    theta = torch.arccos(dot)
+    sin = torch.sin(theta)
+    wa = torch.sin((1 - t) * theta) / sin
+    wb = torch.sin(t * theta) / sin
+    return (wa * a.double() + wb * b.double()).to(a.dtype)
+
+
+def equal_power_join(clips: list[np.ndarray], hop: int, overlap: int, total: int) -> np.ndarray:
+    out = np.zeros(total + len(clips[0]), dtype=np.float32)
+    fade_in = np.sin(np.linspace(0, np.pi / 2, overlap, dtype=np.float32))
+    fade_out = np.cos(np.linspace(0, np.pi / 2, overlap, dtype=np.float32))
+    for k, clip in enumerate(clips):
+        piece = clip.copy()
+        if k > 0 and overlap:
+            piece[:overlap] *= fade_in
+        if k < len(clips) - 1 and overlap:
+            piece[-overlap:] *= fade_out
+        start = k * hop
+        out[start : start + len(piece)] += piece
+    return out[:total]
+
+
+def local_model_available(model: str) -> bool:
+    if Path(model).is_dir():
+        return True
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(model, local_files_only=True)
+        return True
+    except Exception:
+        return False
+
+
+class RiffusionBackend:
+    name = "riffusion"
+
+    def __init__(self, model: str, device: str = "auto", steps: int = 30, guidance: float = 7.0,
+                 strength: float = 0.75, overlap_s: float = 0.5, composer: ComposerBackend | None = None) -> None:
+        try:
+            import torch
+            from diffusers import StableDiffusionImg2ImgPipeline
+        except ImportError as exc:
+            raise Unsupported("diffusers and torch are not installed (pip install 'bgm[music-full]')") from exc
+        self.torch = torch
+        self.device = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+        self.dtype = torch.float16 if self.device == "cuda" else torch.float32
+        pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
+            model, dtype=self.dtype, safety_checker=None, requires_safety_checker=False)
+        self.pipe = pipe.to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.steps, self.guidance, self.strength, self.overlap_s = steps, guidance, strength, overlap_s
+        self.composer = composer or ComposerBackend()
+        self._seed_images: dict[tuple[str, float, int], tuple[np.ndarray, float]] = {}
+        self._lock = threading.Lock()
+        log.info("riffusion loaded", extra={"fields": {"model": model, "device": self.device,
+                                                       "dtype": str(self.dtype)}})
+
+    # ----- pieces ---------------------------------------------------------------------
+    def seed_image(self, emotion: str, tempo: float, seed: int) -> tuple[np.ndarray, float]:
+        """A composer render of the emotion at the score's tempo, as a spectrogram image."""
+        key = (emotion, round(tempo, 3), seed)
+        if key not in self._seed_images:
+            audio, _ = self.composer.generate([(emotion, 0.0, P.clip_seconds)], sample_rate=RATE, seed=seed,
+                                              tempo=tempo)
+            self._seed_images[key] = spectrogram.audio_to_image(audio.mean(axis=1))
+        return self._seed_images[key]
+
+    def _embed(self, prompts: list[str]) -> Any:
+        tok = self.pipe.tokenizer
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(self.device)
+        return self.pipe.text_encoder(ids)[0]
+
+    def _noise(self, seed: int, shape: tuple[int, ...]) -> Any:
+        generator = self.torch.Generator(device="cpu").manual_seed(seed)
+        return self.torch.randn(shape, generator=generator, dtype=self.torch.float32).to(self.device, self.dtype)
+
+    def _img2img(self, image: np.ndarray, embedding: Any, noise: Any, steps: int, guidance: float,
+                 strength: float, cancel: threading.Event | None) -> np.ndarray:
+        """One img2img pass with our own loop, so cancellation is checked between steps."""
+        torch = self.torch
+        pipe = self.pipe
+        pixels = torch.from_numpy(image.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+        pixels = pixels.to(self.device, self.dtype)
+        vae = pipe.vae
+        latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+        scheduler = pipe.scheduler
+        scheduler.set_timesteps(steps, device=self.device)
+        keep = min(steps, max(1, round(steps * strength)))
+        timesteps = scheduler.timesteps[steps - keep :]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(steps - keep)
+        latents = scheduler.add_noise(latents, noise, timesteps[:1])
+        uncond = self._embed([""])
+        context = torch.cat([uncond, embedding])
+        for t in timesteps:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("generation cancelled")
+            model_in = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+            predicted = pipe.unet(model_in, t, encoder_hidden_states=context).sample
+            uncond_pred, text_pred = predicted.chunk(2)
+            guided = uncond_pred + guidance * (text_pred - uncond_pred)
+            latents = scheduler.step(guided, t, latents).prev_sample
+        decoded = vae.decode(latents / vae.config.scaling_factor).sample
+        out = ((decoded[0].float().clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0).cpu().numpy()
+        return out
+
+    # ----- the whole score ------------------------------------------------------------
+    def generate(self, spans: Sequence[tuple[str, float, float]], *, sample_rate: int, seed: int,
+                 tempo: float | None, cancel: threading.Event | None = None, steps: int | None = None,
+                 guidance: float | None = None, strength: float | None = None) -> tuple[np.ndarray, float]:
+        steps = steps or self.steps
+        guidance = self.guidance if guidance is None else guidance
+        strength = self.strength if strength is None else strength
+        # One tempo for the whole score: the one asked for, else the first emotion's.
+        score_tempo = tempo or STYLES[spans[0][0]].tempo
+        total = round(spans[-1][2] * RATE)
+        clips_plan = plan_clips(spans, self.overlap_s)
+        latent_shape = (1, self.pipe.unet.config.in_channels, P.n_mels // 8, P.width // 8)
+        rendered = []
+        with self._lock, self.torch.inference_mode():
+            embeddings = {e: self._embed([PROMPTS[e]]) for e in {c.emotion_from for c in clips_plan}
+                          | {c.emotion_to for c in clips_plan}}
+            for clip in clips_plan:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("generation cancelled")
+                image_a, max_a = self.seed_image(clip.emotion_from, score_tempo, seed)
+                image_b, max_b = self.seed_image(clip.emotion_to, score_tempo, seed)
+                image = (1 - clip.blend) * image_a.astype(np.float32) + clip.blend * image_b.astype(np.float32)
+                embedding = (1 - clip.blend) * embeddings[clip.emotion_from] + clip.blend * embeddings[clip.emotion_to]
+                noise = slerp(clip.walk, self._noise(seed + clip.seed_index, latent_shape),
+                              self._noise(seed + clip.seed_index + 1, latent_shape))
+                out_image = self._img2img(image, embedding, noise, steps, guidance, strength, cancel)
+                mel = spectrogram.spectrogram_from_image(out_image, (1 - clip.blend) * max_a + clip.blend * max_b)
+                rendered.append(spectrogram.audio_from_spectrogram(mel, seed=seed))
+        clip_len = min(len(c) for c in rendered)
+        hop = round((CLIP_SECONDS - self.overlap_s) * RATE)
+        mono = equal_power_join([c[:clip_len] for c in rendered], hop, clip_len - hop, total)
+        peak = float(np.abs(mono).max()) or 1.0
+        mono = mono * (0.89 / peak)
+        fade = min(total, int(0.05 * RATE))  # no click at the very start and end
+        mono[:fade] *= np.linspace(0, 1, fade, dtype=np.float32)
+        mono[total - fade :] *= np.linspace(1, 0, fade, dtype=np.float32)
+        stereo = np.repeat(mono[:, None], 2, axis=1)
+        if sample_rate != RATE:
+            stereo = resample(stereo, RATE, sample_rate)
+            exact = round(spans[-1][2] * sample_rate)
+            if stereo.shape[0] >= exact:
+                stereo = stereo[:exact]
+            else:
+                stereo = np.pad(stereo, ((0, exact - stereo.shape[0]), (0, 0)))
+        return stereo.astype(np.float32), score_tempo

@@ -1,0 +1,106 @@
+"""The Riffusion path: the spectrogram codec on real music, and the whole backend through
+gRPC on a tiny Stable Diffusion pipeline that the test builds and saves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+pytest.importorskip("diffusers")
+
+from bgm.settings import ServerSettings
+from bgm.v1 import common_pb2, music_pb2, music_pb2_grpc
+from services.music import spectrogram
+from services.music.riffusion import CLIP_SECONDS, plan_clips
+from services.music.servicer import MusicServicer
+from services.music.settings import MusicSettings
+from tests.conftest import channel, start
+from tests.test_music import timeline
+from tests.tiny_models import tiny_stable_diffusion
+
+RATE = 44_100
+
+
+def test_spectrogram_round_trip_keeps_the_spectral_envelope_of_real_music():
+    import immich_memories_music
+
+    from bgm import media
+
+    p = spectrogram.PARAMS
+    assert (p.sample_rate, p.hop_length, p.win_length, p.n_fft, p.n_mels, p.f_max) == (
+        44_100, 441, 4_410, 17_640, 512, 10_000)
+    track = sorted(Path(immich_memories_music.__file__).parent.glob("tracks/happy/*.opus"))[0]
+    audio = media.decode_audio(track, RATE, 1)[:, 0][10 * RATE : 10 * RATE + p.clip_samples]
+    image, max_value = spectrogram.audio_to_image(audio)
+    assert image.shape == (512, 512, 3) and image.dtype == np.uint8
+    assert image[:, :, 0].mean() > 128  # mostly light: Riffusion draws loud as dark
+    back = spectrogram.image_to_audio(image, max_value)
+    correlation = spectrogram.log_mel_correlation(audio, back)
+    print(f"\nspectrogram round trip on {track.name}: log-mel correlation {correlation:.3f}")
+    assert correlation >= 0.9
+
+
+def test_clips_cover_the_timeline_and_blend_across_a_change_of_emotion():
+    spans = [("joy", 0.0, 7.0), ("sadness", 7.0, 12.0)]
+    clips = plan_clips(spans, overlap_s=0.5)
+    assert clips[0].start_s == 0.0
+    assert clips[-1].start_s + CLIP_SECONDS >= 12.0
+    across = [c for c in clips if c.start_s < 7.0 < c.start_s + CLIP_SECONDS]
+    assert across and all((c.emotion_from, c.emotion_to) == ("joy", "sadness") and 0 < c.blend < 1 for c in across)
+    assert all(c.emotion_from == c.emotion_to == "joy" for c in clips if c.start_s + CLIP_SECONDS <= 7.0)
+
+
+@pytest.fixture(scope="module")
+def riffusion(loop, tmp_path_factory):
+    model = tiny_stable_diffusion(tmp_path_factory.mktemp("sd"))
+    settings = MusicSettings(backend="riffusion", riffusion_model=str(model), device="cpu", steps=4)
+    running = start(loop, [MusicServicer(settings, ServerSettings())])
+    yield music_pb2_grpc.MusicGeneratorStub(channel(running.address)), running
+    loop.run(running.stop(0))
+
+
+def test_tiny_riffusion_fills_a_12_s_timeline_exactly_without_clicks(riffusion):
+    stub, _ = riffusion
+    spans = timeline(("joy", 0.0, 7.0), ("sadness", 7.0, 12.0))
+    events = list(stub.Generate(music_pb2.GenerateRequest(
+        spans=spans, format=common_pb2.AudioFormat(sample_rate_hz=RATE, channels=2,
+                                                   encoding=common_pb2.ENCODING_PCM_F32LE)), timeout=600))
+    header = events[0].header
+    assert header.backend == "riffusion" and header.total_samples == 12 * RATE
+    chunks = [e.chunk for e in events[1:]]
+    audio = np.frombuffer(b"".join(c.pcm for c in chunks), dtype="<f4").reshape(-1, 2)
+    assert audio.shape == (12 * RATE, 2) and np.isfinite(audio).all() and np.abs(audio).max() > 0.1
+    for c in chunks:
+        expected = 0 if c.start_sample < 7 * RATE else 1
+        assert c.span_index == expected and c.emotion == spans[expected].emotion
+
+    # No clicks: the biggest sample-to-sample jump near a join is no bigger than elsewhere.
+    mono = audio[:, 0]
+    jumps = np.abs(np.diff(mono))
+    hop = round((CLIP_SECONDS - 0.5) * RATE)
+    clip_len = round(CLIP_SECONDS * RATE)
+    joins = [7 * RATE]
+    for k in range(1, 4):
+        joins += [k * hop, (k - 1) * hop + clip_len]
+    near = np.zeros_like(jumps, dtype=bool)
+    for j in joins:
+        if 0 < j < jumps.shape[0]:
+            near[max(0, j - 88) : j + 88] = True
+    print(f"\nlargest jump near joins {jumps[near].max():.4f}, elsewhere {jumps[~near].max():.4f}")
+    assert jumps[near].max() <= jumps[~near].max()
+
+
+@pytest.mark.parametrize(("style", "fragment"), [
+    (music_pb2.MusicStyle(steps=0), "steps 0 is out of range"),
+    (music_pb2.MusicStyle(denoising_strength=1.5), "denoising_strength 1.5 is out of range"),
+    (music_pb2.MusicStyle(guidance=99), "guidance 99 is out of range"),
+])
+def test_bad_diffusion_options_are_invalid_argument(riffusion, style, fragment):
+    stub, _ = riffusion
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(music_pb2.GenerateRequest(spans=timeline(("joy", 0, 5)), style=style), timeout=60))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in info.value.details()
