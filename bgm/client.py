@@ -67,8 +67,13 @@ def make_channel(
     credentials: grpc.ChannelCredentials | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     retry: RetryPolicy | None = None,
+    token: str = "",
 ) -> aio.Channel:
-    """An aio channel to ``target`` (``host:port`` or ``dns:///name:port`` for round-robin)."""
+    """An aio channel to ``target`` (``host:port`` or ``dns:///name:port`` for round-robin),
+    TLS when ``credentials`` are given, sending a bearer ``token`` with every call if set."""
+    from bgm.security import bearer_interceptors
+
+    interceptors = bearer_interceptors(token) if token else None
     options: list[tuple[str, int | str]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -76,8 +81,8 @@ def make_channel(
         ("grpc.service_config", (retry or RetryPolicy()).service_config()),
     ]
     if credentials is not None:
-        return aio.secure_channel(target, credentials, options=options)
-    return aio.insecure_channel(target, options=options)
+        return aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+    return aio.insecure_channel(target, options=options, interceptors=interceptors)
 
 
 async def call_with_retry(

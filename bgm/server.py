@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from bgm import logs
 from bgm.errors import ErrorInterceptor, NotReady
+from bgm.security import TokenInterceptor, server_credentials
 from bgm.settings import ServerSettings, SettingsError, server_settings
 
 log = logs.get("bgm.server")
@@ -116,8 +117,11 @@ async def start_server(
 ) -> RunningServer:
     """Start a server for ``servicers`` and begin loading their models in the background
     (or, with ``load_models=False``, when ``RunningServer.start_loading`` is called)."""
+    if credentials is None:
+        credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    guards: list[aio.ServerInterceptor] = [TokenInterceptor(settings.auth_token)] if settings.auth_token else []
     server = aio.server(
-        interceptors=[*interceptors, ErrorInterceptor()],
+        interceptors=[*guards, *interceptors, ErrorInterceptor()],
         options=server_options(settings.max_message_bytes),
     )
     health_servicer = health.aio.HealthServicer()

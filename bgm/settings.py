@@ -94,6 +94,13 @@ class ServerSettings:
     grace_s: float = 30.0
     log_level: str = "INFO"
     tmp_dir: str = ""
+    # TLS: certificate and key (PEM paths); with client_ca, clients must present a
+    # certificate it signed (mutual TLS).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    # When set, every call except health and reflection needs 'authorization: Bearer <token>'.
+    auth_token: str = ""
 
     def __post_init__(self) -> None:
         check(0 <= self.port <= 65535, "PORT", f"{self.port} is not a TCP port (0..65535)")

@@ -2,7 +2,7 @@
 
 Exit codes: 0 done; 2 bad usage or a missing/unreadable input file; 3 the input was refused
 (INVALID_ARGUMENT); 4 a service or the gateway is unavailable; 5 a deadline passed;
-1 anything else.
+6 not authorised (token or certificate); 1 anything else.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ EXIT_CODES = {
     grpc.StatusCode.UNAVAILABLE: 4,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 4,
     grpc.StatusCode.DEADLINE_EXCEEDED: 5,
+    grpc.StatusCode.UNAUTHENTICATED: 6,
+    grpc.StatusCode.PERMISSION_DENIED: 6,
 }
 STAGES = {v: k.removeprefix("STAGE_").lower().replace("_", " ") for k, v in common_pb2.Stage.items()}
 STEM_NAMES = {mixer_pb2.STEM_SPEECH: "speech", mixer_pb2.STEM_BGM: "bgm", mixer_pb2.STEM_MIX: "mix"}
@@ -191,8 +193,17 @@ async def _with_gateway(args: argparse.Namespace, analyze_only: bool) -> int:
     bars = ProgressBars(quiet=args.quiet)
     running = None
     if args.gateway:
-        channel = aio.insecure_channel(args.gateway, options=[
-            ("grpc.max_receive_message_length", 8 * 2**20), ("grpc.max_send_message_length", 8 * 2**20)])
+        from bgm.client import make_channel
+        from bgm.security import channel_credentials
+        from bgm.settings import SettingsError
+
+        try:
+            credentials = channel_credentials(args.tls_ca or "", args.tls_cert or "", args.tls_key or "")
+        except SettingsError as exc:
+            print(f"bgm: {exc}", file=sys.stderr)
+            return 2
+        token = args.token or os.environ.get("BGM_TOKEN", "")
+        channel = make_channel(args.gateway, credentials=credentials, token=token, max_message_bytes=8 * 2**20)
         try:
             await asyncio.wait_for(channel.channel_ready(), timeout=10)
         except TimeoutError:
@@ -300,6 +311,10 @@ def parser() -> argparse.ArgumentParser:
     def job_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("input", help="video (or audio) file")
         sp.add_argument("--gateway", metavar="HOST:PORT", help="use a running gateway instead of in-process services")
+        sp.add_argument("--token", help="bearer token for the gateway (default: $BGM_TOKEN)")
+        sp.add_argument("--tls-ca", metavar="PEM", help="talk TLS to the gateway, trusting this CA")
+        sp.add_argument("--tls-cert", metavar="PEM", help="client certificate, for mutual TLS")
+        sp.add_argument("--tls-key", metavar="PEM", help="client certificate's key, for mutual TLS")
         sp.add_argument("--translate", action="store_true", help="translate non-English speech to English first")
         sp.add_argument("--language", help="spoken language (ISO 639-1); detected when omitted")
         sp.add_argument("--min-span", type=float, help="shortest emotion span in seconds (default 5)")

@@ -13,6 +13,7 @@ from bgm import logs
 from bgm.chunks import Spool, read_config, spool_payload
 from bgm.client import RetryPolicy, make_channel, wait_for_serving
 from bgm.errors import ConcurrencyLimiter, InvalidInput
+from bgm.security import channel_credentials
 from bgm.server import ModelServicer
 from bgm.settings import ServerSettings
 from bgm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -56,8 +57,11 @@ class GatewayServicer(ModelServicer, gateway_pb2_grpc.GatewayServicer):
         else:
             addresses = {"stt": s.stt_address, "emotion": s.emotion_address,
                          "music": s.music_address, "mixer": s.mixer_address}
+        credentials = None if s.embedded else channel_credentials(s.services_ca, s.services_cert, s.services_key)
+        token = "" if s.embedded else s.services_token
         self.channels = {name: make_channel(target, max_message_bytes=self.server.max_message_bytes,
-                                            retry=self.retry) for name, target in addresses.items()}
+                                            retry=self.retry, credentials=credentials, token=token)
+                         for name, target in addresses.items()}
         for name, channel in self.channels.items():
             await wait_for_serving(channel, SERVICE_HEALTH_NAMES[name], timeout=900.0)
         self.stubs = Stubs.connect(self.channels)

@@ -21,6 +21,12 @@ class GatewaySettings:
     # Attempts for a stage that answers UNAVAILABLE.
     retry_attempts: int = 4
     tmp_dir: str = ""
+    # Calls to the services: TLS (trusting services_ca), a client certificate for mutual
+    # TLS, and the bearer token the services expect.
+    services_ca: str = ""
+    services_cert: str = ""
+    services_key: str = ""
+    services_token: str = ""
 
     def __post_init__(self) -> None:
         addresses = [self.stt_address, self.emotion_address, self.music_address, self.mixer_address]
