@@ -82,6 +82,7 @@ class Remix:
     emit: Emit
     timeout_s: float
     retry: RetryPolicy
+    max_duration_s: float = 3 * 3600.0
     started: float = field(default_factory=time.monotonic)
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -110,6 +111,9 @@ class Remix:
         info = await asyncio.to_thread(media.probe, self.video, "the upload")
         if info.duration_s <= 0:
             raise InvalidInput("the upload has zero length")
+        if info.duration_s > self.max_duration_s:
+            raise InvalidInput(f"the upload is {info.duration_s / 3600:.1f} h long; the limit is "
+                               f"{self.max_duration_s / 3600:.1f} h (BGM_GATEWAY_MAX_DURATION_S)")
         samples = None
         if info.has_audio:
             samples = (await asyncio.to_thread(

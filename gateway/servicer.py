@@ -18,6 +18,7 @@ from bgm.server import ModelServicer
 from bgm.settings import ServerSettings
 from bgm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from gateway.embedded import EmbeddedServices, start_embedded
+from gateway.options import validate as validate_options
 from gateway.pipeline import Remix, Stubs
 from gateway.settings import GatewaySettings
 
@@ -93,9 +94,8 @@ class GatewayServicer(ModelServicer, gateway_pb2_grpc.GatewayServicer):
         assert self.stubs is not None
         with self.limiter, tempfile.TemporaryDirectory(prefix="bgm-gw-", dir=self.settings.tmp_dir or None) as tmp:
             options, rest = await read_config(request_iterator, "options", "video")
-            suffix = Path(options.filename).suffix.lower()[:8] if options.filename else ""
-            if suffix and not suffix[1:].isalnum():
-                raise InvalidInput(f"file name extension {suffix!r} is not valid")
+            validate_options(options)
+            suffix = Path(options.filename).suffix.lower() if options.filename else ""
             with Spool(self.settings.max_upload_bytes, "the upload", tmp, suffix) as upload:
                 await spool_payload(rest, upload, "options", "video")
                 if upload.size == 0:
@@ -103,7 +103,7 @@ class GatewayServicer(ModelServicer, gateway_pb2_grpc.GatewayServicer):
                 video = upload.finish()
                 queue: asyncio.Queue[gateway_pb2.RemixResponse | None] = asyncio.Queue(maxsize=64)
                 job = Remix(self.stubs, options, video, Path(tmp), queue.put,
-                            self.settings.stage_timeout_s, self.retry)
+                            self.settings.stage_timeout_s, self.retry, self.settings.max_duration_s)
                 yield gateway_pb2.RemixResponse(progress=common_pb2.Progress(
                     stage=common_pb2.STAGE_UPLOAD, fraction=1.0, message=f"received {upload.size} bytes"))
 

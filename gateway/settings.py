@@ -14,8 +14,9 @@ class GatewaySettings:
     emotion_address: str = ""
     music_address: str = ""
     mixer_address: str = ""
-    # Largest video a client may upload.
+    # Largest video a client may upload, and its longest duration.
     max_upload_bytes: int = 2 * 1024**3
+    max_duration_s: float = 3 * 3600.0
     # Deadline for each stage's RPC.
     stage_timeout_s: float = 3600.0
     # Attempts for a stage that answers UNAVAILABLE.
@@ -33,6 +34,7 @@ class GatewaySettings:
         check(all(addresses) or not any(addresses), "BGM_GATEWAY_*_ADDRESS",
               "set all four service addresses, or none (embedded mode)")
         check(self.max_upload_bytes > 0, "BGM_GATEWAY_MAX_UPLOAD_BYTES", "must be positive")
+        check(self.max_duration_s > 0, "BGM_GATEWAY_MAX_DURATION_S", "must be positive")
         check(self.stage_timeout_s > 0, "BGM_GATEWAY_STAGE_TIMEOUT_S", "must be positive")
         check(self.retry_attempts >= 1, "BGM_GATEWAY_RETRY_ATTEMPTS", "must be at least 1")
 
