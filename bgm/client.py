@@ -78,6 +78,10 @@ def make_channel(
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.enable_retries", 1),
+        # A restarted service is found within seconds, not after gRPC's default 2-minute backoff.
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.min_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 3000),
         ("grpc.service_config", (retry or RetryPolicy()).service_config()),
     ]
     if credentials is not None:

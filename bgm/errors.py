@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -138,8 +139,13 @@ async def _fail(context: aio.ServicerContext, method: str, started: float, exc: 
     await context.abort(code, message)
 
 
+# Probes arrive every few seconds: logged at DEBUG so they do not drown the real traffic.
+_QUIET = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
 def _log_ok(method: str, started: float) -> None:
-    log.info("rpc ok", extra={"fields": {"method": method, "duration_s": round(time.monotonic() - started, 3)}})
+    level = logging.DEBUG if method.startswith(_QUIET) else logging.INFO
+    log.log(level, "rpc ok", extra={"fields": {"method": method, "duration_s": round(time.monotonic() - started, 3)}})
 
 
 def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:

@@ -70,6 +70,7 @@ class Process:
 def spawn(name: str, command: list[str], env: dict[str, str], workdir: Path, port: int | None = None) -> Process:
     port = port or free_port()
     prefix = f"BGM_{name.upper()}"
+    workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"{name}.log"
     log_file = open(log, "wb")  # noqa: SIM115 - lives as long as the process; closed by stop()
     full_env = {**os.environ, **env, f"{prefix}_HOST": "127.0.0.1", f"{prefix}_PORT": str(port),

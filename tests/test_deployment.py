@@ -80,3 +80,47 @@ def test_killing_the_music_service_mid_run_is_a_clear_unavailable(deployed, tmp_
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert "GENERATE_MUSIC" in error.details()
     print(f"\nfailed after {time.monotonic() - started:.1f} s with: {error.details()}")
+
+
+def test_a_service_killed_and_restarted_mid_job_is_retried_to_success(deployed, tmp_path):
+    import sys
+
+    from tests.processes import spawn
+
+    procs, workdir = deployed
+    for name in ("stt", "emotion", "music", "mixer"):  # an earlier test may have killed one
+        if procs[name].popen.poll() is not None:
+            procs[name] = spawn(name, [sys.executable, "-m", f"services.{name}"], {}, workdir / f"re-{name}",
+                                port=procs[name].port)
+            procs[name].wait_serving()
+    stt = procs["stt"]
+    # A gateway of its own with a longer retry budget (backoff 0.5, 1, 2, 4, 5, 5 s).
+    env = {f"BGM_GATEWAY_{name.upper()}_ADDRESS": procs[name].address for name in ("stt", "emotion", "music", "mixer")}
+    env["BGM_GATEWAY_RETRY_ATTEMPTS"] = "7"
+    patient = spawn("gateway", [sys.executable, "-m", "gateway"], env, workdir / "patient")
+    patient.wait_serving()
+    try:
+        example = make_example(tmp_path / "example.mp4", section_s=3)
+        stt.popen.kill()
+        stt.popen.wait(10)
+        results: list[object] = []
+
+        def job() -> None:
+            try:
+                results.append(run(gateway_pb2_grpc.GatewayStub(channel(patient.address)).Analyze(
+                    requests(example), timeout=300)))
+            except grpc.RpcError as exc:
+                results.append(exc)
+
+        worker = threading.Thread(target=job)
+        worker.start()
+        time.sleep(1.0)  # the job is now retrying the TRANSCRIBE stage
+        restarted = spawn("stt", [sys.executable, "-m", "services.stt"], {}, workdir / "restarted", port=stt.port)
+        procs["stt"] = restarted
+        restarted.wait_serving()
+        worker.join(120)
+        assert not worker.is_alive(), "the job hung"
+        assert isinstance(results[0], dict), results[0]
+        assert results[0]["transcript"].segments and results[0]["timeline"].spans
+    finally:
+        patient.stop()
