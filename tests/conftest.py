@@ -18,6 +18,14 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
+# Each test session gets its own temporary folder (services started as processes inherit it
+# through TMPDIR), so the checks for leftover files see this session's files only.
+import tempfile
+
+_SESSION_TMP = tempfile.mkdtemp(prefix="pytest-session-")
+os.environ["TMPDIR"] = _SESSION_TMP
+tempfile.tempdir = _SESSION_TMP
+
 T = TypeVar("T")
 
 
@@ -77,10 +85,8 @@ def speak(text: str, path: Path, voice: str = "en-us", speed: int = 150) -> Path
 
 
 def bgm_temp_files() -> set[str]:
-    import tempfile
-
-    root = Path(tempfile.gettempdir())
-    return {p.name for p in root.glob("bgm-*")}
+    """The service-made temporary files and folders of this test session."""
+    return {p.name for p in Path(_SESSION_TMP).glob("bgm-*")}
 
 
 @pytest.fixture(scope="session")
