@@ -240,7 +240,7 @@ def test_mix_options_out_of_range_are_refused(mixer, material):
     with pytest.raises(grpc.RpcError) as info:
         mix_and_mux(stub, original, None, None, mixer_pb2.MixOptions(loudness_lufs=12))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "loudness_lufs=12 is out of range" in info.value.details()
+    assert "loudness_lufs 12 is out of range [-60, 0]" in info.value.details()
 
 
 def test_true_peak_matches_full_oversampling_and_the_limiter_holds_the_ceiling(material):

@@ -15,6 +15,7 @@ from grpc import aio
 from bgm import audio, media, settings
 from bgm.chunks import CHUNK_BYTES, Spool, iter_chunks, iter_file_chunks, read_config, spool_payload
 from bgm.errors import ConcurrencyLimiter, InvalidInput
+from bgm.limits import MIX_RANGES, check_range
 from bgm.server import ModelServicer, Servicer
 from bgm.settings import ServerSettings
 from bgm.v1 import common_pb2, mixer_pb2, mixer_pb2_grpc
@@ -95,22 +96,11 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
     def levels(self, options: mixer_pb2.MixOptions) -> dsp.MixLevels:
         s = self.settings
 
-        def pick(name: str, default: float, low: float, high: float) -> float:
-            value = getattr(options, name) if options.HasField(name) else default  # type: ignore[arg-type]
-            if not (low <= value <= high):
-                raise InvalidInput(f"mix option {name}={value:g} is out of range ({low:g}..{high:g})")
-            return float(value)
-
-        return dsp.MixLevels(
-            duck_db=pick("duck_db", s.duck_db, 0, 60),
-            loudness_lufs=pick("loudness_lufs", s.loudness_lufs, -60, 0),
-            true_peak_dbtp=pick("true_peak_dbtp", s.true_peak_dbtp, -20, 0),
-            fade_in_s=pick("fade_in_s", s.fade_in_s, 0, 60),
-            fade_out_s=pick("fade_out_s", s.fade_out_s, 0, 60),
-            attack_ms=pick("attack_ms", s.attack_ms, 1, 5000),
-            release_ms=pick("release_ms", s.release_ms, 1, 10000),
-            bgm_gain_db=pick("bgm_gain_db", s.bgm_gain_db, -60, 20),
-        )
+        values = {}
+        for name, (low, high) in MIX_RANGES.items():
+            value = getattr(options, name) if options.HasField(name) else getattr(s, name)  # type: ignore[arg-type]
+            values[name] = float(check_range(f"mix option {name}", value, low, high))
+        return dsp.MixLevels(**values)
 
     async def _receive_tracks(self, rest: AsyncIterator[mixer_pb2.MixRequest], spools: dict[int, Spool]) -> None:
         total = 0

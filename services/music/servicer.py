@@ -11,9 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 from grpc import aio
 
-from bgm import audio, settings
+from bgm import audio, limits, settings
 from bgm.chunks import CHUNK_BYTES
 from bgm.errors import ConcurrencyLimiter, InvalidInput, Unsupported
+from bgm.limits import check_range
 from bgm.server import ModelServicer, Servicer
 from bgm.settings import ServerSettings
 from bgm.v1 import common_pb2, music_pb2, music_pb2_grpc
@@ -137,14 +138,14 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
             raise Unsupported(f"the {backend} backend is not loaded in this deployment "
                               "(set BGM_MUSIC_BACKEND=riffusion and install bgm[music-full]); use 'composer'")
         tempo = style.tempo_bpm if style.HasField("tempo_bpm") else None
-        if tempo is not None and not 30 <= tempo <= 240:
-            raise InvalidInput(f"tempo_bpm {tempo:g} is out of range (30..240)")
-        if style.HasField("steps") and not 1 <= style.steps <= 200:
-            raise InvalidInput(f"steps {style.steps} is out of range (1..200)")
-        if style.HasField("guidance") and not 0 <= style.guidance <= 30:
-            raise InvalidInput(f"guidance {style.guidance:g} is out of range (0..30)")
-        if style.HasField("denoising_strength") and not 0 < style.denoising_strength <= 1:
-            raise InvalidInput(f"denoising_strength {style.denoising_strength:g} is out of range (0..1]")
+        if tempo is not None:
+            check_range("tempo_bpm", tempo, *limits.TEMPO_BPM)
+        if style.HasField("steps"):
+            check_range("steps", style.steps, *limits.DIFFUSION_STEPS)
+        if style.HasField("guidance"):
+            check_range("guidance", style.guidance, *limits.GUIDANCE)
+        if style.HasField("denoising_strength"):
+            check_range("denoising_strength", style.denoising_strength, *limits.DENOISING_STRENGTH, low_open=True)
         return Style(
             backend=backend,
             seed=style.seed if style.HasField("seed") else self.settings.seed,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import AsyncIterator, Sequence
 
@@ -12,14 +11,13 @@ from grpc import aio
 from bgm import audio, settings
 from bgm.chunks import Spool, read_config, spool_payload
 from bgm.errors import ConcurrencyLimiter, InvalidInput
+from bgm.limits import LANGUAGE_CODE
 from bgm.server import ModelServicer, Servicer
 from bgm.settings import ServerSettings
 from bgm.threads import iterate_in_thread
 from bgm.v1 import stt_pb2, stt_pb2_grpc
 from services.stt.backend import SAMPLE_RATE, Detected, Options, Segment, WhisperBackend
 from services.stt.settings import SttSettings
-
-_LANGUAGE = re.compile(r"^[a-z]{2,3}$")
 
 
 class SpeechToTextServicer(ModelServicer, stt_pb2_grpc.SpeechToTextServicer):
@@ -42,7 +40,7 @@ class SpeechToTextServicer(ModelServicer, stt_pb2_grpc.SpeechToTextServicer):
     def options(self, config: stt_pb2.TranscribeConfig) -> Options:
         audio.check_format(config.format, "config.format")
         language = config.language.strip().lower() or None
-        if language is not None and not _LANGUAGE.match(language):
+        if language is not None and not LANGUAGE_CODE.match(language):
             raise InvalidInput(f"language {config.language!r} is not an ISO 639-1 code such as 'en' or 'de'")
         if config.HasField("beam_size") and not 1 <= config.beam_size <= 16:
             raise InvalidInput(f"beam_size {config.beam_size} is out of range (1..16)")
