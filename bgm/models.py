@@ -95,8 +95,24 @@ def prepare() -> list[str]:
     return done
 
 
+# The full-size models, fetched into the cache (HF_HOME) by the deployment's fill job where
+# a model hub is reachable; services then load them with HF_HUB_OFFLINE=1.
+FULL_MODELS = (
+    "Systran/faster-whisper-large-v3",
+    "j-hartmann/emotion-english-distilroberta-base",
+    "riffusion/riffusion-model-v1",
+)
+
+
+def download() -> list[str]:
+    from huggingface_hub import snapshot_download
+
+    return [f"{name}: {snapshot_download(name)}" for name in FULL_MODELS]
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] != ["prepare"]:
-        raise SystemExit("usage: python -m bgm.models prepare")
-    for line in prepare():
+    commands = {"prepare": prepare, "download": download}
+    if len(sys.argv) != 2 or sys.argv[1] not in commands:
+        raise SystemExit("usage: python -m bgm.models prepare|download")
+    for line in commands[sys.argv[1]]():
         print(f"models: {line}")

@@ -1,0 +1,147 @@
+"""The deployment files: Dockerfiles lint clean and point at real entry points, every
+Kustomize overlay renders and validates against the Kubernetes schemas, and the compose
+file's own definitions, run as processes on loopback, serve a remix."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILES = sorted([*ROOT.glob("services/*/Dockerfile*"), ROOT / "gateway" / "Dockerfile"])
+HEALTH = {"stt": "bgm.v1.SpeechToText", "emotion": "bgm.v1.EmotionClassifier", "music": "bgm.v1.MusicGenerator",
+          "mixer": "bgm.v1.Mixer", "gateway": "bgm.v1.Gateway"}
+GPU_SERVICES = {"stt", "music", "mixer"}
+KUBERNETES = "1.37.0"
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name) or str(Path(sys.executable).parent / name)
+    assert Path(path).exists(), f"{name} is not installed (pip install -e '.[dev]')"
+    return path
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_dockerfile_lints_clean_and_its_entry_point_exists(dockerfile):
+    lint = subprocess.run([tool("hadolint"), "--config", str(ROOT / ".hadolint.yaml"), str(dockerfile)],
+                          capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    text = dockerfile.read_text()
+    module = re.search(r'ENTRYPOINT \["python", "-m", "([\w.]+)"\]', text).group(1)
+    assert importlib.util.find_spec(module) is not None
+    assert "USER 10001" in text  # never root
+    port = re.search(r"EXPOSE (\d+)", text).group(1)
+    probe = re.search(r'"--port", "(\d+)", "--service", "([\w.]+)"', text)
+    assert probe.group(1) == port and probe.group(2) in HEALTH.values()
+    assert re.search(rf"_PORT={port}\b", text)
+    if dockerfile.parent.name == "stt" and dockerfile.name == "Dockerfile":
+        assert '".[stt]"' in text  # the CPU STT image installs no torch
+
+
+def render(overlay: str) -> list[dict]:
+    out = subprocess.run([tool("kubectl"), "kustomize", str(ROOT / "deploy" / "k8s" / "overlays" / overlay)],
+                         capture_output=True, text=True, check=True).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_overlay_renders_and_validates(overlay):
+    import kubernetes_validate
+
+    docs = render(overlay)
+    kinds = sorted({d["kind"] for d in docs})
+    assert kinds == ["Deployment", "HorizontalPodAutoscaler", "Job", "PersistentVolumeClaim",
+                     "PodDisruptionBudget", "Service", "ServiceAccount"]
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+
+    deployments = {d["metadata"]["name"].removeprefix("bgm-"): d for d in docs if d["kind"] == "Deployment"}
+    assert set(deployments) == set(HEALTH)
+    for name, deployment in deployments.items():
+        pod = deployment["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        port = container["ports"][0]["containerPort"]
+        for probe in ("startupProbe", "readinessProbe"):
+            assert container[probe]["grpc"] == {"port": port, "service": HEALTH[name]}
+        assert container["livenessProbe"]["grpc"]["port"] == port
+        assert pod["securityContext"]["runAsNonRoot"] and container["securityContext"]["readOnlyRootFilesystem"]
+        assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert pod["terminationGracePeriodSeconds"] > 3600  # longer than the slowest stage's deadline
+        gpus = container["resources"].get("limits", {}).get("nvidia.com/gpu")
+        if overlay == "gpu" and name in GPU_SERVICES:
+            assert gpus == "1" and container["image"].startswith(f"bgm-{name}-gpu")
+            assert {t["key"] for t in pod["tolerations"]} == {"nvidia.com/gpu"}
+        else:
+            assert gpus is None
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    for name in HEALTH:
+        headless = services[f"bgm-{name}"]["spec"].get("clusterIP") == "None"
+        assert headless == (name != "gateway")  # clients balance across service pods
+
+
+def compose_services() -> dict[str, dict]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+
+
+def test_compose_definitions_are_consistent():
+    services = compose_services()
+    assert set(services) == set(HEALTH)
+    for name, spec in services.items():
+        command = spec["command"]
+        assert command[:2] == ["python", "-m"] and importlib.util.find_spec(command[2]) is not None
+        port = spec["environment"][f"BGM_{name.upper()}_PORT"]
+        test = spec["healthcheck"]["test"]
+        assert test[1:4] == ["python", "-m", "bgm.probe"] and test[test.index("--port") + 1] == port
+        assert test[test.index("--service") + 1] == HEALTH[name]
+        assert (ROOT / spec["build"]["dockerfile"]).is_file()
+    assert all(c["condition"] == "service_healthy" for c in services["gateway"]["depends_on"].values())
+    gpu = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())["services"]
+    assert set(gpu) == GPU_SERVICES
+    for spec in gpu.values():
+        assert spec["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+        assert (ROOT / spec["build"]["dockerfile"]).is_file()
+
+
+def test_the_compose_file_wires_a_working_system(tmp_path):
+    """Each compose service started from its own definition (command, environment), as a
+    process on loopback; host names become loopback ports; then a remix through the gateway."""
+    from bgm.v1 import gateway_pb2_grpc
+    from gateway.example import make_example
+    from tests.conftest import channel
+    from tests.processes import Process, free_port, spawn
+    from tests.test_gateway import requests, run
+
+    services = compose_services()
+    ports = {name: free_port() for name in services}
+    procs: dict[str, Process] = {}
+    try:
+        for name in ("stt", "emotion", "music", "mixer", "gateway"):  # depends_on order
+            spec = services[name]
+            env = {key: str(value) for key, value in spec["environment"].items()}
+            for key, value in env.items():
+                host, _, port = value.partition(":")
+                if host in services and port.isdigit():  # "stt:50051" -> this run's loopback port
+                    env[key] = f"127.0.0.1:{ports[host]}"
+            procs[name] = spawn(name, [sys.executable, *spec["command"][1:]], env, tmp_path / name, port=ports[name])
+            if name == "gateway":
+                for dependency in spec["depends_on"]:
+                    procs[dependency].wait_serving()
+        procs["gateway"].wait_serving()
+        for name, spec in services.items():  # the compose healthcheck itself says healthy
+            test = [sys.executable if part == "python" else part for part in spec["healthcheck"]["test"][1:]]
+            test[test.index("--port") + 1] = str(ports[name])
+            assert subprocess.run(test, capture_output=True).returncode == 0, name
+        video = make_example(tmp_path / "example.mp4", section_s=3)
+        result = run(gateway_pb2_grpc.GatewayStub(channel(procs["gateway"].address)).Remix(requests(video),
+                                                                                             timeout=300))
+        assert result["video"] and result["timeline"].spans
+    finally:
+        for proc in procs.values():
+            proc.stop()
