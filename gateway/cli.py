@@ -98,8 +98,11 @@ def build_options(args: argparse.Namespace, filename: str) -> gateway_pb2.RemixO
     return options
 
 
-async def _requests(options: gateway_pb2.RemixOptions, path: Path) -> AsyncIterator[gateway_pb2.RemixRequest]:
+async def _requests(options: gateway_pb2.RemixOptions, path: Path,
+                    accepted: asyncio.Event) -> AsyncIterator[gateway_pb2.RemixRequest]:
     yield gateway_pb2.RemixRequest(options=options)
+    # Wait for the gateway to accept the options (or refuse them, or the token) before uploading.
+    await accepted.wait()
     for piece in iter_file_chunks(path):
         yield gateway_pb2.RemixRequest(video=piece)
 
@@ -120,11 +123,13 @@ async def run_job(stub: gateway_pb2_grpc.GatewayStub, args: argparse.Namespace, 
     out_path = Path(args.output) if not analyze_only else None
     partial = out_path.with_name(out_path.name + ".partial") if out_path else None
     stems: dict[int, object] = {}
-    call = (stub.Analyze if analyze_only else stub.Remix)(_requests(options, source), timeout=args.timeout)
+    accepted = asyncio.Event()
+    call = (stub.Analyze if analyze_only else stub.Remix)(_requests(options, source, accepted), timeout=args.timeout)
     try:
         video_file = open(partial, "wb") if partial else None  # noqa: SIM115 - closed in finally
         try:
             async for event in call:
+                accepted.set()
                 kind = event.WhichOneof("event")
                 if kind == "progress":
                     bars.update(event.progress)

@@ -95,6 +95,10 @@ class GatewayServicer(ModelServicer, gateway_pb2_grpc.GatewayServicer):
         with self.limiter, tempfile.TemporaryDirectory(prefix="bgm-gw-", dir=self.settings.tmp_dir or None) as tmp:
             options, rest = await read_config(request_iterator, "options", "video")
             validate_options(options)
+            # The options are accepted: a client may wait for this before sending the video,
+            # so that a refusal never costs an upload.
+            yield gateway_pb2.RemixResponse(progress=common_pb2.Progress(
+                stage=common_pb2.STAGE_UPLOAD, fraction=0.0, message="options accepted; send the video"))
             suffix = Path(options.filename).suffix.lower() if options.filename else ""
             with Spool(self.settings.max_upload_bytes, "the upload", tmp, suffix) as upload:
                 await spool_payload(rest, upload, "options", "video")

@@ -51,7 +51,10 @@ def render(overlay: str) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
-@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+GPU_BY_OVERLAY = {"cpu": set(), "gpu": GPU_SERVICES, "gpu-triton": {"stt", "mixer", "triton"}}
+
+
+@pytest.mark.parametrize("overlay", list(GPU_BY_OVERLAY))
 def test_overlay_renders_and_validates(overlay):
     import kubernetes_validate
 
@@ -63,27 +66,47 @@ def test_overlay_renders_and_validates(overlay):
         kubernetes_validate.validate(doc, KUBERNETES, strict=True)
 
     deployments = {d["metadata"]["name"].removeprefix("bgm-"): d for d in docs if d["kind"] == "Deployment"}
-    assert set(deployments) == set(HEALTH)
+    assert set(deployments) == set(HEALTH) | ({"triton"} if overlay == "gpu-triton" else set())
     for name, deployment in deployments.items():
         pod = deployment["spec"]["template"]["spec"]
         container = pod["containers"][0]
         port = container["ports"][0]["containerPort"]
+        gpus = container["resources"].get("limits", {}).get("nvidia.com/gpu")
+        assert (gpus == "1") == (name in GPU_BY_OVERLAY[overlay]), (name, gpus)
+        if gpus:
+            assert {t["key"] for t in pod["tolerations"]} == {"nvidia.com/gpu"}
+        assert pod["securityContext"]["runAsNonRoot"]
+        assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        if name == "triton":  # Triton's own gRPC health service, overall status
+            assert container["readinessProbe"]["grpc"] == {"port": 8001}
+            continue
         for probe in ("startupProbe", "readinessProbe"):
             assert container[probe]["grpc"] == {"port": port, "service": HEALTH[name]}
         assert container["livenessProbe"]["grpc"]["port"] == port
-        assert pod["securityContext"]["runAsNonRoot"] and container["securityContext"]["readOnlyRootFilesystem"]
-        assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert container["securityContext"]["readOnlyRootFilesystem"]
         assert pod["terminationGracePeriodSeconds"] > 3600  # longer than the slowest stage's deadline
-        gpus = container["resources"].get("limits", {}).get("nvidia.com/gpu")
-        if overlay == "gpu" and name in GPU_SERVICES:
-            assert gpus == "1" and container["image"].startswith(f"bgm-{name}-gpu")
-            assert {t["key"] for t in pod["tolerations"]} == {"nvidia.com/gpu"}
-        else:
-            assert gpus is None
+        if gpus:
+            assert container["image"].startswith(f"bgm-{name}-gpu")
+    if overlay == "gpu-triton":
+        music = deployments["music"]["spec"]["template"]["spec"]["containers"][0]
+        music_env = {e["name"]: e["value"] for e in music["env"]}
+        assert music_env["BGM_MUSIC_BACKEND"] == "triton" and music_env["BGM_MUSIC_TRITON_URL"] == "bgm-triton:8001"
     services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
     for name in HEALTH:
         headless = services[f"bgm-{name}"]["spec"].get("clusterIP") == "None"
         assert headless == (name != "gateway")  # clients balance across service pods
+
+
+def test_triton_image_and_model_repository_agree():
+    dockerfile = ROOT / "deploy" / "triton" / "Dockerfile"
+    lint = subprocess.run([tool("hadolint"), "--config", str(ROOT / ".hadolint.yaml"), str(dockerfile)],
+                          capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    config = (ROOT / "deploy" / "triton" / "model_repository" / "riffusion" / "config.pbtxt").read_text()
+    assert 'name: "riffusion"' in config and 'backend: "python"' in config
+    from services.music.settings import MusicSettings
+
+    assert MusicSettings().triton_model == "riffusion"
 
 
 def compose_services() -> dict[str, dict]:

@@ -53,6 +53,9 @@ class GatewayServicer:
 
     def Remix(self, request_iterator, context):
         """Options first, then video chunks; progress, transcript, timeline, then the video in chunks.
+        Once the options pass the gateway's checks it answers with a progress event (stage
+        UPLOAD, fraction 0): a client may wait for it before uploading, so that a refusal
+        (bad options, missing token) never costs an upload.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -34,7 +34,11 @@ class GatewayStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> GatewayAsyncStub: ...
     Remix: _grpc.StreamStreamMultiCallable[_gateway_pb2.RemixRequest, _gateway_pb2.RemixResponse]
-    """Options first, then video chunks; progress, transcript, timeline, then the video in chunks."""
+    """Options first, then video chunks; progress, transcript, timeline, then the video in chunks.
+    Once the options pass the gateway's checks it answers with a progress event (stage
+    UPLOAD, fraction 0): a client may wait for it before uploading, so that a refusal
+    (bad options, missing token) never costs an upload.
+    """
     Analyze: _grpc.StreamStreamMultiCallable[_gateway_pb2.RemixRequest, _gateway_pb2.RemixResponse]
     """Same input; returns the transcript and the emotion timeline only."""
 
@@ -44,7 +48,11 @@ class GatewayAsyncStub(GatewayStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Remix: _aio.StreamStreamMultiCallable[_gateway_pb2.RemixRequest, _gateway_pb2.RemixResponse]  # type: ignore[assignment]
-    """Options first, then video chunks; progress, transcript, timeline, then the video in chunks."""
+    """Options first, then video chunks; progress, transcript, timeline, then the video in chunks.
+    Once the options pass the gateway's checks it answers with a progress event (stage
+    UPLOAD, fraction 0): a client may wait for it before uploading, so that a refusal
+    (bad options, missing token) never costs an upload.
+    """
     Analyze: _aio.StreamStreamMultiCallable[_gateway_pb2.RemixRequest, _gateway_pb2.RemixResponse]  # type: ignore[assignment]
     """Same input; returns the transcript and the emotion timeline only."""
 
@@ -57,7 +65,11 @@ class GatewayServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_gateway_pb2.RemixRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_gateway_pb2.RemixResponse], _abc.AsyncIterator[_gateway_pb2.RemixResponse]]:
-        """Options first, then video chunks; progress, transcript, timeline, then the video in chunks."""
+        """Options first, then video chunks; progress, transcript, timeline, then the video in chunks.
+        Once the options pass the gateway's checks it answers with a progress event (stage
+        UPLOAD, fraction 0): a client may wait for it before uploading, so that a refusal
+        (bad options, missing token) never costs an upload.
+        """
 
     @_abc_1.abstractmethod
     def Analyze(

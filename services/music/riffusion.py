@@ -118,11 +118,14 @@ def local_model_available(model: str) -> bool:
         return False
 
 
-class RiffusionBackend:
-    name = "riffusion"
+class DiffusionEngine:
+    """Stable Diffusion img2img with Riffusion-style blending, on this machine (diffusers).
 
-    def __init__(self, model: str, device: str = "auto", steps: int = 30, guidance: float = 7.0,
-                 strength: float = 0.75, overlap_s: float = 0.5, composer: ComposerBackend | None = None) -> None:
+    ``render`` takes the seed image and two prompts with a blend between them, and two noise
+    seeds with a walk between them; it is also what the Triton model runs server-side.
+    """
+
+    def __init__(self, model: str, device: str = "auto") -> None:
         try:
             import torch
             from diffusers import StableDiffusionImg2ImgPipeline
@@ -135,14 +138,109 @@ class RiffusionBackend:
             model, dtype=self.dtype, safety_checker=None, requires_safety_checker=False)
         self.pipe = pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        self._lock = threading.Lock()
+        log.info("diffusion pipeline loaded", extra={"fields": {"model": model, "device": self.device,
+                                                                "dtype": str(self.dtype)}})
+
+    def _embed(self, prompts: list[str]) -> Any:
+        tok = self.pipe.tokenizer
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(self.device)
+        return self.pipe.text_encoder(ids)[0]
+
+    def _noise(self, seed: int) -> Any:
+        shape = (1, self.pipe.unet.config.in_channels, P.n_mels // 8, P.width // 8)
+        generator = self.torch.Generator(device="cpu").manual_seed(seed)
+        return self.torch.randn(shape, generator=generator, dtype=self.torch.float32).to(self.device, self.dtype)
+
+    def render(self, image: np.ndarray, prompt_from: str, prompt_to: str, blend: float, seed_a: int, seed_b: int,
+               walk: float, steps: int, guidance: float, strength: float,
+               cancel: threading.Event | None = None) -> np.ndarray:
+        """One img2img pass (our own loop, so cancellation is checked between steps)."""
+        torch = self.torch
+        pipe = self.pipe
+        with self._lock, torch.inference_mode():
+            embedding = (1 - blend) * self._embed([prompt_from]) + blend * self._embed([prompt_to])
+            noise = slerp(walk, self._noise(seed_a), self._noise(seed_b))
+            pixels = torch.from_numpy(image.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+            pixels = pixels.to(self.device, self.dtype)
+            vae = pipe.vae
+            latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+            scheduler = pipe.scheduler
+            scheduler.set_timesteps(steps, device=self.device)
+            keep = min(steps, max(1, round(steps * strength)))
+            timesteps = scheduler.timesteps[steps - keep :]
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(steps - keep)
+            latents = scheduler.add_noise(latents, noise, timesteps[:1])
+            context = torch.cat([self._embed([""]), embedding])
+            for t in timesteps:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("generation cancelled")
+                model_in = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+                predicted = pipe.unet(model_in, t, encoder_hidden_states=context).sample
+                uncond_pred, text_pred = predicted.chunk(2)
+                latents = scheduler.step(uncond_pred + guidance * (text_pred - uncond_pred), t, latents).prev_sample
+            decoded = vae.decode(latents / vae.config.scaling_factor).sample
+            out = ((decoded[0].float().clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0).cpu().numpy()
+        return np.asarray(out)
+
+
+class TritonEngine:
+    """The same ``render``, run by a Triton Inference Server (model ``riffusion``, gRPC)."""
+
+    def __init__(self, url: str, model: str = "riffusion", timeout_s: float = 600.0) -> None:
+        try:
+            import tritonclient.grpc as triton
+        except ImportError as exc:
+            raise Unsupported("tritonclient is not installed (pip install 'bgm[music-full]')") from exc
+        self.triton = triton
+        self.client = triton.InferenceServerClient(url)
+        self.model = model
+        self.timeout_s = timeout_s
+        if not self.client.is_model_ready(model, client_timeout=timeout_s):
+            raise Unsupported(f"the Triton server at {url} has no ready model {model!r}")
+
+    def render(self, image: np.ndarray, prompt_from: str, prompt_to: str, blend: float, seed_a: int, seed_b: int,
+               walk: float, steps: int, guidance: float, strength: float,
+               cancel: threading.Event | None = None) -> np.ndarray:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("generation cancelled")
+        t = self.triton
+        values: dict[str, np.ndarray] = {
+            "IMAGE": np.ascontiguousarray(image, dtype=np.uint8),
+            "PROMPT_FROM": np.array([prompt_from.encode()], dtype=object),
+            "PROMPT_TO": np.array([prompt_to.encode()], dtype=object),
+            "BLEND": np.array([blend], dtype=np.float32),
+            "SEEDS": np.array([seed_a, seed_b], dtype=np.int64),
+            "WALK": np.array([walk], dtype=np.float32),
+            "STEPS": np.array([steps], dtype=np.int32),
+            "GUIDANCE": np.array([guidance], dtype=np.float32),
+            "STRENGTH": np.array([strength], dtype=np.float32),
+        }
+        inputs = []
+        for name, value in values.items():
+            datatype = "BYTES" if value.dtype == object else t.np_to_triton_dtype(value.dtype)
+            tensor = t.InferInput(name, list(value.shape), datatype)
+            tensor.set_data_from_numpy(value)
+            inputs.append(tensor)
+        result = self.client.infer(self.model, inputs, outputs=[t.InferRequestedOutput("SPECTROGRAM")],
+                                   client_timeout=self.timeout_s)
+        return np.asarray(result.as_numpy("SPECTROGRAM"), dtype=np.float32)
+
+
+class RiffusionBackend:
+    name = "riffusion"
+
+    def __init__(self, model: str, device: str = "auto", steps: int = 30, guidance: float = 7.0,
+                 strength: float = 0.75, overlap_s: float = 0.5, composer: ComposerBackend | None = None,
+                 engine: DiffusionEngine | TritonEngine | None = None) -> None:
+        self.engine = engine if engine is not None else DiffusionEngine(model, device)
+        self.name = "triton" if isinstance(self.engine, TritonEngine) else "riffusion"
         self.steps, self.guidance, self.strength, self.overlap_s = steps, guidance, strength, overlap_s
         self.composer = composer or ComposerBackend()
         self._seed_images: dict[tuple[str, float, int], tuple[np.ndarray, float]] = {}
-        self._lock = threading.Lock()
-        log.info("riffusion loaded", extra={"fields": {"model": model, "device": self.device,
-                                                       "dtype": str(self.dtype)}})
 
-    # ----- pieces ---------------------------------------------------------------------
     def seed_image(self, emotion: str, tempo: float, seed: int) -> tuple[np.ndarray, float]:
         """A composer render of the emotion at the score's tempo, as a spectrogram image."""
         key = (emotion, round(tempo, 3), seed)
@@ -152,47 +250,6 @@ class RiffusionBackend:
             self._seed_images[key] = spectrogram.audio_to_image(audio.mean(axis=1))
         return self._seed_images[key]
 
-    def _embed(self, prompts: list[str]) -> Any:
-        tok = self.pipe.tokenizer
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(self.device)
-        return self.pipe.text_encoder(ids)[0]
-
-    def _noise(self, seed: int, shape: tuple[int, ...]) -> Any:
-        generator = self.torch.Generator(device="cpu").manual_seed(seed)
-        return self.torch.randn(shape, generator=generator, dtype=self.torch.float32).to(self.device, self.dtype)
-
-    def _img2img(self, image: np.ndarray, embedding: Any, noise: Any, steps: int, guidance: float,
-                 strength: float, cancel: threading.Event | None) -> np.ndarray:
-        """One img2img pass with our own loop, so cancellation is checked between steps."""
-        torch = self.torch
-        pipe = self.pipe
-        pixels = torch.from_numpy(image.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
-        pixels = pixels.to(self.device, self.dtype)
-        vae = pipe.vae
-        latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
-        scheduler = pipe.scheduler
-        scheduler.set_timesteps(steps, device=self.device)
-        keep = min(steps, max(1, round(steps * strength)))
-        timesteps = scheduler.timesteps[steps - keep :]
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(steps - keep)
-        latents = scheduler.add_noise(latents, noise, timesteps[:1])
-        uncond = self._embed([""])
-        context = torch.cat([uncond, embedding])
-        for t in timesteps:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("generation cancelled")
-            model_in = scheduler.scale_model_input(torch.cat([latents] * 2), t)
-            predicted = pipe.unet(model_in, t, encoder_hidden_states=context).sample
-            uncond_pred, text_pred = predicted.chunk(2)
-            guided = uncond_pred + guidance * (text_pred - uncond_pred)
-            latents = scheduler.step(guided, t, latents).prev_sample
-        decoded = vae.decode(latents / vae.config.scaling_factor).sample
-        out = ((decoded[0].float().clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0).cpu().numpy()
-        return out
-
-    # ----- the whole score ------------------------------------------------------------
     def generate(self, spans: Sequence[tuple[str, float, float]], *, sample_rate: int, seed: int,
                  tempo: float | None, cancel: threading.Event | None = None, steps: int | None = None,
                  guidance: float | None = None, strength: float | None = None) -> tuple[np.ndarray, float]:
@@ -202,24 +259,18 @@ class RiffusionBackend:
         # One tempo for the whole score: the one asked for, else the first emotion's.
         score_tempo = tempo or STYLES[spans[0][0]].tempo
         total = round(spans[-1][2] * RATE)
-        clips_plan = plan_clips(spans, self.overlap_s)
-        latent_shape = (1, self.pipe.unet.config.in_channels, P.n_mels // 8, P.width // 8)
         rendered = []
-        with self._lock, self.torch.inference_mode():
-            embeddings = {e: self._embed([PROMPTS[e]]) for e in {c.emotion_from for c in clips_plan}
-                          | {c.emotion_to for c in clips_plan}}
-            for clip in clips_plan:
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled("generation cancelled")
-                image_a, max_a = self.seed_image(clip.emotion_from, score_tempo, seed)
-                image_b, max_b = self.seed_image(clip.emotion_to, score_tempo, seed)
-                image = (1 - clip.blend) * image_a.astype(np.float32) + clip.blend * image_b.astype(np.float32)
-                embedding = (1 - clip.blend) * embeddings[clip.emotion_from] + clip.blend * embeddings[clip.emotion_to]
-                noise = slerp(clip.walk, self._noise(seed + clip.seed_index, latent_shape),
-                              self._noise(seed + clip.seed_index + 1, latent_shape))
-                out_image = self._img2img(image, embedding, noise, steps, guidance, strength, cancel)
-                mel = spectrogram.spectrogram_from_image(out_image, (1 - clip.blend) * max_a + clip.blend * max_b)
-                rendered.append(spectrogram.audio_from_spectrogram(mel, seed=seed))
+        for clip in plan_clips(spans, self.overlap_s):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("generation cancelled")
+            image_a, max_a = self.seed_image(clip.emotion_from, score_tempo, seed)
+            image_b, max_b = self.seed_image(clip.emotion_to, score_tempo, seed)
+            image = (1 - clip.blend) * image_a.astype(np.float32) + clip.blend * image_b.astype(np.float32)
+            out_image = self.engine.render(
+                image.round().astype(np.uint8), PROMPTS[clip.emotion_from], PROMPTS[clip.emotion_to], clip.blend,
+                seed + clip.seed_index, seed + clip.seed_index + 1, clip.walk, steps, guidance, strength, cancel)
+            mel = spectrogram.spectrogram_from_image(out_image, (1 - clip.blend) * max_a + clip.blend * max_b)
+            rendered.append(spectrogram.audio_from_spectrogram(mel, seed=seed))
         clip_len = min(len(c) for c in rendered)
         hop = round((CLIP_SECONDS - self.overlap_s) * RATE)
         mono = equal_power_join([c[:clip_len] for c in rendered], hop, clip_len - hop, total)

@@ -57,10 +57,9 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
 
     async def load(self) -> None:
         s = self.settings
-        if s.backend == "triton":
-            raise Unsupported("the triton backend is not part of this build yet")
         self.composer = await asyncio.to_thread(ComposerBackend)
-        if s.backend == "riffusion" or (s.backend == "auto" and await asyncio.to_thread(self._riffusion_usable)):
+        if s.backend in ("riffusion", "triton") or (
+                s.backend == "auto" and await asyncio.to_thread(self._riffusion_usable)):
             self.riffusion = await asyncio.to_thread(self._load_riffusion)
         self.ready = True
 
@@ -74,15 +73,16 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
         return bool(torch.cuda.is_available()) and local_model_available(self.settings.riffusion_model)
 
     def _load_riffusion(self) -> RiffusionBackend:
-        from services.music.riffusion import RiffusionBackend
+        from services.music.riffusion import RiffusionBackend, TritonEngine
 
         s = self.settings
+        engine = TritonEngine(s.triton_url, s.triton_model, s.triton_timeout_s) if s.backend == "triton" else None
         return RiffusionBackend(s.riffusion_model, s.device, s.steps, s.guidance, s.denoising_strength,
-                                s.clip_overlap_s, composer=self.composer)
+                                s.clip_overlap_s, composer=self.composer, engine=engine)
 
     @property
     def default_backend(self) -> str:
-        return "riffusion" if self.riffusion is not None else "composer"
+        return self.riffusion.name if self.riffusion is not None else "composer"
 
     def timeline(self, request: music_pb2.GenerateRequest) -> list[tuple[str, float, float]]:
         if not request.spans:
@@ -134,9 +134,10 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
             backend = self.default_backend
         if backend not in ("composer", "riffusion", "triton"):
             raise InvalidInput(f"unknown music backend {backend!r}; use composer, riffusion or triton")
-        if backend == "triton" or (backend == "riffusion" and self.riffusion is None):
+        loaded = self.riffusion.name if self.riffusion is not None else None
+        if backend in ("riffusion", "triton") and backend != loaded:
             raise Unsupported(f"the {backend} backend is not loaded in this deployment "
-                              "(set BGM_MUSIC_BACKEND=riffusion and install bgm[music-full]); use 'composer'")
+                              f"(set BGM_MUSIC_BACKEND={backend} and install bgm[music-full]); use 'composer'")
         tempo = style.tempo_bpm if style.HasField("tempo_bpm") else None
         if tempo is not None:
             check_range("tempo_bpm", tempo, *limits.TEMPO_BPM)
@@ -167,7 +168,7 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
             rate = fmt.sample_rate_hz
             cancel = threading.Event()
             try:
-                if style.backend == "riffusion":
+                if style.backend in ("riffusion", "triton"):
                     assert self.riffusion is not None
                     music, used_tempo = await asyncio.to_thread(
                         self.riffusion.generate, spans, sample_rate=rate, seed=style.seed, tempo=style.tempo,

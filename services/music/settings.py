@@ -9,9 +9,13 @@ from bgm.settings import check
 class MusicSettings:
     """``BGM_MUSIC_*``."""
 
-    # "composer" (offline default), "riffusion" (diffusers), or "auto": Riffusion on a GPU
-    # when its weights are present locally, else the composer. "triton" is not built yet.
+    # "composer" (offline default), "riffusion" (diffusers here), "triton" (the diffusion
+    # model served by Triton at triton_url), or "auto": Riffusion on a GPU when its weights
+    # are present locally, else the composer.
     backend: str = "auto"
+    triton_url: str = "localhost:8001"
+    triton_model: str = "riffusion"
+    triton_timeout_s: float = 600.0
     seed: int = 1234
     # Hub name or local directory of a Stable Diffusion img2img pipeline.
     riffusion_model: str = "riffusion/riffusion-model-v1"
