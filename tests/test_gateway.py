@@ -171,8 +171,9 @@ def test_cli_errors_have_exit_codes(tmp_path):
     (b"definitely not a video " * 100, "not a media file we can read"),
     (b"", "no video was sent"),
 ])
-def test_bad_uploads_are_refused_and_leave_nothing_behind(gateway, tmp_path, payload, fragment):
+def test_bad_uploads_are_refused_and_leave_nothing_behind(gateway, tmp_path, payload, fragment, caplog):
     stub, running = gateway
+    caplog.set_level("DEBUG")
     before = bgm_temp_files()
     path = tmp_path / "bad.mp4"
     path.write_bytes(payload)
@@ -182,6 +183,7 @@ def test_bad_uploads_are_refused_and_leave_nothing_behind(gateway, tmp_path, pay
     assert fragment in info.value.details()
     assert health_status(channel(running.address), "bgm.v1.Gateway") == "SERVING"
     assert bgm_temp_files() <= before
+    assert "definitely not a video" not in caplog.text  # media bytes never reach the logs
 
 
 def test_cancelling_half_way_removes_temp_files(gateway, example):
