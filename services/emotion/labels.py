@@ -13,6 +13,3 @@ NAME: dict[int, str] = {value: name for name, value in ENUM.items()}
 def index_to_enum(index: int) -> int:
     return ENUM[EMOTIONS[index]]
 
-
-def enum_to_index(value: int) -> int:
-    return EMOTIONS.index(NAME[value])

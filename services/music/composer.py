@@ -164,9 +164,6 @@ def _drums(drums: object, style: Style, bar_start: float, beat: float, note: obj
             hit(drums, DRUM_KICK if k % 2 == 0 else DRUM_RIDE, t, t + 0.1, v - 20)  # type: ignore[operator]
 
 
-_render_lock = threading.Lock()
-
-
 def render(pm: object, sample_rate: int, total_samples: int) -> np.ndarray:
     """Render a score with FluidSynth to float32 stereo of exactly ``total_samples`` frames."""
     import soundfile
