@@ -19,13 +19,12 @@ from bgm import logs
 log = logs.get("bgm.client")
 T = TypeVar("T")
 
-SERVICES = (
-    "bgm.v1.SpeechToText",
-    "bgm.v1.EmotionClassifier",
-    "bgm.v1.MusicGenerator",
-    "bgm.v1.Mixer",
-    "bgm.v1.Gateway",
-)
+# Services whose methods all take a single request (unary or server-streaming): the
+# channel may replay those itself. Client-streaming calls (Transcribe, Separate, MixAndMux,
+# Remix) are retried by call_with_retry, which replays the whole stream: gRPC's own retry
+# of a client stream against a restarting server crashed a gateway process in core
+# ("ILLEGAL STATE: FORWARDED_BATCH", grpcio 1.85.1).
+CHANNEL_RETRIED = ("bgm.v1.EmotionClassifier", "bgm.v1.MusicGenerator", "grpc.health.v1.Health")
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
@@ -51,7 +50,7 @@ class RetryPolicy:
             {
                 "loadBalancingConfig": [{"round_robin": {}}],
                 "methodConfig": [
-                    {"name": [{"service": s} for s in (*SERVICES, "grpc.health.v1.Health")],
+                    {"name": [{"service": s} for s in CHANNEL_RETRIED],
                      **({"retryPolicy": policy} if self.max_attempts >= 2 else {})}
                 ],
             }
