@@ -64,8 +64,8 @@ class Spool:
         self.size += len(data)
 
     def finish(self) -> Path:
-        self._file.flush()
-        self._file.close()
+        if not self._file.closed:
+            self._file.close()
         return self.path
 
     def read_bytes(self) -> bytes:

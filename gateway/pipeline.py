@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -36,6 +36,7 @@ from bgm.v1 import (
     stt_pb2_grpc,
 )
 from gateway import sentences
+from gateway.feed import Feed, first_failure, merge
 
 log = logs.get("bgm.gateway")
 T = TypeVar("T")
@@ -151,9 +152,12 @@ class Remix:
 
         return await self.stage(common_pb2.STAGE_TRANSCRIBE, attempt)
 
-    async def separate(self, samples: np.ndarray | None) -> np.ndarray | None:
+    async def separate(self, samples: np.ndarray | None, speech: Feed,
+                       speech_format: asyncio.Future[common_pb2.AudioFormat]) -> None:
+        """Separate the speech, handing it to ``speech`` as the mixer streams it back."""
         if samples is None:
-            return None
+            await speech.close()
+            return
         pcm = audio.float_to_pcm(samples)
         config = mixer_pb2.SeparateConfig(format=audio.audio_format(SEPARATION_RATE, 1),
                                           backend=self.options.separation_backend,
@@ -164,20 +168,26 @@ class Remix:
             for piece in iter_chunks(pcm, CHUNK_BYTES):
                 yield mixer_pb2.SeparateRequest(audio=piece)
 
-        async def attempt() -> np.ndarray:
-            parts: list[bytes] = []
-            fmt = None
+        async def attempt() -> None:
+            offset = 0  # a retried attempt starts over; the feed keeps only what is new
             async for event in self.stubs.mixer.Separate(requests(), timeout=self.timeout_s):
                 kind = event.WhichOneof("event")
-                if kind == "header":
-                    fmt = event.header.format
+                if kind == "header" and not speech_format.done():
+                    speech_format.set_result(event.header.format)
                 elif kind == "chunk" and event.chunk.stem == mixer_pb2.STEM_SPEECH:
-                    parts.append(event.chunk.data)
-            if fmt is None:
+                    await speech.write_at(offset, event.chunk.data)
+                    offset += len(event.chunk.data)
+                elif kind == "progress":
+                    await self.progress(common_pb2.STAGE_SEPARATE, min(0.99, event.progress.fraction))
+            if not speech_format.done():
                 raise InvalidInput("the mixer returned no stems header")
-            return audio.pcm_to_float(b"".join(parts), fmt)[:, 0]
 
-        return await self.stage(common_pb2.STAGE_SEPARATE, attempt)
+        try:
+            await self.stage(common_pb2.STAGE_SEPARATE, attempt)
+        except BaseException as exc:
+            await speech.close(exc)
+            raise
+        await speech.close()
 
     async def classify(self, transcript: gateway_pb2.Transcript) -> gateway_pb2.EmotionTimeline:
         request = emotion_pb2.ClassifyRequest(duration_s=transcript.duration_s, smoothing=self.options.smoothing)
@@ -217,21 +227,42 @@ class Remix:
 
         return await self.stage(common_pb2.STAGE_GENERATE_MUSIC, attempt)
 
-    async def mix(self, speech: np.ndarray | None, bgm: tuple[bytes, common_pb2.AudioFormat]) -> None:
-        config = mixer_pb2.MixConfig(options=self.options.mix, original_name=self.options.filename or "upload.mp4",
-                                     bgm_format=bgm[1])
-        speech_pcm = b""
-        if speech is not None:
-            config.speech_format.CopyFrom(audio.audio_format(SEPARATION_RATE, 1))
-            speech_pcm = audio.float_to_pcm(speech)
+    async def mix(self, has_audio: bool, speech: Feed, speech_format: asyncio.Future[common_pb2.AudioFormat],
+                  music: asyncio.Future[tuple[bytes, common_pb2.AudioFormat]]) -> None:
+        """MixAndMux, opened at once: the original goes first, then the speech as it is
+        separated and the music once it is composed, each track marked when complete so the
+        mixer prepares it while the others are still coming."""
+        bgm_format = audio.audio_format(SEPARATION_RATE, 2)
+
+        def track(kind: int, source: Iterable[bytes]) -> Iterator[mixer_pb2.MixRequest]:
+            for piece in source:
+                yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=kind, data=piece))  # type: ignore[arg-type]
+            yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=kind, last=True))  # type: ignore[arg-type]
+
+        async def speech_track() -> AsyncIterator[mixer_pb2.MixRequest]:
+            async for piece in speech.read():
+                for sub in iter_chunks(piece):
+                    yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=mixer_pb2.TRACK_SPEECH, data=sub))
+            yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=mixer_pb2.TRACK_SPEECH, last=True))
+
+        async def music_track() -> AsyncIterator[mixer_pb2.MixRequest]:
+            pcm, fmt = await music
+            if fmt != bgm_format:  # another music service may answer in its own format
+                frames = audio.mix_channels(audio.pcm_to_float(pcm, fmt), 2)
+                pcm = audio.float_to_pcm(audio.resample(frames, fmt.sample_rate_hz, SEPARATION_RATE))
+            for request in track(mixer_pb2.TRACK_BGM, iter_chunks(pcm)):
+                yield request
 
         async def requests() -> AsyncIterator[mixer_pb2.MixRequest]:
+            config = mixer_pb2.MixConfig(options=self.options.mix, original_name=self.options.filename or "upload.mp4",
+                                         bgm_format=bgm_format)
+            if has_audio:
+                config.speech_format.CopyFrom(await speech_format)
             yield mixer_pb2.MixRequest(config=config)
-            for track, source in ((mixer_pb2.TRACK_SPEECH, iter_chunks(speech_pcm)),
-                                  (mixer_pb2.TRACK_BGM, iter_chunks(bgm[0])),
-                                  (mixer_pb2.TRACK_ORIGINAL, iter_file_chunks(self.video))):
-                for piece in source:
-                    yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=track, data=piece))
+            for request in track(mixer_pb2.TRACK_ORIGINAL, iter_file_chunks(self.video)):
+                yield request
+            async for request in merge(speech_track(), music_track()):
+                yield request
 
         output = self.work / "remixed.bin"
 
@@ -260,26 +291,36 @@ class Remix:
                 await self.emit(message)
 
     # ----- the whole job -----------------------------------------------------------
+    async def analyse(self, samples: np.ndarray | None, duration: float) -> gateway_pb2.EmotionTimeline:
+        transcript = await self.transcribe(samples, duration)
+        await self.emit(gateway_pb2.RemixResponse(transcript=transcript))
+        timeline = await self.classify(transcript)
+        await self.emit(gateway_pb2.RemixResponse(timeline=timeline))
+        return timeline
+
     async def run(self, analyze_only: bool) -> None:
         info, samples = await self.extract()
-        separation = None
-        if not analyze_only:
-            separation = asyncio.ensure_future(self.separate(samples))
+        if analyze_only:
+            await self.analyse(samples, info.duration_s)
+            return
+        loop = asyncio.get_running_loop()
+        speech, speech_format = Feed(), loop.create_future()
+        music: asyncio.Future[tuple[bytes, common_pb2.AudioFormat]] = loop.create_future()
+
+        async def analyse_and_compose() -> None:
+            music.set_result(await self.music(await self.analyse(samples, info.duration_s)))
+
+        # Three strands at once: separation feeding the mix as it goes, the mix itself, and
+        # transcription -> emotions -> music, whose result the mix picks up when it is ready.
+        strands = [asyncio.ensure_future(self.separate(samples, speech, speech_format)),
+                   asyncio.ensure_future(self.mix(samples is not None, speech, speech_format, music)),
+                   asyncio.ensure_future(analyse_and_compose())]
         try:
-            transcript = await self.transcribe(samples, info.duration_s)
-            await self.emit(gateway_pb2.RemixResponse(transcript=transcript))
-            timeline = await self.classify(transcript)
-            await self.emit(gateway_pb2.RemixResponse(timeline=timeline))
-            if analyze_only:
-                return
-            assert separation is not None
-            bgm = await self.music(timeline)
-            speech = await separation
-            await self.mix(speech, bgm)
+            await first_failure(strands)
         finally:
-            if separation is not None and not separation.done():
-                separation.cancel()
-                await asyncio.gather(separation, return_exceptions=True)
+            for strand in strands:
+                strand.cancel()
+            await asyncio.gather(*strands, return_exceptions=True)
         log.info("remix done", extra={"fields": {
             "duration_s": info.duration_s, "wall_s": round(time.monotonic() - self.started, 2),
             "stages_s": {k: round(v, 2) for k, v in self.stage_seconds.items()}}})

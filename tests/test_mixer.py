@@ -11,10 +11,11 @@ import pytest
 import soundfile
 
 from bgm.audio import audio_format, float_to_pcm
-from bgm.chunks import iter_chunks, iter_file_chunks
+from bgm.chunks import iter_chunks
 from bgm.settings import ServerSettings
 from bgm.v1 import mixer_pb2, mixer_pb2_grpc
 from services.mixer import dsp
+from services.mixer.separation import DeepFilterNet
 from services.mixer.servicer import MixerServicer
 from services.mixer.settings import MixerSettings
 from tests.conftest import bgm_temp_files, channel, health_status, speak, start
@@ -81,7 +82,8 @@ def test_deepfilternet_recovers_speech_from_music(mixer, material):
 
 
 def mix_and_mux(stub, original: Path, speech: np.ndarray | None, bgm: np.ndarray | None,
-                options: mixer_pb2.MixOptions | None = None, name: str | None = None):
+                options: mixer_pb2.MixOptions | None = None, name: str | None = None, marked: bool = False):
+    """One MixAndMux call; ``marked`` sends the original first and ends each track with ``last``."""
     config = mixer_pb2.MixConfig(options=options or mixer_pb2.MixOptions(), original_name=name or original.name)
     tracks = []
     if speech is not None:
@@ -91,13 +93,16 @@ def mix_and_mux(stub, original: Path, speech: np.ndarray | None, bgm: np.ndarray
         config.bgm_format.CopyFrom(audio_format(RATE, 1))
         tracks.append((mixer_pb2.TRACK_BGM, float_to_pcm(bgm[:, None])))
 
+    original_track = (mixer_pb2.TRACK_ORIGINAL, original.read_bytes())
+    ordered = [original_track, *tracks] if marked else [*tracks, original_track]
+
     def requests():
         yield mixer_pb2.MixRequest(config=config)
-        for track, data in tracks:
+        for track, data in ordered:
             for piece in iter_chunks(data):
                 yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=track, data=piece))
-        for piece in iter_file_chunks(original):
-            yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=mixer_pb2.TRACK_ORIGINAL, data=piece))
+            if marked:
+                yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=track, last=True))
 
     result, media, stems = None, [], {}
     for event in stub.MixAndMux(requests(), timeout=300):
@@ -129,7 +134,7 @@ def test_mix_levels_ducking_and_an_untouched_picture(mixer, material):
 
     # Levels of the final file (after AAC), measured independently of the mixer's own report.
     final = decode(out, RATE, 2)
-    lufs = dsp.loudness(final)
+    lufs = reference_loudness(final)
     peak = dsp.true_peak_db(final)
     print(f"\nmix: {lufs:.2f} LUFS (target -14), true peak {peak:.2f} dBTP (ceiling -1)")
     assert abs(lufs + 14.0) <= 1.0
@@ -168,7 +173,7 @@ def test_video_without_audio_gets_the_music_alone(mixer, material):
     out.write_bytes(media)
     assert streams(out) == ["video:h264", "audio:aac"]
     assert video_packet_hashes(out) == video_packet_hashes(original)
-    assert dsp.loudness(decode(out, RATE, 2)) > -20
+    assert reference_loudness(decode(out, RATE, 2)) > -20
 
 
 def test_audio_only_input_returns_audio(mixer, material):
@@ -241,6 +246,82 @@ def test_mix_options_out_of_range_are_refused(mixer, material):
         mix_and_mux(stub, original, None, None, mixer_pb2.MixOptions(loudness_lufs=12))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "loudness_lufs 12 is out of range [-60, 0]" in info.value.details()
+
+
+def test_separation_streams_speech_while_it_works(mixer, material):
+    """Speech comes back in pieces between progress reports, not all at the end."""
+    stub, _ = mixer
+    _, speech, music = material
+    mix = (speech + music)[: 8 * RATE]
+
+    def requests():
+        yield mixer_pb2.SeparateRequest(config=mixer_pb2.SeparateConfig(format=audio_format(RATE, 1)))
+        for piece in iter_chunks(float_to_pcm(mix[:, None])):
+            yield mixer_pb2.SeparateRequest(audio=piece)
+
+    events, parts = [], []
+    for event in stub.Separate(requests(), timeout=300):
+        kind = event.WhichOneof("event")
+        events.append((kind, event.progress.fraction if kind == "progress" else None))
+        if kind == "chunk":
+            parts.append(event.chunk.data)
+    fractions = [f for kind, f in events if kind == "progress"]
+    first_chunk = next(i for i, (kind, _) in enumerate(events) if kind == "chunk")
+    assert len(fractions) >= 3 and fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert any(kind == "progress" and f < 1.0 for kind, f in events[first_chunk:])
+    streamed = np.frombuffer(b"".join(parts), dtype="<f4")
+    whole = DeepFilterNet(MixerSettings().attenuation_limit_db).speech(mix)
+    assert np.array_equal(streamed, whole)
+
+
+def test_tracks_marked_complete_give_the_same_file_and_nothing_may_follow_last(mixer, material):
+    stub, _ = mixer
+    tmp, speech, music = material
+    seconds = 6.0
+    soundfile.write(tmp / "short.wav", (speech + music)[: int(seconds * RATE)], RATE)
+    original = colour_video(tmp / "short.mp4", seconds, tmp / "short.wav")
+    part = slice(0, int(seconds * RATE))
+    _, plain, _ = mix_and_mux(stub, original, speech[part], music[part])
+    result, marked, _ = mix_and_mux(stub, original, speech[part], music[part], marked=True)
+    assert result.video_copied and marked == plain
+
+    def after_last():
+        yield mixer_pb2.MixRequest(config=mixer_pb2.MixConfig(original_name="clip.mp4"))
+        yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=mixer_pb2.TRACK_ORIGINAL,
+                                                              data=original.read_bytes(), last=True))
+        yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=mixer_pb2.TRACK_ORIGINAL, data=b"more"))
+
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.MixAndMux(after_last(), timeout=60))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "original chunk came after that track's last chunk" in info.value.details()
+
+
+def reference_loudness(x: np.ndarray) -> float:
+    """pyloudnorm's BS.1770 meter: an implementation independent of the mixer's own."""
+    import pyloudnorm
+
+    return float(pyloudnorm.Meter(RATE).integrated_loudness(x.astype(np.float64)))
+
+
+def test_loudness_meter_matches_pyloudnorm_whole_and_in_pieces(material):
+    _, speech, music = material
+    rng = np.random.default_rng(7)
+    cases = {
+        "speech + music": np.stack([speech + music, speech + 0.5 * music], axis=1),
+        "mono speech": speech[:, None],
+        "quiet noise": (rng.standard_normal((3 * RATE, 2)) * 1e-3).astype(np.float32),
+        "one block": music[: RATE // 2 + 17, None],
+    }
+    for name, x in cases.items():
+        expected = reference_loudness(x)
+        assert dsp.loudness(x) == pytest.approx(expected, abs=1e-3), name
+        meter = dsp.LoudnessMeter(x.shape[1])
+        cuts = np.sort(rng.integers(0, x.shape[0], 9))
+        for piece in np.split(x, cuts):
+            meter.feed(piece)
+        assert meter.integrated() == pytest.approx(expected, abs=1e-3), name
+    assert dsp.loudness(np.zeros((RATE, 2), dtype=np.float32)) == -120.0
 
 
 def test_true_peak_matches_full_oversampling_and_the_limiter_holds_the_ceiling(material):

@@ -323,17 +323,23 @@ class TrackChunk(_message.Message):
 
     TRACK_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
     track: Global___Track.ValueType
     data: _builtins.bytes
+    last: _builtins.bool
+    """Set on a track's final chunk (optional): the mixer starts preparing that track at once
+    instead of when the whole request stream has ended.
+    """
     def __init__(
         self,
         *,
         track: Global___Track.ValueType = ...,
         data: _builtins.bytes = ...,
+        last: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "track", b"track"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "last", b"last", "track", b"track"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ffmpeg
+import numpy as np
 
 from bgm import media
 from bgm.errors import InvalidInput
@@ -40,13 +41,14 @@ def output_for(original_name: str, info: media.MediaInfo) -> Output:
     return Output(fmt, codec, mime, suffix if suffix in CONTAINERS and suffix != ".avi" else ".mkv")
 
 
-def mux(original: Path, audio_wav: Path, out: Output, target: Path, bitrate: str) -> None:
-    """Copy the original's video streams, add the new audio, keep container metadata."""
+def mux(original: Path, info: media.MediaInfo, samples: np.ndarray, out: Output, target: Path,
+        bitrate: str, rate: int = 48_000) -> None:
+    """Copy the original's video streams, add the new audio (float (n, 2), piped in), keep
+    container metadata."""
     guard = {"protocol_whitelist": "file,pipe", "format_whitelist": media.DEMUXER_WHITELIST}
     source = ffmpeg.input(str(original), **guard)
-    new_audio = ffmpeg.input(str(audio_wav), protocol_whitelist="file,pipe")
+    new_audio = ffmpeg.input("pipe:0", format="f32le", ar=rate, ac=samples.shape[1])
     streams = [new_audio.audio]
-    info = media.probe(original, "the original")
     if info.has_video:
         streams.insert(0, source["v"])
     kwargs: dict[str, str | int] = {"acodec": out.audio_codec, "audio_bitrate": bitrate, "f": out.format,
@@ -56,8 +58,9 @@ def mux(original: Path, audio_wav: Path, out: Output, target: Path, bitrate: str
     if out.format in ("mp4", "mov", "ipod"):
         kwargs["movflags"] = "+faststart"
     cmd = ffmpeg.output(*streams, str(target), **kwargs).overwrite_output().compile()
-    cmd = [cmd[0], "-nostdin", "-hide_banner", "-loglevel", "error", *cmd[1:]]
-    proc = subprocess.run(cmd, capture_output=True, timeout=3600)
+    cmd = [cmd[0], "-hide_banner", "-loglevel", "error", *cmd[1:]]
+    pcm = np.ascontiguousarray(samples, dtype="<f4").tobytes()
+    proc = subprocess.run(cmd, input=pcm, capture_output=True, timeout=3600)
     if proc.returncode != 0:
         detail = proc.stderr.decode(errors="replace").strip().splitlines()
         raise InvalidInput(f"could not write the remixed file ({detail[-1][:300] if detail else 'ffmpeg failed'})")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -25,6 +26,15 @@ class Separator(Protocol):
     name: str
 
     def speech(self, mono: np.ndarray, cancel: threading.Event | None = None) -> np.ndarray: ...
+
+    def speech_blocks(self, mono: np.ndarray, cancel: threading.Event | None = None) -> Iterator[np.ndarray]:
+        """The speech in consecutive pieces, as soon as each is ready; together they are ``speech``."""
+        ...
+
+
+class CancelledWork(RuntimeError):
+    def __init__(self) -> None:
+        super().__init__("cancelled")
 
 
 _FloatPtr = ctypes.POINTER(ctypes.c_float)
@@ -66,24 +76,38 @@ class DeepFilterNet:
 
     def speech(self, mono: np.ndarray, cancel: threading.Event | None = None) -> np.ndarray:
         """Enhanced speech, time-aligned with the input and of the same length."""
+        return np.concatenate([np.zeros(0, dtype=np.float32), *self.speech_blocks(mono, cancel)])
+
+    def speech_blocks(self, mono: np.ndarray, cancel: threading.Event | None = None,
+                      block_s: float = 2.0) -> Iterator[np.ndarray]:
+        """The enhanced speech about ``block_s`` at a time: the model runs frame by frame, so
+        the mixer can start on the first seconds while the rest is still being cleaned."""
         n = self.frame
         total = mono.shape[0]
         padded_len = -(-(total + self.LATENCY) // n) * n
         src = np.zeros(padded_len, dtype=np.float32)
         src[:total] = mono
         out = np.zeros(padded_len, dtype=np.float32)
+        frames_per_block = max(1, int(block_s * SAMPLE_RATE) // n)
+        sent = 0  # output samples handed out so far (after the latency is skipped)
         state = self._create()  # one state per call: the model is stateful across frames
         try:
             for start in range(0, padded_len, n):
-                if cancel is not None and start % (n * 1000) == 0 and cancel.is_set():
-                    raise RuntimeError("cancelled")
                 frame_in = src[start : start + n]
                 frame_out = out[start : start + n]
                 self.lib.df_process_frame(state, frame_in.ctypes.data_as(_FloatPtr),
                                           frame_out.ctypes.data_as(_FloatPtr))
+                if (start // n + 1) % frames_per_block == 0:
+                    if cancel is not None and cancel.is_set():
+                        raise CancelledWork()
+                    ready = min(total, start + n - self.LATENCY)
+                    if ready > sent:
+                        yield out[self.LATENCY + sent : self.LATENCY + ready].copy()
+                        sent = ready
         finally:
             self.lib.df_free(state)
-        return out[self.LATENCY : self.LATENCY + total].copy()
+        if sent < total:
+            yield out[self.LATENCY + sent : self.LATENCY + total].copy()
 
 
 class Demucs:
@@ -136,7 +160,7 @@ class Demucs:
 
         def check(_: dict) -> None:
             if cancel is not None and cancel.is_set():
-                raise RuntimeError("cancelled")
+                raise CancelledWork()
 
         with self.torch.inference_mode():
             sources = apply_model(self.model, tensor, split=True, overlap=self.overlap, device=self.device,
@@ -146,6 +170,10 @@ class Demucs:
         if out.shape[0] < mono.shape[0]:
             out = np.pad(out, (0, mono.shape[0] - out.shape[0]))
         return out[: mono.shape[0]].astype(np.float32)
+
+    def speech_blocks(self, mono: np.ndarray, cancel: threading.Event | None = None) -> Iterator[np.ndarray]:
+        # Demucs works on overlapping windows over the whole file, so all of it comes at the end.
+        yield self.speech(mono, cancel)
 
 
 def create(backend: str, demucs_model: str = "htdemucs", device: str = "auto",

@@ -18,14 +18,14 @@ from bgm.errors import ConcurrencyLimiter, InvalidInput
 from bgm.limits import MIX_RANGES, check_range
 from bgm.server import ModelServicer, Servicer
 from bgm.settings import ServerSettings
+from bgm.threads import iterate_in_thread
 from bgm.v1 import common_pb2, mixer_pb2, mixer_pb2_grpc
 from services.mixer import dsp, mux, separation
 from services.mixer.settings import MixerSettings
+from services.mixer.tracks import Music, Original, Speech, TrackSet
 
 RATE = dsp.SAMPLE_RATE
 STEM_SOURCES = (mixer_pb2.STEM_SPEECH, mixer_pb2.STEM_BGM, mixer_pb2.STEM_MIX)
-TRACK_NAMES: dict[int, str] = {
-    mixer_pb2.TRACK_ORIGINAL: "original", mixer_pb2.TRACK_SPEECH: "speech", mixer_pb2.TRACK_BGM: "bgm"}
 
 
 def _progress(stage: int, fraction: float, started: float, message: str) -> common_pb2.Progress:
@@ -40,7 +40,10 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
         super().__init__()
         self.settings = mixer
         self.server = server
-        self.limiter = ConcurrencyLimiter(server.max_concurrency, "the mixer service")
+        # Separate and MixAndMux get their own slots: a remix holds a MixAndMux open while its
+        # speech is still being separated, so sharing slots could starve its own Separate.
+        self.limiter = ConcurrencyLimiter(server.max_concurrency, "the mixer's Separate")
+        self.mix_limiter = ConcurrencyLimiter(server.max_concurrency, "the mixer's MixAndMux")
         self.separators: dict[str, separation.Separator] = {}
 
     def add_to_server(self, server: aio.Server) -> None:
@@ -81,16 +84,21 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
                 if spool.size == 0:
                     raise InvalidInput("no audio was sent after the config message")
                 mono = (await asyncio.to_thread(audio.load_audio, spool.finish(), config.format, RATE, 1))[:, 0]
-            yield mixer_pb2.SeparateResponse(progress=_progress(
-                common_pb2.STAGE_SEPARATE, 0.1, started, f"separating with {separator.name}"))
-            speech = await asyncio.to_thread(separator.speech, mono)
             fmt = audio.audio_format(RATE, 1)
             yield mixer_pb2.SeparateResponse(header=mixer_pb2.StemsHeader(
                 format=fmt, stems=stems, total_samples=mono.shape[0], backend=separator.name))
-            for stem in stems:
-                data = speech if stem == mixer_pb2.STEM_SPEECH else mono - speech
-                for piece in iter_chunks(audio.float_to_pcm(data), CHUNK_BYTES):
-                    yield mixer_pb2.SeparateResponse(chunk=mixer_pb2.StemChunk(stem=stem, data=piece))
+            # Stems go out as the separator produces them, so the caller can start on the
+            # first seconds (the gateway feeds them straight into MixAndMux).
+            done = 0
+            async for block in iterate_in_thread(lambda cancel: separator.speech_blocks(mono, cancel)):
+                for stem in stems:
+                    data = block if stem == mixer_pb2.STEM_SPEECH else mono[done : done + block.shape[0]] - block
+                    for piece in iter_chunks(audio.float_to_pcm(data), CHUNK_BYTES):
+                        yield mixer_pb2.SeparateResponse(chunk=mixer_pb2.StemChunk(stem=stem, data=piece))
+                done += block.shape[0]
+                yield mixer_pb2.SeparateResponse(progress=_progress(
+                    common_pb2.STAGE_SEPARATE, done / max(1, mono.shape[0]), started,
+                    f"separating with {separator.name}"))
 
     # ----- MixAndMux ------------------------------------------------------------------
     def levels(self, options: mixer_pb2.MixOptions) -> dsp.MixLevels:
@@ -102,24 +110,11 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
             values[name] = float(check_range(f"mix option {name}", value, low, high))
         return dsp.MixLevels(**values)
 
-    async def _receive_tracks(self, rest: AsyncIterator[mixer_pb2.MixRequest], spools: dict[int, Spool]) -> None:
-        total = 0
-        async for message in rest:
-            if message.WhichOneof("payload") != "chunk":
-                raise InvalidInput("'config' was sent twice; send it once, as the first message")
-            track = message.chunk.track
-            if track not in spools:
-                raise InvalidInput(f"chunk for unknown track {track}; use ORIGINAL, SPEECH or BGM")
-            total += len(message.chunk.data)
-            if total > self.server.max_input_bytes:
-                raise InvalidInput(f"the upload is larger than the limit of {self.server.max_input_bytes} bytes")
-            spools[track].write(message.chunk.data)
-
     async def MixAndMux(
         self, request_iterator: AsyncIterator[mixer_pb2.MixRequest], context: aio.ServicerContext
     ) -> AsyncIterator[mixer_pb2.MixResponse]:
         self.require_ready()
-        with self.limiter, tempfile.TemporaryDirectory(prefix="bgm-mix-", dir=self.server.tmp_dir or None) as tmp:
+        with self.mix_limiter, tempfile.TemporaryDirectory(prefix="bgm-mix-", dir=self.server.tmp_dir or None) as tmp:
             started = time.monotonic()
             config, rest = await read_config(request_iterator, "config", "chunk")
             levels = self.levels(config.options)
@@ -128,65 +123,42 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
             for name, fmt in (("speech_format", config.speech_format), ("bgm_format", config.bgm_format)):
                 if fmt.encoding != common_pb2.ENCODING_UNSPECIFIED:
                     audio.check_format(fmt, name)
-            suffix = Path(config.original_name).suffix.lower()[:8] if config.original_name else ""
-            spools = {track: Spool(self.server.max_input_bytes, name, tmp, suffix if name == "original" else "")
-                      for track, name in TRACK_NAMES.items()}
+            tracks = TrackSet(config, self.server.max_input_bytes, tmp)
             try:
-                await self._receive_tracks(rest, spools)
-                outcome, out_path, out, info = await asyncio.to_thread(self._mix, config, levels, spools, Path(tmp))
+                await tracks.receive(rest)
+                original, speech, music = await tracks.ready()
+                outcome, out_path, out = await asyncio.to_thread(
+                    self._mix, config, levels, tracks.original_path, original, speech, music, Path(tmp))
             finally:
-                for spool in spools.values():
-                    spool.close()
+                tracks.close()
             yield mixer_pb2.MixResponse(progress=_progress(common_pb2.STAGE_MIX, 1.0, started, "mixed and muxed"))
             yield mixer_pb2.MixResponse(result=mixer_pb2.MixResult(
-                container=out.format, mime_type=out.mime_type, duration_s=info.duration_s,
+                container=out.format, mime_type=out.mime_type, duration_s=original.info.duration_s,
                 loudness_lufs=outcome.loudness_lufs, true_peak_dbtp=outcome.true_peak_dbtp,
-                video_copied=info.has_video))
+                video_copied=original.info.has_video))
             for piece in iter_file_chunks(out_path):
                 yield mixer_pb2.MixResponse(media=piece)
             for message in stem_messages(config.options.return_stems, outcome, Path(tmp)):
                 yield message
 
-    def _mix(self, config: mixer_pb2.MixConfig, levels: dsp.MixLevels, spools: dict[int, Spool],
-             tmp: Path) -> tuple[dsp.MixOutcome, Path, mux.Output, media.MediaInfo]:
-        original = spools[mixer_pb2.TRACK_ORIGINAL]
-        if original.size == 0:
-            raise InvalidInput("no ORIGINAL track was sent: the original media file is needed to mux into")
-        info = media.probe(original.finish(), "the original")
-        if info.duration_s <= 0:
-            raise InvalidInput("the original has zero length")
-        n = round(info.duration_s * RATE)
-        speech = self._track(spools[mixer_pb2.TRACK_SPEECH], config.speech_format, n, "speech")
-        bgm = self._track(spools[mixer_pb2.TRACK_BGM], config.bgm_format, n, "bgm")
-        outcome = dsp.mix(speech, bgm, levels)
-        out = mux.output_for(config.original_name, info)
+    def _mix(self, config: mixer_pb2.MixConfig, levels: dsp.MixLevels, original_path: Path, original: Original,
+             speech: Speech, music: Music, tmp: Path) -> tuple[dsp.MixOutcome, Path, mux.Output]:
+        outcome = dsp.mix_measured(speech.frames, music.frames, levels, speech.active, speech.level_lufs,
+                                   music.level_lufs, measure_peak=False)
+        out = mux.output_for(config.original_name, original.info)
         target = tmp / f"remixed{out.suffix}"
-        wav = tmp / "mix.wav"
         mixed = outcome.mix
         # Lossy codecs overshoot a little: measure the encoded file itself and, if its true
         # peak is over the ceiling, encode once more that much quieter.
         for _ in range(3):
-            soundfile.write(str(wav), mixed, RATE, subtype="FLOAT")
-            mux.mux(original.path, wav, out, target, self.settings.audio_bitrate)
+            mux.mux(original_path, original.info, mixed, out, target, self.settings.audio_bitrate)
             encoded = media.decode_audio(target, RATE, 2, "the remixed file")
             peak = dsp.true_peak_db(encoded)
             if peak <= levels.true_peak_dbtp:
                 break
             mixed = (mixed * dsp.db_to_gain(levels.true_peak_dbtp - peak - 0.1)).astype(np.float32)
         outcome = dsp.MixOutcome(mixed, outcome.bgm, dsp.loudness(encoded), peak)
-        return outcome, target, out, info
-
-    @staticmethod
-    def _track(spool: Spool, fmt: common_pb2.AudioFormat, n: int, what: str) -> np.ndarray:
-        """A streamed track as (n, 2) at 48 kHz: silence if absent, cut or padded to n."""
-        if spool.size == 0:
-            return np.zeros((n, 2), dtype=np.float32)
-        if fmt.encoding == common_pb2.ENCODING_UNSPECIFIED:
-            raise InvalidInput(f"{what} audio was sent without {what}_format in the config")
-        frames = audio.load_audio(spool.finish(), fmt, RATE, 2)
-        if frames.shape[0] >= n:
-            return frames[:n]
-        return np.pad(frames, ((0, n - frames.shape[0]), (0, 0)))
+        return outcome, target, out
 
 
 def stem_messages(wanted: Sequence[int], outcome: dsp.MixOutcome, tmp: Path) -> Iterator[mixer_pb2.MixResponse]:

@@ -1,0 +1,143 @@
+"""The three tracks of one MixAndMux call, each prepared as soon as it has fully arrived.
+
+A caller that marks a track's final chunk (``TrackChunk.last``) lets the mixer probe the
+original and measure the music while the speech is still being separated, so what is left
+once the last track lands is only the mix itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bgm import audio, media
+from bgm.chunks import Spool
+from bgm.errors import InvalidInput
+from bgm.v1 import common_pb2, mixer_pb2
+from services.mixer import dsp
+
+RATE = dsp.SAMPLE_RATE
+TRACK_NAMES: dict[int, str] = {
+    mixer_pb2.TRACK_ORIGINAL: "original", mixer_pb2.TRACK_SPEECH: "speech", mixer_pb2.TRACK_BGM: "bgm"}
+
+
+@dataclass(frozen=True)
+class Original:
+    info: media.MediaInfo
+    samples: int  # the mix's length at 48 kHz
+
+
+@dataclass(frozen=True)
+class Speech:
+    frames: np.ndarray  # (n, 2)
+    active: np.ndarray  # per sample: someone is talking
+    level_lufs: float | None  # None when there is no speech at all
+
+
+@dataclass(frozen=True)
+class Music:
+    frames: np.ndarray  # (n, 2)
+    level_lufs: float
+
+
+def fit(spool: Spool, fmt: common_pb2.AudioFormat, n: int, what: str) -> np.ndarray:
+    """A streamed track as (n, 2) at 48 kHz: silence if absent, cut or padded to n."""
+    if spool.size == 0:
+        return np.zeros((n, 2), dtype=np.float32)
+    if fmt.encoding == common_pb2.ENCODING_UNSPECIFIED:
+        raise InvalidInput(f"{what} audio was sent without {what}_format in the config")
+    frames = audio.load_audio(spool.finish(), fmt, RATE, 2)
+    if frames.shape[0] >= n:
+        return frames[:n]
+    return np.pad(frames, ((0, n - frames.shape[0]), (0, 0)))
+
+
+class TrackSet:
+    def __init__(self, config: mixer_pb2.MixConfig, limit: int, tmp: str) -> None:
+        suffix = Path(config.original_name).suffix.lower()[:8] if config.original_name else ""
+        self.config = config
+        self.limit = limit
+        self.spools = {track: Spool(limit, name, tmp, suffix if name == "original" else "")
+                       for track, name in TRACK_NAMES.items()}
+        self.tasks: dict[int, asyncio.Task[Any]] = {}
+
+    def close(self) -> None:
+        for task in self.tasks.values():
+            if task.done():
+                if not task.cancelled():
+                    task.exception()  # retrieved: the failure that matters was already raised
+            else:
+                task.cancel()
+        for spool in self.spools.values():
+            spool.close()
+
+    async def receive(self, rest: AsyncIterator[mixer_pb2.MixRequest]) -> None:
+        total = 0
+        async for message in rest:
+            if message.WhichOneof("payload") != "chunk":
+                raise InvalidInput("'config' was sent twice; send it once, as the first message")
+            chunk = message.chunk
+            if chunk.track not in self.spools:
+                raise InvalidInput(f"chunk for unknown track {chunk.track}; use ORIGINAL, SPEECH or BGM")
+            if chunk.track in self.tasks:
+                raise InvalidInput(f"a {TRACK_NAMES[chunk.track]} chunk came after that track's last chunk")
+            total += len(chunk.data)
+            if total > self.limit:
+                raise InvalidInput(f"the upload is larger than the limit of {self.limit} bytes")
+            self.spools[chunk.track].write(chunk.data)
+            if chunk.last:
+                self.prepare(chunk.track)
+        for track in self.spools:
+            if track not in self.tasks:
+                self.prepare(track)
+
+    def prepare(self, track: int) -> None:
+        self.spools[track].finish()
+        steps: dict[int, Callable[[], Coroutine[Any, Any, object]]] = {
+            mixer_pb2.TRACK_ORIGINAL: self._original, mixer_pb2.TRACK_SPEECH: self._speech,
+            mixer_pb2.TRACK_BGM: self._music}
+        self.tasks[track] = asyncio.ensure_future(steps[track]())
+
+    async def _original(self) -> Original:
+        spool = self.spools[mixer_pb2.TRACK_ORIGINAL]
+        if spool.size == 0:
+            raise InvalidInput("no ORIGINAL track was sent: the original media file is needed to mux into")
+        info = await asyncio.to_thread(media.probe, spool.path, "the original")
+        if info.duration_s <= 0:
+            raise InvalidInput("the original has zero length")
+        return Original(info, round(info.duration_s * RATE))
+
+    async def _speech(self) -> Speech:
+        n = (await self.tasks[mixer_pb2.TRACK_ORIGINAL]).samples
+
+        def work() -> Speech:
+            frames = fit(self.spools[mixer_pb2.TRACK_SPEECH], self.config.speech_format, n, "speech")
+            active = dsp.speech_activity(frames)
+            return Speech(frames, active, dsp.loudness(frames) if active.any() else None)
+
+        return await asyncio.to_thread(work)
+
+    async def _music(self) -> Music:
+        n = (await self.tasks[mixer_pb2.TRACK_ORIGINAL]).samples
+
+        def work() -> Music:
+            frames = fit(self.spools[mixer_pb2.TRACK_BGM], self.config.bgm_format, n, "bgm")
+            return Music(frames, dsp.loudness(frames))
+
+        return await asyncio.to_thread(work)
+
+    async def ready(self) -> tuple[Original, Speech, Music]:
+        """Every track prepared (call after ``receive``); the first failure is raised."""
+        original, speech, music = await asyncio.gather(
+            self.tasks[mixer_pb2.TRACK_ORIGINAL], self.tasks[mixer_pb2.TRACK_SPEECH],
+            self.tasks[mixer_pb2.TRACK_BGM])
+        return original, speech, music
+
+    @property
+    def original_path(self) -> Path:
+        return self.spools[mixer_pb2.TRACK_ORIGINAL].path
