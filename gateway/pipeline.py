@@ -1,9 +1,15 @@
 """One remix: the stages, how they overlap, and how their failures are reported.
 
-    upload -> extract audio --+--> separate (mixer) ------------------+
-                              +--> transcribe (stt) -> classify ---+  +--> mix and mux -> video out
-                                                   (emotion)       +-> generate music --+
-Separation runs while STT transcribes; music starts once the timeline is known.
+    upload -> extract audio -+-> separate (mixer) ----- speech, as it is cleaned -----+
+                             |                                                      v
+                             +-> mix and mux (mixer), opened at once: original -> [mix] -> video out
+                             |                                                      ^
+                             +-> transcribe (stt) -> classify (emotion) -> music ---+
+
+Three strands run at once. The mix takes the original first, then the speech while it is
+being separated and the music once it is composed; each track is marked complete so the
+mixer prepares it while the others are still coming. What no other stage can overlap is
+the mix of the whole, its loudness pass and the encode, once the last input is in.
 """
 
 from __future__ import annotations

@@ -357,7 +357,7 @@ class MixRequest(_message.Message):
 
     @_builtins.property
     def chunk(self) -> Global___TrackChunk:
-        """chunks of the three tracks, in any order"""
+        """chunks of the three tracks, in any order, even interleaved"""
 
     def __init__(
         self,

@@ -6,6 +6,9 @@ true peak is measured on a 4x oversampled signal, as BS.1770 prescribes.
 
 from __future__ import annotations
 
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -196,18 +199,30 @@ def peak_envelope(x: np.ndarray, near: float) -> np.ndarray:
     if hot.size == 0:
         return env
     # Oversample each run of consecutive hot blocks in one go (at most RUN blocks at a time),
-    # with filter context either side.
+    # with filter context either side; the runs are independent, so they share the cores.
     frames = x if x.ndim == 2 else x[:, None]
     out = env.copy()
-    breaks = np.flatnonzero(np.diff(hot) > 1) + 1
-    for run in np.split(hot, breaks):
+    spans = []
+    for run in np.split(hot, np.flatnonzero(np.diff(hot) > 1) + 1):
         for first in range(0, run.size, RUN):
-            lo, hi = int(run[first]) * BLOCK, min(n, (int(run[min(first + RUN, run.size) - 1]) + 1) * BLOCK)
-            ctx_lo, ctx_hi = max(0, lo - CONTEXT), min(n, hi + CONTEXT)
-            over = channel_peak(resample_poly(frames[ctx_lo:ctx_hi], 4, 1, axis=0))
-            per_sample = over[: (ctx_hi - ctx_lo) * 4].reshape(-1, 4).max(axis=1)
-            out[lo:hi] = np.maximum(env[lo:hi], per_sample[lo - ctx_lo : hi - ctx_lo])
+            last = int(run[min(first + RUN, run.size) - 1])
+            spans.append((int(run[first]) * BLOCK, min(n, (last + 1) * BLOCK)))
+
+    def oversample(span: tuple[int, int]) -> None:
+        lo, hi = span
+        ctx_lo, ctx_hi = max(0, lo - CONTEXT), min(n, hi + CONTEXT)
+        over = channel_peak(resample_poly(frames[ctx_lo:ctx_hi], 4, 1, axis=0))
+        per_sample = over[: (ctx_hi - ctx_lo) * 4].reshape(-1, 4).max(axis=1)
+        out[lo:hi] = np.maximum(env[lo:hi], per_sample[lo - ctx_lo : hi - ctx_lo])
+
+    list(_workers().map(oversample, spans))
     return out
+
+
+@functools.cache
+def _workers() -> ThreadPoolExecutor:
+    # scipy's filters release the GIL, so threads use every core.
+    return ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="bgm-dsp")
 
 
 def true_peak_db(x: np.ndarray) -> float:
