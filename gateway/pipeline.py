@@ -252,7 +252,8 @@ class Remix:
             yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=mixer_pb2.TRACK_SPEECH, last=True))
 
         async def music_track() -> AsyncIterator[mixer_pb2.MixRequest]:
-            pcm, fmt = await music
+            # shield: a cancelled attempt must not cancel the shared result a retry needs.
+            pcm, fmt = await asyncio.shield(music)
             if fmt != bgm_format:  # another music service may answer in its own format
                 frames = audio.mix_channels(audio.pcm_to_float(pcm, fmt), 2)
                 pcm = audio.float_to_pcm(audio.resample(frames, fmt.sample_rate_hz, SEPARATION_RATE))
@@ -263,7 +264,7 @@ class Remix:
             config = mixer_pb2.MixConfig(options=self.options.mix, original_name=self.options.filename or "upload.mp4",
                                          bgm_format=bgm_format)
             if has_audio:
-                config.speech_format.CopyFrom(await speech_format)
+                config.speech_format.CopyFrom(await asyncio.shield(speech_format))
             yield mixer_pb2.MixRequest(config=config)
             for request in track(mixer_pb2.TRACK_ORIGINAL, iter_file_chunks(self.video)):
                 yield request
