@@ -88,10 +88,24 @@ def make_channel(
     return aio.insecure_channel(target, options=options, interceptors=interceptors)
 
 
+# grpcio's asyncio client reports a write into a stream whose connection just dropped as
+# INTERNAL with exactly this text instead of UNAVAILABLE (grpc/grpc#36066). Our servers never
+# send it (their INTERNAL details name the error and a request id), so it is a lost connection.
+CORE_WRITE_FAILURE = "Internal error from Core"
+
+
+def transient(exc: aio.AioRpcError) -> bool:
+    """A failure that another attempt may not meet: the server was unreachable or went away."""
+    code = exc.code()
+    return code == grpc.StatusCode.UNAVAILABLE or (
+        code == grpc.StatusCode.INTERNAL and (exc.details() or "") == CORE_WRITE_FAILURE)
+
+
 async def call_with_retry(
     attempt_fn: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str
 ) -> T:
-    """Run ``attempt_fn`` again after UNAVAILABLE, with backoff; other errors pass through.
+    """Run ``attempt_fn`` again after UNAVAILABLE (or a lost connection reported as INTERNAL,
+    see ``transient``), with backoff; other errors pass through.
 
     For calls whose whole request can be replayed (the channel's own retries stop once a
     response has started to arrive or the request outgrew its buffer).
@@ -100,7 +114,7 @@ async def call_with_retry(
         try:
             return await attempt_fn()
         except aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == policy.max_attempts:
+            if not transient(exc) or attempt == policy.max_attempts:
                 raise
             delay = policy.backoff(attempt)
             log.warning(

@@ -229,3 +229,17 @@ def test_emotion_enum_order_is_the_products():
 def test_server_settings_defaults_are_sane():
     s = ServerSettings()
     assert s.max_message_bytes >= 2 * MAX_CHUNK_BYTES
+
+
+def test_a_lost_connection_reported_as_internal_is_retried_but_a_server_internal_is_not():
+    from grpc.aio import Metadata
+
+    from bgm.client import transient
+
+    def error(code: grpc.StatusCode, details: str) -> aio.AioRpcError:
+        return aio.AioRpcError(code, Metadata(), Metadata(), details=details)
+
+    assert transient(error(grpc.StatusCode.UNAVAILABLE, "Socket closed"))
+    assert transient(error(grpc.StatusCode.INTERNAL, "Internal error from Core"))  # grpc/grpc#36066
+    assert not transient(error(grpc.StatusCode.INTERNAL, "internal error (KeyError); request id 1f2e"))
+    assert not transient(error(grpc.StatusCode.INVALID_ARGUMENT, "bad sample rate"))
