@@ -76,6 +76,14 @@ def load_audio(path: Path, fmt: common_pb2.AudioFormat, sample_rate: int, channe
     return resample(frames, fmt.sample_rate_hz, sample_rate)
 
 
+def convert_pcm(data: bytes, fmt: common_pb2.AudioFormat, sample_rate: int, channels: int) -> bytes:
+    """Raw PCM in ``fmt`` as float32 PCM (``audio_format(sample_rate, channels)``)."""
+    if fmt.encoding not in (PCM_S16LE, PCM_F32LE):
+        raise InvalidInput(f"expected raw PCM audio, got encoding {fmt.encoding}")
+    frames = mix_channels(pcm_to_float(data, fmt), channels)
+    return float_to_pcm(resample(frames, fmt.sample_rate_hz, sample_rate))
+
+
 def mix_channels(frames: np.ndarray, channels: int) -> np.ndarray:
     if frames.shape[1] == channels:
         return frames

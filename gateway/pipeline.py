@@ -233,7 +233,7 @@ class Remix:
 
         return await self.stage(common_pb2.STAGE_GENERATE_MUSIC, attempt)
 
-    async def mix(self, has_audio: bool, speech: Feed, speech_format: asyncio.Future[common_pb2.AudioFormat],
+    async def mix(self, speech_samples: int, speech: Feed, speech_format: asyncio.Future[common_pb2.AudioFormat],
                   music: asyncio.Future[tuple[bytes, common_pb2.AudioFormat]]) -> None:
         """MixAndMux, opened at once: the original goes first, then the speech as it is
         separated and the music once it is composed, each track marked when complete so the
@@ -246,30 +246,36 @@ class Remix:
             yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=kind, last=True))  # type: ignore[arg-type]
 
         async def speech_track() -> AsyncIterator[mixer_pb2.MixRequest]:
+            total = speech_samples * audio.bytes_per_frame(speech_format.result()) if speech_samples else 0
+            sent = 0
             async for piece in speech.read():
                 for sub in iter_chunks(piece):
                     yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=mixer_pb2.TRACK_SPEECH, data=sub))
+                sent += len(piece)
+                # The mix's own progress: up to 90 % while the speech streams in.
+                await self.progress(common_pb2.STAGE_MIX, 0.9 * min(1.0, sent / max(1, total)),
+                                    "taking the speech as it is separated")
             yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=mixer_pb2.TRACK_SPEECH, last=True))
 
         async def music_track() -> AsyncIterator[mixer_pb2.MixRequest]:
             # shield: a cancelled attempt must not cancel the shared result a retry needs.
             pcm, fmt = await asyncio.shield(music)
             if fmt != bgm_format:  # another music service may answer in its own format
-                frames = audio.mix_channels(audio.pcm_to_float(pcm, fmt), 2)
-                pcm = audio.float_to_pcm(audio.resample(frames, fmt.sample_rate_hz, SEPARATION_RATE))
+                pcm = await asyncio.to_thread(audio.convert_pcm, pcm, fmt, SEPARATION_RATE, 2)
             for request in track(mixer_pb2.TRACK_BGM, iter_chunks(pcm)):
                 yield request
 
         async def requests() -> AsyncIterator[mixer_pb2.MixRequest]:
             config = mixer_pb2.MixConfig(options=self.options.mix, original_name=self.options.filename or "upload.mp4",
                                          bgm_format=bgm_format)
-            if has_audio:
+            if speech_samples:
                 config.speech_format.CopyFrom(await asyncio.shield(speech_format))
             yield mixer_pb2.MixRequest(config=config)
             for request in track(mixer_pb2.TRACK_ORIGINAL, iter_file_chunks(self.video)):
                 yield request
             async for request in merge(speech_track(), music_track()):
                 yield request
+            await self.progress(common_pb2.STAGE_MIX, 0.9, "mixing, measuring loudness and encoding")
 
         output = self.work / "remixed.bin"
 
@@ -320,7 +326,8 @@ class Remix:
         # Three strands at once: separation feeding the mix as it goes, the mix itself, and
         # transcription -> emotions -> music, whose result the mix picks up when it is ready.
         strands = [asyncio.ensure_future(self.separate(samples, speech, speech_format)),
-                   asyncio.ensure_future(self.mix(samples is not None, speech, speech_format, music)),
+                   asyncio.ensure_future(self.mix(0 if samples is None else samples.shape[0], speech, speech_format,
+                                                  music)),
                    asyncio.ensure_future(analyse_and_compose())]
         try:
             await first_failure(strands)

@@ -243,3 +243,23 @@ def test_a_lost_connection_reported_as_internal_is_retried_but_a_server_internal
     assert transient(error(grpc.StatusCode.INTERNAL, "Internal error from Core"))  # grpc/grpc#36066
     assert not transient(error(grpc.StatusCode.INTERNAL, "internal error (KeyError); request id 1f2e"))
     assert not transient(error(grpc.StatusCode.INVALID_ARGUMENT, "bad sample rate"))
+
+
+def test_pcm_in_another_format_converts_to_float_stereo_at_the_mixer_rate():
+    import numpy as np
+
+    from bgm import audio
+    from bgm.errors import InvalidInput
+
+    rate_in, seconds = 22_050, 2.0
+    t = np.arange(int(rate_in * seconds)) / rate_in
+    tone = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[:, None]
+    source = audio.audio_format(rate_in, 1, audio.PCM_S16LE)
+    out = audio.pcm_to_float(audio.convert_pcm(audio.float_to_pcm(tone, audio.PCM_S16LE), source, 48_000, 2),
+                             audio.audio_format(48_000, 2))
+    assert out.shape == (96_000, 2) and np.array_equal(out[:, 0], out[:, 1])
+    spectrum = np.abs(np.fft.rfft(out[:, 0]))
+    assert abs(np.argmax(spectrum) * 48_000 / out.shape[0] - 440) < 1.0
+    assert abs(np.sqrt((out[1000:-1000, 0] ** 2).mean()) - 0.5 / np.sqrt(2)) < 0.01
+    with pytest.raises(InvalidInput, match="expected raw PCM"):
+        audio.convert_pcm(b"RIFF", audio.audio_format(48_000, 2, audio.CONTAINER), 48_000, 2)
