@@ -3,6 +3,8 @@ gRPC on a tiny Stable Diffusion pipeline that the test builds and saves."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -104,3 +106,43 @@ def test_bad_diffusion_options_are_invalid_argument(riffusion, style, fragment):
         list(stub.Generate(music_pb2.GenerateRequest(spans=timeline(("joy", 0, 5)), style=style), timeout=60))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert fragment in info.value.details()
+
+
+def test_cancelling_a_riffusion_generation_stops_the_diffusion_and_frees_the_slot(riffusion):
+    """The client goes away mid-generation: the UNet stops within a step or two (counted by a
+    forward hook on the real model), the slot is free, and the next request is served."""
+    stub, running = riffusion
+    servicer = running.servicers[0]
+    unet = servicer.riffusion.engine.pipe.unet
+    steps = {"count": 0}
+    hook = unet.register_forward_hook(lambda *_: steps.__setitem__("count", steps["count"] + 1))
+    try:
+        long = music_pb2.GenerateRequest(spans=timeline(("joy", 0.0, 300.0)),
+                                         style=music_pb2.MusicStyle(steps=50))
+        call = stub.Generate(long, timeout=600)
+        consumer = threading.Thread(target=_drain, args=(call,))
+        consumer.start()
+        deadline = time.monotonic() + 120
+        while steps["count"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert steps["count"] >= 3, "the diffusion never started"
+        call.cancel()
+        consumer.join(30)
+        time.sleep(0.5)
+        at_cancel = steps["count"]
+        time.sleep(3.0)
+        print(f"\nUNet calls before cancel settled: {at_cancel}, three seconds later: {steps['count']}")
+        assert steps["count"] <= at_cancel + 1, "the diffusion kept running after the client went away"
+        assert servicer.limiter.active == 0
+    finally:
+        hook.remove()
+    again = list(stub.Generate(music_pb2.GenerateRequest(spans=timeline(("sadness", 0.0, 3.0))), timeout=600))
+    assert again[0].header.total_samples == 3 * RATE
+
+
+def _drain(call) -> None:
+    try:
+        for _ in call:
+            pass
+    except grpc.RpcError:
+        pass
