@@ -17,6 +17,8 @@ MIX_RANGES: dict[str, tuple[float, float]] = {
     "attack_ms": (1, 5000),
     "release_ms": (1, 10000),
     "bgm_gain_db": (-60, 20),
+    "duck_sensitivity": (0, 1),
+    "hold_ms": (0, 5000),
 }
 # ISO 639-1 (or 639-2) language codes, lower case: "en", "de", "haw".
 LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}$")

@@ -89,6 +89,8 @@ def build_options(args: argparse.Namespace, filename: str) -> gateway_pb2.RemixO
     options.music.CopyFrom(music)
     if getattr(args, "duck_db", None) is not None:
         options.mix.duck_db = args.duck_db
+    if getattr(args, "duck_sensitivity", None) is not None:
+        options.mix.duck_sensitivity = args.duck_sensitivity
     if getattr(args, "loudness", None) is not None:
         options.mix.loudness_lufs = args.loudness
     if getattr(args, "stems", None):
@@ -336,6 +338,9 @@ def parser() -> argparse.ArgumentParser:
     remix.add_argument("--seed", type=int, help="music seed: the same seed gives the same music")
     remix.add_argument("--tempo", type=float, help="force one tempo (BPM)")
     remix.add_argument("--duck-db", type=float, help="how far the music dips under speech (dB, default 12)")
+    remix.add_argument("--duck-sensitivity", type=float, metavar="0..1",
+                       help="how readily the music ducks for what may be speech (default 0.5; higher ducks "
+                            "for softer speech)")
     remix.add_argument("--loudness", type=float, help="loudness target in LUFS (default -14)")
     remix.add_argument("--separation", choices=["deepfilternet", "demucs"], help="speech separation backend")
     remix.add_argument("--stems", metavar="DIR", help="also write speech, bgm and mix WAV stems here")

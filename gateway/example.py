@@ -8,6 +8,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 # About ten seconds each at espeak-ng's default speed.
 SCRIPT = (
     ("joy", "What a wonderful day! I am so happy and excited. We won the award, "
@@ -31,6 +33,10 @@ def speak(text: str, path: Path, voice: str = "en-us", speed: int = 150) -> None
     _run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(path), text])
 
 
+RATE = 48_000
+BED_LEVEL = 0.25  # the old music's amplitude in the example
+
+
 def music_bed() -> Path | None:
     try:
         import immich_memories_music
@@ -40,37 +46,57 @@ def music_bed() -> Path | None:
     return tracks[0] if tracks else None
 
 
-def make_example(out: Path, section_s: float = 10.0, script: tuple[tuple[str, str], ...] = SCRIPT,
-                 music: bool = True) -> Path:
-    """Write an H.264/AAC MP4 of len(script) * section_s seconds (``music=False``: speech alone)."""
-    duration = section_s * len(script)
+def tracks(section_s: float = 10.0, script: tuple[tuple[str, str], ...] = SCRIPT,
+           music: bool = True) -> tuple[np.ndarray, np.ndarray, list[tuple[float, float]]]:
+    """The example's speech and old music (48 kHz mono, same length) and when each line is said.
+
+    Each line starts half a second into its section and is cut at the section's end.
+    """
+    from bgm import media
+
+    n = round(section_s * len(script) * RATE)
+    speech = np.zeros(n, dtype=np.float32)
+    talking = []
     with tempfile.TemporaryDirectory(prefix="bgm-example-") as tmp_name:
-        tmp = Path(tmp_name)
-        parts = []
         for i, (_, text) in enumerate(script):
-            wav = tmp / f"line{i}.wav"
+            wav = Path(tmp_name) / f"line{i}.wav"
             speak(text, wav)
-            padded = tmp / f"padded{i}.wav"
-            # Half a second of silence before each line, then pad the section to its length.
-            _run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-i", str(wav), "-af",
-                  f"adelay=500,apad=whole_dur={section_s}", "-t", str(section_s),
-                  "-ar", "48000", "-ac", "1", str(padded)])
-            parts.append(padded)
-        speech = tmp / "speech.wav"
-        inputs = [arg for p in parts for arg in ("-i", str(p))]
-        _run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", *inputs, "-filter_complex",
-              f"concat=n={len(parts)}:v=0:a=1", str(speech)])
-        bed = music_bed()
-        bed_args = (["-stream_loop", "-1", "-i", str(bed)] if bed else
-                    ["-f", "lavfi", "-i", f"sine=frequency=220:duration={duration}"])
-        bed_level = 0.25 if music else 0.0
-        out.parent.mkdir(parents=True, exist_ok=True)
+            line = media.decode_audio(wav, RATE, 1, "espeak-ng's speech")[:, 0]
+            start = round((i * section_s + 0.5) * RATE)
+            end = min(start + line.shape[0], round((i + 1) * section_s * RATE), n)
+            speech[start:end] = line[: end - start]
+            talking.append((start / RATE, end / RATE))
+    bed = np.zeros(n, dtype=np.float32)
+    if music:
+        source = music_bed()
+        if source is not None:
+            loop = media.decode_audio(source, RATE, 1, "the example's music bed")[:, 0]
+            bed = np.tile(loop, -(-n // loop.shape[0]))[:n]
+        else:
+            bed = np.sin(2 * np.pi * 220 * np.arange(n) / RATE).astype(np.float32)
+        bed = (bed * BED_LEVEL).astype(np.float32)
+    return speech, bed, talking
+
+
+def write(mixture: np.ndarray, out: Path) -> Path:
+    """An H.264/AAC MP4 of colour bars carrying ``mixture`` (48 kHz mono)."""
+    import soundfile
+
+    duration = mixture.shape[0] / RATE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bgm-example-") as tmp_name:
+        wav = Path(tmp_name) / "audio.wav"
+        soundfile.write(str(wav), mixture, RATE, subtype="FLOAT")
         _run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error",
-              "-f", "lavfi", "-i", f"smptebars=size=640x360:rate=25:duration={duration}",
-              "-i", str(speech), *bed_args,
-              "-filter_complex", f"[2:a]volume={bed_level},aresample=48000[bed];[1:a][bed]amix=inputs=2:duration=first:"
-              "normalize=0[a]",
-              "-map", "0:v", "-map", "[a]", "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p",
+              "-f", "lavfi", "-i", f"smptebars=size=640x360:rate=25:duration={duration}", "-i", str(wav),
+              "-map", "0:v", "-map", "1:a", "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p",
               "-c:a", "aac", "-b:a", "128k", "-t", str(duration), "-metadata", "title=bgm example",
               "-movflags", "+faststart", str(out)])
     return out
+
+
+def make_example(out: Path, section_s: float = 10.0, script: tuple[tuple[str, str], ...] = SCRIPT,
+                 music: bool = True) -> Path:
+    """Write an H.264/AAC MP4 of len(script) * section_s seconds (``music=False``: speech alone)."""
+    speech, bed, _ = tracks(section_s, script, music)
+    return write(speech + bed, out)

@@ -51,6 +51,11 @@ STT_RATE = 16_000
 STAGE_NAMES: dict[int, str] = {int(v): k.removeprefix("STAGE_") for k, v in common_pb2.Stage.items()}
 
 
+def word_spans(transcript: gateway_pb2.Transcript) -> list[common_pb2.TimeSpan]:
+    """When each word is said (segments span pauses too, so only word timings are used)."""
+    return [common_pb2.TimeSpan(start_s=w.start_s, end_s=w.end_s) for s in transcript.segments for w in s.words]
+
+
 class StageFailed(ServiceError):
     """A stage's RPC failed; carries the stage's status code and names the stage."""
 
@@ -234,10 +239,11 @@ class Remix:
         return await self.stage(common_pb2.STAGE_GENERATE_MUSIC, attempt)
 
     async def mix(self, speech_samples: int, speech: Feed, speech_format: asyncio.Future[common_pb2.AudioFormat],
-                  music: asyncio.Future[tuple[bytes, common_pb2.AudioFormat]]) -> None:
+                  music: asyncio.Future[tuple[bytes, common_pb2.AudioFormat]],
+                  spoken: asyncio.Future[list[common_pb2.TimeSpan]]) -> None:
         """MixAndMux, opened at once: the original goes first, then the speech as it is
-        separated and the music once it is composed, each track marked when complete so the
-        mixer prepares it while the others are still coming."""
+        separated, the words' times once transcribed, and the music once it is composed, each
+        track marked when complete so the mixer prepares it while the others are still coming."""
         bgm_format = audio.audio_format(SEPARATION_RATE, 2)
 
         def track(kind: int, source: Iterable[bytes]) -> Iterator[mixer_pb2.MixRequest]:
@@ -258,7 +264,10 @@ class Remix:
             yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=mixer_pb2.TRACK_SPEECH, last=True))
 
         async def music_track() -> AsyncIterator[mixer_pb2.MixRequest]:
-            # shield: a cancelled attempt must not cancel the shared result a retry needs.
+            # shield: a cancelled attempt must not cancel the shared results a retry needs.
+            words = await asyncio.shield(spoken)
+            if words:  # speech the mixer's voice-activity detector may miss still ducks the music
+                yield mixer_pb2.MixRequest(speech_spans=mixer_pb2.SpeechSpans(spans=words))
             pcm, fmt = await asyncio.shield(music)
             if fmt != bgm_format:  # another music service may answer in its own format
                 pcm = await asyncio.to_thread(audio.convert_pcm, pcm, fmt, SEPARATION_RATE, 2)
@@ -304,8 +313,11 @@ class Remix:
                 await self.emit(message)
 
     # ----- the whole job -----------------------------------------------------------
-    async def analyse(self, samples: np.ndarray | None, duration: float) -> gateway_pb2.EmotionTimeline:
+    async def analyse(self, samples: np.ndarray | None, duration: float,
+                      spoken: asyncio.Future[list[common_pb2.TimeSpan]] | None = None) -> gateway_pb2.EmotionTimeline:
         transcript = await self.transcribe(samples, duration)
+        if spoken is not None:
+            spoken.set_result(word_spans(transcript))
         await self.emit(gateway_pb2.RemixResponse(transcript=transcript))
         timeline = await self.classify(transcript)
         await self.emit(gateway_pb2.RemixResponse(timeline=timeline))
@@ -319,15 +331,16 @@ class Remix:
         loop = asyncio.get_running_loop()
         speech, speech_format = Feed(), loop.create_future()
         music: asyncio.Future[tuple[bytes, common_pb2.AudioFormat]] = loop.create_future()
+        spoken: asyncio.Future[list[common_pb2.TimeSpan]] = loop.create_future()
 
         async def analyse_and_compose() -> None:
-            music.set_result(await self.music(await self.analyse(samples, info.duration_s)))
+            music.set_result(await self.music(await self.analyse(samples, info.duration_s, spoken)))
 
         # Three strands at once: separation feeding the mix as it goes, the mix itself, and
         # transcription -> emotions -> music, whose result the mix picks up when it is ready.
         strands = [asyncio.ensure_future(self.separate(samples, speech, speech_format)),
                    asyncio.ensure_future(self.mix(0 if samples is None else samples.shape[0], speech, speech_format,
-                                                  music)),
+                                                  music, spoken)),
                    asyncio.ensure_future(analyse_and_compose())]
         try:
             await first_failure(strands)

@@ -218,6 +218,8 @@ class MixOptions(_message.Message):
     RELEASE_MS_FIELD_NUMBER: _builtins.int
     BGM_GAIN_DB_FIELD_NUMBER: _builtins.int
     RETURN_STEMS_FIELD_NUMBER: _builtins.int
+    DUCK_SENSITIVITY_FIELD_NUMBER: _builtins.int
+    HOLD_MS_FIELD_NUMBER: _builtins.int
     duck_db: _builtins.float
     """How far the music dips below its bed level while someone speaks (positive dB)."""
     loudness_lufs: _builtins.float
@@ -229,6 +231,12 @@ class MixOptions(_message.Message):
     release_ms: _builtins.float
     bgm_gain_db: _builtins.float
     """Level of the music relative to the speech outside speech (dB, usually negative)."""
+    duck_sensitivity: _builtins.float
+    """How readily the music ducks for sound that may be speech, 0..1 (default 0.5): higher
+    ducks for softer or less certain speech. The voice-activity threshold is 1 - this.
+    """
+    hold_ms: _builtins.float
+    """How long the music stays down after speech ends before it rises again (ms)."""
     @_builtins.property
     def return_stems(self) -> _containers.RepeatedScalarFieldContainer[Global___Stem.ValueType]:
         """Stems to return beside the video, as WAV."""
@@ -245,10 +253,12 @@ class MixOptions(_message.Message):
         release_ms: _builtins.float | None = ...,
         bgm_gain_db: _builtins.float | None = ...,
         return_stems: _abc.Iterable[Global___Stem.ValueType] | None = ...,
+        duck_sensitivity: _builtins.float | None = ...,
+        hold_ms: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_attack_ms", b"_attack_ms", "_bgm_gain_db", b"_bgm_gain_db", "_duck_db", b"_duck_db", "_fade_in_s", b"_fade_in_s", "_fade_out_s", b"_fade_out_s", "_loudness_lufs", b"_loudness_lufs", "_release_ms", b"_release_ms", "_true_peak_dbtp", b"_true_peak_dbtp", "attack_ms", b"attack_ms", "bgm_gain_db", b"bgm_gain_db", "duck_db", b"duck_db", "fade_in_s", b"fade_in_s", "fade_out_s", b"fade_out_s", "loudness_lufs", b"loudness_lufs", "release_ms", b"release_ms", "true_peak_dbtp", b"true_peak_dbtp"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_attack_ms", b"_attack_ms", "_bgm_gain_db", b"_bgm_gain_db", "_duck_db", b"_duck_db", "_duck_sensitivity", b"_duck_sensitivity", "_fade_in_s", b"_fade_in_s", "_fade_out_s", b"_fade_out_s", "_hold_ms", b"_hold_ms", "_loudness_lufs", b"_loudness_lufs", "_release_ms", b"_release_ms", "_true_peak_dbtp", b"_true_peak_dbtp", "attack_ms", b"attack_ms", "bgm_gain_db", b"bgm_gain_db", "duck_db", b"duck_db", "duck_sensitivity", b"duck_sensitivity", "fade_in_s", b"fade_in_s", "fade_out_s", b"fade_out_s", "hold_ms", b"hold_ms", "loudness_lufs", b"loudness_lufs", "release_ms", b"release_ms", "true_peak_dbtp", b"true_peak_dbtp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_attack_ms", b"_attack_ms", "_bgm_gain_db", b"_bgm_gain_db", "_duck_db", b"_duck_db", "_fade_in_s", b"_fade_in_s", "_fade_out_s", b"_fade_out_s", "_loudness_lufs", b"_loudness_lufs", "_release_ms", b"_release_ms", "_true_peak_dbtp", b"_true_peak_dbtp", "attack_ms", b"attack_ms", "bgm_gain_db", b"bgm_gain_db", "duck_db", b"duck_db", "fade_in_s", b"fade_in_s", "fade_out_s", b"fade_out_s", "loudness_lufs", b"loudness_lufs", "release_ms", b"release_ms", "return_stems", b"return_stems", "true_peak_dbtp", b"true_peak_dbtp"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_attack_ms", b"_attack_ms", "_bgm_gain_db", b"_bgm_gain_db", "_duck_db", b"_duck_db", "_duck_sensitivity", b"_duck_sensitivity", "_fade_in_s", b"_fade_in_s", "_fade_out_s", b"_fade_out_s", "_hold_ms", b"_hold_ms", "_loudness_lufs", b"_loudness_lufs", "_release_ms", b"_release_ms", "_true_peak_dbtp", b"_true_peak_dbtp", "attack_ms", b"attack_ms", "bgm_gain_db", b"bgm_gain_db", "duck_db", b"duck_db", "duck_sensitivity", b"duck_sensitivity", "fade_in_s", b"fade_in_s", "fade_out_s", b"fade_out_s", "hold_ms", b"hold_ms", "loudness_lufs", b"loudness_lufs", "release_ms", b"release_ms", "return_stems", b"return_stems", "true_peak_dbtp", b"true_peak_dbtp"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__attack_ms: _TypeAlias = _typing.Literal["attack_ms"]  # noqa: Y015
     _WhichOneofArgType__attack_ms: _TypeAlias = _typing.Literal["_attack_ms", b"_attack_ms"]  # noqa: Y015
@@ -256,10 +266,14 @@ class MixOptions(_message.Message):
     _WhichOneofArgType__bgm_gain_db: _TypeAlias = _typing.Literal["_bgm_gain_db", b"_bgm_gain_db"]  # noqa: Y015
     _WhichOneofReturnType__duck_db: _TypeAlias = _typing.Literal["duck_db"]  # noqa: Y015
     _WhichOneofArgType__duck_db: _TypeAlias = _typing.Literal["_duck_db", b"_duck_db"]  # noqa: Y015
+    _WhichOneofReturnType__duck_sensitivity: _TypeAlias = _typing.Literal["duck_sensitivity"]  # noqa: Y015
+    _WhichOneofArgType__duck_sensitivity: _TypeAlias = _typing.Literal["_duck_sensitivity", b"_duck_sensitivity"]  # noqa: Y015
     _WhichOneofReturnType__fade_in_s: _TypeAlias = _typing.Literal["fade_in_s"]  # noqa: Y015
     _WhichOneofArgType__fade_in_s: _TypeAlias = _typing.Literal["_fade_in_s", b"_fade_in_s"]  # noqa: Y015
     _WhichOneofReturnType__fade_out_s: _TypeAlias = _typing.Literal["fade_out_s"]  # noqa: Y015
     _WhichOneofArgType__fade_out_s: _TypeAlias = _typing.Literal["_fade_out_s", b"_fade_out_s"]  # noqa: Y015
+    _WhichOneofReturnType__hold_ms: _TypeAlias = _typing.Literal["hold_ms"]  # noqa: Y015
+    _WhichOneofArgType__hold_ms: _TypeAlias = _typing.Literal["_hold_ms", b"_hold_ms"]  # noqa: Y015
     _WhichOneofReturnType__loudness_lufs: _TypeAlias = _typing.Literal["loudness_lufs"]  # noqa: Y015
     _WhichOneofArgType__loudness_lufs: _TypeAlias = _typing.Literal["_loudness_lufs", b"_loudness_lufs"]  # noqa: Y015
     _WhichOneofReturnType__release_ms: _TypeAlias = _typing.Literal["release_ms"]  # noqa: Y015
@@ -273,9 +287,13 @@ class MixOptions(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__duck_db) -> _WhichOneofReturnType__duck_db | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__duck_sensitivity) -> _WhichOneofReturnType__duck_sensitivity | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__fade_in_s) -> _WhichOneofReturnType__fade_in_s | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__fade_out_s) -> _WhichOneofReturnType__fade_out_s | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__hold_ms) -> _WhichOneofReturnType__hold_ms | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__loudness_lufs) -> _WhichOneofReturnType__loudness_lufs | None: ...
     @_typing.overload
@@ -346,11 +364,36 @@ class TrackChunk(_message.Message):
 Global___TrackChunk: _TypeAlias = TrackChunk  # noqa: Y015
 
 @_typing.final
+class SpeechSpans(_message.Message):
+    """When words are said (the transcript's word timestamps): speech the voice-activity
+    detector may have missed. Optional; any time after the config, as often as needed.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPANS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def spans(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.TimeSpan]: ...
+    def __init__(
+        self,
+        *,
+        spans: _abc.Iterable[_common_pb2.TimeSpan] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["spans", b"spans"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpeechSpans: _TypeAlias = SpeechSpans  # noqa: Y015
+
+@_typing.final
 class MixRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CONFIG_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    SPEECH_SPANS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def config(self) -> Global___MixConfig:
         """first"""
@@ -359,17 +402,20 @@ class MixRequest(_message.Message):
     def chunk(self) -> Global___TrackChunk:
         """chunks of the three tracks, in any order, even interleaved"""
 
+    @_builtins.property
+    def speech_spans(self) -> Global___SpeechSpans: ...
     def __init__(
         self,
         *,
         config: Global___MixConfig | None = ...,
         chunk: Global___TrackChunk | None = ...,
+        speech_spans: Global___SpeechSpans | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "config", b"config", "payload", b"payload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "config", b"config", "payload", b"payload", "speech_spans", b"speech_spans"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "config", b"config", "payload", b"payload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "config", b"config", "payload", b"payload", "speech_spans", b"speech_spans"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["config", "chunk"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["config", "chunk", "speech_spans"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 

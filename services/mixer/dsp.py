@@ -1,6 +1,6 @@
 """The mix itself: music ducked under speech, faded, then loudness-normalised and limited.
 
-All at 48 kHz, float32, shape (n, channels). Loudness follows ITU-R BS.1770 (pyloudnorm);
+All at 48 kHz, float32, shape (n, channels). Loudness follows ITU-R BS.1770 (``bgm.loudness``);
 true peak is measured on a 4x oversampled signal, as BS.1770 prescribes.
 """
 
@@ -13,7 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.ndimage import maximum_filter1d
-from scipy.signal import lfilter, resample_poly, sosfilt
+from scipy.signal import lfilter, resample_poly
+
+from bgm.loudness import LoudnessMeter as LoudnessMeter  # re-exported: the mixer measures through dsp
+from bgm.loudness import loudness
+from services.mixer import activity
 
 SAMPLE_RATE = 48_000
 FRAME = 480  # 10 ms
@@ -31,63 +35,38 @@ class MixLevels:
     attack_ms: float
     release_ms: float
     bgm_gain_db: float
+    duck_sensitivity: float = 0.5
+    hold_ms: float = 150.0
 
 
 def db_to_gain(db: float | np.ndarray) -> float | np.ndarray:
     return 10.0 ** (np.asarray(db) / 20.0)
 
 
-def frame_rms_db(mono: np.ndarray) -> np.ndarray:
-    frames = mono.shape[0] // FRAME
-    if frames == 0:
-        return np.full(1, -120.0)
-    power = (mono[: frames * FRAME].reshape(frames, FRAME) ** 2).mean(axis=1)
-    return 10 * np.log10(power + 1e-12)
-
-
-def speech_activity(speech: np.ndarray) -> np.ndarray:
-    """Per-sample 0/1: where someone is talking, from the speech stem's 10 ms levels.
-
-    The threshold follows the speech's own level (30 dB under its loud frames), so quiet
-    and loud recordings are treated alike; pauses under 300 ms do not count as gaps.
-    """
-    levels = frame_rms_db(speech.mean(axis=1) if speech.ndim == 2 else speech)
-    loud = np.percentile(levels, 95)
-    active = levels > max(loud - 30.0, -60.0)
-    bridge = 30  # frames (300 ms)
-    active = maximum_filter1d(active.astype(np.uint8), size=bridge, mode="constant").astype(bool)
-    per_sample = np.repeat(active, FRAME)
-    n = speech.shape[0]
-    out = np.zeros(n, dtype=bool)
-    out[: min(n, per_sample.shape[0])] = per_sample[:n]
-    return out
-
-
 def smooth_gain(target_db: np.ndarray, attack_ms: float, release_ms: float) -> np.ndarray:
-    """One-pole smoothing of a gain curve in dB: fast going down (attack), slow coming back."""
-    out = np.empty_like(target_db)
+    """One-pole smoothing of a per-frame (10 ms) gain curve in dB: fast going down (attack),
+    slower coming back up (release)."""
     a_att = np.exp(-1.0 / max(1.0, attack_ms * SAMPLE_RATE / 1000 / FRAME))
     a_rel = np.exp(-1.0 / max(1.0, release_ms * SAMPLE_RATE / 1000 / FRAME))
-    # Smooth at frame rate (cheap), then interpolate to samples.
-    frames = target_db[::FRAME]
-    smoothed = np.empty_like(frames)
-    level = frames[0] if frames.size else 0.0
-    for i, target in enumerate(frames):
+    smoothed = np.empty_like(target_db)
+    level = target_db[0] if target_db.size else 0.0
+    for i, target in enumerate(target_db):
         coeff = a_att if target < level else a_rel
         level = coeff * level + (1 - coeff) * target
         smoothed[i] = level
-    positions = np.arange(target_db.shape[0]) / FRAME
-    out[:] = np.interp(positions, np.arange(frames.shape[0]), smoothed)
-    return out
+    return smoothed
 
 
-def duck_curve(active: np.ndarray, levels: MixLevels) -> np.ndarray:
-    """Gain (linear) for the music: -duck_db while speech is active, 0 dB between."""
-    lead = int(levels.attack_ms * SAMPLE_RATE / 1000)
+def duck_curve(talking: np.ndarray, levels: MixLevels, n: int) -> np.ndarray:
+    """Per-sample gain (linear) for the music from per-frame speech activity: -duck_db while
+    someone talks, between words and for ``hold_ms`` after; 0 dB in the pauses."""
+    down = activity.ducking(talking, levels.hold_ms)
+    lead = round(levels.attack_ms / 1000 * SAMPLE_RATE / FRAME)
     # Start dipping a little before speech begins so the first syllable is never masked.
-    early = np.concatenate([active[lead:], np.zeros(min(lead, active.shape[0]), dtype=bool)]) | active
+    early = np.concatenate([down[lead:], np.zeros(min(lead, down.shape[0]), dtype=bool)]) | down
     target_db = np.where(early, -levels.duck_db, 0.0).astype(np.float32)
-    return np.asarray(db_to_gain(smooth_gain(target_db, levels.attack_ms, levels.release_ms)), dtype=np.float32)
+    smoothed = smooth_gain(target_db, levels.attack_ms, levels.release_ms)
+    return activity.to_samples(np.asarray(db_to_gain(smoothed), dtype=np.float32), n)
 
 
 def fades(n: int, fade_in_s: float, fade_out_s: float) -> np.ndarray:
@@ -99,75 +78,6 @@ def fades(n: int, fade_in_s: float, fade_out_s: float) -> np.ndarray:
     if fout:
         curve[n - fout :] = np.linspace(1.0, 0.0, fout, dtype=np.float32) ** 2
     return curve
-
-
-def _k_weighting() -> np.ndarray:
-    """BS.1770's K-weighting at 48 kHz as second-order sections (pyloudnorm's coefficients)."""
-    import pyloudnorm
-
-    stages = pyloudnorm.Meter(SAMPLE_RATE)._filters.values()
-    sos = np.array([np.concatenate([f.b * f.passband_gain, f.a]) for f in stages])
-    return sos
-
-
-K_WEIGHTING = _k_weighting()
-STEP = SAMPLE_RATE // 10  # gating blocks are 400 ms long and start every 100 ms
-ABSOLUTE_GATE = -70.0
-MEASURE_PIECE = 4 * SAMPLE_RATE
-
-
-class LoudnessMeter:
-    """Integrated loudness (ITU-R BS.1770-4, as pyloudnorm measures it), fed in pieces.
-
-    Keeps only the filter state and one energy sum per 100 ms, so a long track can be
-    measured while it streams in, and measuring costs one pass of a 2-section IIR filter.
-    """
-
-    def __init__(self, channels: int) -> None:
-        self.state = np.zeros((K_WEIGHTING.shape[0], channels, 2))
-        self.sums: list[np.ndarray] = []  # per 100 ms step: energy summed over channels
-        self.partial = np.zeros(0)
-        self.samples = 0
-
-    def feed(self, x: np.ndarray) -> None:
-        if x.ndim == 1:
-            x = x[:, None]
-        # Channels first: filtering along contiguous memory is three times faster.
-        filtered, self.state = sosfilt(K_WEIGHTING, np.ascontiguousarray(x.T, dtype=np.float64), axis=-1,
-                                       zi=self.state)
-        energy = np.concatenate([self.partial, np.square(filtered).sum(axis=0)])
-        whole = energy.shape[0] // STEP * STEP
-        if whole:
-            self.sums.append(energy[:whole].reshape(-1, STEP).sum(axis=1))
-        self.partial = energy[whole:]
-        self.samples += x.shape[0]
-
-    def integrated(self) -> float:
-        steps = np.concatenate([*self.sums, [self.partial.sum()]])
-        blocks = int(np.round((self.samples / SAMPLE_RATE - 0.4) / 0.1)) + 1
-        if blocks < 1:
-            return -120.0
-        steps = np.pad(steps, (0, max(0, blocks + 3 - steps.shape[0])))
-        z = (steps[:blocks] + steps[1 : blocks + 1] + steps[2 : blocks + 2] + steps[3 : blocks + 3]) / (4 * STEP)
-        with np.errstate(divide="ignore"):
-            block_lufs = -0.691 + 10 * np.log10(z)
-        gated = z[block_lufs >= ABSOLUTE_GATE]
-        if gated.size == 0:
-            return -120.0
-        relative = -0.691 + 10 * np.log10(gated.mean()) - 10.0
-        final = z[(block_lufs > relative) & (block_lufs > ABSOLUTE_GATE)]
-        value = -0.691 + 10 * np.log10(final.mean()) if final.size else -np.inf
-        return float(value) if np.isfinite(value) else -120.0
-
-
-def loudness(x: np.ndarray) -> float:
-    if x.shape[0] < SAMPLE_RATE // 2:  # BS.1770 gating needs at least one 400 ms block
-        x = np.pad(x, ((0, SAMPLE_RATE // 2 - x.shape[0]),) + ((0, 0),) * (x.ndim - 1))
-    meter = LoudnessMeter(x.shape[1] if x.ndim == 2 else 1)
-    # A few seconds at a time: small temporaries stay in cache and reuse the same memory.
-    for start in range(0, x.shape[0], MEASURE_PIECE):
-        meter.feed(x[start : start + MEASURE_PIECE])
-    return meter.integrated()
 
 
 # Inter-sample peaks rise at most a few dB over the sample peaks around them, so only
@@ -277,20 +187,26 @@ class MixOutcome:
 
 def mix(speech: np.ndarray, bgm: np.ndarray, levels: MixLevels) -> MixOutcome:
     """speech (n, 2), bgm (n, 2), same length, 48 kHz -> the final stereo mix."""
-    active = speech_activity(speech)
-    return mix_measured(speech, bgm, levels, active, loudness(speech) if active.any() else None, loudness(bgm))
+    threshold = activity.threshold_for(levels.duck_sensitivity)
+    talking = activity.detect(activity.speech_probability(speech.mean(axis=1)), threshold, speech.shape[0])
+    return mix_measured(speech, bgm, levels, talking, loudness(bgm))
 
 
-def mix_measured(speech: np.ndarray, bgm: np.ndarray, levels: MixLevels, active: np.ndarray,
-                 speech_lufs: float | None, bgm_lufs: float, measure_peak: bool = True) -> MixOutcome:
-    """``mix`` with the inputs' measurements already taken (the mixer takes them as tracks arrive).
+def mix_measured(speech: np.ndarray, bgm: np.ndarray, levels: MixLevels, talking: np.ndarray,
+                 bgm_lufs: float, measure_peak: bool = True) -> MixOutcome:
+    """``mix`` with the speech activity (per 10 ms frame) and the music's loudness already known
+    (the mixer takes them as tracks arrive).
 
-    ``measure_peak=False`` leaves the true peak as NaN, for a caller that measures the encoded file.
+    The speech is gated to where someone talks, so what separation left of the old music is
+    gone from the pauses. ``measure_peak=False`` leaves the true peak as NaN, for a caller
+    that measures the encoded file.
     """
     n = speech.shape[0]
-    speech_level = -23.0 if speech_lufs is None else speech_lufs
+    speech = (speech * activity.gate(talking, n)[:, None]).astype(np.float32)
+    speech_lufs = loudness(speech) if talking.any() else None
+    speech_level = -23.0 if speech_lufs is None or speech_lufs <= -70 else speech_lufs
     bed_gain = db_to_gain(speech_level + levels.bgm_gain_db - bgm_lufs) if bgm_lufs > -70 else 1.0
-    curve = duck_curve(active, levels) * fades(n, levels.fade_in_s, levels.fade_out_s)
+    curve = duck_curve(talking, levels, n) * fades(n, levels.fade_in_s, levels.fade_out_s)
     placed = (bgm * bed_gain * curve[:, None]).astype(np.float32)
     out = speech + placed
     # Gain moves integrated loudness one for one, so measure once and scale; limiting then

@@ -20,7 +20,7 @@ from bgm.server import ModelServicer, Servicer
 from bgm.settings import ServerSettings
 from bgm.threads import iterate_in_thread
 from bgm.v1 import common_pb2, mixer_pb2, mixer_pb2_grpc
-from services.mixer import dsp, mux, separation
+from services.mixer import activity, dsp, mux, separation
 from services.mixer.settings import MixerSettings
 from services.mixer.tracks import Music, Original, Speech, TrackSet
 
@@ -54,6 +54,7 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
         self.separators[name] = await asyncio.to_thread(
             separation.create, name, self.settings.demucs_model, self.settings.device,
             self.settings.attenuation_limit_db)
+        await asyncio.to_thread(activity.load)
         self.ready = True
 
     def separator(self, name: str) -> separation.Separator:
@@ -128,7 +129,7 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
                 await tracks.receive(rest)
                 original, speech, music = await tracks.ready()
                 outcome, out_path, out = await asyncio.to_thread(
-                    self._mix, config, levels, tracks.original_path, original, speech, music, Path(tmp))
+                    self._mix, config, levels, tracks.original_path, original, speech, music, tracks.words, Path(tmp))
             finally:
                 tracks.close()
             yield mixer_pb2.MixResponse(progress=_progress(common_pb2.STAGE_MIX, 1.0, started, "mixed and muxed"))
@@ -142,9 +143,13 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
                 yield message
 
     def _mix(self, config: mixer_pb2.MixConfig, levels: dsp.MixLevels, original_path: Path, original: Original,
-             speech: Speech, music: Music, tmp: Path) -> tuple[dsp.MixOutcome, Path, mux.Output]:
-        outcome = dsp.mix_measured(speech.frames, music.frames, levels, speech.active, speech.level_lufs,
-                                   music.level_lufs, measure_peak=False)
+             speech: Speech, music: Music, words: Sequence[tuple[float, float]], tmp: Path
+             ) -> tuple[dsp.MixOutcome, Path, mux.Output]:
+        talking = activity.detect(speech.probability, activity.threshold_for(levels.duck_sensitivity),
+                                  speech.frames.shape[0])
+        talking = activity.add_words(talking, words, speech.probability)
+        outcome = dsp.mix_measured(speech.frames, music.frames, levels, talking, music.level_lufs,
+                                   measure_peak=False)
         out = mux.output_for(config.original_name, original.info)
         target = tmp / f"remixed{out.suffix}"
         mixed = outcome.mix

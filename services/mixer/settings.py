@@ -25,6 +25,10 @@ class MixerSettings:
     fade_out_s: float = 3.0
     attack_ms: float = 80.0
     release_ms: float = 400.0
+    # How readily the music ducks for what may be speech (0..1; the VAD threshold is 1 - this).
+    duck_sensitivity: float = 0.5
+    # The music stays down this long after speech ends, so it does not rise between phrases.
+    hold_ms: float = 150.0
     # Music level relative to the speech's loudness, outside speech.
     bgm_gain_db: float = -6.0
     audio_bitrate: str = "192k"
@@ -36,3 +40,5 @@ class MixerSettings:
         check(0 <= self.duck_db <= 60, "BGM_MIXER_DUCK_DB", "must be 0..60")
         check(-60 <= self.loudness_lufs <= 0, "BGM_MIXER_LOUDNESS_LUFS", "must be -60..0")
         check(-20 <= self.true_peak_dbtp <= 0, "BGM_MIXER_TRUE_PEAK_DBTP", "must be -20..0")
+        check(0 <= self.duck_sensitivity <= 1, "BGM_MIXER_DUCK_SENSITIVITY", "must be 0..1")
+        check(0 <= self.hold_ms <= 5000, "BGM_MIXER_HOLD_MS", "must be 0..5000")

@@ -8,6 +8,7 @@ once the last track lands is only the mix itself.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from bgm import audio, media
 from bgm.chunks import Spool
 from bgm.errors import InvalidInput
 from bgm.v1 import common_pb2, mixer_pb2
-from services.mixer import dsp
+from services.mixer import activity, dsp
 
 RATE = dsp.SAMPLE_RATE
 TRACK_NAMES: dict[int, str] = {
@@ -35,8 +36,7 @@ class Original:
 @dataclass(frozen=True)
 class Speech:
     frames: np.ndarray  # (n, 2)
-    active: np.ndarray  # per sample: someone is talking
-    level_lufs: float | None  # None when there is no speech at all
+    probability: np.ndarray  # the VAD's speech probability per 32 ms window
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ class TrackSet:
         self.spools = {track: Spool(limit, name, tmp, suffix if name == "original" else "")
                        for track, name in TRACK_NAMES.items()}
         self.tasks: dict[int, asyncio.Task[Any]] = {}
+        self.words: list[tuple[float, float]] = []  # when words are said (seconds)
 
     def close(self) -> None:
         for task in self.tasks.values():
@@ -79,7 +80,11 @@ class TrackSet:
     async def receive(self, rest: AsyncIterator[mixer_pb2.MixRequest]) -> None:
         total = 0
         async for message in rest:
-            if message.WhichOneof("payload") != "chunk":
+            kind = message.WhichOneof("payload")
+            if kind == "speech_spans":
+                self.add_words(message.speech_spans)
+                continue
+            if kind != "chunk":
                 raise InvalidInput("'config' was sent twice; send it once, as the first message")
             chunk = message.chunk
             if chunk.track not in self.spools:
@@ -95,6 +100,13 @@ class TrackSet:
         for track in self.spools:
             if track not in self.tasks:
                 self.prepare(track)
+
+    def add_words(self, spans: mixer_pb2.SpeechSpans) -> None:
+        for i, span in enumerate(spans.spans):
+            start, end = span.start_s, span.end_s
+            if not (math.isfinite(start) and math.isfinite(end)) or start < 0 or end < start:
+                raise InvalidInput(f"speech_spans {i}: ({start:g}, {end:g}) is not a time span in seconds")
+            self.words.append((start, end))
 
     def prepare(self, track: int) -> None:
         self.spools[track].finish()
@@ -117,8 +129,7 @@ class TrackSet:
 
         def work() -> Speech:
             frames = fit(self.spools[mixer_pb2.TRACK_SPEECH], self.config.speech_format, n, "speech")
-            active = dsp.speech_activity(frames)
-            return Speech(frames, active, dsp.loudness(frames) if active.any() else None)
+            return Speech(frames, activity.speech_probability(frames.mean(axis=1)))
 
         return await asyncio.to_thread(work)
 

@@ -18,6 +18,7 @@ from bgm.limits import check_range
 from bgm.server import ModelServicer, Servicer
 from bgm.settings import ServerSettings
 from bgm.v1 import common_pb2, music_pb2, music_pb2_grpc
+from services.music import levels
 from services.music.composer import ComposerBackend
 from services.music.riffusion import RiffusionBackend
 from services.music.settings import MusicSettings
@@ -156,6 +157,23 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
             strength=style.denoising_strength if style.HasField("denoising_strength") else None,
         )
 
+    def _render(self, style: Style, spans: Sequence[tuple[str, float, float]], fmt: common_pb2.AudioFormat,
+                cancel: threading.Event) -> tuple[np.ndarray, float]:
+        """The music for ``spans`` in ``fmt``'s rate and channels, every span levelled."""
+        rate = fmt.sample_rate_hz
+        if style.backend in ("riffusion", "triton"):
+            assert self.riffusion is not None
+            music, used_tempo = self.riffusion.generate(
+                spans, sample_rate=rate, seed=style.seed, tempo=style.tempo, cancel=cancel, steps=style.steps,
+                guidance=style.guidance, strength=style.strength)
+        else:
+            assert self.composer is not None
+            music, used_tempo = self.composer.generate(spans, sample_rate=rate, seed=style.seed, tempo=style.tempo)
+        music = levels.level_spans(music, spans, rate)
+        if fmt.channels == 1:
+            music = music.mean(axis=1, keepdims=True)
+        return music, used_tempo
+
     async def Generate(
         self, request: music_pb2.GenerateRequest, context: aio.ServicerContext
     ) -> AsyncIterator[music_pb2.GenerateResponse]:
@@ -165,22 +183,12 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
             spans = self.timeline(request)
             fmt = self.output_format(request)
             style = self.style(request)
-            rate = fmt.sample_rate_hz
             cancel = threading.Event()
             try:
-                if style.backend in ("riffusion", "triton"):
-                    assert self.riffusion is not None
-                    music, used_tempo = await asyncio.to_thread(
-                        self.riffusion.generate, spans, sample_rate=rate, seed=style.seed, tempo=style.tempo,
-                        cancel=cancel, steps=style.steps, guidance=style.guidance, strength=style.strength)
-                else:
-                    music, used_tempo = await asyncio.to_thread(
-                        self.composer.generate, spans, sample_rate=rate, seed=style.seed, tempo=style.tempo)
+                music, used_tempo = await asyncio.to_thread(self._render, style, spans, fmt, cancel)
             finally:
                 cancel.set()  # the RPC ended or was cancelled: a generation still running stops
             seed = style.seed
-            if fmt.channels == 1:
-                music = music.mean(axis=1, keepdims=True)
             total = music.shape[0]
             yield music_pb2.GenerateResponse(header=music_pb2.MusicHeader(
                 format=fmt, total_samples=total, tempo_bpm=used_tempo, backend=style.backend, seed=seed))

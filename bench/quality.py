@@ -1,0 +1,215 @@
+"""What the listener hears: the old music gone, ducking that breathes, every span audible,
+loudness on target, the speech kept. Measured on real recordings from ``../shared/realworld``.
+
+Each input is real speech re-spaced with 2-3 s pauses over a real music bed 12 LU (and
+6 LU) under it, plus the project's example video; each is remixed by the embedded gateway
+with the defaults and measured against the parts it was built from (``bench.measures``):
+
+- bed pause / under: the old bed's level in the output relative to the speech, in pauses and
+  under speech (per-bin least-squares fit onto the known speech, bed and new music);
+  rest: everything in the pauses that is not the new music (an upper bound for the bed);
+- duck: the new music's median level in pauses minus under speech (from the BGM stem);
+- spans: per span, the new music's loudness relative to the speech (as heard, ducking
+  included): the lowest and the spread;
+- LUFS / dBTP: the programme's integrated loudness and true peak (the decoded output);
+- WER in -> out: Whisper tiny.en on the input and on the output, against the reference;
+- SI-SDR in -> kept: the input and the kept speech (SPEECH stem) against the clean speech.
+
+    python -m bench.quality [--levels 12 6] [--ids jfk_inaugural_1961 ...] [--no-example] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+from bench import measures, realworld
+from bgm import media
+from bgm.chunks import iter_file_chunks
+from bgm.client import make_channel
+from bgm.models import whisper_tiny_en
+from bgm.server import start_server
+from bgm.settings import ServerSettings
+from bgm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, mixer_pb2
+from gateway.servicer import GatewayServicer
+from gateway.settings import GatewaySettings
+from services.mixer import dsp
+
+RATE = realworld.RATE
+
+
+@dataclass
+class Remixed:
+    video: bytes
+    stems: dict[int, np.ndarray]  # stem -> (n,) mono
+    spans: list[tuple[str, float, float]]
+
+
+@dataclass
+class Row:
+    name: str
+    bed_pause_db: float
+    bed_under_speech_db: float
+    pause_rest_db: float
+    duck_db: float
+    span_min_db: float
+    span_spread_db: float
+    lufs: float
+    dbtp: float
+    wer_in: float
+    wer_out: float
+    si_sdr_in: float
+    si_sdr_kept: float
+    video_identical: bool
+    duration_equal: bool
+    seconds: float
+
+
+def requests(video: Path, options: gateway_pb2.RemixOptions | None = None) -> Iterator[gateway_pb2.RemixRequest]:
+    """A Remix call's requests that also ask for the SPEECH and BGM stems."""
+    opts = gateway_pb2.RemixOptions()
+    if options is not None:
+        opts.CopyFrom(options)
+    opts.filename = video.name
+    opts.mix.return_stems[:] = [mixer_pb2.STEM_SPEECH, mixer_pb2.STEM_BGM]
+    yield gateway_pb2.RemixRequest(options=opts)
+    for piece in iter_file_chunks(video):
+        yield gateway_pb2.RemixRequest(video=piece)
+
+
+def collect(events: Iterable[gateway_pb2.RemixResponse]) -> Remixed:
+    out, stems, spans = io.BytesIO(), {}, []
+    for event in events:
+        kind = event.WhichOneof("event")
+        if kind == "video":
+            out.write(event.video)
+        elif kind == "stem":
+            stems.setdefault(event.stem.stem, io.BytesIO()).write(event.stem.data)
+        elif kind == "timeline":
+            spans = [(common_pb2.Emotion.Name(s.emotion), s.span.start_s, s.span.end_s)
+                     for s in event.timeline.spans]
+    decoded = {k: soundfile.read(io.BytesIO(v.getvalue()), dtype="float32", always_2d=True)[0].mean(axis=1)
+               for k, v in stems.items()}
+    return Remixed(out.getvalue(), decoded, spans)
+
+
+async def remix(stub: gateway_pb2_grpc.GatewayStub, video: Path,
+                options: gateway_pb2.RemixOptions | None = None) -> Remixed:
+    async def sent():
+        for request in requests(video, options):
+            yield request
+
+    return collect([event async for event in stub.Remix(sent(), timeout=3600)])
+
+
+def video_md5(path: Path) -> str:
+    cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(path), "-map", "0:v", "-c", "copy", "-f", "md5", "-"]
+    return subprocess.run(cmd, capture_output=True, check=True).stdout.decode().strip()
+
+
+class Transcriber:
+    def __init__(self) -> None:
+        from faster_whisper import WhisperModel
+
+        self.model = WhisperModel(str(whisper_tiny_en()), device="cpu", compute_type="int8")
+
+    def __call__(self, mono48k: np.ndarray) -> str:
+        segments, _ = self.model.transcribe(realworld.resample_to(mono48k, 16_000), language="en", beam_size=5,
+                                            vad_filter=True)
+        return " ".join(s.text for s in segments)
+
+
+def measure(case: realworld.Case, result: Remixed, folder: Path, listen: Transcriber | None,
+            seconds: float = float("nan")) -> Row:
+    """Every figure of one remix (``listen=None`` leaves the WER out)."""
+    out_path = folder / f"{case.name}.remixed{case.video.suffix}"
+    out_path.write_bytes(result.video)
+    stereo = media.decode_audio(out_path, RATE, 2, "the remix")
+    n = min(stereo.shape[0], case.speech.shape[0])
+    output = stereo[:n].mean(axis=1)
+    music = result.stems[mixer_pb2.STEM_BGM][:n]
+    kept = result.stems[mixer_pb2.STEM_SPEECH][:n]
+    speech, bed = case.speech[:n], case.bed[:n]
+    lag = measures.align(output, speech)
+    output = measures.shift(output, lag)
+    levels = measures.bed_levels(output, speech, bed, music, case.talking)
+    speech_lufs = dsp.loudness(kept)
+    spans = [(a, b) for _, a, b in result.spans] or [(0.0, n / RATE)]
+    relative = [lufs - speech_lufs for lufs in measures.span_loudness(music, spans)]
+    mixture = speech + bed
+    return Row(
+        name=case.name, **levels,
+        duck_db=measures.ducking_db(music, speech, case.talking),
+        span_min_db=min(relative), span_spread_db=max(relative) - min(relative),
+        lufs=dsp.loudness(stereo), dbtp=dsp.true_peak_db(stereo),
+        wer_in=measures.wer(case.reference, listen(mixture)) if listen else float("nan"),
+        wer_out=measures.wer(case.reference, listen(output)) if listen else float("nan"),
+        si_sdr_in=measures.si_sdr(mixture, speech), si_sdr_kept=measures.si_sdr(kept, speech),
+        video_identical=video_md5(out_path) == video_md5(case.video),
+        duration_equal=abs(media.probe(out_path).duration_s - media.probe(case.video).duration_s) < 0.05,
+        seconds=seconds)
+
+
+def print_table(rows: list[Row]) -> None:
+    head = (f"{'input':38s} {'bed pause':>9s} {'under':>6s} {'rest':>6s} {'duck':>5s} {'span min':>8s} "
+            f"{'spread':>6s} {'LUFS':>6s} {'dBTP':>5s} {'WER in->out':>12s} {'SI-SDR in->kept':>16s} video")
+    print(head)
+    for r in rows:
+        print(f"{r.name:38s} {r.bed_pause_db:9.1f} {r.bed_under_speech_db:6.1f} {r.pause_rest_db:6.1f} "
+              f"{r.duck_db:5.1f} {r.span_min_db:8.1f} {r.span_spread_db:6.1f} {r.lufs:6.1f} {r.dbtp:5.1f} "
+              f"{100 * r.wer_in:5.1f}->{100 * r.wer_out:5.1f} {r.si_sdr_in:7.1f}->{r.si_sdr_kept:6.1f} "
+              f"{'same' if r.video_identical and r.duration_equal else 'DIFFERENT'}")
+
+
+async def main_async(args: argparse.Namespace) -> list[Row]:
+    if not realworld.available():
+        raise SystemExit(f"no real-world material at {realworld.ROOT} (set BGM_REALWORLD)")
+    settings = ServerSettings()
+    running = await start_server([GatewayServicer(GatewaySettings(), settings)], settings)
+    await running.wait_ready(900)
+    listen = Transcriber()
+    rows = []
+    try:
+        async with make_channel(running.address) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            with tempfile.TemporaryDirectory(prefix="bgm-quality-") as tmp:
+                folder = Path(tmp)
+                for case in realworld.cases(folder, tuple(args.levels), tuple(args.ids) if args.ids else None,
+                                            example=not args.no_example):
+                    began = time.perf_counter()
+                    result = await remix(stub, case.video)
+                    rows.append(measure(case, result, folder, listen, time.perf_counter() - began))
+                    print_table(rows[-1:])
+    finally:
+        await running.stop(1)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--levels", type=float, nargs="+", default=[12.0, 6.0],
+                        help="bed levels under the speech, in LU")
+    parser.add_argument("--ids", nargs="*", help="manifest ids of the recordings to use (default: all)")
+    parser.add_argument("--no-example", action="store_true", help="leave out the example video")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    args = parser.parse_args()
+    rows = asyncio.run(main_async(args))
+    print()
+    print_table(rows)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+
+
+if __name__ == "__main__":
+    main()

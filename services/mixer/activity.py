@@ -1,0 +1,158 @@
+"""When someone is talking, from the speech itself: Silero VAD on the separated speech,
+reconciled with the transcript's word timestamps.
+
+An energy threshold cannot tell speech from what separation leaves of the old music (that
+residue sat above the old threshold in every pause, so the music never came back up). A
+voice-activity model can: it scores each 32 ms window of the separated speech, and the
+words Whisper heard are added where it was unsure. Two curves follow from the activity:
+
+- the speech gate: the speech stem passes while someone talks and is faded out between,
+  so what separation leaves of the old music is gone from the pauses;
+- the duck: the music dips while someone talks, stays down for ``hold_ms`` after, bridges
+  gaps between words so it does not pump, and rises in every real pause.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import numpy as np
+
+from bgm.audio import resample
+from bgm.errors import Unsupported
+
+RATE = 48_000
+VAD_RATE = 16_000
+WINDOW = 512  # Silero's window at 16 kHz: 32 ms
+FRAME = 480  # the curves' resolution at 48 kHz: 10 ms
+FRAME_S = FRAME / RATE
+
+# Silero's own defaults: speech starts at the threshold and continues down to 0.15 under it.
+HYSTERESIS = 0.15
+# Shorter blips are clicks or a drum hit, not speech (unless a word is there).
+MIN_SPEECH_S = 0.09
+# The gate opens this much before the detected speech and closes this much after it, so
+# soft onsets and word tails are kept; gaps shorter than GATE_BRIDGE_S stay open.
+GATE_LEAD_S, GATE_TAIL_S, GATE_BRIDGE_S = 0.06, 0.15, 0.25
+GATE_RAMP_S = 0.04
+# A word from the transcript counts where the VAD gave it at least this probability.
+WORD_FLOOR = 0.15
+# Between words the music stays down: a gap shorter than this is not a pause.
+DUCK_BRIDGE_S = 0.35
+
+
+@functools.cache
+def _vad_model() -> object:
+    try:
+        from faster_whisper.vad import get_vad_model
+    except ImportError as exc:
+        raise Unsupported("faster-whisper (for its Silero VAD) is not installed (pip install 'bgm[mixer]')") from exc
+    return get_vad_model()
+
+
+def load() -> None:
+    """Open the VAD model now (at service start), not on the first request."""
+    _vad_model()
+
+
+def speech_probability(mono: np.ndarray) -> np.ndarray:
+    """Silero's speech probability per 32 ms window of 48 kHz mono audio."""
+    x = resample(np.asarray(mono, dtype=np.float32)[:, None], RATE, VAD_RATE)[:, 0]
+    if x.shape[0] == 0:
+        return np.zeros(0, dtype=np.float32)
+    padded = np.pad(x, (0, -x.shape[0] % WINDOW))
+    return np.asarray(_vad_model()(padded), dtype=np.float32).reshape(-1)  # type: ignore[operator]
+
+
+def threshold_for(sensitivity: float) -> float:
+    """The VAD threshold for a duck sensitivity in [0, 1] (0.5 gives Silero's default, 0.5)."""
+    return float(np.clip(1.0 - sensitivity, 0.05, 0.95))
+
+
+def frames(n_samples: int) -> int:
+    return -(-n_samples // FRAME)
+
+
+def detect(probability: np.ndarray, threshold: float, n_samples: int) -> np.ndarray:
+    """Per 10 ms frame: speech by the VAD, with hysteresis, blips under MIN_SPEECH_S dropped."""
+    n = frames(n_samples)
+    if probability.size == 0:
+        return np.zeros(n, dtype=bool)
+    low = max(0.01, threshold - HYSTERESIS)
+    active = np.zeros(probability.shape[0], dtype=bool)
+    on = False
+    for i, p in enumerate(probability):
+        on = p >= threshold or (on and p >= low)
+        active[i] = on
+    # Window i covers [i, i + 1) * 32 ms; map each 10 ms frame to the window holding its centre.
+    centres = (np.arange(n) + 0.5) * FRAME_S
+    per_frame = active[np.minimum((centres * VAD_RATE / WINDOW).astype(int), active.shape[0] - 1)]
+    return _drop_short(per_frame, round(MIN_SPEECH_S / FRAME_S))
+
+
+def _runs(active: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end (exclusive) of each run of True."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], active.astype(np.int8), [0]])))
+    return edges[::2], edges[1::2]
+
+
+def _drop_short(active: np.ndarray, min_frames: int) -> np.ndarray:
+    out = active.copy()
+    for start, end in zip(*_runs(active), strict=True):
+        if end - start < min_frames:
+            out[start:end] = False
+    return out
+
+
+def add_words(active: np.ndarray, words: Sequence[tuple[float, float]], probability: np.ndarray) -> np.ndarray:
+    """``active`` with the frames of every word set where the VAD was at least unsure
+    (WORD_FLOOR): speech it missed (a whisper, a word over loud residue) still ducks the
+    music and passes the gate, while a word Whisper made up over the music does not."""
+    out = active.copy()
+    for start, end in words:
+        first, last = max(0, int(start / FRAME_S)), min(out.shape[0], int(np.ceil(end / FRAME_S)))
+        lo, hi = int(start * VAD_RATE / WINDOW), int(np.ceil(end * VAD_RATE / WINDOW))
+        if last > first and probability[lo : max(hi, lo + 1)].max(initial=0.0) >= WORD_FLOOR:
+            out[first:last] = True
+    return out
+
+
+def _closed(active: np.ndarray, gap_s: float) -> np.ndarray:
+    """``active`` with every gap shorter than ``gap_s`` between two runs filled."""
+    out = active.copy()
+    starts, ends = _runs(active)
+    for end, start in zip(ends[:-1], starts[1:], strict=True):
+        if (start - end) * FRAME_S < gap_s:
+            out[end:start] = True
+    return out
+
+
+def _widened(active: np.ndarray, before_s: float, after_s: float) -> np.ndarray:
+    """Frame i is on if any frame in [i - after, i + before] is: runs start ``before_s``
+    earlier and end ``after_s`` later."""
+    before, after = round(before_s / FRAME_S), round(after_s / FRAME_S)
+    window = before + after + 1
+    counts = np.concatenate([[0], np.cumsum(np.pad(active.astype(np.int32), (after, before)))])
+    return (counts[window:] - counts[:-window]) > 0
+
+
+def to_samples(per_frame: np.ndarray, n_samples: int) -> np.ndarray:
+    """A per-frame curve interpolated to samples (values at frame centres)."""
+    centres = (np.arange(per_frame.shape[0]) + 0.5) * FRAME
+    return np.interp(np.arange(n_samples), centres, per_frame.astype(np.float32)).astype(np.float32)
+
+
+def gate(active: np.ndarray, n_samples: int) -> np.ndarray:
+    """Per-sample gain for the speech stem: 1 while someone talks, 0 between, with raised-
+    cosine ramps of GATE_RAMP_S that lie outside the kept speech (no clicks, no lost onsets)."""
+    open_ = _widened(_closed(active, GATE_BRIDGE_S), GATE_LEAD_S + GATE_RAMP_S / 2, GATE_TAIL_S + GATE_RAMP_S / 2)
+    ramp = max(1, round(GATE_RAMP_S / FRAME_S))
+    soft = np.convolve(open_.astype(np.float32), np.ones(ramp, dtype=np.float32) / ramp, mode="same")
+    shaped = 0.5 - 0.5 * np.cos(np.pi * np.clip(soft, 0.0, 1.0))
+    return to_samples(shaped, n_samples)
+
+
+def ducking(active: np.ndarray, hold_ms: float) -> np.ndarray:
+    """Per frame: the music should be down (speech, gaps between words, and ``hold_ms`` after)."""
+    return _widened(_closed(active, DUCK_BRIDGE_S), 0.0, hold_ms / 1000.0)

@@ -1,0 +1,114 @@
+"""What the listener hears, on the path a user runs: real speech over a real music bed (from
+``../shared/realworld``), remixed by the gateway with the offline defaults, so the mixer
+works on *separated* speech. Measured against the parts the input was built from
+(``bench.measures``): the old bed gone, ducking that breathes, every span audible,
+loudness on target, the picture untouched.
+
+The fast test takes one recording with looser bounds; ``-m slow`` takes every recording
+with the bounds of the product's promise (the ones ``bench/quality.py`` reports).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench import measures, quality, realworld
+from bgm.settings import ServerSettings
+from bgm.v1 import gateway_pb2, gateway_pb2_grpc
+from gateway.servicer import GatewayServicer
+from gateway.settings import GatewaySettings
+from services.mixer import activity, dsp
+from tests.conftest import channel, start
+
+pytestmark = pytest.mark.skipif(not realworld.available(),
+                                reason=f"the real-world material is not at {realworld.ROOT} (set BGM_REALWORLD)")
+
+
+@pytest.fixture(scope="module")
+def gateway(loop):
+    running = start(loop, [GatewayServicer(GatewaySettings(), ServerSettings())])
+    yield gateway_pb2_grpc.GatewayStub(channel(running.address))
+    loop.run(running.stop(1))
+
+
+def entry(name: str) -> dict:
+    return next(e for e in realworld.manifest()["english_speech"] if e["id"] == name)
+
+
+def remix_and_measure(stub, case: realworld.Case, tmp_path, options: gateway_pb2.RemixOptions | None = None
+                      ) -> quality.Row:
+    result = quality.collect(stub.Remix(quality.requests(case.video, options), timeout=600))
+    row = quality.measure(case, result, tmp_path, listen=None)
+    print(f"\n{row}")
+    return row
+
+
+def test_real_speech_over_a_real_bed_loses_the_bed_and_the_music_breathes(gateway, tmp_path):
+    case = realworld.build(entry("cmu_arctic_aew_axb_a0001_a0006"), 12.0, tmp_path)
+    row = remix_and_measure(gateway, case, tmp_path)
+    assert row.bed_pause_db <= -30.0  # the old music is gone from the pauses
+    assert row.pause_rest_db <= -25.0  # and so is anything else that is not the new music
+    assert row.bed_under_speech_db <= -18.0
+    assert row.duck_db >= 5.0  # the new music rises when nobody talks
+    assert row.span_min_db >= -25.0
+    assert abs(row.lufs + 14.0) <= 0.5
+    assert row.dbtp <= -1.0
+    assert row.video_identical and row.duration_equal
+
+
+def test_duck_options_reach_the_mix(gateway, tmp_path):
+    """--duck-db 0 leaves the music level through speech; the loudness target is honoured."""
+    case = realworld.build(entry("librispeech_dev_1272-128104-0000"), 12.0, tmp_path)
+    options = gateway_pb2.RemixOptions()
+    options.mix.duck_db = 0.0
+    options.mix.loudness_lufs = -20.0
+    row = remix_and_measure(gateway, case, tmp_path, options)
+    assert abs(row.lufs + 20.0) <= 0.5
+    assert abs(row.span_min_db - -6.0) <= 2.5  # the bed level relative to the speech, no dip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [e["id"] for e in realworld.manifest()["english_speech"]]
+                         if realworld.available() else [])
+def test_every_real_recording_meets_the_soundtrack_bounds(gateway, tmp_path, name):
+    case = realworld.build(entry(name), 12.0, tmp_path)
+    row = remix_and_measure(gateway, case, tmp_path)
+    assert row.bed_pause_db <= -35.0
+    assert row.bed_under_speech_db <= -20.0
+    if not np.isnan(row.duck_db):  # a single utterance has no pause between utterances
+        assert row.duck_db >= 6.0
+    assert row.span_min_db >= -25.0 and row.span_spread_db <= 6.0
+    assert abs(row.lufs + 14.0) <= 0.5 and row.dbtp <= -1.0
+    assert row.video_identical and row.duration_equal
+
+
+def test_music_rises_in_a_short_pause():
+    """A 0.6 s pause between two phrases: the duck releases (and the next attack leads in)."""
+    levels = dsp.MixLevels(duck_db=12, loudness_lufs=-14, true_peak_dbtp=-1, fade_in_s=0, fade_out_s=0,
+                           attack_ms=80, release_ms=400, bgm_gain_db=-6)
+    frames = activity.frames(6 * dsp.SAMPLE_RATE)
+    talking = np.zeros(frames, dtype=bool)
+    talking[100:250] = True  # 1.0-2.5 s
+    talking[310:450] = True  # 3.1-4.5 s: a 0.6 s pause
+    curve_db = 20 * np.log10(dsp.duck_curve(talking, levels, 6 * dsp.SAMPLE_RATE))
+    under = float(np.median(curve_db[int(1.5 * dsp.SAMPLE_RATE) : int(2.4 * dsp.SAMPLE_RATE)]))
+    peak_in_pause = float(curve_db[int(2.5 * dsp.SAMPLE_RATE) : int(3.1 * dsp.SAMPLE_RATE)].max())
+    assert under == pytest.approx(-12.0, abs=0.5)
+    assert peak_in_pause - under >= 6.0
+    # Gaps shorter than a pause (between words) keep the music down: no pumping.
+    talking[300:310] = False
+    talking[250:300] = True
+    talking[260:280] = False  # a 0.2 s gap between words
+    curve_db = 20 * np.log10(dsp.duck_curve(talking, levels, 6 * dsp.SAMPLE_RATE))
+    assert curve_db[int(2.6 * dsp.SAMPLE_RATE) : int(2.8 * dsp.SAMPLE_RATE)].max() <= -11.5
+
+
+def test_speech_gate_fades_without_clicks_and_keeps_the_words():
+    n = 4 * dsp.SAMPLE_RATE
+    talking = np.zeros(activity.frames(n), dtype=bool)
+    talking[100:200] = True
+    gain = activity.gate(talking, n)
+    assert gain[int(1.0 * dsp.SAMPLE_RATE) : int(2.0 * dsp.SAMPLE_RATE)].min() == pytest.approx(1.0)
+    assert gain[: int(0.8 * dsp.SAMPLE_RATE)].max() == 0.0 and gain[int(2.4 * dsp.SAMPLE_RATE):].max() == 0.0
+    assert np.abs(np.diff(gain)).max() < 2e-3  # a ramp of tens of milliseconds, not a step
