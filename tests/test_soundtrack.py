@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench import measures, quality, realworld
+from bench import quality, realworld
 from bgm.settings import ServerSettings
 from bgm.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.servicer import GatewayServicer
