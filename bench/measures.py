@@ -155,7 +155,10 @@ def normalise_text(text: str) -> str:
     return " ".join(w.strip("'") for w in text.split())
 
 
-def wer(reference: str, hypothesis: str) -> float:
+def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
+    """(substitutions + deletions + insertions, reference words), texts normalised."""
     import jiwer
 
-    return float(jiwer.wer(normalise_text(reference), normalise_text(hypothesis) or "<empty>"))
+    ref = normalise_text(reference)
+    out = jiwer.process_words(ref, normalise_text(hypothesis) or "<empty>")
+    return out.substitutions + out.deletions + out.insertions, len(ref.split())

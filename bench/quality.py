@@ -67,8 +67,9 @@ class Row:
     span_spread_db: float
     lufs: float
     dbtp: float
-    wer_in: float
-    wer_out: float
+    words: int
+    errors_in: int
+    errors_out: int
     si_sdr_in: float
     si_sdr_kept: float
     video_identical: bool
@@ -89,7 +90,8 @@ def requests(video: Path, options: gateway_pb2.RemixOptions | None = None) -> It
 
 
 def collect(events: Iterable[gateway_pb2.RemixResponse]) -> Remixed:
-    out, stems, spans = io.BytesIO(), {}, []
+    out, spans = io.BytesIO(), []
+    stems: dict[int, io.BytesIO] = {}
     for event in events:
         kind = event.WhichOneof("event")
         if kind == "video":
@@ -153,12 +155,23 @@ def measure(case: realworld.Case, result: Remixed, folder: Path, listen: Transcr
         duck_db=measures.ducking_db(music, speech, case.talking),
         span_min_db=min(relative), span_spread_db=max(relative) - min(relative),
         lufs=dsp.loudness(stereo), dbtp=dsp.true_peak_db(stereo),
-        wer_in=measures.wer(case.reference, listen(mixture)) if listen else float("nan"),
-        wer_out=measures.wer(case.reference, listen(output)) if listen else float("nan"),
+        words=len(measures.normalise_text(case.reference).split()),
+        errors_in=measures.word_errors(case.reference, listen(mixture))[0] if listen else -1,
+        errors_out=measures.word_errors(case.reference, listen(output))[0] if listen else -1,
         si_sdr_in=measures.si_sdr(mixture, speech), si_sdr_kept=measures.si_sdr(kept, speech),
         video_identical=video_md5(out_path) == video_md5(case.video),
         duration_equal=abs(media.probe(out_path).duration_s - media.probe(case.video).duration_s) < 0.05,
         seconds=seconds)
+
+
+def print_pooled(rows: list[Row]) -> None:
+    """WER over all words of a bed level at once: one clip's single word is not a trend."""
+    for level in sorted({r.name.rsplit("@", 1)[-1] for r in rows if "@" in r.name}):
+        chosen = [r for r in rows if r.name.endswith(f"@{level}") and r.errors_in >= 0]
+        words = sum(r.words for r in chosen)
+        if words:
+            print(f"pooled WER at {level}: {100 * sum(r.errors_in for r in chosen) / words:.1f} % -> "
+                  f"{100 * sum(r.errors_out for r in chosen) / words:.1f} % over {words} words")
 
 
 def print_table(rows: list[Row]) -> None:
@@ -168,7 +181,8 @@ def print_table(rows: list[Row]) -> None:
     for r in rows:
         print(f"{r.name:38s} {r.bed_pause_db:9.1f} {r.bed_under_speech_db:6.1f} {r.pause_rest_db:6.1f} "
               f"{r.duck_db:5.1f} {r.span_min_db:8.1f} {r.span_spread_db:6.1f} {r.lufs:6.1f} {r.dbtp:5.1f} "
-              f"{100 * r.wer_in:5.1f}->{100 * r.wer_out:5.1f} {r.si_sdr_in:7.1f}->{r.si_sdr_kept:6.1f} "
+              f"{100 * r.errors_in / r.words:5.1f}->{100 * r.errors_out / r.words:5.1f} "
+              f"{r.si_sdr_in:7.1f}->{r.si_sdr_kept:6.1f} "
               f"{'same' if r.video_identical and r.duration_equal else 'DIFFERENT'}")
 
 
@@ -207,6 +221,7 @@ def main() -> None:
     rows = asyncio.run(main_async(args))
     print()
     print_table(rows)
+    print_pooled(rows)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
 

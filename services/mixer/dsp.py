@@ -149,7 +149,13 @@ LIMITER_STEP = 8
 
 
 def limit(x: np.ndarray, ceiling_db: float, release_ms: float = 60.0) -> np.ndarray:
-    """Look-ahead peak limiter on the true-peak envelope, keeping peaks under the ceiling.
+    """Look-ahead peak limiter on the true-peak envelope, keeping peaks under the ceiling."""
+    gain = limiter_gain(x, ceiling_db, release_ms)
+    return x.astype(np.float32, copy=False) if gain is None else (x * gain[:, None]).astype(np.float32)
+
+
+def limiter_gain(x: np.ndarray, ceiling_db: float, release_ms: float = 60.0) -> np.ndarray | None:
+    """The limiter's per-sample gain for ``x`` (None where nothing needs limiting).
 
     The gain is worked out per step (the envelope's maximum over each step) and
     interpolated between values that are never above either neighbouring step's, so each
@@ -158,7 +164,7 @@ def limit(x: np.ndarray, ceiling_db: float, release_ms: float = 60.0) -> np.ndar
     ceiling = float(db_to_gain(ceiling_db - 0.1))
     env = peak_envelope(x, ceiling * float(db_to_gain(-OVERSAMPLE_MARGIN_DB)))
     if env.max() <= ceiling:
-        return x.astype(np.float32, copy=False)
+        return None
     n = env.shape[0]
     steps = -(-n // LIMITER_STEP)
     peaks = np.pad(env, (0, steps * LIMITER_STEP - n)).reshape(steps, LIMITER_STEP).max(axis=1)
@@ -173,16 +179,21 @@ def limit(x: np.ndarray, ceiling_db: float, release_ms: float = 60.0) -> np.ndar
     knots = np.minimum(gain, np.concatenate([gain[:1], gain[:-1]]))  # value at each step's start
     knots = np.append(knots, gain[-1])
     positions = np.arange(n) / LIMITER_STEP
-    per_sample = np.interp(positions, np.arange(steps + 1), knots).astype(np.float32)
-    return (x * per_sample[:, None]).astype(np.float32)
+    return np.interp(positions, np.arange(steps + 1), knots).astype(np.float32)
 
 
 @dataclass(frozen=True)
 class MixOutcome:
     mix: np.ndarray
-    bgm: np.ndarray
+    bgm: np.ndarray  # the music as it sits in the mix (ducked, faded, gained, limited)
+    speech: np.ndarray  # the speech likewise (gated, gained, limited): mix == speech + bgm
     loudness_lufs: float
     true_peak_dbtp: float
+
+    def scaled(self, gain: float) -> MixOutcome:
+        """The same mix ``gain`` times louder; the stems likewise."""
+        g = np.float32(gain)
+        return MixOutcome(self.mix * g, self.bgm * g, self.speech * g, self.loudness_lufs, self.true_peak_dbtp)
 
 
 def mix(speech: np.ndarray, bgm: np.ndarray, levels: MixLevels) -> MixOutcome:
@@ -210,17 +221,23 @@ def mix_measured(speech: np.ndarray, bgm: np.ndarray, levels: MixLevels, talking
     placed = (bgm * bed_gain * curve[:, None]).astype(np.float32)
     out = speech + placed
     # Gain moves integrated loudness one for one, so measure once and scale; limiting then
-    # lowers it a little, which one more measurement and a small top-up correct.
-    total_gain = 1.0
+    # lowers it a little, which one more measurement and a small top-up correct. ``gain``
+    # keeps what was applied, so the stems come out as they sit in the mix.
+    gain = np.ones(n, dtype=np.float32)
     current = loudness(out)
     for _ in range(3):
         if current <= -70:
             break
-        step = float(db_to_gain(levels.loudness_lufs - current))
-        total_gain *= step
-        out = limit((out * step).astype(np.float32), levels.true_peak_dbtp - CODEC_HEADROOM_DB)
+        step = np.float32(db_to_gain(levels.loudness_lufs - current))
+        out = (out * step).astype(np.float32)
+        gain *= step
+        limiting = limiter_gain(out, levels.true_peak_dbtp - CODEC_HEADROOM_DB)
+        if limiting is not None:
+            out *= limiting[:, None]
+            gain *= limiting
         current = loudness(out)
         if abs(current - levels.loudness_lufs) < 0.3:
             break
     peak = true_peak_db(out) if measure_peak else float("nan")
-    return MixOutcome(out, (placed * total_gain).astype(np.float32), current, peak)
+    g = gain[:, None]
+    return MixOutcome(out, (placed * g).astype(np.float32), (speech * g).astype(np.float32), current, peak)

@@ -55,6 +55,11 @@ def mux(original: Path, info: media.MediaInfo, samples: np.ndarray, out: Output,
                                     "map_metadata": 0}
     if info.has_video:
         kwargs["vcodec"] = "copy"
+    if out.audio_codec == "aac":
+        # ffmpeg's AAC encoder rebuilds stereo from intensity and fills bands with noise (PNS)
+        # by default: tools for low bitrates that put peaks where the mix had none (up to
+        # 2.7 dB over the true-peak ceiling at a speech onset) and replace the music's texture.
+        kwargs.update(aac_is=0, aac_pns=0)
     if out.format in ("mp4", "mov", "ipod"):
         kwargs["movflags"] = "+faststart"
     cmd = ffmpeg.output(*streams, str(target), **kwargs).overwrite_output().compile()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -152,23 +153,22 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
                                    measure_peak=False)
         out = mux.output_for(config.original_name, original.info)
         target = tmp / f"remixed{out.suffix}"
-        mixed = outcome.mix
         # Lossy codecs overshoot a little: measure the encoded file itself and, if its true
         # peak is over the ceiling, encode once more that much quieter.
         for _ in range(3):
-            mux.mux(original_path, original.info, mixed, out, target, self.settings.audio_bitrate)
+            mux.mux(original_path, original.info, outcome.mix, out, target, self.settings.audio_bitrate)
             encoded = media.decode_audio(target, RATE, 2, "the remixed file")
             peak = dsp.true_peak_db(encoded)
             if peak <= levels.true_peak_dbtp:
                 break
-            mixed = (mixed * dsp.db_to_gain(levels.true_peak_dbtp - peak - 0.1)).astype(np.float32)
-        outcome = dsp.MixOutcome(mixed, outcome.bgm, dsp.loudness(encoded), peak)
+            outcome = outcome.scaled(float(dsp.db_to_gain(levels.true_peak_dbtp - peak - 0.1)))
+        outcome = dataclasses.replace(outcome, loudness_lufs=dsp.loudness(encoded), true_peak_dbtp=peak)
         return outcome, target, out
 
 
 def stem_messages(wanted: Sequence[int], outcome: dsp.MixOutcome, tmp: Path) -> Iterator[mixer_pb2.MixResponse]:
     sources: dict[int, np.ndarray] = {mixer_pb2.STEM_BGM: outcome.bgm, mixer_pb2.STEM_MIX: outcome.mix,
-                                      mixer_pb2.STEM_SPEECH: outcome.mix - outcome.bgm}
+                                      mixer_pb2.STEM_SPEECH: outcome.speech}
     for stem in dict.fromkeys(wanted):
         path = tmp / f"stem-{stem}.wav"
         soundfile.write(str(path), sources[stem], RATE, subtype="PCM_16")
