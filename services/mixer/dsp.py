@@ -190,10 +190,36 @@ class MixOutcome:
     loudness_lufs: float
     true_peak_dbtp: float
 
-    def scaled(self, gain: float) -> MixOutcome:
-        """The same mix ``gain`` times louder; the stems likewise."""
-        g = np.float32(gain)
+    def scaled(self, gain: float | np.ndarray) -> MixOutcome:
+        """The same mix with ``gain`` applied (a number, or one per sample); the stems likewise."""
+        g = np.asarray(gain, dtype=np.float32)
+        g = g[:, None] if g.ndim else g
         return MixOutcome(self.mix * g, self.bgm * g, self.speech * g, self.loudness_lufs, self.true_peak_dbtp)
+
+
+DIP_WIDTH_S = 0.05  # wide enough to cover the codec's delay and its transform blocks
+DIP_MARGIN_DB = 0.3
+
+
+def codec_dips(encoded: np.ndarray, ceiling_db: float, n: int) -> np.ndarray:
+    """Per-sample gain (n samples) that dips smoothly wherever ``encoded`` (the decoded file)
+    went over ``ceiling_db``: by the overshoot plus a margin, DIP_WIDTH_S either side; 1 elsewhere.
+
+    A codec's overshoot is local (a transient), so a local dip holds the ceiling without
+    touching the programme's loudness.
+    """
+    ceiling = float(db_to_gain(ceiling_db))
+    env = peak_envelope(encoded, ceiling * float(db_to_gain(-OVERSAMPLE_MARGIN_DB)))[:n]
+    frames = -(-n // FRAME)
+    per_frame = np.pad(env, (0, frames * FRAME - env.shape[0])).reshape(frames, FRAME).max(axis=1)
+    over_db = 20 * np.log10(np.maximum(per_frame, 1e-9) / ceiling)
+    dip_db = np.where(over_db > 0, over_db + DIP_MARGIN_DB, 0.0)
+    width = round(DIP_WIDTH_S * SAMPLE_RATE / FRAME)
+    dip_db = maximum_filter1d(dip_db, size=2 * width + 1)
+    # Each over-frame lies ``width`` inside its plateau, so the smoothing keeps its full depth.
+    window = np.hanning(2 * width + 3)[1:-1]
+    dip_db = np.convolve(dip_db, window / window.sum(), mode="same")
+    return activity.to_samples(np.asarray(db_to_gain(-dip_db), dtype=np.float32), n)
 
 
 def mix(speech: np.ndarray, bgm: np.ndarray, levels: MixLevels) -> MixOutcome:
