@@ -113,3 +113,14 @@ def test_speech_gate_fades_without_clicks_and_keeps_the_words():
     assert gain[int(1.0 * dsp.SAMPLE_RATE) : int(2.0 * dsp.SAMPLE_RATE)].min() == pytest.approx(1.0)
     assert gain[: int(0.8 * dsp.SAMPLE_RATE)].max() == 0.0 and gain[int(2.4 * dsp.SAMPLE_RATE):].max() == 0.0
     assert np.abs(np.diff(gain)).max() < 2e-3  # a ramp of tens of milliseconds, not a step
+
+
+def test_duck_sensitivity_out_of_range_is_refused_before_any_upload(gateway, tmp_path):
+    import grpc
+
+    options = gateway_pb2.RemixOptions(filename="clip.mp4")
+    options.mix.duck_sensitivity = 1.5
+    with pytest.raises(grpc.RpcError) as err:
+        list(gateway.Remix(iter([gateway_pb2.RemixRequest(options=options)]), timeout=60))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "duck_sensitivity" in err.value.details()
