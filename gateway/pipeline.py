@@ -51,6 +51,11 @@ STT_RATE = 16_000
 STAGE_NAMES: dict[int, str] = {int(v): k.removeprefix("STAGE_") for k, v in common_pb2.Stage.items()}
 
 
+def to_stt_pcm(samples: np.ndarray) -> bytes:
+    """The upload's audio as the STT service takes it: 16 kHz 16-bit (whole-file work: in a thread)."""
+    return audio.float_to_pcm(audio.resample(samples[:, None], SEPARATION_RATE, STT_RATE), audio.PCM_S16LE)
+
+
 def word_spans(transcript: gateway_pb2.Transcript) -> list[common_pb2.TimeSpan]:
     """When each word is said (segments span pauses too, so only word timings are used)."""
     return [common_pb2.TimeSpan(start_s=w.start_s, end_s=w.end_s) for s in transcript.segments for w in s.words]
@@ -138,7 +143,7 @@ class Remix:
         transcript = gateway_pb2.Transcript(duration_s=duration)
         if samples is None:
             return transcript
-        pcm16 = audio.float_to_pcm(audio.resample(samples[:, None], SEPARATION_RATE, STT_RATE), audio.PCM_S16LE)
+        pcm16 = await asyncio.to_thread(to_stt_pcm, samples)
         config = stt_pb2.TranscribeConfig(
             format=audio.audio_format(STT_RATE, 1, audio.PCM_S16LE),
             task=self.options.task, language=self.options.language)
@@ -169,7 +174,7 @@ class Remix:
         if samples is None:
             await speech.close()
             return
-        pcm = audio.float_to_pcm(samples)
+        pcm = await asyncio.to_thread(audio.float_to_pcm, samples)
         config = mixer_pb2.SeparateConfig(format=audio.audio_format(SEPARATION_RATE, 1),
                                           backend=self.options.separation_backend,
                                           stems=[mixer_pb2.STEM_SPEECH])

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
+from tests.asyncio_guard import SLOW, guard
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
@@ -29,9 +31,20 @@ tempfile.tempdir = _SESSION_TMP
 T = TypeVar("T")
 
 
+@pytest.fixture(autouse=True)
+def loop_never_blocked() -> Iterator[None]:
+    """Fails the test during which any guarded loop held a callback too long (tests/asyncio_guard.py)."""
+    SLOW.take()
+    yield
+    reports = SLOW.take()
+    if reports:
+        pytest.fail("the event loop was blocked (an async def must only await; move the work to a thread):\n"
+                    + "\n".join(reports[:5]), pytrace=False)
+
+
 class LoopThread:
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = guard(asyncio.new_event_loop())
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
 

@@ -17,7 +17,7 @@ from bgm.v1 import common_pb2, emotion_pb2, emotion_pb2_grpc
 from services.emotion import backends
 from services.emotion.labels import EMOTIONS, index_to_enum
 from services.emotion.settings import EmotionSettings
-from services.emotion.smoothing import Scored, smooth
+from services.emotion.smoothing import Scored, Span, smooth
 
 
 class EmotionServicer(ModelServicer, emotion_pb2_grpc.EmotionClassifierServicer):
@@ -67,6 +67,15 @@ class EmotionServicer(ModelServicer, emotion_pb2_grpc.EmotionClassifierServicer)
             raise InvalidInput(f"smoothing.min_span_s {min_span!r} must be a non-negative number")
         return duration
 
+    def _classify(self, request: emotion_pb2.ClassifyRequest, threshold: float, by_duration: bool, by_conf: bool,
+                  duration: float, min_span: float) -> tuple[np.ndarray, list[int], list[Span]]:
+        assert self.backend is not None
+        probs = self.backend.classify([seg.text for seg in request.segments], threshold)
+        chosen = [int(np.argmax(p)) for p in probs]
+        scored = [Scored(seg.span.start_s, seg.span.end_s, chosen[i], probs[i], weight(seg, by_duration, by_conf))
+                  for i, seg in enumerate(request.segments)]
+        return probs, chosen, smooth(scored, duration, min_span)
+
     async def Classify(
         self, request: emotion_pb2.ClassifyRequest, context: aio.ServicerContext
     ) -> emotion_pb2.ClassifyResponse:
@@ -82,15 +91,9 @@ class EmotionServicer(ModelServicer, emotion_pb2_grpc.EmotionClassifierServicer)
                        else s.weight_by_confidence)
             threshold = opts.neutral_threshold if opts.HasField("neutral_threshold") else s.neutral_threshold
 
-            texts = [seg.text for seg in request.segments]
-            probs = await asyncio.to_thread(self.backend.classify, texts, threshold)
-            chosen = [int(np.argmax(p)) for p in probs]
-            scored = [
-                Scored(seg.span.start_s, seg.span.end_s, chosen[i], probs[i],
-                       weight(seg, by_duration, by_conf))
-                for i, seg in enumerate(request.segments)
-            ]
-            spans = smooth(scored, duration, min_span)
+            # Model and smoothing together in a worker thread: both are CPU work.
+            probs, chosen, spans = await asyncio.to_thread(
+                self._classify, request, threshold, by_duration, by_conf, duration, min_span)
             return emotion_pb2.ClassifyResponse(
                 backend=self.backend.name,
                 segments=[

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
@@ -47,26 +48,26 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
         self.limiter = ConcurrencyLimiter(server.max_concurrency, "the mixer's Separate")
         self.mix_limiter = ConcurrencyLimiter(server.max_concurrency, "the mixer's MixAndMux")
         self.separators: dict[str, separation.Separator] = {}
+        self.loading = asyncio.Lock()
 
     def add_to_server(self, server: aio.Server) -> None:
         mixer_pb2_grpc.add_MixerServicer_to_server(self, server)
 
     async def load(self) -> None:
-        name = self.settings.separation_backend
-        self.separators[name] = await asyncio.to_thread(
-            separation.create, name, self.settings.demucs_model, self.settings.device,
-            self.settings.attenuation_limit_db)
+        await self.separator(self.settings.separation_backend)
         await asyncio.to_thread(activity.load)
         self.ready = True
 
-    def separator(self, name: str) -> separation.Separator:
+    async def separator(self, name: str) -> separation.Separator:
+        """The named separator, loaded on first use (off the loop, once however many ask)."""
         name = name or self.settings.separation_backend
         if name not in ("deepfilternet", "demucs"):
             raise InvalidInput(f"unknown separation backend {name!r}; use deepfilternet or demucs")
-        if name not in self.separators:
-            # Another backend than the one loaded at start: load it on first use.
-            self.separators[name] = separation.create(name, self.settings.demucs_model, self.settings.device,
-                                                      self.settings.attenuation_limit_db)
+        async with self.loading:
+            if name not in self.separators:
+                self.separators[name] = await asyncio.to_thread(
+                    separation.create, name, self.settings.demucs_model, self.settings.device,
+                    self.settings.attenuation_limit_db)
         return self.separators[name]
 
     # ----- Separate -------------------------------------------------------------------
@@ -81,7 +82,7 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
             stems = list(config.stems) or [mixer_pb2.STEM_SPEECH]
             if any(s not in (mixer_pb2.STEM_SPEECH, mixer_pb2.STEM_REST) for s in stems):
                 raise InvalidInput("Separate returns SPEECH and REST stems only")
-            separator = self.separator(config.backend)
+            separator = await self.separator(config.backend)
             with Spool(self.server.max_input_bytes, "audio", self.server.tmp_dir) as spool:
                 await spool_payload(rest, spool, "config", "audio")
                 if spool.size == 0:
@@ -93,12 +94,11 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
             # Stems go out as the separator produces them, so the caller can start on the
             # first seconds (the gateway feeds them straight into MixAndMux).
             done = 0
-            async for block in iterate_in_thread(lambda cancel: separator.speech_blocks(mono, cancel)):
-                for stem in stems:
-                    data = block if stem == mixer_pb2.STEM_SPEECH else mono[done : done + block.shape[0]] - block
-                    for piece in iter_chunks(audio.float_to_pcm(data), CHUNK_BYTES):
-                        yield mixer_pb2.SeparateResponse(chunk=mixer_pb2.StemChunk(stem=stem, data=piece))
-                done += block.shape[0]
+            async for size, encoded in iterate_in_thread(lambda cancel: stem_pcm(separator, mono, stems, cancel)):
+                for stem, pcm in encoded:
+                    for piece in iter_chunks(pcm, CHUNK_BYTES):
+                        yield mixer_pb2.SeparateResponse(chunk=mixer_pb2.StemChunk(stem=stem, data=piece))  # type: ignore[arg-type]
+                done += size
                 yield mixer_pb2.SeparateResponse(progress=_progress(
                     common_pb2.STAGE_SEPARATE, done / max(1, mono.shape[0]), started,
                     f"separating with {separator.name}"))
@@ -141,7 +141,8 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
                 video_copied=original.info.has_video))
             for piece in iter_file_chunks(out_path):
                 yield mixer_pb2.MixResponse(media=piece)
-            for message in stem_messages(config.options.return_stems, outcome, Path(tmp)):
+            written = await asyncio.to_thread(write_stems, config.options.return_stems, outcome, Path(tmp))
+            for message in stem_messages(written):
                 yield message
 
     def _mix(self, config: mixer_pb2.MixConfig, levels: dsp.MixLevels, original_path: Path, original: Original,
@@ -175,12 +176,34 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
         return outcome, target, out
 
 
-def stem_messages(wanted: Sequence[int], outcome: dsp.MixOutcome, tmp: Path) -> Iterator[mixer_pb2.MixResponse]:
+def stem_pcm(separator: separation.Separator, mono: np.ndarray, stems: Sequence[int],
+             cancel: threading.Event) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:
+    """Each block of separated speech as PCM per stem asked for, with its length in samples
+    (in the worker thread: a demucs block is the whole file)."""
+    done = 0
+    for block in separator.speech_blocks(mono, cancel):
+        encoded = []
+        for stem in stems:
+            data = block if stem == mixer_pb2.STEM_SPEECH else mono[done : done + block.shape[0]] - block
+            encoded.append((stem, audio.float_to_pcm(data)))
+        done += block.shape[0]
+        yield block.shape[0], encoded
+
+
+def write_stems(wanted: Sequence[int], outcome: dsp.MixOutcome, tmp: Path) -> list[tuple[int, Path]]:
+    """The stems asked for, written as WAV files (whole-length: in a worker thread)."""
     sources: dict[int, np.ndarray] = {mixer_pb2.STEM_BGM: outcome.bgm, mixer_pb2.STEM_MIX: outcome.mix,
                                       mixer_pb2.STEM_SPEECH: outcome.speech}
+    written = []
     for stem in dict.fromkeys(wanted):
         path = tmp / f"stem-{stem}.wav"
         soundfile.write(str(path), sources[stem], RATE, subtype="PCM_16")
+        written.append((stem, path))
+    return written
+
+
+def stem_messages(written: Sequence[tuple[int, Path]]) -> Iterator[mixer_pb2.MixResponse]:
+    for stem, path in written:
         for piece in iter_file_chunks(path):
             yield mixer_pb2.MixResponse(stem=mixer_pb2.StemChunk(stem=stem, data=piece))  # type: ignore[arg-type]
 

@@ -140,6 +140,8 @@ class WhisperBackend:
         self._multilingual: object | None = None
         self.primary_path = resolve_model(settings.model, "tiny.en", settings.full_model, self.device)
         self.primary = self._open(self.primary_path)
+        # Worked out once, at load: locating a bundled model touches files.
+        self.name = self._model_name()
         if self.is_multilingual(self.primary):
             self._multilingual = self.primary
         elif settings.detect_language:
@@ -171,8 +173,7 @@ class WhisperBackend:
                     raise Unsupported(f"no multilingual Whisper model is installed: {exc}") from exc
             return self._multilingual
 
-    @property
-    def name(self) -> str:
+    def _model_name(self) -> str:
         for bundled, locate in models.WHISPER_BUNDLED.items():
             if self.primary_path == str(locate()):
                 return f"whisper-{bundled}"
