@@ -14,7 +14,7 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bgm import logs
+from bgm import logs, vocab
 
 log = logs.get("bgm.client")
 T = TypeVar("T")
@@ -25,7 +25,7 @@ T = TypeVar("T")
 # of a client stream against a restarting server crashed a gateway process in core
 # ("ILLEGAL STATE: FORWARDED_BATCH", grpcio 1.85.1).
 CHANNEL_RETRIED = ("bgm.v1.EmotionClassifier", "bgm.v1.MusicGenerator", "grpc.health.v1.Health")
-DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_MESSAGE_BYTES = vocab.MAX_MESSAGE_BYTES
 
 
 @dataclass(frozen=True)

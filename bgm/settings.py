@@ -14,6 +14,8 @@ import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+from bgm import vocab
+
 T = TypeVar("T")
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -88,7 +90,7 @@ class ServerSettings:
     # Requests handled at once; the excess gets RESOURCE_EXHAUSTED.
     max_concurrency: int = 2
     # Per-message limit on both ends; media always travels in smaller chunks.
-    max_message_bytes: int = 4 * 1024 * 1024
+    max_message_bytes: int = vocab.MAX_MESSAGE_BYTES
     # Largest total input one request may stream in.
     max_input_bytes: int = 2 * 1024**3
     grace_s: float = 30.0
@@ -105,7 +107,8 @@ class ServerSettings:
     def __post_init__(self) -> None:
         check(0 <= self.port <= 65535, "PORT", f"{self.port} is not a TCP port (0..65535)")
         check(self.max_concurrency >= 1, "MAX_CONCURRENCY", "must be at least 1")
-        check(self.max_message_bytes >= 2 * 1024 * 1024, "MAX_MESSAGE_BYTES", "must be at least 2 MiB")
+        check(self.max_message_bytes >= vocab.MIN_MESSAGE_BYTES, "MAX_MESSAGE_BYTES",
+              f"must be at least {vocab.MIN_MESSAGE_BYTES // vocab.MIB} MiB")
         check(self.max_input_bytes > 0, "MAX_INPUT_BYTES", "must be positive")
         check(self.grace_s >= 0, "GRACE_S", "must not be negative")
 

@@ -33,6 +33,7 @@ def emotion_name(value: int) -> str | None:
 
 # ----- backends, per service ---------------------------------------------------------
 AUTO = "auto"  # the setting that picks the full model where a GPU and its weights are present
+DEVICES: tuple[str, ...] = (AUTO, "cpu", "cuda")
 STT_WHISPER = "whisper"
 EMOTION_NADE, EMOTION_TRANSFORMERS = "nade", "transformers"
 MUSIC_COMPOSER, MUSIC_RIFFUSION, MUSIC_TRITON = "composer", "riffusion", "triton"
@@ -69,5 +70,7 @@ BACKEND_SERVICES: tuple[Service, ...] = (STT, EMOTION, MUSIC, MIXER)
 MIB = 1024 * 1024
 MAX_MESSAGE_BYTES = 4 * MIB  # per gRPC message, both ways; media is chunked well below it
 MIN_MESSAGE_BYTES = 2 * MIB  # the smallest limit a setting may choose (a chunk must fit)
+# The CLI's own channel: room for a gateway whose limit was raised up to twice the default.
+CLI_MAX_MESSAGE_BYTES = 2 * MAX_MESSAGE_BYTES
 SEPARATION_RATE = 48_000  # separation, music for the mix, the mix itself
 STT_RATE = 16_000  # what Whisper takes

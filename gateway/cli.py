@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import sys
 import time
@@ -19,8 +20,11 @@ from pathlib import Path
 import grpc
 from grpc import aio
 
+from bgm import vocab
 from bgm.chunks import iter_file_chunks
 from bgm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, mixer_pb2, music_pb2, stt_pb2
+
+ALL_SERVICES = "all"  # `bgm serve all`: the gateway with the four services in-process
 
 EXIT_CODES = {
     grpc.StatusCode.INVALID_ARGUMENT: 3,
@@ -210,7 +214,8 @@ async def _with_gateway(args: argparse.Namespace, analyze_only: bool) -> int:
             print(f"bgm: {exc}", file=sys.stderr)
             return 2
         token = args.token or os.environ.get("BGM_TOKEN", "")
-        channel = make_channel(args.gateway, credentials=credentials, token=token, max_message_bytes=8 * 2**20)
+        channel = make_channel(args.gateway, credentials=credentials, token=token,
+                               max_message_bytes=vocab.CLI_MAX_MESSAGE_BYTES)
         try:
             await asyncio.wait_for(channel.channel_ready(), timeout=10)
         except TimeoutError:
@@ -224,15 +229,16 @@ async def _with_gateway(args: argparse.Namespace, analyze_only: bool) -> int:
         from gateway.settings import GatewaySettings
 
         bars.note("bgm: starting the services in-process and loading models...")
-        server_settings = settings.server_settings("gateway")
+        server_settings = settings.server_settings(vocab.GATEWAY.name)
         from dataclasses import replace
 
         server_settings = replace(server_settings, host="127.0.0.1", port=0)
-        servicer = GatewayServicer(settings.load(GatewaySettings, "BGM_GATEWAY"), server_settings)
+        servicer = GatewayServicer(settings.load(GatewaySettings, vocab.GATEWAY.env_prefix), server_settings)
         running = await start_server([servicer], server_settings)
         await running.wait_ready(timeout=900)
         channel = aio.insecure_channel(running.address, options=[
-            ("grpc.max_receive_message_length", 8 * 2**20), ("grpc.max_send_message_length", 8 * 2**20)])
+            ("grpc.max_receive_message_length", vocab.CLI_MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", vocab.CLI_MAX_MESSAGE_BYTES)])
     try:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         started = time.monotonic()
@@ -293,18 +299,12 @@ def cmd_example(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    if args.service == "stt":
-        from services.stt.__main__ import main
-    elif args.service == "emotion":
-        from services.emotion.__main__ import main
-    elif args.service == "music":
-        from services.music.__main__ import main
-    elif args.service == "mixer":
-        from services.mixer.__main__ import main
+    if args.service in {s.name for s in vocab.BACKEND_SERVICES}:
+        main = importlib.import_module(f"services.{args.service}.__main__").main
     else:  # gateway, or all: the gateway with the four services embedded
-        if args.service == "all":
-            for name in ("STT", "EMOTION", "MUSIC", "MIXER"):
-                os.environ.pop(f"BGM_GATEWAY_{name}_ADDRESS", None)
+        if args.service == ALL_SERVICES:
+            for service in vocab.BACKEND_SERVICES:
+                os.environ.pop(f"{vocab.GATEWAY.env_prefix}_{service.name.upper()}_ADDRESS", None)
         from gateway.server import main
     main()
     return 0
@@ -334,7 +334,7 @@ def parser() -> argparse.ArgumentParser:
     remix = sub.add_parser("remix", help="replace a video's music with new music that follows its emotions")
     job_args(remix)
     remix.add_argument("-o", "--output", help="output file (default: INPUT.remixed.EXT)")
-    remix.add_argument("--music-backend", choices=["composer", "riffusion", "triton"])
+    remix.add_argument("--music-backend", choices=list(vocab.MUSIC_BACKENDS))
     remix.add_argument("--seed", type=int, help="music seed: the same seed gives the same music")
     remix.add_argument("--tempo", type=float, help="force one tempo (BPM)")
     remix.add_argument("--duck-db", type=float, help="how far the music dips under speech (dB, default 12)")
@@ -342,7 +342,7 @@ def parser() -> argparse.ArgumentParser:
                        help="how readily the music ducks for what may be speech (default 0.5; higher ducks "
                             "for softer speech)")
     remix.add_argument("--loudness", type=float, help="loudness target in LUFS (default -14)")
-    remix.add_argument("--separation", choices=["deepfilternet", "demucs"], help="speech separation backend")
+    remix.add_argument("--separation", choices=list(vocab.SEPARATION_BACKENDS), help="speech separation backend")
     remix.add_argument("--stems", metavar="DIR", help="also write speech, bgm and mix WAV stems here")
     remix.set_defaults(func=cmd_remix)
 
@@ -356,7 +356,7 @@ def parser() -> argparse.ArgumentParser:
     example.set_defaults(func=cmd_example)
 
     serve = sub.add_parser("serve", help="run a service (port from BGM_<SERVICE>_PORT)")
-    serve.add_argument("service", choices=["stt", "emotion", "music", "mixer", "gateway", "all"])
+    serve.add_argument("service", choices=[*(s.name for s in vocab.SERVICES), ALL_SERVICES])
     serve.set_defaults(func=cmd_serve)
     return p
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from bgm import settings
+from bgm import settings, vocab
 from bgm.server import RunningServer, start_server
 from services.emotion.servicer import EmotionServicer
 from services.emotion.settings import EmotionSettings
@@ -44,14 +44,16 @@ async def start_embedded() -> EmbeddedServices:
     def local(service: str) -> settings.ServerSettings:
         return replace(settings.server_settings(service), host="127.0.0.1", port=0)
 
-    stt = local("stt")
-    emotion = local("emotion")
-    music = local("music")
-    mixer = local("mixer")
+    stt = local(vocab.STT.name)
+    emotion = local(vocab.EMOTION.name)
+    music = local(vocab.MUSIC.name)
+    mixer = local(vocab.MIXER.name)
     return EmbeddedServices(
-        stt=await start_server([SpeechToTextServicer(settings.load(SttSettings, "BGM_STT"), stt)], stt),
+        stt=await start_server([SpeechToTextServicer(settings.load(SttSettings, vocab.STT.env_prefix), stt)], stt),
         emotion=await start_server(
-            [EmotionServicer(settings.load(EmotionSettings, "BGM_EMOTION"), emotion)], emotion),
-        music=await start_server([MusicServicer(settings.load(MusicSettings, "BGM_MUSIC"), music)], music),
-        mixer=await start_server([MixerServicer(settings.load(MixerSettings, "BGM_MIXER"), mixer)], mixer),
+            [EmotionServicer(settings.load(EmotionSettings, vocab.EMOTION.env_prefix), emotion)], emotion),
+        music=await start_server(
+            [MusicServicer(settings.load(MusicSettings, vocab.MUSIC.env_prefix), music)], music),
+        mixer=await start_server(
+            [MixerServicer(settings.load(MixerSettings, vocab.MIXER.env_prefix), mixer)], mixer),
     )

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
+from bgm import vocab
+
 # About ten seconds each at espeak-ng's default speed.
 SCRIPT = (
-    ("joy", "What a wonderful day! I am so happy and excited. We won the award, "
+    (vocab.JOY, "What a wonderful day! I am so happy and excited. We won the award, "
             "and I love this amazing team so much!"),
-    ("sadness", "But then I heard that my old friend died. I miss him terribly, "
+    (vocab.SADNESS, "But then I heard that my old friend died. I miss him terribly, "
                 "and I feel so sad and lonely. I cried all night."),
-    ("anger", "And now they cancelled our project for no reason! I am furious. "
+    (vocab.ANGER, "And now they cancelled our project for no reason! I am furious. "
               "This is outrageous and unfair, and I am so angry at them!"),
 )
 
@@ -33,7 +35,7 @@ def speak(text: str, path: Path, voice: str = "en-us", speed: int = 150) -> None
     _run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(path), text])
 
 
-RATE = 48_000
+RATE = vocab.SEPARATION_RATE
 BED_LEVEL = 0.25  # the old music's amplitude in the example
 
 

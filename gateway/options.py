@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from bgm import limits
+from bgm import limits, vocab
 from bgm.errors import InvalidInput
 from bgm.limits import check_range
 from bgm.v1 import gateway_pb2, stt_pb2
@@ -29,8 +29,8 @@ def validate(options: gateway_pb2.RemixOptions) -> None:
     if smoothing.HasField("neutral_threshold"):
         check_range("smoothing.neutral_threshold", smoothing.neutral_threshold, 0, 1)
     music = options.music
-    if music.backend not in ("", "auto", "composer", "riffusion", "triton"):
-        raise InvalidInput(f"unknown music backend {music.backend!r}; use composer, riffusion or triton")
+    if music.backend not in ("", vocab.AUTO, *vocab.MUSIC_BACKENDS):
+        raise InvalidInput(f"unknown music backend {music.backend!r}; use {vocab.choices(vocab.MUSIC_BACKENDS)}")
     if music.HasField("tempo_bpm"):
         check_range("music.tempo_bpm", music.tempo_bpm, *limits.TEMPO_BPM)
     if music.HasField("steps"):
@@ -44,5 +44,6 @@ def validate(options: gateway_pb2.RemixOptions) -> None:
     for field, (low, high) in limits.MIX_RANGES.items():
         if mix.HasField(field):  # type: ignore[arg-type]
             check_range(f"mix.{field}", getattr(mix, field), low, high)
-    if options.separation_backend not in ("", "deepfilternet", "demucs"):
-        raise InvalidInput(f"unknown separation backend {options.separation_backend!r}; use deepfilternet or demucs")
+    if options.separation_backend not in ("", *vocab.SEPARATION_BACKENDS):
+        raise InvalidInput(f"unknown separation backend {options.separation_backend!r}; "
+                           f"use {vocab.choices(vocab.SEPARATION_BACKENDS)}")

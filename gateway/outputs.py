@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bgm.v1 import common_pb2, gateway_pb2
+from bgm import vocab
+from bgm.v1 import gateway_pb2
 
 EMOTION_COLOURS = {
-    "joy": "#f4c430", "sadness": "#4a6fa5", "disgust": "#6b8e23", "anger": "#c0392b",
-    "surprise": "#e67e22", "fear": "#6c3483", "neutral": "#95a5a6",
+    vocab.JOY: "#f4c430", vocab.SADNESS: "#4a6fa5", vocab.DISGUST: "#6b8e23", vocab.ANGER: "#c0392b",
+    vocab.SURPRISE: "#e67e22", vocab.FEAR: "#6c3483", vocab.NEUTRAL: "#95a5a6",
 }
 
 
 def emotion_name(value: int) -> str:
-    return common_pb2.Emotion.Name(value).removeprefix("EMOTION_").lower()  # type: ignore[arg-type]
+    return vocab.emotion_name(value) or "unspecified"
 
 
 def _srt_time(seconds: float) -> str:
@@ -38,12 +39,12 @@ def timeline_json(transcript: gateway_pb2.Transcript, timeline: gateway_pb2.Emot
         "duration_s": transcript.duration_s,
         "language": transcript.language,
         "emotion_backend": timeline.backend,
-        "spans": [{"emotion": emotion_name(s.emotion), "start_s": s.span.start_s, "end_s": s.span.end_s,
-                   "confidence": round(s.confidence, 4)} for s in timeline.spans],
+        "spans": [dict(emotion=emotion_name(s.emotion), start_s=s.span.start_s, end_s=s.span.end_s,
+                       confidence=round(s.confidence, 4)) for s in timeline.spans],
         "sentences": [
-            {"text": sentence.text, "start_s": sentence.span.start_s, "end_s": sentence.span.end_s,
-             "language": sentence.language, "emotion": emotion_name(emo.emotion),
-             "probabilities": {emotion_name(p.emotion): round(p.probability, 4) for p in emo.probabilities}}
+            dict(text=sentence.text, start_s=sentence.span.start_s, end_s=sentence.span.end_s,
+                 language=sentence.language, emotion=emotion_name(emo.emotion),
+                 probabilities={emotion_name(p.emotion): round(p.probability, 4) for p in emo.probabilities})
             for sentence, emo in zip(timeline.sentences, timeline.segments, strict=False)
         ],
         "transcript": [

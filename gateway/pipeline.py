@@ -25,7 +25,7 @@ import grpc
 import numpy as np
 from grpc import aio
 
-from bgm import audio, logs, media
+from bgm import audio, logs, media, vocab
 from bgm.chunks import CHUNK_BYTES, iter_chunks, iter_file_chunks
 from bgm.client import RetryPolicy, call_with_retry
 from bgm.errors import InvalidInput, ServiceError
@@ -46,8 +46,8 @@ from gateway.feed import Feed, first_failure, merge
 
 log = logs.get("bgm.gateway")
 T = TypeVar("T")
-SEPARATION_RATE = 48_000
-STT_RATE = 16_000
+SEPARATION_RATE = vocab.SEPARATION_RATE
+STT_RATE = vocab.STT_RATE
 STAGE_NAMES: dict[int, str] = {int(v): k.removeprefix("STAGE_") for k, v in common_pb2.Stage.items()}
 
 
@@ -80,10 +80,10 @@ class Stubs:
     @classmethod
     def connect(cls, channels: dict[str, aio.Channel]) -> Stubs:
         return cls(
-            stt=stt_pb2_grpc.SpeechToTextStub(channels["stt"]),
-            emotion=emotion_pb2_grpc.EmotionClassifierStub(channels["emotion"]),
-            music=music_pb2_grpc.MusicGeneratorStub(channels["music"]),
-            mixer=mixer_pb2_grpc.MixerStub(channels["mixer"]),
+            stt=stt_pb2_grpc.SpeechToTextStub(channels[vocab.STT.name]),
+            emotion=emotion_pb2_grpc.EmotionClassifierStub(channels[vocab.EMOTION.name]),
+            music=music_pb2_grpc.MusicGeneratorStub(channels[vocab.MUSIC.name]),
+            mixer=mixer_pb2_grpc.MixerStub(channels[vocab.MIXER.name]),
         )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from grpc import aio
 
-from bgm import logs
+from bgm import logs, vocab
 from bgm.chunks import Spool, read_config, spool_payload
 from bgm.client import RetryPolicy, make_channel, wait_for_serving
 from bgm.errors import ConcurrencyLimiter, InvalidInput
@@ -23,12 +23,7 @@ from gateway.pipeline import Remix, Stubs
 from gateway.settings import GatewaySettings
 
 log = logs.get("bgm.gateway")
-SERVICE_HEALTH_NAMES = {
-    "stt": "bgm.v1.SpeechToText",
-    "emotion": "bgm.v1.EmotionClassifier",
-    "music": "bgm.v1.MusicGenerator",
-    "mixer": "bgm.v1.Mixer",
-}
+SERVICES_BY_NAME = {service.name: service for service in vocab.SERVICES}
 
 
 class GatewayServicer(ModelServicer, gateway_pb2_grpc.GatewayServicer):
@@ -53,18 +48,17 @@ class GatewayServicer(ModelServicer, gateway_pb2_grpc.GatewayServicer):
         s = self.settings
         if s.embedded:
             self.embedded = await start_embedded()
-            addresses = {name: srv.address for name, srv in zip(
-                ("stt", "emotion", "music", "mixer"), self.embedded.all, strict=True)}
+            addresses = {service.name: srv.address for service, srv in zip(
+                vocab.BACKEND_SERVICES, self.embedded.all, strict=True)}
         else:
-            addresses = {"stt": s.stt_address, "emotion": s.emotion_address,
-                         "music": s.music_address, "mixer": s.mixer_address}
+            addresses = {service.name: getattr(s, f"{service.name}_address") for service in vocab.BACKEND_SERVICES}
         credentials = None if s.embedded else channel_credentials(s.services_ca, s.services_cert, s.services_key)
         token = "" if s.embedded else s.services_token
         self.channels = {name: make_channel(target, max_message_bytes=self.server.max_message_bytes,
                                             retry=self.retry, credentials=credentials, token=token)
                          for name, target in addresses.items()}
         for name, channel in self.channels.items():
-            await wait_for_serving(channel, SERVICE_HEALTH_NAMES[name], timeout=900.0)
+            await wait_for_serving(channel, SERVICES_BY_NAME[name].grpc_name, timeout=900.0)
         self.stubs = Stubs.connect(self.channels)
         self.ready = True
 

@@ -139,3 +139,37 @@ def test_a_backend_this_build_lacks_is_failed_precondition(music):
     with pytest.raises(grpc.RpcError) as info:
         list(stub.Generate(request, timeout=30))
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ToneBackend:
+    """A backend added at run time: a steady tone per span, louder for later spans."""
+
+    name = "tone"
+
+    def __init__(self, context) -> None:
+        self.context = context
+
+    def generate(self, spans, *, sample_rate, seed, tempo, cancel=None, steps=None, guidance=None, strength=None):
+        total = round(spans[-1][2] * sample_rate)
+        t = np.arange(total) / sample_rate
+        mono = 0.1 * np.sin(2 * np.pi * 220 * t).astype(np.float32)
+        return np.repeat(mono[:, None], 2, axis=1), tempo or 100.0
+
+
+def test_adding_a_backend_is_one_class_and_one_registry_line(music):
+    from services.music import backends
+
+    stub, _ = music
+    backends.register("tone", ToneBackend)
+    try:
+        request = music_pb2.GenerateRequest(spans=timeline(("joy", 0, 3), ("sadness", 3, 5)),
+                                            style=music_pb2.MusicStyle(backend="tone"),
+                                            format=common_pb2.AudioFormat(sample_rate_hz=RATE, channels=2))
+        events = list(stub.Generate(request, timeout=30))
+    finally:
+        del backends.REGISTRY["tone"]
+    header = events[0].header
+    assert header.backend == "tone" and header.total_samples == 5 * RATE
+    pcm = b"".join(e.chunk.pcm for e in events if e.WhichOneof("event") == "chunk")
+    audio = np.frombuffer(pcm, dtype="<f4").reshape(-1, 2)
+    assert audio.shape[0] == 5 * RATE and np.abs(audio).max() > 0.05  # the tone came through, levelled

@@ -113,7 +113,7 @@ def test_cancelling_a_riffusion_generation_stops_the_diffusion_and_frees_the_slo
     forward hook on the real model), the slot is free, and the next request is served."""
     stub, running = riffusion
     servicer = running.servicers[0]
-    unet = servicer.riffusion.engine.pipe.unet
+    unet = servicer.backends["riffusion"].engine.pipe.unet
     steps = {"count": 0}
     hook = unet.register_forward_hook(lambda *_: steps.__setitem__("count", steps["count"] + 1))
     try:

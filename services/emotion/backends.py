@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from bgm import logs, models
+from bgm import logs, models, vocab
 from services.emotion.labels import EMOTIONS, NEUTRAL
 from services.emotion.settings import EmotionSettings
 
@@ -34,7 +34,7 @@ class NadeBackend:
     whose strongest emotion scores under ``neutral_threshold``.
     """
 
-    name = "nade"
+    name = vocab.EMOTION_NADE
 
     def __init__(self) -> None:
         import nade
@@ -64,14 +64,14 @@ class NadeBackend:
 class TransformersBackend:
     """A Hugging Face text-classification model, loaded by hub name or local directory."""
 
-    name = "transformers"
+    name = vocab.EMOTION_TRANSFORMERS
 
     def __init__(self, model: str, device: str, batch_size: int) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.torch = torch
-        self.device = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+        self.device = models.torch_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.model = AutoModelForSequenceClassification.from_pretrained(model).to(self.device).eval()
         self.batch_size = batch_size
@@ -127,8 +127,8 @@ def _transformers_usable(settings: EmotionSettings) -> bool:
 
 def create(settings: EmotionSettings) -> EmotionBackend:
     choice = settings.backend
-    if choice == "auto":
-        choice = "transformers" if _transformers_usable(settings) else "nade"
-    if choice == "transformers":
+    if choice == vocab.AUTO:
+        choice = vocab.EMOTION_TRANSFORMERS if _transformers_usable(settings) else vocab.EMOTION_NADE
+    if choice == vocab.EMOTION_TRANSFORMERS:
         return TransformersBackend(settings.model, settings.device, settings.batch_size)
     return NadeBackend()

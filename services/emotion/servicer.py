@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 from grpc import aio
 
-from bgm import settings
+from bgm import settings, vocab
 from bgm.errors import ConcurrencyLimiter, InvalidInput
 from bgm.server import ModelServicer, Servicer
 from bgm.settings import ServerSettings
@@ -125,4 +125,5 @@ def weight(seg: emotion_pb2.TextSegment, by_duration: bool, by_confidence: bool)
 
 
 def build() -> Sequence[Servicer]:
-    return [EmotionServicer(settings.load(EmotionSettings, "BGM_EMOTION"), settings.server_settings("emotion"))]
+    return [EmotionServicer(settings.load(EmotionSettings, vocab.EMOTION.env_prefix),
+                           settings.server_settings(vocab.EMOTION.name))]

@@ -1,9 +1,10 @@
+from bgm import vocab
 from bgm.server import serve
 from services.mixer.servicer import build
 
 
 def main() -> None:
-    serve("mixer", build)
+    serve(vocab.MIXER.name, build)
 
 
 if __name__ == "__main__":

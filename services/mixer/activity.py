@@ -19,11 +19,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from bgm import vocab
 from bgm.audio import resample
 from bgm.errors import Unsupported
 
-RATE = 48_000
-VAD_RATE = 16_000
+RATE = vocab.SEPARATION_RATE
+VAD_RATE = vocab.STT_RATE  # Silero's rate, as Whisper's
 WINDOW = 512  # Silero's window at 16 kHz: 32 ms
 FRAME = 480  # the curves' resolution at 48 kHz: 10 ms
 FRAME_S = FRAME / RATE

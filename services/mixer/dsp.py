@@ -15,11 +15,12 @@ import numpy as np
 from scipy.ndimage import maximum_filter1d
 from scipy.signal import lfilter, resample_poly
 
+from bgm import vocab
 from bgm.loudness import LoudnessMeter as LoudnessMeter  # re-exported: the mixer measures through dsp
 from bgm.loudness import loudness
 from services.mixer import activity
 
-SAMPLE_RATE = 48_000
+SAMPLE_RATE = vocab.SEPARATION_RATE
 FRAME = 480  # 10 ms
 # Room left under the true-peak ceiling for the lossy encoder's overshoot.
 CODEC_HEADROOM_DB = 0.5

@@ -9,7 +9,7 @@ from pathlib import Path
 import ffmpeg
 import numpy as np
 
-from bgm import media
+from bgm import media, vocab
 from bgm.errors import InvalidInput
 
 # Output container and audio codec per input extension. WebM cannot hold AAC, so it gets Opus.
@@ -42,7 +42,7 @@ def output_for(original_name: str, info: media.MediaInfo) -> Output:
 
 
 def mux(original: Path, info: media.MediaInfo, samples: np.ndarray, out: Output, target: Path,
-        bitrate: str, rate: int = 48_000) -> None:
+        bitrate: str, rate: int = vocab.SEPARATION_RATE) -> None:
     """Copy the original's video streams, add the new audio (float (n, 2), piped in), keep
     container metadata."""
     guard = {"protocol_whitelist": "file,pipe", "format_whitelist": media.DEMUXER_WHITELIST}

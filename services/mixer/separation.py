@@ -15,11 +15,11 @@ from typing import Protocol
 
 import numpy as np
 
-from bgm import logs
+from bgm import logs, models, vocab
 from bgm.errors import Unsupported
 
 log = logs.get("bgm.mixer")
-SAMPLE_RATE = 48_000
+SAMPLE_RATE = vocab.SEPARATION_RATE
 
 
 class Separator(Protocol):
@@ -41,7 +41,7 @@ _FloatPtr = ctypes.POINTER(ctypes.c_float)
 
 
 class DeepFilterNet:
-    name = "deepfilternet"
+    name = vocab.SEPARATION_DEEPFILTERNET
     # The runtime's output lags its input by this many samples (one frame plus two of look-ahead).
     LATENCY = 1440
 
@@ -119,16 +119,16 @@ class Demucs:
     ``segment`` seconds at a time.
     """
 
-    name = "demucs"
+    name = vocab.SEPARATION_DEMUCS
 
-    def __init__(self, model: str = "htdemucs", device: str = "auto", overlap: float = 0.25) -> None:
+    def __init__(self, model: str = "htdemucs", device: str = vocab.AUTO, overlap: float = 0.25) -> None:
         try:
             import torch
             from demucs import pretrained, states
         except ImportError as exc:
             raise Unsupported("demucs is not installed (pip install 'bgm[mixer-full]')") from exc
         self.torch = torch
-        self.device = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+        self.device = models.torch_device(device)
         path = Path(model)
         if path.is_file():
             net = states.load_model(path)
@@ -176,10 +176,10 @@ class Demucs:
         yield self.speech(mono, cancel)
 
 
-def create(backend: str, demucs_model: str = "htdemucs", device: str = "auto",
+def create(backend: str, demucs_model: str = "htdemucs", device: str = vocab.AUTO,
            attenuation_limit_db: float = 18.0) -> Separator:
-    if backend == "deepfilternet":
+    if backend == vocab.SEPARATION_DEEPFILTERNET:
         return DeepFilterNet(attenuation_limit_db)
-    if backend == "demucs":
+    if backend == vocab.SEPARATION_DEMUCS:
         return Demucs(demucs_model, device)
-    raise Unsupported(f"unknown separation backend {backend!r}; use deepfilternet or demucs")
+    raise Unsupported(f"unknown separation backend {backend!r}; use {vocab.choices(vocab.SEPARATION_BACKENDS)}")

@@ -14,7 +14,7 @@ import numpy as np
 import soundfile
 from grpc import aio
 
-from bgm import audio, logs, media, settings
+from bgm import audio, logs, media, settings, vocab
 from bgm.chunks import CHUNK_BYTES, Spool, iter_chunks, iter_file_chunks, read_config, spool_payload
 from bgm.errors import ConcurrencyLimiter, InvalidInput
 from bgm.limits import MIX_RANGES, check_range
@@ -61,8 +61,8 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
     async def separator(self, name: str) -> separation.Separator:
         """The named separator, loaded on first use (off the loop, once however many ask)."""
         name = name or self.settings.separation_backend
-        if name not in ("deepfilternet", "demucs"):
-            raise InvalidInput(f"unknown separation backend {name!r}; use deepfilternet or demucs")
+        if name not in vocab.SEPARATION_BACKENDS:
+            raise InvalidInput(f"unknown separation backend {name!r}; use {vocab.choices(vocab.SEPARATION_BACKENDS)}")
         async with self.loading:
             if name not in self.separators:
                 self.separators[name] = await asyncio.to_thread(
@@ -209,4 +209,5 @@ def stem_messages(written: Sequence[tuple[int, Path]]) -> Iterator[mixer_pb2.Mix
 
 
 def build() -> Sequence[Servicer]:
-    return [MixerServicer(settings.load(MixerSettings, "BGM_MIXER"), settings.server_settings("mixer"))]
+    return [MixerServicer(settings.load(MixerSettings, vocab.MIXER.env_prefix),
+                         settings.server_settings(vocab.MIXER.name))]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bgm import vocab
 from bgm.settings import check
 
 
@@ -9,15 +10,15 @@ from bgm.settings import check
 class MixerSettings:
     """``BGM_MIXER_*``: separation backend and the default mix levels."""
 
-    # "deepfilternet" (offline default) or "demucs" (htdemucs: heavier, best on a GPU).
-    separation_backend: str = "deepfilternet"
+    # DeepFilterNet (offline default) or demucs (htdemucs: heavier, best on a GPU).
+    separation_backend: str = vocab.SEPARATION_DEEPFILTERNET
     # Hub name, .th checkpoint, or directory of demucs models.
     demucs_model: str = "htdemucs"
     # How far DeepFilterNet may pull down what is not speech. Removing everything (100 dB)
     # also damages the speech: on a 161-word test with a music bed, Whisper tiny.en's WER
     # was 21.7 % at 100 dB, 13.7 % at 24 dB, 11.8 % at 18 dB, 16.1 % at 6 dB.
     attenuation_limit_db: float = 18.0
-    device: str = "auto"
+    device: str = vocab.AUTO
     duck_db: float = 12.0
     loudness_lufs: float = -14.0
     true_peak_dbtp: float = -1.0
@@ -34,8 +35,8 @@ class MixerSettings:
     audio_bitrate: str = "192k"
 
     def __post_init__(self) -> None:
-        check(self.separation_backend in ("deepfilternet", "demucs"), "BGM_MIXER_SEPARATION_BACKEND",
-              f"{self.separation_backend!r} is not deepfilternet or demucs")
+        check(self.separation_backend in vocab.SEPARATION_BACKENDS, "BGM_MIXER_SEPARATION_BACKEND",
+              f"{self.separation_backend!r} is not {vocab.choices(vocab.SEPARATION_BACKENDS)}")
         check(0 < self.attenuation_limit_db <= 100, "BGM_MIXER_ATTENUATION_LIMIT_DB", "must be in (0, 100]")
         check(0 <= self.duck_db <= 60, "BGM_MIXER_DUCK_DB", "must be 0..60")
         check(-60 <= self.loudness_lufs <= 0, "BGM_MIXER_LOUDNESS_LUFS", "must be -60..0")

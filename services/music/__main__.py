@@ -1,9 +1,10 @@
+from bgm import vocab
 from bgm.server import serve
 from services.music.servicer import build
 
 
 def main() -> None:
-    serve("music", build)
+    serve(vocab.MUSIC.name, build)
 
 
 if __name__ == "__main__":

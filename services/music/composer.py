@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bgm import logs
+from bgm import logs, vocab
 from bgm.errors import Unsupported
 from services.music.styles import STYLES, Style
 
@@ -187,13 +187,15 @@ def render(pm: object, sample_rate: int, total_samples: int) -> np.ndarray:
 
 
 class ComposerBackend:
-    name = "composer"
+    name = vocab.MUSIC_COMPOSER
 
     def __init__(self) -> None:
         soundfont()  # fail at load, not at the first request
 
     def generate(self, spans: Sequence[tuple[str, float, float]], *, sample_rate: int, seed: int,
-                 tempo: float | None, cancel: threading.Event | None = None) -> tuple[np.ndarray, float]:
+                 tempo: float | None, cancel: threading.Event | None = None, steps: int | None = None,
+                 guidance: float | None = None, strength: float | None = None) -> tuple[np.ndarray, float]:
+        """``steps``, ``guidance`` and ``strength`` are for diffusion backends: ignored here."""
         plans = plan(spans, tempo)
         total = round(spans[-1][2] * sample_rate)
         score = compose(plans, seed)

@@ -13,13 +13,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from bgm import vocab
 from bgm.loudness import loudness
 
 SPAN_LUFS = -20.0
 # Deliberate, small: calm moods sit a little under, energetic ones a little over (at most
 # ±1.5 LU, so two neighbouring spans differ by at most 3 LU).
 EMOTION_OFFSET_LU = {
-    "joy": 1.0, "surprise": 1.0, "anger": 1.5, "neutral": 0.0, "disgust": -0.5, "fear": -1.0, "sadness": -1.5,
+    vocab.JOY: 1.0, vocab.SURPRISE: 1.0, vocab.ANGER: 1.5, vocab.NEUTRAL: 0.0,
+    vocab.DISGUST: -0.5, vocab.FEAR: -1.0, vocab.SADNESS: -1.5,
 }
 GLIDE_S = 0.5
 MAX_GAIN_DB = 30.0  # a near-silent span (a fade, a rest) is not blown up into noise

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from bgm import logs
+from bgm import logs, models, vocab
 from bgm.audio import resample
 from bgm.errors import Unsupported
 from services.music import spectrogram
@@ -125,14 +125,14 @@ class DiffusionEngine:
     seeds with a walk between them; it is also what the Triton model runs server-side.
     """
 
-    def __init__(self, model: str, device: str = "auto") -> None:
+    def __init__(self, model: str, device: str = vocab.AUTO) -> None:
         try:
             import torch
             from diffusers import StableDiffusionImg2ImgPipeline
         except ImportError as exc:
             raise Unsupported("diffusers and torch are not installed (pip install 'bgm[music-full]')") from exc
         self.torch = torch
-        self.device = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+        self.device = models.torch_device(device)
         self.dtype = torch.float16 if self.device == "cuda" else torch.float32
         pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
             model, dtype=self.dtype, safety_checker=None, requires_safety_checker=False)
@@ -189,7 +189,7 @@ class DiffusionEngine:
 class TritonEngine:
     """The same ``render``, run by a Triton Inference Server (model ``riffusion``, gRPC)."""
 
-    def __init__(self, url: str, model: str = "riffusion", timeout_s: float = 600.0) -> None:
+    def __init__(self, url: str, model: str = vocab.MUSIC_RIFFUSION, timeout_s: float = 600.0) -> None:
         try:
             import tritonclient.grpc as triton
         except ImportError as exc:
@@ -230,13 +230,13 @@ class TritonEngine:
 
 
 class RiffusionBackend:
-    name = "riffusion"
+    name = vocab.MUSIC_RIFFUSION
 
-    def __init__(self, model: str, device: str = "auto", steps: int = 30, guidance: float = 7.0,
+    def __init__(self, model: str, device: str = vocab.AUTO, steps: int = 30, guidance: float = 7.0,
                  strength: float = 0.75, overlap_s: float = 0.5, composer: ComposerBackend | None = None,
                  engine: DiffusionEngine | TritonEngine | None = None) -> None:
         self.engine = engine if engine is not None else DiffusionEngine(model, device)
-        self.name = "triton" if isinstance(self.engine, TritonEngine) else "riffusion"
+        self.name = vocab.MUSIC_TRITON if isinstance(self.engine, TritonEngine) else vocab.MUSIC_RIFFUSION
         self.steps, self.guidance, self.strength, self.overlap_s = steps, guidance, strength, overlap_s
         self.composer = composer or ComposerBackend()
         self._seed_images: dict[tuple[str, float, int], tuple[np.ndarray, float]] = {}

@@ -11,30 +11,25 @@ from dataclasses import dataclass
 import numpy as np
 from grpc import aio
 
-from bgm import audio, limits, settings
+from bgm import audio, limits, settings, vocab
 from bgm.chunks import CHUNK_BYTES
 from bgm.errors import ConcurrencyLimiter, InvalidInput, Unsupported
 from bgm.limits import check_range
 from bgm.server import ModelServicer, Servicer
 from bgm.settings import ServerSettings
 from bgm.v1 import common_pb2, music_pb2, music_pb2_grpc
-from services.music import levels
-from services.music.composer import ComposerBackend
-from services.music.riffusion import RiffusionBackend
+from services.music import backends, levels
 from services.music.settings import MusicSettings
 
-EMOTION_NAMES = {
-    value: name.removeprefix("EMOTION_").lower()
-    for name, value in common_pb2.Emotion.items()
-    if value != common_pb2.EMOTION_UNSPECIFIED
-}
 # Spans must meet exactly; this absorbs float noise from upstream arithmetic.
 TOLERANCE_S = 1e-6
 DEFAULT_RATE = 44_100
 
 
 @dataclass(frozen=True)
-class Style:
+class GenerateOptions:
+    """What one request asks of its backend, checked."""
+
     backend: str
     seed: int
     tempo: float | None
@@ -50,40 +45,27 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
         super().__init__()
         self.settings = music
         self.limiter = ConcurrencyLimiter(server.max_concurrency, "the music service")
-        self.composer: ComposerBackend | None = None
-        self.riffusion: RiffusionBackend | None = None
+        self.backends: dict[str, backends.MusicBackend] = {}
+        self.default_backend = vocab.MUSIC_COMPOSER
+        self.loading = asyncio.Lock()
 
     def add_to_server(self, server: aio.Server) -> None:
         music_pb2_grpc.add_MusicGeneratorServicer_to_server(self, server)
 
     async def load(self) -> None:
-        s = self.settings
-        self.composer = await asyncio.to_thread(ComposerBackend)
-        if s.backend in ("riffusion", "triton") or (
-                s.backend == "auto" and await asyncio.to_thread(self._riffusion_usable)):
-            self.riffusion = await asyncio.to_thread(self._load_riffusion)
+        names = await asyncio.to_thread(backends.at_start, self.settings)
+        for name in names:
+            await self.backend(name)
+        self.default_backend = names[-1]
         self.ready = True
 
-    def _riffusion_usable(self) -> bool:
-        try:
-            import torch
-
-            from services.music.riffusion import local_model_available
-        except ImportError:
-            return False
-        return bool(torch.cuda.is_available()) and local_model_available(self.settings.riffusion_model)
-
-    def _load_riffusion(self) -> RiffusionBackend:
-        from services.music.riffusion import RiffusionBackend, TritonEngine
-
-        s = self.settings
-        engine = TritonEngine(s.triton_url, s.triton_model, s.triton_timeout_s) if s.backend == "triton" else None
-        return RiffusionBackend(s.riffusion_model, s.device, s.steps, s.guidance, s.denoising_strength,
-                                s.clip_overlap_s, composer=self.composer, engine=engine)
-
-    @property
-    def default_backend(self) -> str:
-        return self.riffusion.name if self.riffusion is not None else "composer"
+    async def backend(self, name: str) -> backends.MusicBackend:
+        """The named backend, loaded once (off the loop, under a lock)."""
+        async with self.loading:
+            if name not in self.backends:
+                context = backends.Context(self.settings, dict(self.backends))
+                self.backends[name] = await asyncio.to_thread(backends.create, name, context)
+        return self.backends[name]
 
     def timeline(self, request: music_pb2.GenerateRequest) -> list[tuple[str, float, float]]:
         if not request.spans:
@@ -91,9 +73,9 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
         spans = []
         expected_start = 0.0
         for i, span in enumerate(request.spans):
-            name = EMOTION_NAMES.get(span.emotion)
+            name = vocab.emotion_name(span.emotion)
             if name is None:
-                choices = ", ".join(sorted(EMOTION_NAMES.values()))
+                choices = ", ".join(sorted(vocab.EMOTIONS))
                 raise InvalidInput(f"span {i}: unknown emotion {span.emotion}; use one of {choices}")
             start, end = span.span.start_s, span.span.end_s
             if not (math.isfinite(start) and math.isfinite(end)):
@@ -128,17 +110,18 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
             raise InvalidInput("music is mono or stereo: set format.channels to 1 or 2")
         return fmt
 
-    def style(self, request: music_pb2.GenerateRequest) -> Style:
+    def options(self, request: music_pb2.GenerateRequest) -> GenerateOptions:
         style = request.style
-        backend = style.backend or "auto"
-        if backend == "auto":
+        backend = style.backend or vocab.AUTO
+        if backend == vocab.AUTO:
             backend = self.default_backend
-        if backend not in ("composer", "riffusion", "triton"):
-            raise InvalidInput(f"unknown music backend {backend!r}; use composer, riffusion or triton")
-        loaded = self.riffusion.name if self.riffusion is not None else None
-        if backend in ("riffusion", "triton") and backend != loaded:
+        entry = backends.REGISTRY.get(backend)
+        if entry is None:
+            raise InvalidInput(f"unknown music backend {backend!r}; use {vocab.choices(tuple(backends.REGISTRY))}")
+        if backend not in self.backends and not entry.on_demand:
             raise Unsupported(f"the {backend} backend is not loaded in this deployment "
-                              f"(set BGM_MUSIC_BACKEND={backend} and install bgm[music-full]); use 'composer'")
+                              f"(set BGM_MUSIC_BACKEND={backend} and install bgm[{entry.extra}]); "
+                              f"use '{vocab.MUSIC_COMPOSER}'")
         tempo = style.tempo_bpm if style.HasField("tempo_bpm") else None
         if tempo is not None:
             check_range("tempo_bpm", tempo, *limits.TEMPO_BPM)
@@ -148,7 +131,7 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
             check_range("guidance", style.guidance, *limits.GUIDANCE)
         if style.HasField("denoising_strength"):
             check_range("denoising_strength", style.denoising_strength, *limits.DENOISING_STRENGTH, low_open=True)
-        return Style(
+        return GenerateOptions(
             backend=backend,
             seed=style.seed if style.HasField("seed") else self.settings.seed,
             tempo=tempo,
@@ -157,18 +140,14 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
             strength=style.denoising_strength if style.HasField("denoising_strength") else None,
         )
 
-    def _render(self, style: Style, spans: Sequence[tuple[str, float, float]], fmt: common_pb2.AudioFormat,
-                cancel: threading.Event) -> tuple[np.ndarray, float]:
+    @staticmethod
+    def _render(backend: backends.MusicBackend, options: GenerateOptions, spans: backends.Spans,
+                fmt: common_pb2.AudioFormat, cancel: threading.Event) -> tuple[np.ndarray, float]:
         """The music for ``spans`` in ``fmt``'s rate and channels, every span levelled."""
         rate = fmt.sample_rate_hz
-        if style.backend in ("riffusion", "triton"):
-            assert self.riffusion is not None
-            music, used_tempo = self.riffusion.generate(
-                spans, sample_rate=rate, seed=style.seed, tempo=style.tempo, cancel=cancel, steps=style.steps,
-                guidance=style.guidance, strength=style.strength)
-        else:
-            assert self.composer is not None
-            music, used_tempo = self.composer.generate(spans, sample_rate=rate, seed=style.seed, tempo=style.tempo)
+        music, used_tempo = backend.generate(
+            spans, sample_rate=rate, seed=options.seed, tempo=options.tempo, cancel=cancel, steps=options.steps,
+            guidance=options.guidance, strength=options.strength)
         music = levels.level_spans(music, spans, rate)
         if fmt.channels == 1:
             music = music.mean(axis=1, keepdims=True)
@@ -178,20 +157,19 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
         self, request: music_pb2.GenerateRequest, context: aio.ServicerContext
     ) -> AsyncIterator[music_pb2.GenerateResponse]:
         self.require_ready()
-        assert self.composer is not None
         with self.limiter:
             spans = self.timeline(request)
             fmt = self.output_format(request)
-            style = self.style(request)
+            options = self.options(request)
+            backend = await self.backend(options.backend)
             cancel = threading.Event()
             try:
-                music, used_tempo = await asyncio.to_thread(self._render, style, spans, fmt, cancel)
+                music, used_tempo = await asyncio.to_thread(self._render, backend, options, spans, fmt, cancel)
             finally:
                 cancel.set()  # the RPC ended or was cancelled: a generation still running stops
-            seed = style.seed
-            total = music.shape[0]
             yield music_pb2.GenerateResponse(header=music_pb2.MusicHeader(
-                format=fmt, total_samples=total, tempo_bpm=used_tempo, backend=style.backend, seed=seed))
+                format=fmt, total_samples=music.shape[0], tempo_bpm=used_tempo, backend=backend.name,
+                seed=options.seed))
             for message in span_chunks(music, spans, request, fmt):
                 yield message
 
@@ -213,4 +191,5 @@ def span_chunks(music: np.ndarray, spans: Sequence[tuple[str, float, float]],
 
 
 def build() -> Sequence[Servicer]:
-    return [MusicServicer(settings.load(MusicSettings, "BGM_MUSIC"), settings.server_settings("music"))]
+    return [MusicServicer(settings.load(MusicSettings, vocab.MUSIC.env_prefix),
+                          settings.server_settings(vocab.MUSIC.name))]

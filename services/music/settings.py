@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bgm import vocab
 from bgm.settings import check
 
 
@@ -9,17 +10,17 @@ from bgm.settings import check
 class MusicSettings:
     """``BGM_MUSIC_*``."""
 
-    # "composer" (offline default), "riffusion" (diffusers here), "triton" (the diffusion
-    # model served by Triton at triton_url), or "auto": Riffusion on a GPU when its weights
-    # are present locally, else the composer.
-    backend: str = "auto"
+    # composer (offline default), riffusion (diffusers here), triton (the diffusion model
+    # served by Triton at triton_url), or auto: Riffusion on a GPU when its weights are
+    # present locally, else the composer.
+    backend: str = vocab.AUTO
     triton_url: str = "localhost:8001"
-    triton_model: str = "riffusion"
+    triton_model: str = vocab.MUSIC_RIFFUSION  # the model's name in Triton's repository
     triton_timeout_s: float = 600.0
     seed: int = 1234
     # Hub name or local directory of a Stable Diffusion img2img pipeline.
     riffusion_model: str = "riffusion/riffusion-model-v1"
-    device: str = "auto"
+    device: str = vocab.AUTO
     steps: int = 30
     guidance: float = 7.0
     denoising_strength: float = 0.75
@@ -28,8 +29,8 @@ class MusicSettings:
     max_duration_s: float = 4 * 3600.0
 
     def __post_init__(self) -> None:
-        check(self.backend in ("auto", "composer", "riffusion", "triton"), "BGM_MUSIC_BACKEND",
-              f"{self.backend!r} is not auto, composer, riffusion or triton")
+        check(self.backend in (vocab.AUTO, *vocab.MUSIC_BACKENDS), "BGM_MUSIC_BACKEND",
+              f"{self.backend!r} is not {vocab.choices((vocab.AUTO, *vocab.MUSIC_BACKENDS))}")
         check(self.max_duration_s > 0, "BGM_MUSIC_MAX_DURATION_S", "must be positive")
         check(1 <= self.steps <= 200, "BGM_MUSIC_STEPS", "must be 1..200")
         check(0 < self.denoising_strength <= 1, "BGM_MUSIC_DENOISING_STRENGTH", "must be in (0, 1]")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bgm import vocab
+
 MAJOR = (0, 2, 4, 5, 7, 9, 11)
 MINOR = (0, 2, 3, 5, 7, 8, 10)
 
@@ -31,23 +33,23 @@ class Style:
 
 
 STYLES: dict[str, Style] = {
-    "joy": Style(120, MAJOR, 60, (0, 4, 5, 3), 0, 73, 33, 96, 1.0, "straight", "arpeggio"),
-    "sadness": Style(72, MINOR, 57, (0, 5, 2, 6), 48, 0, 32, 64, 0.5, "soft", "block"),
-    "anger": Style(140, MINOR, 52, (0, 0, 5, 6), 30, 29, 34, 112, 1.0, "driving", "pulse"),
-    "fear": Style(84, MINOR, 50, (0, 1, 0, 6), 44, 41, 43, 70, 0.5, "soft", "pulse"),
-    "surprise": Style(132, MAJOR, 65, (0, 1, 4, 5), 45, 9, 33, 92, 1.0, "straight", "arpeggio"),
-    "disgust": Style(92, MINOR, 53, (0, 1, 3, 1), 70, 68, 38, 80, 0.5, "soft", "pulse"),
-    "neutral": Style(100, MAJOR, 62, (0, 5, 3, 4), 4, 11, 33, 76, 0.5, "soft", "arpeggio"),
+    vocab.JOY: Style(120, MAJOR, 60, (0, 4, 5, 3), 0, 73, 33, 96, 1.0, "straight", "arpeggio"),
+    vocab.SADNESS: Style(72, MINOR, 57, (0, 5, 2, 6), 48, 0, 32, 64, 0.5, "soft", "block"),
+    vocab.ANGER: Style(140, MINOR, 52, (0, 0, 5, 6), 30, 29, 34, 112, 1.0, "driving", "pulse"),
+    vocab.FEAR: Style(84, MINOR, 50, (0, 1, 0, 6), 44, 41, 43, 70, 0.5, "soft", "pulse"),
+    vocab.SURPRISE: Style(132, MAJOR, 65, (0, 1, 4, 5), 45, 9, 33, 92, 1.0, "straight", "arpeggio"),
+    vocab.DISGUST: Style(92, MINOR, 53, (0, 1, 3, 1), 70, 68, 38, 80, 0.5, "soft", "pulse"),
+    vocab.NEUTRAL: Style(100, MAJOR, 62, (0, 5, 3, 4), 4, 11, 33, 76, 0.5, "soft", "arpeggio"),
 }
 
 
 # Riffusion prompts per emotion: what the diffusion model is asked for. Edit freely.
 PROMPTS: dict[str, str] = {
-    "joy": "upbeat happy acoustic pop, bright piano and ukulele, cheerful",
-    "sadness": "slow sad piano ballad with soft strings, melancholic",
-    "anger": "aggressive heavy rock, distorted guitars and pounding drums",
-    "fear": "dark suspenseful cinematic drones, tense low strings",
-    "surprise": "playful quirky orchestral pizzicato, sudden bright accents",
-    "disgust": "dissonant murky experimental synth, uneasy",
-    "neutral": "calm ambient lo-fi background, soft electric piano",
+    vocab.JOY: "upbeat happy acoustic pop, bright piano and ukulele, cheerful",
+    vocab.SADNESS: "slow sad piano ballad with soft strings, melancholic",
+    vocab.ANGER: "aggressive heavy rock, distorted guitars and pounding drums",
+    vocab.FEAR: "dark suspenseful cinematic drones, tense low strings",
+    vocab.SURPRISE: "playful quirky orchestral pizzicato, sudden bright accents",
+    vocab.DISGUST: "dissonant murky experimental synth, uneasy",
+    vocab.NEUTRAL: "calm ambient lo-fi background, soft electric piano",
 }

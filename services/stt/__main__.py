@@ -1,9 +1,10 @@
+from bgm import vocab
 from bgm.server import serve
 from services.stt.servicer import build
 
 
 def main() -> None:
-    serve("stt", build)
+    serve(vocab.STT.name, build)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from bgm import logs, models
+from bgm import logs, models, vocab
 from bgm.errors import Unsupported
 from services.stt.settings import SttSettings
 
 log = logs.get("bgm.stt")
-SAMPLE_RATE = 16_000
+SAMPLE_RATE = vocab.STT_RATE
 # Shortest clip worth sending to the decoder; shorter input yields no segments.
 MIN_SAMPLES = SAMPLE_RATE // 10
 
@@ -47,7 +47,7 @@ def _local_hub_model(name: str) -> str | None:
 
 def resolve_model(name: str, fallback: str, full_model: str, device: str) -> str:
     """Turn a setting into something WhisperModel can open without a hub."""
-    if name == "auto":
+    if name == vocab.AUTO:
         if device == "cuda":
             local = _local_hub_model(full_model)
             if local:
@@ -134,7 +134,7 @@ class WhisperBackend:
         self.settings = settings
         self.workers = workers
         self.device = "cuda" if settings.device == "cuda" or (
-            settings.device == "auto" and cuda_available()) else "cpu"
+            settings.device == vocab.AUTO and cuda_available()) else "cpu"
         self.compute_type = settings.compute_type or ("float16" if self.device == "cuda" else "int8")
         self._lock = threading.Lock()
         self._multilingual: object | None = None

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from grpc import aio
 
-from bgm import audio, settings
+from bgm import audio, settings, vocab
 from bgm.chunks import Spool, read_config, spool_payload
 from bgm.errors import ConcurrencyLimiter, InvalidInput
 from bgm.limits import LANGUAGE_CODE
@@ -94,4 +94,5 @@ def segment_message(seg: Segment) -> stt_pb2.Segment:
 
 
 def build() -> Sequence[Servicer]:
-    return [SpeechToTextServicer(settings.load(SttSettings, "BGM_STT"), settings.server_settings("stt"))]
+    return [SpeechToTextServicer(settings.load(SttSettings, vocab.STT.env_prefix),
+                                settings.server_settings(vocab.STT.name))]

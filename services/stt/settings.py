@@ -2,21 +2,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bgm import vocab
 from bgm.settings import check
 
 
 @dataclass(frozen=True)
 class SttSettings:
     """``BGM_STT_*``. Model names are faster-whisper sizes ("tiny.en", "small", "large-v3")
-    or local CTranslate2 model directories; "auto" picks ``full_model`` on a GPU when its
+    or local CTranslate2 model directories; ``auto`` picks ``full_model`` on a GPU when its
     weights are present, else the bundled tiny.en."""
 
-    model: str = "auto"
+    model: str = vocab.AUTO
     # Used for translation, non-English speech and language detection.
-    multilingual_model: str = "auto"
+    multilingual_model: str = vocab.AUTO
     # What "auto" picks on a GPU if its weights are available locally.
     full_model: str = "large-v3"
-    device: str = "auto"
+    device: str = vocab.AUTO
     # "" = int8 on CPU, float16 on GPU.
     compute_type: str = ""
     cpu_threads: int = 0
@@ -27,6 +28,6 @@ class SttSettings:
     detect_language: bool = True
 
     def __post_init__(self) -> None:
-        check(self.device in ("auto", "cpu", "cuda"), "BGM_STT_DEVICE", f"{self.device!r} is not auto, cpu or cuda")
+        check(self.device in vocab.DEVICES, "BGM_STT_DEVICE", f"{self.device!r} is not {vocab.choices(vocab.DEVICES)}")
         check(1 <= self.beam_size <= 16, "BGM_STT_BEAM_SIZE", "must be 1..16")
         check(self.cpu_threads >= 0, "BGM_STT_CPU_THREADS", "must not be negative")
