@@ -5,13 +5,16 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from bgm import vocab
 from bgm.settings import ServerSettings
 from bgm.v1 import common_pb2, emotion_pb2, emotion_pb2_grpc
-from services.emotion.labels import EMOTIONS, ENUM
+from services.emotion.labels import EMOTIONS
 from services.emotion.servicer import EmotionServicer
 from services.emotion.settings import EmotionSettings
 from tests.conftest import channel, health_status, start
 from tests.emotion_sentences import LABELLED
+
+ENUM = {name: vocab.emotion_enum(name) for name in vocab.EMOTIONS}
 
 
 @pytest.fixture(scope="module")

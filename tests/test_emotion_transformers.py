@@ -7,13 +7,15 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from bgm import vocab
 from bgm.settings import ServerSettings
 from bgm.v1 import common_pb2, emotion_pb2, emotion_pb2_grpc
-from services.emotion.labels import ENUM
 from services.emotion.servicer import EmotionServicer
 from services.emotion.settings import EmotionSettings
 from tests.conftest import channel, start
 from tests.tiny_models import HARTMANN_LABELS, tiny_text_classifier
+
+ENUM = {name: vocab.emotion_enum(name) for name in vocab.EMOTIONS}
 
 
 @pytest.mark.parametrize("favourite", ["sadness", "surprise"])
