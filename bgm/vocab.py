@@ -35,11 +35,11 @@ def emotion_name(value: int) -> str | None:
 AUTO = "auto"  # the setting that picks the full model where a GPU and its weights are present
 DEVICES: tuple[str, ...] = (AUTO, "cpu", "cuda")
 STT_WHISPER = "whisper"
-EMOTION_NADE, EMOTION_TRANSFORMERS = "nade", "transformers"
+EMOTION_GOEMOTIONS, EMOTION_NADE, EMOTION_TRANSFORMERS = "goemotions", "nade", "transformers"
 MUSIC_COMPOSER, MUSIC_RIFFUSION, MUSIC_TRITON = "composer", "riffusion", "triton"
 SEPARATION_DEEPFILTERNET, SEPARATION_DEMUCS = "deepfilternet", "demucs"
 
-EMOTION_BACKENDS: tuple[str, ...] = (EMOTION_NADE, EMOTION_TRANSFORMERS)
+EMOTION_BACKENDS: tuple[str, ...] = (EMOTION_GOEMOTIONS, EMOTION_NADE, EMOTION_TRANSFORMERS)
 MUSIC_BACKENDS: tuple[str, ...] = (MUSIC_COMPOSER, MUSIC_RIFFUSION, MUSIC_TRITON)
 SEPARATION_BACKENDS: tuple[str, ...] = (SEPARATION_DEEPFILTERNET, SEPARATION_DEMUCS)
 

@@ -1,9 +1,10 @@
 """Emotion classifiers behind one interface: texts in, (n, 7) probabilities out.
 
-Column order is ``labels.EMOTIONS``. ``nade`` is the offline default (a fastText + LightGBM
-model shipped on PyPI, 8 Plutchik emotions mapped to our 7); ``transformers`` loads any
-text-classification model whose labels name our emotions, by default
-j-hartmann/emotion-english-distilroberta-base.
+Column order is ``labels.EMOTIONS``. ``goemotions`` is the offline default: a linear n-gram
+model trained on GoEmotions and shipped in this repository (``services/emotion/linear.py``);
+``nade`` is a fastText + LightGBM model shipped on PyPI (8 Plutchik emotions mapped to our
+7); ``transformers`` loads any text-classification model whose labels name our emotions, by
+default j-hartmann/emotion-english-distilroberta-base.
 """
 
 from __future__ import annotations
@@ -25,6 +26,24 @@ class EmotionBackend(Protocol):
     name: str
 
     def classify(self, texts: list[str], neutral_threshold: float) -> np.ndarray: ...
+
+
+class GoEmotionsBackend:
+    """Calibrated probabilities from the shipped n-gram model; a top probability under
+    ``neutral_threshold`` also gives neutral its due, as the other backends do."""
+
+    name = vocab.EMOTION_GOEMOTIONS
+
+    def __init__(self) -> None:
+        from services.emotion.linear import LinearModel
+
+        self.model = LinearModel()
+
+    def classify(self, texts: list[str], neutral_threshold: float) -> np.ndarray:
+        probs = self.model.probabilities(texts)
+        unsure = probs.max(axis=1) < neutral_threshold
+        probs[unsure, NEUTRAL] = np.maximum(probs[unsure, NEUTRAL], probs[unsure].max(axis=1) + 1e-3)
+        return probs / probs.sum(axis=1, keepdims=True)
 
 
 class NadeBackend:
@@ -128,7 +147,9 @@ def _transformers_usable(settings: EmotionSettings) -> bool:
 def create(settings: EmotionSettings) -> EmotionBackend:
     choice = settings.backend
     if choice == vocab.AUTO:
-        choice = vocab.EMOTION_TRANSFORMERS if _transformers_usable(settings) else vocab.EMOTION_NADE
+        choice = vocab.EMOTION_TRANSFORMERS if _transformers_usable(settings) else vocab.EMOTION_GOEMOTIONS
     if choice == vocab.EMOTION_TRANSFORMERS:
         return TransformersBackend(settings.model, settings.device, settings.batch_size)
-    return NadeBackend()
+    if choice == vocab.EMOTION_NADE:
+        return NadeBackend()
+    return GoEmotionsBackend()

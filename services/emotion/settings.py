@@ -10,8 +10,8 @@ from bgm.settings import check
 class EmotionSettings:
     """``BGM_EMOTION_*``: backend and smoothing defaults (a request may override the latter)."""
 
-    # nade (offline, default on CPU), transformers, or auto (transformers on a GPU when its
-    # weights are present, else nade).
+    # goemotions (the shipped n-gram model: offline, default on CPU), nade, transformers, or
+    # auto (transformers on a GPU when its weights are present, else goemotions).
     backend: str = vocab.AUTO
     # Hub name or local directory of a text-classification model.
     model: str = "j-hartmann/emotion-english-distilroberta-base"
