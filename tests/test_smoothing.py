@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.emotion.labels import EMOTIONS, NEUTRAL
-from services.emotion.smoothing import Scored, Span, smooth
+from services.emotion.smoothing import LEAD_S, Scored, Span, smooth
 
 JOY, SADNESS, ANGER = EMOTIONS.index("joy"), EMOTIONS.index("sadness"), EMOTIONS.index("anger")
 
@@ -91,16 +91,44 @@ def test_a_trailing_change_after_the_last_long_span_is_kept():
     assert [(s.emotion, s.start_s, s.end_s) for s in spans] == [(JOY, 0, 10), (SADNESS, 10, 20), (ANGER, 20, 30)]
 
 
-def test_gaps_are_split_at_their_middle_and_times_are_exact():
+def test_a_change_lands_with_the_next_sentence_and_times_are_exact():
     spans = smooth([seg(1.25, 9.5, JOY), seg(12.5, 20.75, SADNESS)], 23.1, 5)
-    assert [(s.start_s, s.end_s) for s in spans] == [(0.0, 11.0), (11.0, 23.1)]
+    assert [(s.start_s, s.end_s) for s in spans] == [(0.0, 12.5 - LEAD_S), (12.5 - LEAD_S, 23.1)]
 
 
-def test_neutral_does_not_break_the_mood_around_it():
-    spans = smooth([seg(0, 10, JOY), seg(10, 20, NEUTRAL), seg(20, 30, JOY)], 30, 5)
-    assert [(s.emotion, s.start_s, s.end_s) for s in spans] == [(JOY, 0.0, 30)]
+def test_a_long_silence_keeps_the_mood_until_the_next_line():
+    """Worked example: 57 s of silence before an angry line; the anger starts with the line
+    (LEAD_S before it), not 28.5 s early at the silence's midpoint."""
+    spans = smooth([seg(0, 5, JOY), seg(62, 67, ANGER)], 70, 5)
+    assert [(s.emotion, s.start_s, s.end_s) for s in spans] == [(JOY, 0.0, 62 - LEAD_S), (ANGER, 62 - LEAD_S, 70)]
+
+
+def test_brief_neutral_talk_does_not_break_the_mood_around_it():
+    spans = smooth([seg(0, 10, JOY), seg(10, 16, NEUTRAL), seg(16, 26, JOY)], 26, 5)
+    assert [(s.emotion, s.start_s, s.end_s) for s in spans] == [(JOY, 0.0, 26)]
     spans = smooth([seg(0, 8, NEUTRAL), seg(8, 20, SADNESS)], 20, 5)
     assert [(s.emotion, s.start_s, s.end_s) for s in spans] == [(SADNESS, 0.0, 20)]
+
+
+def test_a_long_neutral_stretch_stays_neutral():
+    """Worked examples: a 60 s neutral intro before 5 s of joy, a 90 s neutral outro after anger."""
+    spans = smooth([seg(0, 60, NEUTRAL), seg(60, 65, JOY)], 65, 5)
+    assert [(s.emotion, s.start_s, s.end_s) for s in spans] == [(NEUTRAL, 0.0, 60), (JOY, 60, 65)]
+    spans = smooth([seg(0, 10, ANGER), seg(10, 100, NEUTRAL)], 100, 5)
+    assert [(s.emotion, s.start_s, s.end_s) for s in spans] == [(ANGER, 0.0, 10), (NEUTRAL, 10, 100)]
+    spans = smooth([seg(0, 10, JOY), seg(10, 20, NEUTRAL), seg(20, 30, JOY)], 30, 5)
+    assert [s.emotion for s in spans] == [JOY, NEUTRAL, JOY]  # 10 s is twice the minimum span
+
+
+def test_a_span_follows_the_evidence_it_absorbs():
+    """Worked example: two joyful sentences (joy 0.75, then joy 0.39 / neutral 0.44) open the
+    video. The weaker one is labelled neutral; the short joyful run is absorbed into it, and
+    the merged run, mostly joy by its mass, is joy: not neutral, nor the far neighbour's sadness."""
+    weak = np.array([0.39, 0.03, 0.03, 0.03, 0.04, 0.04, 0.44])
+    items = [Scored(0, 4, JOY, probs(JOY, 0.75), 4), Scored(4, 10, NEUTRAL, weak, 6),
+             seg(10, 30, SADNESS)]
+    spans = smooth(items, 30, 5)
+    assert [(s.emotion, s.start_s, s.end_s) for s in spans] == [(JOY, 0.0, 10), (SADNESS, 10, 30)]
 
 
 def test_no_speech_is_one_neutral_span():

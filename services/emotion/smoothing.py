@@ -1,13 +1,17 @@
 """Turning per-sentence emotions into a stable timeline of spans.
 
 Works on exact float times. The result covers [0, duration] with no holes or overlaps:
-the gap between two sentences is split at its middle, the first span starts at 0 and the
-last ends at ``duration``. Then, until nothing changes:
+the silence between two sentences belongs to the earlier one up to ``LEAD_S`` before the
+next sentence starts (the music changes with the words, not halfway through a pause), the
+first span starts at 0 and the last ends at ``duration``. Then, until nothing changes:
 - neighbours with the same emotion merge;
-- a neutral run between two runs of the same emotion, or at either end, takes that
-  emotion (neutral talk should not break the mood around it);
+- a neutral run shorter than twice ``min_span_s`` between two runs of the same emotion, or
+  at either end, takes that emotion (brief neutral talk should not break the mood around
+  it; a long neutral stretch is neutral);
 - the shortest run under ``min_span_s`` is absorbed: across it if its neighbours agree,
-  else into the neighbour whose mean probabilities are most like its own.
+  else into the neighbour whose mean probabilities are most like its own; the run that
+  absorbs it is labelled anew by the evidence it now holds (the emotion with the most
+  weighted probability mass).
 The output is a fixed point: smoothing it again changes nothing.
 """
 
@@ -20,6 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.emotion.labels import NEUTRAL
+
+# How far before a sentence its emotion may start, when silence precedes it (seconds).
+LEAD_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,8 @@ def _initial_runs(items: Sequence[Scored], duration: float) -> list[Run]:
     ordered = sorted(items, key=lambda s: (s.start_s, s.end_s))
     cuts = [0.0]
     for prev, nxt in itertools.pairwise(ordered):
-        cut = (min(prev.end_s, duration) + min(nxt.start_s, duration)) / 2
+        end, start = min(prev.end_s, duration), min(nxt.start_s, duration)
+        cut = max(end, start - LEAD_S) if start > end else (end + start) / 2  # overlaps: the middle
         cuts.append(min(max(cut, cuts[-1]), duration))
     cuts.append(duration)
     runs = []
@@ -91,10 +99,10 @@ def _merge_equal(runs: list[Run]) -> list[Run]:
     return merged
 
 
-def _relabel_neutral(runs: list[Run]) -> bool:
+def _relabel_neutral(runs: list[Run], min_span_s: float) -> bool:
     changed = False
     for i, run in enumerate(runs):
-        if run.emotion != NEUTRAL or len(runs) == 1:
+        if run.emotion != NEUTRAL or len(runs) == 1 or run.duration >= 2 * min_span_s:
             continue
         left = runs[i - 1].emotion if i > 0 else None
         right = runs[i + 1].emotion if i + 1 < len(runs) else None
@@ -116,6 +124,7 @@ def _absorb_shortest(runs: list[Run], min_span_s: float) -> bool:
     if left is not None and right is not None and left.emotion == right.emotion:
         left.absorb(short)
         left.absorb(right)
+        left.emotion = int(np.argmax(left.mass))
         del runs[i : i + 2]
         return True
     if left is None or right is None:
@@ -126,6 +135,7 @@ def _absorb_shortest(runs: list[Run], min_span_s: float) -> bool:
         target = left if (left_sim, left.duration) >= (right_sim, right.duration) else right
     assert target is not None
     target.absorb(short)
+    target.emotion = int(np.argmax(target.mass))  # the label follows the evidence inside it
     runs.remove(short)
     return True
 
@@ -138,7 +148,7 @@ def smooth(items: Sequence[Scored], duration: float, min_span_s: float) -> list[
         return [Span(0.0, duration, NEUTRAL, 1.0)]
     runs = _merge_equal(_initial_runs(items, duration))
     while True:
-        changed = _relabel_neutral(runs)
+        changed = _relabel_neutral(runs, min_span_s)
         runs = _merge_equal(runs)
         if _absorb_shortest(runs, min_span_s):
             changed = True
