@@ -133,9 +133,19 @@ def ducking_db(music: np.ndarray, speech: np.ndarray, talking: Sequence[tuple[fl
     return float(np.median(levels[pause[: levels.shape[0]]]) - np.median(levels[voiced[: levels.shape[0]]]))
 
 
-def span_loudness(music: np.ndarray, spans: Sequence[tuple[float, float]]) -> list[float]:
-    """Integrated loudness (LUFS) of ``music`` within each (start, end) span."""
-    return [dsp.loudness(music[int(a * RATE) : int(b * RATE)]) for a, b in spans]
+def span_loudness(music: np.ndarray, spans: Sequence[tuple[float, float]], speech: np.ndarray,
+                  talking: Sequence[tuple[float, float]]) -> list[float]:
+    """Integrated loudness (LUFS) of ``music`` within each (start, end) span, over the span's
+    pauses (the music's own level, where no ducking acts); a span without a pause is taken whole."""
+    hop = RATE // 100
+    pause, _ = regions(talking, speech, music.shape[0], hop)
+    in_pause = np.repeat(pause, hop)[: music.shape[0]]
+    out = []
+    for a, b in spans:
+        lo, hi = int(a * RATE), int(b * RATE)
+        piece = music[lo:hi][in_pause[lo:hi]]
+        out.append(dsp.loudness(piece if piece.shape[0] >= RATE // 2 else music[lo:hi]))
+    return out
 
 
 def si_sdr(estimate: np.ndarray, reference: np.ndarray) -> float:

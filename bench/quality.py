@@ -9,8 +9,8 @@ with the defaults and measured against the parts it was built from (``bench.meas
   under speech (per-bin least-squares fit onto the known speech, bed and new music);
   rest: everything in the pauses that is not the new music (an upper bound for the bed);
 - duck: the new music's median level in pauses minus under speech (from the BGM stem);
-- spans: per span, the new music's loudness relative to the speech (as heard, ducking
-  included): the lowest and the spread;
+- spans: per span, the new music's loudness in that span's pauses (its own level, where no
+  ducking acts) relative to the speech: the lowest and the spread;
 - LUFS / dBTP: the programme's integrated loudness and true peak (the decoded output);
 - WER in -> out: Whisper tiny.en on the input and on the output, against the reference;
 - SI-SDR in -> kept: the input and the kept speech (SPEECH stem) against the clean speech.
@@ -148,7 +148,7 @@ def measure(case: realworld.Case, result: Remixed, folder: Path, listen: Transcr
     levels = measures.bed_levels(output, speech, bed, music, case.talking)
     speech_lufs = dsp.loudness(kept)
     spans = [(a, b) for _, a, b in result.spans] or [(0.0, n / RATE)]
-    relative = [lufs - speech_lufs for lufs in measures.span_loudness(music, spans)]
+    relative = [lufs - speech_lufs for lufs in measures.span_loudness(music, spans, speech, case.talking)]
     mixture = speech + bed
     return Row(
         name=case.name, **levels,
