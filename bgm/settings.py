@@ -68,7 +68,10 @@ def load(cls: type[T], prefix: str, env: Mapping[str, str] | None = None) -> T:
             values[field.name] = _parse(var, env[var], hints[field.name])
     try:
         settings = cls(**values)
-    except SettingsError:
+    except SettingsError as exc:
+        message = str(exc)
+        if not message.startswith("BGM_"):  # a settings class shared by services names its field only
+            raise SettingsError(f"{prefix}_{message}") from None
         raise
     except (TypeError, ValueError) as exc:
         raise SettingsError(f"{prefix}_*: {exc}") from None

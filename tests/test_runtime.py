@@ -31,8 +31,8 @@ def test_settings_read_from_environment():
 
 @pytest.mark.parametrize(("env", "fragment"), [
     ({"BGM_STT_PORT": "http"}, "BGM_STT_PORT='http' is not an integer"),
-    ({"BGM_STT_PORT": "70000"}, "PORT: 70000 is not a TCP port"),
-    ({"BGM_STT_MAX_CONCURRENCY": "0"}, "MAX_CONCURRENCY: must be at least 1"),
+    ({"BGM_STT_PORT": "70000"}, "BGM_STT_PORT: 70000 is not a TCP port"),
+    ({"BGM_STT_MAX_CONCURRENCY": "0"}, "BGM_STT_MAX_CONCURRENCY: must be at least 1"),
     ({"BGM_STT_GRACE_S": "soon"}, "BGM_STT_GRACE_S='soon' is not a number"),
 ])
 def test_bad_settings_are_named_in_the_error(env, fragment):
