@@ -39,7 +39,7 @@ def regions(talking: Sequence[tuple[float, float]], speech: np.ndarray, n: int, 
     for start, end in talking:
         inside |= (t >= start) & (t <= end)
     padded = np.pad(speech[:n], (0, frames * hop - min(n, speech.shape[0])))
-    level = 10 * np.log10((padded.reshape(frames, hop) ** 2).mean(axis=1) + 1e-12)
+    level = frame_db(padded, hop)
     voiced = inside & (level > np.percentile(level[inside], 95) - 30.0) if inside.any() else inside
     return pause, voiced
 

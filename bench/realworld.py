@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
+from bench import measures
 from bgm import audio, media
 from services.mixer import dsp
 
@@ -52,8 +53,7 @@ def utterances(speech: np.ndarray, min_gap_s: float = 0.15, min_len_s: float = 0
     """The recording cut at its gaps: 20 ms frames 35 dB under the loud ones, or within 8 dB
     of the noise floor (the 1961 broadcast's crowd never falls silent)."""
     frame = RATE // 50
-    n = speech.shape[0] // frame
-    level = 10 * np.log10((speech[: n * frame].reshape(n, frame) ** 2).mean(axis=1) + 1e-12)
+    level = measures.frame_db(speech, frame)
     voiced = level > max(np.percentile(level, 95) - 35.0, np.percentile(level, 20) + 8.0)
     edges = np.flatnonzero(np.diff(np.concatenate([[0], voiced.astype(np.int8), [0]])))
     runs = [[int(a), int(b)] for a, b in zip(edges[::2], edges[1::2], strict=True)]

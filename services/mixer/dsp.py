@@ -21,7 +21,7 @@ from bgm.loudness import loudness
 from services.mixer import activity
 
 SAMPLE_RATE = vocab.SEPARATION_RATE
-FRAME = 480  # 10 ms
+FRAME = activity.FRAME  # 10 ms: the duck curve runs on the speech activity's frames
 # Room left under the true-peak ceiling for the lossy encoder's overshoot.
 CODEC_HEADROOM_DB = 0.5
 
