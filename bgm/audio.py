@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from bgm import media
+from bgm.chunks import Spool
 from bgm.errors import InvalidInput
 from bgm.v1 import common_pb2
 
@@ -42,6 +43,11 @@ def bytes_per_frame(fmt: common_pb2.AudioFormat) -> int:
     return fmt.channels * (2 if fmt.encoding == PCM_S16LE else 4)
 
 
+def pcm_bytes(fmt: common_pb2.AudioFormat, seconds: float) -> int:
+    """How many bytes ``seconds`` of raw PCM in ``fmt`` take."""
+    return int(seconds * fmt.sample_rate_hz + 1) * bytes_per_frame(fmt)
+
+
 def pcm_to_float(data: bytes, fmt: common_pb2.AudioFormat) -> np.ndarray:
     """Raw PCM bytes to float32 frames (n, channels)."""
     width = bytes_per_frame(fmt)
@@ -66,11 +72,22 @@ def float_to_pcm(frames: np.ndarray, encoding: int = PCM_F32LE) -> bytes:
     return frames.astype("<f4").tobytes()
 
 
-def load_audio(path: Path, fmt: common_pb2.AudioFormat, sample_rate: int, channels: int) -> np.ndarray:
-    """Streamed-in audio (raw PCM or a container file) as float32 (n, channels) at ``sample_rate``."""
+def cap_spool(spool: Spool, fmt: common_pb2.AudioFormat, max_duration_s: float, setting: str) -> None:
+    """Refuse raw PCM past ``max_duration_s`` while it streams in (a container is measured
+    when it is decoded)."""
+    if fmt.encoding in (PCM_S16LE, PCM_F32LE):
+        spool.cap(pcm_bytes(fmt, max_duration_s), media.too_long("audio", max_duration_s, setting))
+
+
+def load_audio(path: Path, fmt: common_pb2.AudioFormat, sample_rate: int, channels: int,
+               max_duration_s: float | None = None, setting: str = "MAX_DURATION_S") -> np.ndarray:
+    """Streamed-in audio (raw PCM or a container file) as float32 (n, channels) at ``sample_rate``;
+    InvalidInput where it is longer than ``max_duration_s``."""
     if fmt.encoding == CONTAINER:
         media.probe(path, "audio")
-        return media.decode_audio(path, sample_rate, channels, "audio")
+        return media.decode_audio(path, sample_rate, channels, "audio", max_duration_s, setting)
+    if max_duration_s is not None and path.stat().st_size > pcm_bytes(fmt, max_duration_s):
+        raise media.too_long("audio", max_duration_s, setting)
     frames = pcm_to_float(path.read_bytes(), fmt)
     frames = mix_channels(frames, channels)
     return resample(frames, fmt.sample_rate_hz, sample_rate)

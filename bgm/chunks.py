@@ -6,14 +6,18 @@ spool what arrives to a temporary file (memory stays bounded) and enforce a size
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
-from collections.abc import AsyncIterable, Iterator
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
-from bgm.errors import InvalidInput
+from bgm import scratch
+from bgm.errors import IdleStream, InvalidInput
+from bgm.settings import ServerSettings
 
 MIN_CHUNK_BYTES = 256 * 1024
 MAX_CHUNK_BYTES = 1024 * 1024
@@ -48,14 +52,22 @@ class Spool:
     size: int = 0
     path: Path = field(init=False)
     _file: BinaryIO = field(init=False)
+    _too_large: InvalidInput | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        fd, name = tempfile.mkstemp(prefix="bgm-", suffix=self.suffix, dir=self.dir or None)
+        fd, name = tempfile.mkstemp(prefix=scratch.prefix(), suffix=self.suffix, dir=self.dir or None)
         self.path = Path(name)
         self._file = os.fdopen(fd, "wb")
 
+    def cap(self, limit: int, error: InvalidInput) -> None:
+        """Lower the limit (to what a duration limit allows, say), with its own error."""
+        if limit < self.limit:
+            self.limit, self._too_large = limit, error
+
     def write(self, data: bytes) -> None:
         if self.size + len(data) > self.limit:
+            if self._too_large is not None:
+                raise self._too_large
             raise InvalidInput(
                 f"{self.what} is larger than the limit of {_mib(self.limit)}; send a shorter file "
                 "or raise the server's MAX_INPUT_BYTES setting"
@@ -88,14 +100,54 @@ class Spool:
         self.close()
 
 
+@dataclass(frozen=True)
+class StreamLimits:
+    """How long a client may leave a stream silent, and how long its whole upload may take.
+
+    ``prefix`` names the settings (``BGM_STT``) in the error a dropped client gets.
+    """
+
+    idle_s: float = 60.0
+    total_s: float = 3600.0
+    prefix: str = "BGM"
+
+    @classmethod
+    def of(cls, settings: ServerSettings, service: str) -> StreamLimits:
+        return cls(settings.idle_timeout_s, settings.upload_timeout_s, f"BGM_{service.upper()}")
+
+
+async def paced(requests: AsyncIterable[Any], limits: StreamLimits) -> AsyncIterator[Any]:
+    """The messages of ``requests``; IdleStream when the client goes quiet or takes too long.
+
+    A client that opens a stream and sends nothing would otherwise hold what the stream
+    holds (a spool, a temp folder, an upload slot) for as long as it likes.
+    """
+    iterator = aiter(requests)
+    deadline = time.monotonic() + limits.total_s
+    while True:
+        wait = min(limits.idle_s, deadline - time.monotonic())
+        try:
+            async with asyncio.timeout(max(0.0, wait)):
+                message = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            if time.monotonic() >= deadline:
+                raise IdleStream(f"the upload took longer than {limits.total_s:g} s "
+                                 f"({limits.prefix}_UPLOAD_TIMEOUT_S); send less, or faster") from None
+            raise IdleStream(f"nothing was sent for {limits.idle_s:g} s ({limits.prefix}_IDLE_TIMEOUT_S); "
+                             "the stream was dropped") from None
+        yield message
+
+
 async def read_config(
-    requests: AsyncIterable[Any], config_field: str, payload_field: str
+    requests: AsyncIterable[Any], config_field: str, payload_field: str, limits: StreamLimits | None = None,
 ) -> tuple[Any, Any]:
     """Read the first message of a stream, which must carry ``config_field``.
 
-    Returns the config and the iterator positioned after it.
+    Returns the config and the iterator positioned after it (paced by ``limits`` when given).
     """
-    iterator = aiter(requests)
+    iterator = aiter(paced(requests, limits) if limits is not None else requests)
     try:
         first = await anext(iterator)
     except StopAsyncIteration:

@@ -30,12 +30,18 @@ DEFAULT_MAX_MESSAGE_BYTES = vocab.MAX_MESSAGE_BYTES
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Retries UNAVAILABLE only: every other status means repeating will not help."""
+    """Retries UNAVAILABLE only: every other status means repeating will not help.
+
+    ``call_with_retry`` keeps trying for ``budget_s`` after the first failure (30 s covers a
+    service that restarts in 15 s, with room); ``max_attempts`` is the channel's own limit
+    per call, and 1 turns retrying off altogether.
+    """
 
     max_attempts: int = 4
     initial_backoff_s: float = 0.5
     max_backoff_s: float = 5.0
     multiplier: float = 2.0
+    budget_s: float = 30.0
 
     def service_config(self) -> str:
         # gRPC accepts 2..5 attempts; one attempt means no retry policy at all.
@@ -110,19 +116,35 @@ async def call_with_retry(
     For calls whose whole request can be replayed (the channel's own retries stop once a
     response has started to arrive or the request outgrew its buffer).
     """
-    for attempt in range(1, policy.max_attempts + 1):
+    first_failure: float | None = None
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             return await attempt_fn()
         except aio.AioRpcError as exc:
-            if not transient(exc) or attempt == policy.max_attempts:
+            now = time.monotonic()
+            first_failure = now if first_failure is None else first_failure
+            # The server's own hint (RetryInfo) wins where it asks for a longer wait.
+            delay = max(policy.backoff(attempt), min(retry_delay(exc) or 0.0, policy.max_backoff_s))
+            if not transient(exc) or policy.max_attempts <= 1 or now + delay - first_failure > policy.budget_s:
                 raise
-            delay = policy.backoff(attempt)
             log.warning(
                 "unavailable; retrying",
                 extra={"fields": {"call": what, "attempt": attempt, "delay_s": delay, "error": exc.details()}},
             )
             await asyncio.sleep(delay)
-    raise AssertionError("unreachable")
+
+
+def retry_delay(exc: grpc.RpcError) -> float | None:
+    """The wait a server asked for in google.rpc.RetryInfo (its trailing status details)."""
+    from bgm.errors import RETRY_INFO_KEY, read_retry_delay
+
+    trailers = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    for key, value in trailers or ():
+        if key == RETRY_INFO_KEY and isinstance(value, bytes):
+            return read_retry_delay(value)
+    return None
 
 
 async def wait_for_serving(channel: aio.Channel, service: str = "", timeout: float = 60.0) -> None:

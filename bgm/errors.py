@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 
 from bgm import logs
@@ -41,6 +43,7 @@ class NotReady(ServiceError):
     """The model is not loaded yet (or a dependency is down); try again later."""
 
     code = grpc.StatusCode.UNAVAILABLE
+    retry_after_s = 2.0
 
 
 class Overloaded(ServiceError):
@@ -51,6 +54,12 @@ class Overloaded(ServiceError):
     def __init__(self, message: str, retry_after_s: float = 5.0) -> None:
         super().__init__(f"{message}; retry after {retry_after_s:g} s")
         self.retry_after_s = retry_after_s
+
+
+class IdleStream(ServiceError):
+    """The client stopped sending (or sends too slowly); the stream is dropped."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class Unsupported(ServiceError):
@@ -67,9 +76,14 @@ class ConcurrencyLimiter:
         self.what = what
         self.active = 0
 
-    def __enter__(self) -> ConcurrencyLimiter:
+    def check(self) -> None:
+        """Refuse now if every slot is taken, without taking one (before an upload, so that a
+        busy service does not cost the client the upload; the slot is taken when work starts)."""
         if self.active >= self.limit:
             raise Overloaded(f"{self.what} is busy with {self.active} request(s), its limit")
+
+    def __enter__(self) -> ConcurrencyLimiter:
+        self.check()
         self.active += 1
         return self
 
@@ -129,6 +143,30 @@ class ErrorInterceptor(aio.ServerInterceptor):
         )
 
 
+# Where gRPC's rich error model carries details (grpcio-status reads it the same way).
+RETRY_INFO_KEY = "grpc-status-details-bin"
+
+
+def retry_trailers(code: grpc.StatusCode, message: str, retry_after_s: float) -> tuple[tuple[str, bytes], ...]:
+    """Trailing metadata carrying google.rpc.RetryInfo, so that clients can wait as long as asked."""
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(round(retry_after_s * 1e9))
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    status = status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    return ((RETRY_INFO_KEY, status.SerializeToString()),)
+
+
+def read_retry_delay(details: bytes) -> float | None:
+    """The RetryInfo delay in a serialized google.rpc.Status, if it carries one."""
+    status = status_pb2.Status.FromString(details)
+    for detail in status.details:
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return info.retry_delay.ToNanoseconds() / 1e9
+    return None
+
+
 async def _fail(context: aio.ServicerContext, method: str, started: float, exc: BaseException) -> None:
     code, message = _status_for(exc)
     log.info(
@@ -136,6 +174,9 @@ async def _fail(context: aio.ServicerContext, method: str, started: float, exc: 
         extra={"fields": {"method": method, "code": code.name, "error": message,
                           "duration_s": round(time.monotonic() - started, 3)}},
     )
+    retry_after = getattr(exc, "retry_after_s", None)
+    if isinstance(exc, ServiceError) and retry_after is not None:
+        await context.abort(code, message, retry_trailers(code, message, float(retry_after)))
     await context.abort(code, message)
 
 

@@ -20,6 +20,21 @@ MIX_RANGES: dict[str, tuple[float, float]] = {
     "duck_sensitivity": (0, 1),
     "hold_ms": (0, 5000),
 }
+# A container's extension, as far as one is used: ".mp4", ".webm".
+_EXTENSION = re.compile(r"^\.[a-z0-9]{1,6}$")
+
+
+def file_suffix(name: str, field: str = "filename") -> str:
+    """The extension of a client-given file name ("" where it has none), or InvalidInput where
+    the name is not a plain file name. "Dr. Who interview" has no extension: the container is
+    found by probing the bytes, the name only picks the output's container where it can."""
+    if len(name) > 255 or "/" in name or "\\" in name or any(ord(c) < 32 for c in name):
+        raise InvalidInput(f"{field} must be a plain file name (no folders or control characters), "
+                           "at most 255 characters")
+    suffix = name[name.rfind("."):].lower() if "." in name else ""
+    return suffix if _EXTENSION.match(suffix) else ""
+
+
 # ISO 639-1 (or 639-2) language codes, lower case: "en", "de", "haw".
 LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}$")
 TEMPO_BPM = (30.0, 240.0)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +52,61 @@ def _short(stderr: bytes) -> str:
     return lines[-1][:300] if lines else "no detail"
 
 
-def probe(path: str | Path, what: str = "input") -> MediaInfo:
-    """Describe a media file, or raise InvalidInput if it is not one we accept."""
+HEADER_TOLERANCE_S = 0.5
+
+
+def format_duration(seconds: float) -> str:
+    """A limit as a person reads it: "45 s", "12 min", "3 h", "1.5 h"."""
+    if seconds < 120:
+        return f"{seconds:g} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.3g} min"
+    return f"{seconds / 3600:.3g} h"
+
+
+def too_long(what: str, limit_s: float, setting: str) -> InvalidInput:
+    return InvalidInput(f"{what} is longer than the limit of {format_duration(limit_s)} ({setting}); "
+                        "send a shorter file")
+
+
+def probe(path: str | Path, what: str = "input", max_duration_s: float | None = None,
+          setting: str = "MAX_DURATION_S") -> MediaInfo:
+    """Describe a media file, or raise InvalidInput if it is not one we accept.
+
+    With ``max_duration_s``, the duration is measured from the streams' packets (headers can
+    say anything: a 30-minute mkv that claims 2 s, a 3 s file that claims 10 minutes, or none
+    at all, as a browser's MediaRecorder writes to a pipe), and a file longer than the limit
+    is refused as soon as the measurement passes it.
+    """
+    info = _probe_header(path, what)
+    if max_duration_s is None:
+        return info
+    measured = measure_duration(path, max_duration_s, what, setting)
+    # Packets end where the last one starts (a video frame short); where the header agrees
+    # within half a second it is the more exact figure.
+    if abs(info.duration_s - measured) > HEADER_TOLERANCE_S:
+        info = replace(info, duration_s=measured)
+    return info
+
+
+def measure_duration(path: str | Path, max_duration_s: float, what: str, setting: str) -> float:
+    """The duration of ``path``'s first video and audio streams from their packets (stream
+    copy to nowhere: demuxing only, no decoding); InvalidInput past ``max_duration_s``."""
+    cmd = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", *INPUT_GUARD, "-i", str(path),
+           "-map", "0:v:0?", "-map", "0:a:0?", "-c", "copy", "-t", f"{max_duration_s + 1:.3f}",
+           "-f", "null", "-", "-progress", "pipe:1", "-nostats"]
+    proc = subprocess.run(cmd, capture_output=True, timeout=600)
+    if proc.returncode != 0:
+        raise InvalidInput(f"{what} could not be read to its end ({_short(proc.stderr)})")
+    times = [line.split("=", 1)[1] for line in proc.stdout.decode(errors="replace").splitlines()
+             if line.startswith("out_time_us=")]
+    measured = max((int(t) for t in times if t.strip().lstrip("-").isdigit()), default=0) / 1e6
+    if measured > max_duration_s:
+        raise too_long(what, max_duration_s, setting)
+    return measured
+
+
+def _probe_header(path: str | Path, what: str) -> MediaInfo:
     if Path(path).stat().st_size == 0:
         raise InvalidInput(f"{what} is empty (0 bytes)")
     cmd = ["ffprobe", "-hide_banner", "-loglevel", "error", *INPUT_GUARD,
@@ -81,14 +135,38 @@ def probe(path: str | Path, what: str = "input") -> MediaInfo:
     )
 
 
-def decode_audio(path: str | Path, sample_rate: int, channels: int, what: str = "input") -> np.ndarray:
-    """Decode the first audio stream to float32 frames of shape (n, channels)."""
+def decode_audio(path: str | Path, sample_rate: int, channels: int, what: str = "input",
+                 max_duration_s: float | None = None, setting: str = "MAX_DURATION_S") -> np.ndarray:
+    """Decode the first audio stream to float32 frames of shape (n, channels).
+
+    With ``max_duration_s``, samples are counted as they are decoded and ffmpeg is stopped
+    the moment they pass the limit (InvalidInput): memory never holds more than the limit.
+    """
     cmd = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", *INPUT_GUARD, "-i", str(path),
            "-map", "0:a:0", "-vn", "-ac", str(channels), "-ar", str(sample_rate), "-f", "f32le", "pipe:1"]
-    proc = subprocess.run(cmd, capture_output=True, timeout=3600)
-    if proc.returncode != 0:
-        raise InvalidInput(f"could not decode the audio of {what} ({_short(proc.stderr)})")
-    samples = np.frombuffer(proc.stdout, dtype="<f4")
-    if samples.size == 0:
+    frame_bytes = 4 * channels
+    limit = None if max_duration_s is None else int(max_duration_s * sample_rate + 1) * frame_bytes
+    data = bytearray()
+    # stderr goes to a file: a corrupt stream can log more than a pipe holds, and nobody
+    # would read the pipe while stdout is being drained.
+    with tempfile.TemporaryFile() as errors, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors) as proc:
+        assert proc.stdout is not None
+        try:
+            while piece := proc.stdout.read(1 << 20):
+                data += piece
+                if limit is not None and len(data) > limit:
+                    assert max_duration_s is not None
+                    raise too_long(what, max_duration_s, setting)
+            returncode = proc.wait(timeout=3600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        errors.seek(0)
+        stderr = errors.read(1 << 16)
+    if returncode != 0:
+        raise InvalidInput(f"could not decode the audio of {what} ({_short(stderr)})")
+    usable = len(data) - len(data) % frame_bytes
+    if usable == 0:
         raise InvalidInput(f"{what} has no audio samples")
-    return samples.reshape(-1, channels).copy()
+    del data[usable:]
+    return np.frombuffer(data, dtype="<f4").reshape(-1, channels)

@@ -21,7 +21,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from bgm import logs
+from bgm import logs, scratch
 from bgm.errors import ErrorInterceptor, NotReady
 from bgm.security import TokenInterceptor, server_credentials
 from bgm.settings import ServerSettings, SettingsError, server_settings
@@ -102,7 +102,11 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
+        # Ping every minute and drop a connection whose client does not answer in 20 s, so
+        # dead clients are noticed; close connections left idle for 10 minutes.
         ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.max_connection_idle_ms", 600_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ]
 
@@ -117,6 +121,7 @@ async def start_server(
 ) -> RunningServer:
     """Start a server for ``servicers`` and begin loading their models in the background
     (or, with ``load_models=False``, when ``RunningServer.start_loading`` is called)."""
+    scratch.sweep(settings.tmp_dir)
     if credentials is None:
         credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     guards: list[aio.ServerInterceptor] = [TokenInterceptor(settings.auth_token)] if settings.auth_token else []

@@ -51,6 +51,9 @@ def _parse(var: str, raw: str, kind: Any) -> Any:
         except ValueError:
             raise SettingsError(f"{var}={raw!r} is not a number") from None
     if kind is str:
+        if raw and not raw.strip():
+            # A token of spaces would otherwise read as "no token" and turn auth off silently.
+            raise SettingsError(f"{var} is only whitespace; unset it or give it a value")
         return raw.strip()
     if origin is tuple:
         return tuple(part.strip() for part in raw.split(",") if part.strip())
@@ -94,8 +97,16 @@ class ServerSettings:
     max_concurrency: int = 2
     # Per-message limit on both ends; media always travels in smaller chunks.
     max_message_bytes: int = vocab.MAX_MESSAGE_BYTES
-    # Largest total input one request may stream in.
+    # Largest total input one request may stream in, and the longest audio it may hold
+    # (measured from the decoded samples, never from a container's header).
     max_input_bytes: int = 2 * 1024**3
+    max_duration_s: float = 3 * 3600.0
+    # A stream that sends nothing for idle_timeout_s is dropped; so is an upload still
+    # unfinished after upload_timeout_s. Uploads hold no work slot, but at most max_uploads
+    # are received at once.
+    idle_timeout_s: float = 60.0
+    upload_timeout_s: float = 3600.0
+    max_uploads: int = 16
     grace_s: float = 30.0
     log_level: str = "INFO"
     tmp_dir: str = ""
@@ -113,6 +124,10 @@ class ServerSettings:
         check(self.max_message_bytes >= vocab.MIN_MESSAGE_BYTES, "MAX_MESSAGE_BYTES",
               f"must be at least {vocab.MIN_MESSAGE_BYTES // vocab.MIB} MiB")
         check(self.max_input_bytes > 0, "MAX_INPUT_BYTES", "must be positive")
+        check(self.max_duration_s > 0, "MAX_DURATION_S", "must be positive")
+        check(self.idle_timeout_s > 0, "IDLE_TIMEOUT_S", "must be positive")
+        check(self.upload_timeout_s > 0, "UPLOAD_TIMEOUT_S", "must be positive")
+        check(self.max_uploads >= 1, "MAX_UPLOADS", "must be at least 1")
         check(self.grace_s >= 0, "GRACE_S", "must not be negative")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import os
 import sys
@@ -16,6 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import grpc
 from grpc import aio
@@ -23,6 +25,7 @@ from grpc import aio
 from bgm import vocab
 from bgm.chunks import iter_file_chunks
 from bgm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, mixer_pb2, music_pb2, stt_pb2
+from gateway import paths
 
 ALL_SERVICES = "all"  # `bgm serve all`: the gateway with the four services in-process
 
@@ -126,47 +129,34 @@ async def run_job(stub: gateway_pb2_grpc.GatewayStub, args: argparse.Namespace, 
     source = Path(args.input)
     options = build_options(args, source.name)
     outcome = Outcome()
-    out_path = Path(args.output) if not analyze_only else None
-    partial = out_path.with_name(out_path.name + ".partial") if out_path else None
-    stems: dict[int, object] = {}
     accepted = asyncio.Event()
     call = (stub.Analyze if analyze_only else stub.Remix)(_requests(options, source, accepted), timeout=args.timeout)
-    try:
-        video_file = open(partial, "wb") if partial else None  # noqa: SIM115 - closed in finally
-        try:
-            async for event in call:
-                accepted.set()
-                kind = event.WhichOneof("event")
-                if kind == "progress":
-                    bars.update(event.progress)
-                elif kind == "transcript":
-                    outcome.transcript = event.transcript
-                elif kind == "timeline":
-                    outcome.timeline = event.timeline
-                elif kind == "result":
-                    outcome.result = event
-                elif kind == "video" and video_file is not None:
-                    video_file.write(event.video)
-                    outcome.video_bytes += len(event.video)
-                elif kind == "stem" and args.stems:
-                    stem_dir = Path(args.stems)
-                    stem_dir.mkdir(parents=True, exist_ok=True)
-                    if event.stem.stem not in stems:
-                        stems[event.stem.stem] = open(  # noqa: SIM115 - closed below
-                            stem_dir / f"{STEM_NAMES.get(event.stem.stem, 'stem')}.wav", "wb")
-                    stems[event.stem.stem].write(event.stem.data)  # type: ignore[attr-defined]
-        finally:
-            if video_file is not None:
-                video_file.close()
-            for f in stems.values():
-                f.close()  # type: ignore[attr-defined]
-        if partial is not None and out_path is not None:
-            if outcome.video_bytes == 0:
-                raise RuntimeError("the gateway finished without sending a video")
-            partial.replace(out_path)
-    finally:
-        if partial is not None and partial.exists():
-            partial.unlink()
+    # Every file is written beside its target and renamed into place only once the whole
+    # job has succeeded: a failure leaves the user's files as they were.
+    with contextlib.ExitStack() as files:
+        video_file = None if analyze_only else files.enter_context(paths.replacing(Path(args.output)))
+        stems: dict[int, IO[bytes]] = {}
+        async for event in call:
+            accepted.set()
+            kind = event.WhichOneof("event")
+            if kind == "progress":
+                bars.update(event.progress)
+            elif kind == "transcript":
+                outcome.transcript = event.transcript
+            elif kind == "timeline":
+                outcome.timeline = event.timeline
+            elif kind == "result":
+                outcome.result = event
+            elif kind == "video" and video_file is not None:
+                video_file.write(event.video)
+                outcome.video_bytes += len(event.video)
+            elif kind == "stem" and args.stems:
+                if event.stem.stem not in stems:
+                    name = f"{STEM_NAMES.get(event.stem.stem, 'stem')}.wav"
+                    stems[event.stem.stem] = files.enter_context(paths.replacing(Path(args.stems) / name))
+                stems[event.stem.stem].write(event.stem.data)
+        if video_file is not None and outcome.video_bytes == 0:
+            raise RuntimeError("the gateway finished without sending a video")
     return outcome
 
 
@@ -175,14 +165,15 @@ def write_extras(args: argparse.Namespace, outcome: Outcome, bars: ProgressBars)
 
     if outcome.transcript is None or outcome.timeline is None:
         return
+    transcript, timeline = outcome.transcript, outcome.timeline
     if args.srt:
-        Path(args.srt).write_text(outputs.srt(outcome.transcript), encoding="utf-8")
+        paths.write_bytes(Path(args.srt), outputs.srt(transcript).encode())
         bars.note(f"subtitles: {args.srt}")
     if args.timeline:
-        Path(args.timeline).write_text(outputs.timeline_json(outcome.transcript, outcome.timeline), encoding="utf-8")
+        paths.write_bytes(Path(args.timeline), outputs.timeline_json(transcript, timeline).encode())
         bars.note(f"timeline: {args.timeline}")
     if getattr(args, "plot", None):
-        outputs.plot(Path(args.plot), Path(args.input), outcome.transcript, outcome.timeline)
+        paths.write_with(Path(args.plot), lambda f: outputs.plot(f, Path(args.input), transcript, timeline))
         bars.note(f"plot: {args.plot}")
 
 
@@ -273,13 +264,23 @@ def _check_input(path: str) -> None:
         raise UsageError(f"cannot read {path}")
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every output path, checked before any work (exit 2 with the reason)."""
+    named = [("-o", args.output), ("--srt", args.srt), ("--timeline", args.timeline), ("--plot", args.plot)]
+    files = [paths.Output(option, Path(value)) for option, value in named if value]
+    stems = paths.Output("--stems", Path(args.stems)) if args.stems else None
+    try:
+        paths.check(Path(args.input), files, stems)
+    except paths.OutputError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def cmd_remix(args: argparse.Namespace) -> int:
     _check_input(args.input)
     if args.output is None:
         src = Path(args.input)
         args.output = str(src.with_name(f"{src.stem}.remixed{src.suffix or '.mp4'}"))
-    if Path(args.output).resolve() == Path(args.input).resolve():
-        raise UsageError("the output would overwrite the input; choose another -o")
+    _check_outputs(args)
     return asyncio.run(_with_gateway(args, analyze_only=False))
 
 
@@ -287,6 +288,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     _check_input(args.input)
     args.output = None
     args.stems = None
+    _check_outputs(args)
     return asyncio.run(_with_gateway(args, analyze_only=True))
 
 

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import re
-
 from bgm import limits, vocab
 from bgm.errors import InvalidInput
 from bgm.limits import check_range
 from bgm.v1 import gateway_pb2, stt_pb2
 
-_EXTENSION = re.compile(r"^\.[a-z0-9]{1,6}$")
-
 
 def validate(options: gateway_pb2.RemixOptions) -> None:
-    name = options.filename
-    if len(name) > 255 or "/" in name or "\\" in name or "\0" in name:
-        raise InvalidInput("filename must be a plain file name (no folders), at most 255 characters")
-    suffix = name[name.rfind("."):].lower() if "." in name else ""
-    if suffix and not _EXTENSION.match(suffix):
-        raise InvalidInput(f"file name extension {suffix!r} is not valid")
+    limits.file_suffix(options.filename)
     if options.task not in (stt_pb2.STT_TASK_UNSPECIFIED, stt_pb2.STT_TASK_TRANSCRIBE, stt_pb2.STT_TASK_TRANSLATE):
         raise InvalidInput(f"task {options.task} is unknown; use TRANSCRIBE or TRANSLATE")
     if options.language and not limits.LANGUAGE_CODE.match(options.language):

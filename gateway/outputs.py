@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import IO
 
 from bgm import vocab
 from bgm.v1 import gateway_pb2
@@ -57,9 +58,9 @@ def timeline_json(transcript: gateway_pb2.Transcript, timeline: gateway_pb2.Emot
     return json.dumps(doc, indent=2)
 
 
-def plot(path: Path, video: Path, transcript: gateway_pb2.Transcript,
+def plot(out: IO[bytes], video: Path, transcript: gateway_pb2.Transcript,
          timeline: gateway_pb2.EmotionTimeline) -> None:
-    """A PNG: the emotion spans as coloured bands over the waveform, with the transcript."""
+    """A PNG (written to ``out``): the emotion spans as coloured bands over the waveform, with the transcript."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,5 +90,5 @@ def plot(path: Path, video: Path, transcript: gateway_pb2.Transcript,
     ax.set_yticks([])
     ax.set_title("Emotion timeline")
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(out, format="png")
     plt.close(fig)

@@ -125,16 +125,14 @@ class Remix:
     async def extract(self) -> tuple[media.MediaInfo, np.ndarray | None]:
         await self.progress(common_pb2.STAGE_EXTRACT_AUDIO, 0.0)
         began = time.monotonic()
-        info = await asyncio.to_thread(media.probe, self.video, "the upload")
-        if info.duration_s <= 0:
-            raise InvalidInput("the upload has zero length")
-        if info.duration_s > self.max_duration_s:
-            raise InvalidInput(f"the upload is {info.duration_s / 3600:.1f} h long; the limit is "
-                               f"{self.max_duration_s / 3600:.1f} h (BGM_GATEWAY_MAX_DURATION_S)")
+        setting = f"{vocab.GATEWAY.env_prefix}_MAX_DURATION_S"
+        info = await asyncio.to_thread(media.probe, self.video, "the upload", self.max_duration_s, setting)
         samples = None
         if info.has_audio:
             samples = (await asyncio.to_thread(
-                media.decode_audio, self.video, SEPARATION_RATE, 1, "the upload"))[:, 0]
+                media.decode_audio, self.video, SEPARATION_RATE, 1, "the upload", self.max_duration_s, setting))[:, 0]
+        if info.duration_s <= 0:
+            raise InvalidInput("the upload has zero length")
         self.stage_seconds["extract_audio"] = time.monotonic() - began
         await self.progress(common_pb2.STAGE_EXTRACT_AUDIO, 1.0)
         return info, samples

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from grpc import aio
 
-from bgm import logs, vocab
-from bgm.chunks import Spool, read_config, spool_payload
+from bgm import limits, logs, scratch, vocab
+from bgm.chunks import Spool, StreamLimits, read_config, spool_payload
 from bgm.client import RetryPolicy, make_channel, wait_for_serving
 from bgm.errors import ConcurrencyLimiter, InvalidInput
 from bgm.security import channel_credentials
@@ -34,7 +33,9 @@ class GatewayServicer(ModelServicer, gateway_pb2_grpc.GatewayServicer):
         self.settings = gateway
         self.server = server
         self.limiter = ConcurrencyLimiter(server.max_concurrency, "the gateway")
-        self.retry = RetryPolicy(max_attempts=gateway.retry_attempts)
+        self.uploads = ConcurrencyLimiter(server.max_uploads, "the gateway's uploads")
+        self.stream = StreamLimits.of(server, vocab.GATEWAY.name)
+        self.retry = RetryPolicy(max_attempts=gateway.retry_attempts, budget_s=gateway.retry_budget_s)
         self.embedded: EmbeddedServices | None = None
         self.channels: dict[str, aio.Channel] = {}
         self.stubs: Stubs | None = None
@@ -86,40 +87,53 @@ class GatewayServicer(ModelServicer, gateway_pb2_grpc.GatewayServicer):
     ) -> AsyncIterator[gateway_pb2.RemixResponse]:
         self.require_ready()
         assert self.stubs is not None
-        with self.limiter, tempfile.TemporaryDirectory(prefix="bgm-gw-", dir=self.settings.tmp_dir or None) as tmp:
-            options, rest = await read_config(request_iterator, "options", "video")
-            validate_options(options)
-            # The options are accepted: a client may wait for this before sending the video,
-            # so that a refusal never costs an upload.
-            yield gateway_pb2.RemixResponse(progress=common_pb2.Progress(
-                stage=common_pb2.STAGE_UPLOAD, fraction=0.0, message="options accepted; send the video"))
-            suffix = Path(options.filename).suffix.lower() if options.filename else ""
-            with Spool(self.settings.max_upload_bytes, "the upload", tmp, suffix) as upload:
-                await spool_payload(rest, upload, "options", "video")
-                if upload.size == 0:
-                    raise InvalidInput("no video was sent after the options message")
-                video = upload.finish()
-                queue: asyncio.Queue[gateway_pb2.RemixResponse | None] = asyncio.Queue(maxsize=64)
-                job = Remix(self.stubs, options, video, Path(tmp), queue.put,
-                            self.settings.stage_timeout_s, self.retry, self.settings.max_duration_s)
+        # A busy gateway refuses before the upload; the slot itself is taken once the video is
+        # in, so clients that open a stream and idle (or upload slowly) never block the others.
+        self.limiter.check()
+        with scratch.workdir("gw", self.settings.tmp_dir) as tmp:
+            with self.uploads:
+                options, rest = await read_config(request_iterator, "options", "video", self.stream)
+                validate_options(options)
+                # The options are accepted: a client may wait for this before sending the video,
+                # so that a refusal never costs an upload.
                 yield gateway_pb2.RemixResponse(progress=common_pb2.Progress(
-                    stage=common_pb2.STAGE_UPLOAD, fraction=1.0, message=f"received {upload.size} bytes"))
+                    stage=common_pb2.STAGE_UPLOAD, fraction=0.0, message="options accepted; send the video"))
+                suffix = limits.file_suffix(options.filename)
+                with Spool(self.settings.max_upload_bytes, "the upload", tmp, suffix) as upload:
+                    await spool_payload(rest, upload, "options", "video")
+                    if upload.size == 0:
+                        raise InvalidInput("no video was sent after the options message")
+                    video = upload.finish()
+                    video = video.rename(video.with_name(f"upload{suffix}"))  # outlives the spool
+            with self.limiter:
+                async for message in self._remix(options, video, upload.size, Path(tmp), analyze_only):
+                    yield message
 
-                async def drive() -> None:
-                    try:
-                        await job.run(analyze_only)
-                    finally:
-                        await queue.put(None)
+    async def _remix(self, options: gateway_pb2.RemixOptions, video: Path, size: int, tmp: Path,
+                     analyze_only: bool) -> AsyncIterator[gateway_pb2.RemixResponse]:
+        """Run the stages on an uploaded video, yielding their progress and results."""
+        assert self.stubs is not None
+        queue: asyncio.Queue[gateway_pb2.RemixResponse | None] = asyncio.Queue(maxsize=64)
+        job = Remix(self.stubs, options, video, tmp, queue.put,
+                    self.settings.stage_timeout_s, self.retry, self.server.max_duration_s)
+        yield gateway_pb2.RemixResponse(progress=common_pb2.Progress(
+            stage=common_pb2.STAGE_UPLOAD, fraction=1.0, message=f"received {size} bytes"))
 
-                task = asyncio.create_task(drive())
-                try:
-                    while (message := await queue.get()) is not None:
-                        yield message
-                    await task  # re-raises a stage failure
-                finally:
-                    if not task.done():  # the client went away: stop every stage
-                        task.cancel()
-                        while not task.done():
-                            while not queue.empty():
-                                queue.get_nowait()
-                            await asyncio.sleep(0.01)
+        async def drive() -> None:
+            try:
+                await job.run(analyze_only)
+            finally:
+                await queue.put(None)
+
+        task = asyncio.create_task(drive())
+        try:
+            while (message := await queue.get()) is not None:
+                yield message
+            await task  # re-raises a stage failure
+        finally:
+            if not task.done():  # the client went away: stop every stage
+                task.cancel()
+                while not task.done():
+                    while not queue.empty():
+                        queue.get_nowait()
+                    await asyncio.sleep(0.01)

@@ -14,13 +14,16 @@ class GatewaySettings:
     emotion_address: str = ""
     music_address: str = ""
     mixer_address: str = ""
-    # Largest video a client may upload, and its longest duration.
+    # Largest video a client may upload (its longest duration is BGM_GATEWAY_MAX_DURATION_S,
+    # a server setting every service has).
     max_upload_bytes: int = 2 * 1024**3
-    max_duration_s: float = 3 * 3600.0
     # Deadline for each stage's RPC.
     stage_timeout_s: float = 3600.0
-    # Attempts for a stage that answers UNAVAILABLE.
+    # Attempts per call the channel makes itself for a service that answers UNAVAILABLE
+    # (1: no retries at all).
     retry_attempts: int = 4
+    # How long a stage keeps retrying a service that is unreachable (covers a restart).
+    retry_budget_s: float = 30.0
     tmp_dir: str = ""
     # Calls to the services: TLS (trusting services_ca), a client certificate for mutual
     # TLS, and the bearer token the services expect.
@@ -34,9 +37,9 @@ class GatewaySettings:
         check(all(addresses) or not any(addresses), "BGM_GATEWAY_*_ADDRESS",
               "set all four service addresses, or none (embedded mode)")
         check(self.max_upload_bytes > 0, "BGM_GATEWAY_MAX_UPLOAD_BYTES", "must be positive")
-        check(self.max_duration_s > 0, "BGM_GATEWAY_MAX_DURATION_S", "must be positive")
         check(self.stage_timeout_s > 0, "BGM_GATEWAY_STAGE_TIMEOUT_S", "must be positive")
         check(self.retry_attempts >= 1, "BGM_GATEWAY_RETRY_ATTEMPTS", "must be at least 1")
+        check(self.retry_budget_s >= 0, "BGM_GATEWAY_RETRY_BUDGET_S", "must not be negative")
 
     @property
     def embedded(self) -> bool:

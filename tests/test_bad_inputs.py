@@ -106,8 +106,11 @@ def cases(files: dict[str, bytes]) -> list[tuple[str, list[gateway_pb2.RemixRequ
     }
     for name, options in absurd.items():
         out.append((f"option: {name}", upload("x.mp4", files["a.mp4"], **options), INVALID))
-    for name in ("../../etc/passwd.mp4", "x.mp4\0.exe", "a" * 300 + ".mp4", "x.m$4"):
+    for name in ("../../etc/passwd.mp4", "x.mp4\0.exe", "a" * 300 + ".mp4", "x\x01.mp4"):
         out.append((f"file name {name[:20]!r}", upload(name, files["a.mp4"]), INVALID))
+    # A dot that starts no extension is part of the name: the container is found by probing.
+    for name in ("Dr. Who interview", "x.m$4"):
+        out.append((f"file name {name!r}", upload(name, files["a.mp4"]), {grpc.StatusCode.OK}))
     return out
 
 
@@ -191,16 +194,16 @@ def test_uploads_over_the_duration_limit_are_refused(gateway, suite):
 
     stub, running = gateway
     servicer = running.servicers[0]
-    original = servicer.settings
-    servicer.settings = replace(original, max_duration_s=1.0)
+    original = servicer.server
+    servicer.server = replace(original, max_duration_s=1.0)
     try:
         messages = next(m for name, m, _ in suite if name == "audio only (wav)")  # 2 s long
         with pytest.raises(grpc.RpcError) as info:
             list(stub.Remix(iter(messages), timeout=60))
     finally:
-        servicer.settings = original
+        servicer.server = original
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "the limit is" in info.value.details() and "MAX_DURATION_S" in info.value.details()
+    assert "the limit of 1 s" in info.value.details() and "BGM_GATEWAY_MAX_DURATION_S" in info.value.details()
 
 
 def test_services_refuse_stt_config_for_unknown_tasks():

@@ -46,6 +46,6 @@ def test_a_known_good_stream_is_accepted():
                               gateway_pb2.RemixRequest(video=b"x" * 100)]) == "ok"
 
 
-@pytest.mark.parametrize("name", ["../x.mp4", "a/b.mp4", "x.mp4\0", "x." + "m" * 10])
+@pytest.mark.parametrize("name", ["../x.mp4", "a/b.mp4", "x.mp4\0", "x\n.mp4", "x" * 256])
 def test_bad_file_names_are_refused(name):
     assert run_gateway_input([gateway_pb2.RemixRequest(options=gateway_pb2.RemixOptions(filename=name))]) == "refused"

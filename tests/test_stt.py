@@ -221,30 +221,39 @@ def test_requests_over_the_concurrency_limit_get_resource_exhausted(loop):
                                                 ServerSettings(max_concurrency=1))])
     release = threading.Event()
     holding = threading.Event()
+    servicer = running.servicers[0]
+    model = servicer.backend
 
-    def slow_upload():
-        yield _config()
-        holding.set()
-        release.wait(30)  # the upload stalls: the request keeps its slot
-        yield stt_pb2.TranscribeRequest(audio=b"\0\0" * RATE)
+    class Held:
+        """The real model, held at the start of its work until the test releases it."""
 
+        name = model.name
+
+        def transcribe(self, *args, **kwargs):
+            holding.set()
+            release.wait(30)
+            yield from model.transcribe(*args, **kwargs)
+
+    servicer.backend = Held()
     try:
         stub = stt_pb2_grpc.SpeechToTextStub(channel(running.address))
-        first = stub.Transcribe(slow_upload(), timeout=60)
+        first = stub.Transcribe(iter([_config(), stt_pb2.TranscribeRequest(audio=b"\0\0" * RATE)]), timeout=60)
         collected = []
         worker = threading.Thread(target=lambda: collected.extend(first))
         worker.start()
-        assert holding.wait(10)
-        import time
-
-        time.sleep(0.3)  # let the config message reach the server
+        assert holding.wait(10)  # the first request holds the only work slot
         with pytest.raises(grpc.RpcError) as info:
             list(stub.Transcribe(iter([_config(), stt_pb2.TranscribeRequest(audio=b"\0\0" * RATE)]), timeout=30))
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "retry after" in info.value.details()
+        # ... and says so in google.rpc.RetryInfo too, which clients read to wait as long as asked.
+        from bgm.client import retry_delay
+
+        assert retry_delay(info.value) == 5.0
         release.set()
         worker.join(30)
         assert collected and collected[-1].WhichOneof("event") == "summary"
     finally:
         release.set()
+        servicer.backend = model
         loop.run(running.stop(0))

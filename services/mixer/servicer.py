@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -14,8 +13,8 @@ import numpy as np
 import soundfile
 from grpc import aio
 
-from bgm import audio, logs, media, settings, vocab
-from bgm.chunks import CHUNK_BYTES, Spool, iter_chunks, iter_file_chunks, read_config, spool_payload
+from bgm import audio, logs, media, scratch, settings, vocab
+from bgm.chunks import CHUNK_BYTES, Spool, StreamLimits, iter_chunks, iter_file_chunks, read_config, spool_payload
 from bgm.errors import ConcurrencyLimiter, InvalidInput
 from bgm.limits import MIX_RANGES, check_range
 from bgm.server import ModelServicer, Servicer
@@ -24,7 +23,7 @@ from bgm.threads import iterate_in_thread
 from bgm.v1 import common_pb2, mixer_pb2, mixer_pb2_grpc
 from services.mixer import activity, dsp, mux, separation
 from services.mixer.settings import MixerSettings
-from services.mixer.tracks import Music, Original, Speech, TrackSet
+from services.mixer.tracks import DURATION_SETTING, Music, Original, Speech, TrackSet
 
 RATE = dsp.SAMPLE_RATE
 log = logs.get("bgm.mixer")
@@ -47,6 +46,8 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
         # speech is still being separated, so sharing slots could starve its own Separate.
         self.limiter = ConcurrencyLimiter(server.max_concurrency, "the mixer's Separate")
         self.mix_limiter = ConcurrencyLimiter(server.max_concurrency, "the mixer's MixAndMux")
+        self.uploads = ConcurrencyLimiter(server.max_uploads, "the mixer's uploads")
+        self.stream = StreamLimits.of(server, vocab.MIXER.name)
         self.separators: dict[str, separation.Separator] = {}
         self.loading = asyncio.Lock()
 
@@ -75,19 +76,22 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
         self, request_iterator: AsyncIterator[mixer_pb2.SeparateRequest], context: aio.ServicerContext
     ) -> AsyncIterator[mixer_pb2.SeparateResponse]:
         self.require_ready()
-        with self.limiter:
-            started = time.monotonic()
-            config, rest = await read_config(request_iterator, "config", "audio")
+        self.limiter.check()
+        started = time.monotonic()
+        with self.uploads, Spool(self.server.max_input_bytes, "audio", self.server.tmp_dir) as spool:
+            config, rest = await read_config(request_iterator, "config", "audio", self.stream)
             audio.check_format(config.format, "config.format")
             stems = list(config.stems) or [mixer_pb2.STEM_SPEECH]
             if any(s not in (mixer_pb2.STEM_SPEECH, mixer_pb2.STEM_REST) for s in stems):
                 raise InvalidInput("Separate returns SPEECH and REST stems only")
             separator = await self.separator(config.backend)
-            with Spool(self.server.max_input_bytes, "audio", self.server.tmp_dir) as spool:
-                await spool_payload(rest, spool, "config", "audio")
-                if spool.size == 0:
-                    raise InvalidInput("no audio was sent after the config message")
-                mono = (await asyncio.to_thread(audio.load_audio, spool.finish(), config.format, RATE, 1))[:, 0]
+            audio.cap_spool(spool, config.format, self.server.max_duration_s, DURATION_SETTING)
+            await spool_payload(rest, spool, "config", "audio")
+            if spool.size == 0:
+                raise InvalidInput("no audio was sent after the config message")
+            mono = (await asyncio.to_thread(audio.load_audio, spool.finish(), config.format, RATE, 1,
+                                            self.server.max_duration_s, DURATION_SETTING))[:, 0]
+        with self.limiter:
             fmt = audio.audio_format(RATE, 1)
             yield mixer_pb2.SeparateResponse(header=mixer_pb2.StemsHeader(
                 format=fmt, stems=stems, total_samples=mono.shape[0], backend=separator.name))
@@ -117,21 +121,29 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
         self, request_iterator: AsyncIterator[mixer_pb2.MixRequest], context: aio.ServicerContext
     ) -> AsyncIterator[mixer_pb2.MixResponse]:
         self.require_ready()
-        with self.mix_limiter, tempfile.TemporaryDirectory(prefix="bgm-mix-", dir=self.server.tmp_dir or None) as tmp:
+        self.mix_limiter.check()
+        with scratch.workdir("mix", self.server.tmp_dir) as tmp:
             started = time.monotonic()
-            config, rest = await read_config(request_iterator, "config", "chunk")
-            levels = self.levels(config.options)
-            if any(s not in STEM_SOURCES for s in config.options.return_stems):
-                raise InvalidInput("return_stems takes SPEECH, BGM and MIX")
-            for name, fmt in (("speech_format", config.speech_format), ("bgm_format", config.bgm_format)):
-                if fmt.encoding != common_pb2.ENCODING_UNSPECIFIED:
-                    audio.check_format(fmt, name)
-            tracks = TrackSet(config, self.server.max_input_bytes, tmp)
+            with self.uploads:
+                config, rest = await read_config(request_iterator, "config", "chunk", self.stream)
+                levels = self.levels(config.options)
+                if any(s not in STEM_SOURCES for s in config.options.return_stems):
+                    raise InvalidInput("return_stems takes SPEECH, BGM and MIX")
+                for name, fmt in (("speech_format", config.speech_format), ("bgm_format", config.bgm_format)):
+                    if fmt.encoding != common_pb2.ENCODING_UNSPECIFIED:
+                        audio.check_format(fmt, name)
+                tracks = TrackSet(config, self.server.max_input_bytes, tmp, self.server.max_duration_s)
+                try:
+                    await tracks.receive(rest)
+                    original, speech, music = await tracks.ready()
+                except BaseException:
+                    tracks.close()
+                    raise
             try:
-                await tracks.receive(rest)
-                original, speech, music = await tracks.ready()
-                outcome, out_path, out = await asyncio.to_thread(
-                    self._mix, config, levels, tracks.original_path, original, speech, music, tracks.words, Path(tmp))
+                with self.mix_limiter:
+                    outcome, out_path, out = await asyncio.to_thread(
+                        self._mix, config, levels, tracks.original_path, original, speech, music, tracks.words,
+                        Path(tmp))
             finally:
                 tracks.close()
             yield mixer_pb2.MixResponse(progress=_progress(common_pb2.STAGE_MIX, 1.0, started, "mixed and muxed"))

@@ -16,13 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from bgm import audio, media
+from bgm import audio, limits, media, vocab
 from bgm.chunks import Spool
 from bgm.errors import InvalidInput
 from bgm.v1 import common_pb2, mixer_pb2
 from services.mixer import activity, dsp
 
 RATE = dsp.SAMPLE_RATE
+DURATION_SETTING = f"{vocab.MIXER.env_prefix}_MAX_DURATION_S"
 TRACK_NAMES: dict[int, str] = {
     mixer_pb2.TRACK_ORIGINAL: "original", mixer_pb2.TRACK_SPEECH: "speech", mixer_pb2.TRACK_BGM: "bgm"}
 
@@ -45,29 +46,36 @@ class Music:
     level_lufs: float
 
 
-def fit(spool: Spool, fmt: common_pb2.AudioFormat, n: int, what: str) -> np.ndarray:
+def fit(spool: Spool, fmt: common_pb2.AudioFormat, n: int, what: str, max_duration_s: float) -> np.ndarray:
     """A streamed track as (n, 2) at 48 kHz: silence if absent, cut or padded to n."""
     if spool.size == 0:
         return np.zeros((n, 2), dtype=np.float32)
     if fmt.encoding == common_pb2.ENCODING_UNSPECIFIED:
         raise InvalidInput(f"{what} audio was sent without {what}_format in the config")
-    frames = audio.load_audio(spool.finish(), fmt, RATE, 2)
+    # A track may run a little past the original (it is cut to it); never far past the limit.
+    frames = audio.load_audio(spool.finish(), fmt, RATE, 2, max_duration_s + 60.0, DURATION_SETTING)
     if frames.shape[0] >= n:
         return frames[:n]
     return np.pad(frames, ((0, n - frames.shape[0]), (0, 0)))
 
 
 class TrackSet:
-    def __init__(self, config: mixer_pb2.MixConfig, limit: int, tmp: str) -> None:
-        suffix = Path(config.original_name).suffix.lower()[:8] if config.original_name else ""
+    def __init__(self, config: mixer_pb2.MixConfig, limit: int, tmp: str, max_duration_s: float) -> None:
+        suffix = limits.file_suffix(config.original_name, "original_name")
         self.config = config
         self.limit = limit
+        self.max_duration_s = max_duration_s
         self.spools = {track: Spool(limit, name, tmp, suffix if name == "original" else "")
                        for track, name in TRACK_NAMES.items()}
         self.tasks: dict[int, asyncio.Task[Any]] = {}
+        # The proto lets tracks complete in any order; speech and music wait for the
+        # original's length through this, whenever it arrives.
+        self.original: asyncio.Future[Original] = asyncio.get_running_loop().create_future()
         self.words: list[tuple[float, float]] = []  # when words are said (seconds)
 
     def close(self) -> None:
+        if not self.original.done():
+            self.original.cancel()
         for task in self.tasks.values():
             if task.done():
                 if not task.cancelled():
@@ -116,28 +124,40 @@ class TrackSet:
         self.tasks[track] = asyncio.ensure_future(steps[track]())
 
     async def _original(self) -> Original:
+        try:
+            original = await self._probe_original()
+        except BaseException as exc:
+            if not self.original.done():
+                self.original.set_exception(exc)
+                self.original.exception()  # retrieved: raised through the task as well
+            raise
+        self.original.set_result(original)
+        return original
+
+    async def _probe_original(self) -> Original:
         spool = self.spools[mixer_pb2.TRACK_ORIGINAL]
         if spool.size == 0:
             raise InvalidInput("no ORIGINAL track was sent: the original media file is needed to mux into")
-        info = await asyncio.to_thread(media.probe, spool.path, "the original")
+        info = await asyncio.to_thread(media.probe, spool.path, "the original", self.max_duration_s, DURATION_SETTING)
         if info.duration_s <= 0:
             raise InvalidInput("the original has zero length")
         return Original(info, round(info.duration_s * RATE))
 
     async def _speech(self) -> Speech:
-        n = (await self.tasks[mixer_pb2.TRACK_ORIGINAL]).samples
+        n = (await asyncio.shield(self.original)).samples
 
         def work() -> Speech:
-            frames = fit(self.spools[mixer_pb2.TRACK_SPEECH], self.config.speech_format, n, "speech")
+            frames = fit(self.spools[mixer_pb2.TRACK_SPEECH], self.config.speech_format, n, "speech",
+                         self.max_duration_s)
             return Speech(frames, activity.speech_probability(frames.mean(axis=1)))
 
         return await asyncio.to_thread(work)
 
     async def _music(self) -> Music:
-        n = (await self.tasks[mixer_pb2.TRACK_ORIGINAL]).samples
+        n = (await asyncio.shield(self.original)).samples
 
         def work() -> Music:
-            frames = fit(self.spools[mixer_pb2.TRACK_BGM], self.config.bgm_format, n, "bgm")
+            frames = fit(self.spools[mixer_pb2.TRACK_BGM], self.config.bgm_format, n, "bgm", self.max_duration_s)
             return Music(frames, dsp.loudness(frames))
 
         return await asyncio.to_thread(work)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bgm import logs, vocab
+from bgm import logs, scratch, vocab
 from bgm.errors import Unsupported
 from services.music.styles import STYLES, Style
 
@@ -170,7 +169,7 @@ def render(pm: object, sample_rate: int, total_samples: int) -> np.ndarray:
 
     if shutil.which("fluidsynth") is None:
         raise Unsupported("FluidSynth is not installed (Debian: apt-get install fluidsynth)")
-    with tempfile.TemporaryDirectory(prefix="bgm-music-") as tmp:
+    with scratch.workdir("render") as tmp:
         midi, wav = Path(tmp) / "score.mid", Path(tmp) / "score.wav"
         pm.write(str(midi))  # type: ignore[attr-defined]
         cmd = ["fluidsynth", "-ni", "-q", "-g", "0.5", "-r", str(sample_rate), "-O", "float",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from grpc import aio
 
-from bgm import audio, limits, settings, vocab
+from bgm import audio, limits, media, settings, vocab
 from bgm.chunks import CHUNK_BYTES
 from bgm.errors import ConcurrencyLimiter, InvalidInput, Unsupported
 from bgm.limits import check_range
@@ -24,6 +24,7 @@ from services.music.settings import MusicSettings
 # Spans must meet exactly; this absorbs float noise from upstream arithmetic.
 TOLERANCE_S = 1e-6
 DEFAULT_RATE = 44_100
+MAX_RATE = vocab.SEPARATION_RATE
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
     def __init__(self, music: MusicSettings, server: ServerSettings) -> None:
         super().__init__()
         self.settings = music
+        self.server = server
         self.limiter = ConcurrencyLimiter(server.max_concurrency, "the music service")
         self.backends: dict[str, backends.MusicBackend] = {}
         self.default_backend = vocab.MUSIC_COMPOSER
@@ -89,9 +91,9 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
                 raise InvalidInput(f"span {i}: end {end:g} s is not after start {start:g} s")
             spans.append((name, expected_start, end))
             expected_start = end
-        if expected_start > self.settings.max_duration_s:
-            raise InvalidInput(
-                f"the timeline is {expected_start:g} s long; the limit is {self.settings.max_duration_s:g} s")
+        if expected_start > self.server.max_duration_s:
+            raise media.too_long(f"the timeline ({media.format_duration(expected_start)})",
+                                 self.server.max_duration_s, f"{vocab.MUSIC.env_prefix}_MAX_DURATION_S")
         return spans
 
     def output_format(self, request: music_pb2.GenerateRequest) -> common_pb2.AudioFormat:
@@ -106,6 +108,11 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
         if fmt.encoding == common_pb2.ENCODING_CONTAINER:
             raise InvalidInput("music is returned as raw PCM: use PCM_F32LE or PCM_S16LE")
         audio.check_format(fmt, "format")
+        if fmt.sample_rate_hz > MAX_RATE:
+            # Rendered at 48 kHz at most: a higher rate would only cost memory (its cost is
+            # duration x rate x channels).
+            raise InvalidInput(f"format.sample_rate_hz {fmt.sample_rate_hz} is above {MAX_RATE} Hz, "
+                               "the highest rate music is made at; ask for 48000 or less")
         if fmt.channels > 2:
             raise InvalidInput("music is mono or stereo: set format.channels to 1 or 2")
         return fmt

@@ -25,13 +25,10 @@ class MusicSettings:
     guidance: float = 7.0
     denoising_strength: float = 0.75
     clip_overlap_s: float = 0.5
-    # Longest timeline one request may ask for.
-    max_duration_s: float = 4 * 3600.0
 
     def __post_init__(self) -> None:
         check(self.backend in (vocab.AUTO, *vocab.MUSIC_BACKENDS), "BGM_MUSIC_BACKEND",
               f"{self.backend!r} is not {vocab.choices((vocab.AUTO, *vocab.MUSIC_BACKENDS))}")
-        check(self.max_duration_s > 0, "BGM_MUSIC_MAX_DURATION_S", "must be positive")
         check(1 <= self.steps <= 200, "BGM_MUSIC_STEPS", "must be 1..200")
         check(0 < self.denoising_strength <= 1, "BGM_MUSIC_DENOISING_STRENGTH", "must be in (0, 1]")
         check(0 <= self.clip_overlap_s <= 2, "BGM_MUSIC_CLIP_OVERLAP_S", "must be 0..2")

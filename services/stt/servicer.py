@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from grpc import aio
 
 from bgm import audio, settings, vocab
-from bgm.chunks import Spool, read_config, spool_payload
+from bgm.chunks import Spool, StreamLimits, read_config, spool_payload
 from bgm.errors import ConcurrencyLimiter, InvalidInput
 from bgm.limits import LANGUAGE_CODE
 from bgm.server import ModelServicer, Servicer
@@ -28,6 +28,8 @@ class SpeechToTextServicer(ModelServicer, stt_pb2_grpc.SpeechToTextServicer):
         self.stt = stt
         self.server = server
         self.limiter = ConcurrencyLimiter(server.max_concurrency, "the speech-to-text service")
+        self.uploads = ConcurrencyLimiter(server.max_uploads, "the speech-to-text service's uploads")
+        self.stream = StreamLimits.of(server, vocab.STT.name)
         self.backend: WhisperBackend | None = None
 
     def add_to_server(self, server: aio.Server) -> None:
@@ -58,16 +60,19 @@ class SpeechToTextServicer(ModelServicer, stt_pb2_grpc.SpeechToTextServicer):
     ) -> AsyncIterator[stt_pb2.TranscribeResponse]:
         self.require_ready()
         assert self.backend is not None
-        with self.limiter:
-            started = time.monotonic()
-            config, rest = await read_config(request_iterator, "config", "audio")
+        self.limiter.check()
+        started = time.monotonic()
+        setting = f"{vocab.STT.env_prefix}_MAX_DURATION_S"
+        with self.uploads, Spool(self.server.max_input_bytes, "audio", self.server.tmp_dir) as spool:
+            config, rest = await read_config(request_iterator, "config", "audio", self.stream)
             options = self.options(config)
-            with Spool(self.server.max_input_bytes, "audio", self.server.tmp_dir) as spool:
-                await spool_payload(rest, spool, "config", "audio")
-                if spool.size == 0:
-                    raise InvalidInput("no audio was sent after the config message")
-                samples = await asyncio.to_thread(
-                    audio.load_audio, spool.finish(), config.format, SAMPLE_RATE, 1)
+            audio.cap_spool(spool, config.format, self.server.max_duration_s, setting)
+            await spool_payload(rest, spool, "config", "audio")
+            if spool.size == 0:
+                raise InvalidInput("no audio was sent after the config message")
+            samples = await asyncio.to_thread(
+                audio.load_audio, spool.finish(), config.format, SAMPLE_RATE, 1, self.server.max_duration_s, setting)
+        with self.limiter:
             mono = samples[:, 0]
             backend = self.backend
             count = 0
