@@ -162,3 +162,24 @@ async def wait_for_serving(channel: aio.Channel, service: str = "", timeout: flo
             last = f"{exc.code().name}: {exc.details()}"
         await asyncio.sleep(0.1)
     raise TimeoutError(f"{service or 'server'} not SERVING after {timeout:g} s (last: {last})")
+
+
+async def unreachable(channels: dict[str, aio.Channel], services: dict[str, str],
+                      timeout: float = 2.0) -> dict[str, str]:
+    """Which of ``channels`` do not report their service (``services[name]``) SERVING, and why."""
+
+    async def check(name: str) -> tuple[str, str]:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channels[name]).Check(
+                health_pb2.HealthCheckRequest(service=services[name]), timeout=timeout)
+        except aio.AioRpcError as exc:
+            # The channel retries health checks itself, so a service that is away runs out
+            # the deadline rather than answering UNAVAILABLE.
+            lost = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            return name, "unreachable" if lost else exc.code().name
+        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+            return name, ""
+        return name, health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    results = await asyncio.gather(*(check(name) for name in channels))
+    return {name: why for name, why in results if why}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import time
 import uuid
@@ -20,7 +21,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 
-from bgm import logs
+from bgm import logs, processes
 
 log = logs.get("bgm.errors")
 
@@ -94,6 +95,9 @@ class ConcurrencyLimiter:
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, ServiceError):
         return exc.code, exc.message
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        log.error("disk full", exc_info=exc)
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "the server's disk is full; try again later or send a smaller file"
     rid = logs.request_id.get()
     log.error("unhandled error", exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); request id {rid}"
@@ -194,7 +198,8 @@ def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]
         token = logs.request_id.set(_request_id(context))
         started = time.monotonic()
         try:
-            response = await behavior(request, context)
+            with processes.owned_by_request():
+                response = await behavior(request, context)
             _log_ok(method, started)
             return response
         except (asyncio.CancelledError, aio.AbortError):
@@ -212,8 +217,9 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Ca
         token = logs.request_id.set(_request_id(context))
         started = time.monotonic()
         try:
-            async for response in behavior(request, context):
-                yield response
+            with processes.owned_by_request():
+                async for response in behavior(request, context):
+                    yield response
             _log_ok(method, started)
         except (asyncio.CancelledError, aio.AbortError):
             raise

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bgm import processes
 from bgm.errors import InvalidInput
 
 # Ordinary single-file containers only; nothing that refers to other files.
@@ -47,9 +48,10 @@ class MediaInfo:
     audio_codec: str
 
 
-def _short(stderr: bytes) -> str:
+def _short(stderr: bytes, path: str | Path, what: str) -> str:
+    """ffmpeg's last complaint, with the server's temp path replaced by what the file is."""
     lines = [ln for ln in stderr.decode(errors="replace").strip().splitlines() if ln.strip()]
-    return lines[-1][:300] if lines else "no detail"
+    return lines[-1].replace(str(path), what)[:300] if lines else "no detail"
 
 
 HEADER_TOLERANCE_S = 0.5
@@ -95,9 +97,9 @@ def measure_duration(path: str | Path, max_duration_s: float, what: str, setting
     cmd = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", *INPUT_GUARD, "-i", str(path),
            "-map", "0:v:0?", "-map", "0:a:0?", "-c", "copy", "-t", f"{max_duration_s + 1:.3f}",
            "-f", "null", "-", "-progress", "pipe:1", "-nostats"]
-    proc = subprocess.run(cmd, capture_output=True, timeout=600)
+    proc = processes.run(cmd, timeout=600)
     if proc.returncode != 0:
-        raise InvalidInput(f"{what} could not be read to its end ({_short(proc.stderr)})")
+        raise InvalidInput(f"{what} could not be read to its end ({_short(proc.stderr, path, what)})")
     times = [line.split("=", 1)[1] for line in proc.stdout.decode(errors="replace").splitlines()
              if line.startswith("out_time_us=")]
     measured = max((int(t) for t in times if t.strip().lstrip("-").isdigit()), default=0) / 1e6
@@ -111,9 +113,9 @@ def _probe_header(path: str | Path, what: str) -> MediaInfo:
         raise InvalidInput(f"{what} is empty (0 bytes)")
     cmd = ["ffprobe", "-hide_banner", "-loglevel", "error", *INPUT_GUARD,
            "-show_format", "-show_streams", "-of", "json", str(path)]
-    proc = subprocess.run(cmd, capture_output=True, timeout=60)
+    proc = processes.run(cmd, timeout=60)
     if proc.returncode != 0:
-        raise InvalidInput(f"{what} is not a media file we can read ({_short(proc.stderr)})")
+        raise InvalidInput(f"{what} is not a media file we can read ({_short(proc.stderr, path, what)})")
     info = json.loads(proc.stdout or b"{}")
     fmt = info.get("format", {})
     streams = info.get("streams", [])
@@ -149,7 +151,7 @@ def decode_audio(path: str | Path, sample_rate: int, channels: int, what: str = 
     data = bytearray()
     # stderr goes to a file: a corrupt stream can log more than a pipe holds, and nobody
     # would read the pipe while stdout is being drained.
-    with tempfile.TemporaryFile() as errors, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors) as proc:
+    with tempfile.TemporaryFile() as errors, processes.child(cmd, stdout=subprocess.PIPE, stderr=errors) as proc:
         assert proc.stdout is not None
         try:
             while piece := proc.stdout.read(1 << 20):
@@ -161,10 +163,11 @@ def decode_audio(path: str | Path, sample_rate: int, channels: int, what: str = 
         finally:
             if proc.poll() is None:
                 proc.kill()
+                proc.wait()
         errors.seek(0)
         stderr = errors.read(1 << 16)
     if returncode != 0:
-        raise InvalidInput(f"could not decode the audio of {what} ({_short(stderr)})")
+        raise InvalidInput(f"could not decode the audio of {what} ({_short(stderr, path, what)})")
     usable = len(data) - len(data) % frame_bytes
     if usable == 0:
         raise InvalidInput(f"{what} has no audio samples")

@@ -8,6 +8,7 @@ never logged.
 from __future__ import annotations
 
 import hmac
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,15 @@ OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerRefl
 
 class TokenInterceptor(aio.ServerInterceptor):
     def __init__(self, token: str) -> None:
-        self.expected = f"Bearer {token}".encode()
+        self.expected = token.encode()
 
     def _authorised(self, details: grpc.HandlerCallDetails) -> bool:
         for key, value in details.invocation_metadata or ():
             if key == "authorization":
                 given = value.encode() if isinstance(value, str) else bytes(value)
-                return hmac.compare_digest(given, self.expected)
+                # The scheme is case-insensitive (RFC 9110 section 11.1); the token is not.
+                scheme, _, token = given.strip().partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.expected)
         return False
 
     async def intercept_service(
@@ -70,6 +73,16 @@ def _read(path: str, what: str) -> bytes:
         raise SettingsError(f"{what}: cannot read {path}: {exc.strerror}") from None
 
 
+def _check_pair(cert: str, key: str) -> None:
+    """gRPC reports a key that does not match its certificate as "Failed to bind"; say what it is."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        reason = "the key does not belong to the certificate" if "MISMATCH" in str(exc) else str(exc)
+        raise SettingsError(f"TLS_CERT/TLS_KEY: {reason} ({cert}, {key})") from None
+
+
 def server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerCredentials | None:
     """TLS when cert and key are set; mutual TLS (clients must present a certificate signed
     by ``client_ca``) when that is set too."""
@@ -80,6 +93,7 @@ def server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerC
     if not (cert and key):
         raise SettingsError("set both TLS_CERT and TLS_KEY, or neither")
     pair = [(_read(key, "TLS_KEY"), _read(cert, "TLS_CERT"))]
+    _check_pair(cert, key)
     if client_ca:
         return grpc.ssl_server_credentials(pair, root_certificates=_read(client_ca, "TLS_CLIENT_CA"),
                                            require_client_auth=True)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -51,6 +52,9 @@ class ModelServicer:
 
     def __init__(self) -> None:
         self.ready = False
+        # Set by start_server: reports a change of readiness after the model has loaded
+        # (a gateway whose services went away is not ready, and is again when they return).
+        self.on_health: Callable[[bool], Awaitable[None]] | None = None
 
     def require_ready(self) -> None:
         if not self.ready:
@@ -133,6 +137,8 @@ async def start_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for servicer in servicers:
         servicer.add_to_server(server)
+        if isinstance(servicer, ModelServicer):
+            servicer.on_health = functools.partial(_report, health_servicer, servicer.service_name)
     names = [s.service_name for s in servicers]
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
 
@@ -156,6 +162,11 @@ async def start_server(
     return running
 
 
+async def _report(health_servicer: health.aio.HealthServicer, name: str, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    await health_servicer.set(name, status)
+
+
 async def _load(servicer: Servicer, running: RunningServer) -> None:
     name = servicer.service_name
     try:
@@ -171,23 +182,50 @@ async def _load(servicer: Servicer, running: RunningServer) -> None:
 
 
 def serve(service: str, make_servicers: Callable[[], Sequence[Servicer]]) -> None:
-    """Blocking entry point: run until SIGTERM/SIGINT, then stop gracefully."""
+    """Blocking entry point: run until SIGTERM/SIGINT, then stop gracefully.
+
+    A bad setting, a port that cannot be bound or a model that fails to load ends the
+    process with a one-line reason and a non-zero code, so that restart policies and
+    liveness probes act instead of a server that stays up and can never serve.
+    """
+    prefix = f"BGM_{service.upper()}"
     try:
         settings = server_settings(service)
         logs.configure(service, settings.log_level)
         servicers = make_servicers()
+        asyncio.run(_serve(settings, servicers))
     except SettingsError as exc:
-        raise SystemExit(f"bgm {service}: bad setting: {exc}") from None
-    asyncio.run(_serve(settings, servicers))
+        message = str(exc)
+        named = message if message.startswith("BGM_") else f"{prefix}_{message}"
+        raise SystemExit(f"bgm {service}: bad setting: {named}") from None
+    except StartupFailed as exc:
+        raise SystemExit(f"bgm {service}: {exc}") from None
+
+
+class StartupFailed(Exception):
+    """The server could not start or its model could not load."""
 
 
 async def _serve(settings: ServerSettings, servicers: Sequence[Servicer]) -> None:
-    running = await start_server(servicers, settings)
+    try:
+        running = await start_server(servicers, settings)
+    except RuntimeError as exc:
+        raise StartupFailed(str(exc)) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting down", extra={"fields": {"grace_s": settings.grace_s}})
-    await running.stop(settings.grace_s)
+    waiting = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(running.wait_ready())]
+    done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    failure = None
+    if waiting[1] in done and waiting[1].exception() is not None:
+        failure = waiting[1].exception()
+    elif waiting[1] in done:
+        await stop.wait()
+    for task in waiting:
+        task.cancel()
+    log.info("shutting down", extra={"fields": {"grace_s": 0 if failure else settings.grace_s}})
+    await running.stop(0 if failure else settings.grace_s)
+    if failure is not None:
+        raise StartupFailed(str(failure))

@@ -18,6 +18,7 @@ from bgm import vocab
 
 T = TypeVar("T")
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -129,6 +130,21 @@ class ServerSettings:
         check(self.upload_timeout_s > 0, "UPLOAD_TIMEOUT_S", "must be positive")
         check(self.max_uploads >= 1, "MAX_UPLOADS", "must be at least 1")
         check(self.grace_s >= 0, "GRACE_S", "must not be negative")
+        check(self.log_level.upper() in LOG_LEVELS, "LOG_LEVEL",
+              f"{self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+
+
+def check_address(var: str, target: str) -> None:
+    """A gRPC target a channel can use: ``host:port``, ``[v6]:port`` or ``scheme:///name:port``."""
+    rest = target.split(":///", 1)[1] if ":///" in target else target
+    host, sep, port = rest.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        valid_host = bool(host) and all(c in "0123456789abcdefABCDEF:." for c in host)
+    else:
+        valid_host = bool(host) and all(c.isalnum() or c in "-._" for c in host)
+    if not (sep and valid_host and port.isdigit() and 0 < int(port) <= 65535):
+        raise SettingsError(f"{var}={target!r} is not an address: use host:port (or dns:///name:port)")
 
 
 def server_settings(service: str, env: Mapping[str, str] | None = None) -> ServerSettings:

@@ -10,8 +10,8 @@ from grpc import aio
 
 from bgm import limits, logs, scratch, vocab
 from bgm.chunks import Spool, StreamLimits, read_config, spool_payload
-from bgm.client import RetryPolicy, make_channel, wait_for_serving
-from bgm.errors import ConcurrencyLimiter, InvalidInput
+from bgm.client import RetryPolicy, make_channel, unreachable
+from bgm.errors import ConcurrencyLimiter, InvalidInput, NotReady
 from bgm.security import channel_credentials
 from bgm.server import ModelServicer
 from bgm.settings import ServerSettings
@@ -23,6 +23,7 @@ from gateway.settings import GatewaySettings
 
 log = logs.get("bgm.gateway")
 SERVICES_BY_NAME = {service.name: service for service in vocab.SERVICES}
+WATCH_INTERVAL_S = 2.0
 
 
 class GatewayServicer(ModelServicer, gateway_pb2_grpc.GatewayServicer):
@@ -39,13 +40,16 @@ class GatewayServicer(ModelServicer, gateway_pb2_grpc.GatewayServicer):
         self.embedded: EmbeddedServices | None = None
         self.channels: dict[str, aio.Channel] = {}
         self.stubs: Stubs | None = None
+        self.watch: asyncio.Task[None] | None = None
+        self.down: dict[str, str] = {}
+        self.reachable = asyncio.Event()
 
     def add_to_server(self, server: aio.Server) -> None:
         gateway_pb2_grpc.add_GatewayServicer_to_server(self, server)
 
     async def load(self) -> None:
-        """Connect to the four services (starting them in-process in embedded mode) and wait
-        until each reports SERVING."""
+        """Connect to the four services (starting them in-process in embedded mode); ready
+        once each reports SERVING, however long that takes. A watch keeps checking them."""
         s = self.settings
         if s.embedded:
             self.embedded = await start_embedded()
@@ -58,13 +62,38 @@ class GatewayServicer(ModelServicer, gateway_pb2_grpc.GatewayServicer):
         self.channels = {name: make_channel(target, max_message_bytes=self.server.max_message_bytes,
                                             retry=self.retry, credentials=credentials, token=token)
                          for name, target in addresses.items()}
-        for name, channel in self.channels.items():
-            await wait_for_serving(channel, SERVICES_BY_NAME[name].grpc_name, timeout=900.0)
         self.stubs = Stubs.connect(self.channels)
+        self.watch = asyncio.create_task(self._watch())
+        await self.reachable.wait()
         self.ready = True
+
+    async def _watch(self) -> None:
+        """Check the services every WATCH_INTERVAL_S: the gateway is ready only while all
+        four are SERVING, and recovers by itself when one comes back."""
+        while True:
+            down = await unreachable(self.channels, {n: SERVICES_BY_NAME[n].grpc_name for n in self.channels})
+            if down != self.down:
+                level = log.warning if down else log.info
+                level("services " + ("unreachable" if down else "all reachable"), extra={"fields": {"down": down}})
+            self.down = down
+            if not down:
+                self.reachable.set()
+            if self.reachable.is_set() and self.ready != (not down):
+                self.ready = not down
+                if self.on_health is not None:
+                    await self.on_health(self.ready)
+            await asyncio.sleep(WATCH_INTERVAL_S)
+
+    def require_ready(self) -> None:
+        if not self.ready:
+            waiting = "; ".join(f"{name}: {why}" for name, why in self.down.items()) or "starting"
+            raise NotReady(f"the gateway cannot reach every service yet ({waiting}); try again shortly")
 
     async def close(self) -> None:
         self.ready = False
+        if self.watch is not None:
+            self.watch.cancel()
+            await asyncio.gather(self.watch, return_exceptions=True)
         for channel in self.channels.values():
             await channel.close()
         if self.embedded is not None:

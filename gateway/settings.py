@@ -2,7 +2,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bgm.settings import check
+from bgm import vocab
+from bgm.settings import check, check_address
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class GatewaySettings:
         addresses = [self.stt_address, self.emotion_address, self.music_address, self.mixer_address]
         check(all(addresses) or not any(addresses), "BGM_GATEWAY_*_ADDRESS",
               "set all four service addresses, or none (embedded mode)")
+        for service in vocab.BACKEND_SERVICES:
+            if address := getattr(self, f"{service.name}_address"):
+                check_address(f"{vocab.GATEWAY.env_prefix}_{service.name.upper()}_ADDRESS", address)
         check(self.max_upload_bytes > 0, "BGM_GATEWAY_MAX_UPLOAD_BYTES", "must be positive")
         check(self.stage_timeout_s > 0, "BGM_GATEWAY_STAGE_TIMEOUT_S", "must be positive")
         check(self.retry_attempts >= 1, "BGM_GATEWAY_RETRY_ATTEMPTS", "must be at least 1")

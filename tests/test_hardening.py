@@ -21,7 +21,7 @@ import pytest
 from bgm import media, scratch
 from bgm.audio import audio_format, float_to_pcm
 from bgm.chunks import iter_chunks
-from bgm.errors import Overloaded, read_retry_delay, retry_trailers
+from bgm.errors import InvalidInput, Overloaded, read_retry_delay, retry_trailers
 from bgm.settings import ServerSettings, SettingsError, server_settings
 from bgm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, mixer_pb2, mixer_pb2_grpc, music_pb2, stt_pb2
 from gateway.servicer import GatewayServicer
@@ -50,10 +50,10 @@ def audio_mkv(path: Path, seconds: float, claimed_s: float | None = None) -> Pat
 def test_a_header_that_understates_is_refused_at_the_limit_quickly(tmp_path):
     lying = audio_mkv(tmp_path / "long.mkv", 600, claimed_s=2)
     began = time.monotonic()
-    with pytest.raises(Exception) as info:
+    with pytest.raises(InvalidInput) as info:
         media.probe(lying, "the upload", 60.0, "BGM_GATEWAY_MAX_DURATION_S")
     assert "longer than the limit of 60 s (BGM_GATEWAY_MAX_DURATION_S)" in str(info.value)
-    with pytest.raises(Exception):
+    with pytest.raises(InvalidInput):
         media.decode_audio(lying, 48_000, 1, "the upload", 60.0)
     assert time.monotonic() - began < 5.0
 
@@ -375,3 +375,161 @@ def test_cli_writes_into_a_new_folder_and_leaves_no_partial_files(tmp_path):
     assert list(target.parent.iterdir()) == []
     paths.write_bytes(target, b"whole")
     assert target.read_bytes() == b"whole" and list(target.parent.iterdir()) == [target]
+
+
+# ----- a server that cannot serve ends; a gateway reports what it can reach ----------------
+def run_service(module: str, env: dict[str, str], timeout: float = 60
+                ) -> tuple[subprocess.CompletedProcess[str], float]:
+    began = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **env})
+    return proc, time.monotonic() - began
+
+
+def test_a_model_that_cannot_load_ends_the_process(tmp_path):
+    proc, took = run_service("services.emotion", {
+        "BGM_EMOTION_PORT": "0", "BGM_EMOTION_BACKEND": "transformers",
+        "BGM_EMOTION_MODEL": str(tmp_path / "no-such-model")})
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("bgm emotion: ") and "failed to load" in last, last
+    assert took < 30  # process start and imports included; the failure itself ends it at once
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"BGM_STT_LOG_LEVEL": "LOUD"}, "BGM_STT_LOG_LEVEL: 'LOUD' is not one of DEBUG"),
+    ({"BGM_STT_TLS_CERT": "/nonexistent.pem", "BGM_STT_TLS_KEY": "/nonexistent.key"},
+     "BGM_STT_TLS_KEY: cannot read /nonexistent.key"),
+])
+def test_bad_server_settings_end_with_one_line(env, message):
+    proc, _ = run_service("services.stt", {"BGM_STT_PORT": "0", **env})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert message in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("address", ["not a host:::", "host", "host:0", "host:99999", ":50051", "dns:///:1"])
+def test_service_addresses_that_are_not_addresses_are_refused(address):
+    from bgm import settings
+
+    env = {f"BGM_GATEWAY_{n}_ADDRESS": "localhost:1" for n in ("STT", "EMOTION", "MUSIC", "MIXER")}
+    env["BGM_GATEWAY_MUSIC_ADDRESS"] = address
+    with pytest.raises(SettingsError, match="BGM_GATEWAY_MUSIC_ADDRESS"):
+        settings.load(GatewaySettings, "BGM_GATEWAY", env)
+    env["BGM_GATEWAY_MUSIC_ADDRESS"] = "dns:///music.bgm.svc:50053"
+    settings.load(GatewaySettings, "BGM_GATEWAY", env)
+
+
+def test_the_gateway_is_not_serving_while_a_service_is_down_and_recovers(loop):
+    """Four stand-in services that only answer health checks: the gateway's readiness must
+    follow them down and back up by itself, and a call meanwhile names what is missing."""
+    import socket
+
+    from bgm import vocab
+    from bgm.server import ModelServicer
+    from tests.conftest import health_status
+
+    class Standin(ModelServicer):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.service_name = name
+
+        def add_to_server(self, server) -> None:
+            pass
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def services():
+        return start(loop, [Standin(s.grpc_name) for s in vocab.BACKEND_SERVICES], port=port)
+
+    def wait_for(ch, status: str, within: float) -> float:
+        began = time.monotonic()
+        while time.monotonic() - began < within:
+            if health_status(ch, "bgm.v1.Gateway") == status:
+                return time.monotonic() - began
+            time.sleep(0.2)
+        raise AssertionError(f"gateway not {status} after {within} s")
+
+    backends = services()
+    address = f"127.0.0.1:{port}"
+    gateway = GatewayServicer(GatewaySettings(stt_address=address, emotion_address=address,
+                                              music_address=address, mixer_address=address), ServerSettings())
+    running = start(loop, [gateway])
+    try:
+        ch = channel(running.address)
+        assert health_status(ch, "bgm.v1.Gateway") == "SERVING"
+        loop.run(backends.stop(0))
+        wait_for(ch, "NOT_SERVING", 10)
+        with pytest.raises(grpc.RpcError) as info:
+            list(gateway_pb2_grpc.GatewayStub(ch).Remix(iter(upload("x.mp4", b"x")), timeout=10))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "cannot reach every service" in info.value.details() and "stt: unreachable" in info.value.details()
+        assert health_status(ch, "") == "SERVING"  # alive, only not ready
+        backends = services()
+        wait_for(ch, "SERVING", 15)
+    finally:
+        loop.run(running.stop(0))
+        loop.run(backends.stop(0))
+
+
+# ----- cancelling stops the work ----------------------------------------------------------
+def child_processes(names: tuple[str, ...]) -> list[str]:
+    out = subprocess.run(["ps", "-o", "pid=,comm=", "--ppid", str(os.getpid())], capture_output=True, text=True)
+    return [line for line in out.stdout.splitlines() if line.split()[-1] in names]
+
+
+def test_a_request_that_ends_kills_its_child_processes(loop):
+    import asyncio
+
+    from bgm import processes
+
+    async def job() -> None:
+        with processes.owned_by_request():
+            await asyncio.to_thread(processes.run, ["sleep", "30"], 60)
+
+    async def cancel_midway() -> float:
+        task = asyncio.ensure_future(job())
+        await asyncio.sleep(0.5)
+        assert child_processes(("sleep",))
+        began = time.monotonic()
+        task.cancel()
+        while child_processes(("sleep",)):
+            await asyncio.sleep(0.05)
+        return time.monotonic() - began
+
+    assert loop.run(cancel_midway()) < 1.0
+
+
+def test_cancelling_a_remix_stops_the_music_renderer(gateway, tmp_path):
+    """The composer's FluidSynth run for 50 s of music takes seconds; a client that cancels
+    meanwhile must not leave it running."""
+    stub, running = gateway
+    clip = audio_mkv(tmp_path / "clip.mkv", 50)
+    call = stub.Remix(iter(upload("clip.mkv", clip.read_bytes())), timeout=120)
+    for event in call:
+        if event.WhichOneof("event") == "progress" and event.progress.stage == common_pb2.STAGE_GENERATE_MUSIC:
+            break
+    deadline = time.monotonic() + 10
+    while not child_processes(("fluidsynth",)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert child_processes(("fluidsynth",)), "the renderer never started"
+    call.cancel()
+    began = time.monotonic()
+    while child_processes(("fluidsynth", "ffmpeg")) and time.monotonic() - began < 5:
+        time.sleep(0.05)
+    assert not child_processes(("fluidsynth", "ffmpeg"))
+    assert time.monotonic() - began < 1.0
+    deadline = time.monotonic() + 10
+    while running.servicers[0].limiter.active and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert running.servicers[0].limiter.active == 0
+
+
+def test_a_full_disk_is_named_not_internal():
+    import errno
+
+    from bgm.errors import _status_for
+
+    code, message = _status_for(OSError(errno.ENOSPC, "No space left on device"))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "disk is full" in message

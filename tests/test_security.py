@@ -75,6 +75,10 @@ def test_a_token_is_required_except_for_health(loop, caplog):
             assert "bearer token" in info.value.details()
         reply = stub.Classify(REQUEST, metadata=[("authorization", f"Bearer {TOKEN}")], timeout=30)
         assert reply.spans
+        # The scheme is case-insensitive (RFC 9110), the token is not.
+        assert stub.Classify(REQUEST, metadata=[("authorization", f"bearer {TOKEN}")], timeout=30).spans
+        with pytest.raises(grpc.RpcError):
+            stub.Classify(REQUEST, metadata=[("authorization", f"Bearer {TOKEN.upper()}")], timeout=10)
         assert health_status(channel(running.address), "bgm.v1.EmotionClassifier") == "SERVING"
     finally:
         loop.run(running.stop(0))
@@ -159,3 +163,13 @@ def test_gateway_reaches_its_services_over_mutual_tls_with_a_token(loop, pki, tm
         loop.run(gateway.stop(0))
         loop.run(services.stop(0))
     assert TOKEN not in caplog.text
+
+
+def test_a_key_that_is_not_the_certificates_is_named_as_such(pki):
+    from bgm.security import server_credentials
+    from bgm.settings import SettingsError
+
+    cert, _ = pki["server"]
+    _, other_key = pki["client"]
+    with pytest.raises(SettingsError, match="the key does not belong to the certificate"):
+        server_credentials(str(cert), str(other_key))

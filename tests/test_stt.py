@@ -146,6 +146,13 @@ def test_translate_gives_english_text(stt_server, german):
     assert "good morning" in text and "coffee" in text and "sister" in text
 
 
+def test_the_same_audio_gives_the_same_translation(stt_server, german):
+    # Whisper's temperature fallback samples; its seed is fixed, so runs agree word for word.
+    texts = [" ".join(s.text for s in segments(transcribe(stt_server.address, german, task=stt_pb2.STT_TASK_TRANSLATE)))
+             for _ in range(2)]
+    assert texts[0] == texts[1]
+
+
 def _music_clip(tmp: Path) -> Path:
     import immich_memories_music
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import ffmpeg
 import numpy as np
 
-from bgm import media, vocab
+from bgm import media, processes, vocab
 from bgm.errors import InvalidInput
 
 # Output container and audio codec per input extension. WebM cannot hold AAC, so it gets Opus.
@@ -65,7 +64,9 @@ def mux(original: Path, info: media.MediaInfo, samples: np.ndarray, out: Output,
     cmd = ffmpeg.output(*streams, str(target), **kwargs).overwrite_output().compile()
     cmd = [cmd[0], "-hide_banner", "-loglevel", "error", *cmd[1:]]
     pcm = np.ascontiguousarray(samples, dtype="<f4").tobytes()
-    proc = subprocess.run(cmd, input=pcm, capture_output=True, timeout=3600)
+    proc = processes.run(cmd, timeout=3600, input=pcm)
     if proc.returncode != 0:
         detail = proc.stderr.decode(errors="replace").strip().splitlines()
-        raise InvalidInput(f"could not write the remixed file ({detail[-1][:300] if detail else 'ffmpeg failed'})")
+        last = detail[-1].replace(str(target), "the remixed file").replace(str(original), "the original")[:300] \
+            if detail else "ffmpeg failed"
+        raise InvalidInput(f"could not write the remixed file ({last})")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bgm import logs, scratch, vocab
+from bgm import logs, processes, scratch, vocab
 from bgm.errors import Unsupported
 from services.music.styles import STYLES, Style
 
@@ -175,7 +175,7 @@ def render(pm: object, sample_rate: int, total_samples: int) -> np.ndarray:
         cmd = ["fluidsynth", "-ni", "-q", "-g", "0.5", "-r", str(sample_rate), "-O", "float",
                "-o", "synth.reverb.active=1", "-o", "synth.chorus.active=0",
                "-F", str(wav), soundfont(), str(midi)]
-        proc = subprocess.run(cmd, capture_output=True, timeout=600, stdin=subprocess.DEVNULL)
+        proc = processes.run(cmd, timeout=600, stdin=subprocess.DEVNULL)
         if proc.returncode != 0 or not wav.is_file():
             raise RuntimeError(f"fluidsynth failed: {proc.stderr.decode(errors='replace')[-300:]}")
         audio, _ = soundfile.read(str(wav), dtype="float32", always_2d=True)

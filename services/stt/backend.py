@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import ctranslate2
 import numpy as np
 
 from bgm import logs, models, vocab
@@ -24,6 +25,7 @@ log = logs.get("bgm.stt")
 SAMPLE_RATE = vocab.STT_RATE
 # Shortest clip worth sending to the decoder; shorter input yields no segments.
 MIN_SAMPLES = SAMPLE_RATE // 10
+SAMPLING_SEED = 0
 
 
 def cuda_available() -> bool:
@@ -201,6 +203,9 @@ class WhisperBackend:
         if audio.shape[0] < MIN_SAMPLES:
             return
         model, options, detected = self.choose(audio, options)
+        # Whisper falls back to sampling at higher temperatures where greedy or beam output
+        # looks wrong; a fixed seed makes that reproducible (same audio, same transcript).
+        ctranslate2.set_random_seed(SAMPLING_SEED)
         segments, info = model.transcribe(  # type: ignore[attr-defined]
             audio,
             task=options.task,
