@@ -169,6 +169,9 @@ def write_extras(args: argparse.Namespace, outcome: Outcome, bars: ProgressBars)
     if args.srt:
         paths.write_bytes(Path(args.srt), outputs.srt(transcript).encode())
         bars.note(f"subtitles: {args.srt}")
+    if args.vtt:
+        paths.write_bytes(Path(args.vtt), outputs.vtt(transcript).encode())
+        bars.note(f"subtitles: {args.vtt}")
     if args.timeline:
         paths.write_bytes(Path(args.timeline), outputs.timeline_json(transcript, timeline).encode())
         bars.note(f"timeline: {args.timeline}")
@@ -266,7 +269,8 @@ def _check_input(path: str) -> None:
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """Every output path, checked before any work (exit 2 with the reason)."""
-    named = [("-o", args.output), ("--srt", args.srt), ("--timeline", args.timeline), ("--plot", args.plot)]
+    named = [("-o", args.output), ("--srt", args.srt), ("--vtt", args.vtt), ("--timeline", args.timeline),
+             ("--plot", args.plot)]
     files = [paths.Output(option, Path(value)) for option, value in named if value]
     stems = paths.Output("--stems", Path(args.stems)) if args.stems else None
     try:
@@ -327,7 +331,8 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--translate", action="store_true", help="translate non-English speech to English first")
         sp.add_argument("--language", help="spoken language (ISO 639-1); detected when omitted")
         sp.add_argument("--min-span", type=float, help="shortest emotion span in seconds (default 5)")
-        sp.add_argument("--srt", metavar="FILE", help="write subtitles")
+        sp.add_argument("--srt", metavar="FILE", help="write subtitles (SubRip)")
+        sp.add_argument("--vtt", metavar="FILE", help="write subtitles (WebVTT)")
         sp.add_argument("--timeline", metavar="FILE", help="write the emotion timeline and transcript as JSON")
         sp.add_argument("--plot", metavar="FILE", help="write a PNG of the emotion timeline over the waveform")
         sp.add_argument("--timeout", type=float, default=6 * 3600, help="overall deadline in seconds")

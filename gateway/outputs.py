@@ -8,6 +8,7 @@ from typing import IO
 
 from bgm import vocab
 from bgm.v1 import gateway_pb2
+from gateway import subtitles
 
 EMOTION_COLOURS = {
     vocab.JOY: "#f4c430", vocab.SADNESS: "#4a6fa5", vocab.DISGUST: "#6b8e23", vocab.ANGER: "#c0392b",
@@ -19,20 +20,14 @@ def emotion_name(value: int) -> str:
     return vocab.emotion_name(value) or "unspecified"
 
 
-def _srt_time(seconds: float) -> str:
-    ms = max(0, round(seconds * 1000))
-    h, rem = divmod(ms, 3_600_000)
-    m, rem = divmod(rem, 60_000)
-    s, ms = divmod(rem, 1000)
-    return f"{h:02d}:{m:02d}:{s:02d},{ms:03d}"
-
-
 def srt(transcript: gateway_pb2.Transcript) -> str:
-    blocks = []
-    for i, seg in enumerate(transcript.segments, start=1):
-        end = max(seg.end_s, seg.start_s + 0.01)
-        blocks.append(f"{i}\n{_srt_time(seg.start_s)} --> {_srt_time(end)}\n{seg.text.strip()}\n")
-    return "\n".join(blocks)
+    """SubRip subtitles, cut by the conventions in ``gateway.subtitles``."""
+    return subtitles.srt(subtitles.cues(transcript))
+
+
+def vtt(transcript: gateway_pb2.Transcript) -> str:
+    """WebVTT subtitles, the same cues as ``srt``."""
+    return subtitles.vtt(subtitles.cues(transcript))
 
 
 def timeline_json(transcript: gateway_pb2.Transcript, timeline: gateway_pb2.EmotionTimeline) -> str:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.emotion.labels import EMOTIONS, NEUTRAL
-from services.emotion.smoothing import LEAD_S, Scored, Span, smooth
+from services.emotion.smoothing import LEAD_S, Run, Scored, Span, _initial_runs, _merge_equal, smooth
 
 JOY, SADNESS, ANGER = EMOTIONS.index("joy"), EMOTIONS.index("sadness"), EMOTIONS.index("anger")
 
@@ -57,6 +57,89 @@ def check_invariants(spans: list[Span], duration: float, min_span: float) -> Non
         if len(spans) > 1:
             assert s.end_s - s.start_s >= min_span - 1e-9
         assert 0 <= s.emotion < len(EMOTIONS)
+
+
+# ----- the rules as the module docstring states them, pass after pass ----------------------
+# The service's version keeps a linked list and a heap so that each change costs log n; this
+# one redoes every pass over all runs after each absorption (quadratic), and is the
+# specification the fast one must match exactly.
+def _relabel_neutral(runs: list[Run], min_span_s: float) -> bool:
+    changed = False
+    for i, run in enumerate(runs):
+        if run.emotion != NEUTRAL or len(runs) == 1 or run.duration >= 2 * min_span_s:
+            continue
+        left = runs[i - 1].emotion if i > 0 else None
+        right = runs[i + 1].emotion if i + 1 < len(runs) else None
+        if left is None or right is None or left == right:
+            run.emotion = right if left is None else left
+            changed = True
+    return changed
+
+
+def _absorb_shortest(runs: list[Run], min_span_s: float) -> bool:
+    if len(runs) < 2:
+        return False
+    i = min(range(len(runs)), key=lambda k: (runs[k].duration, k))
+    short = runs[i]
+    if short.duration >= min_span_s:
+        return False
+    left = runs[i - 1] if i > 0 else None
+    right = runs[i + 1] if i + 1 < len(runs) else None
+    if left is not None and right is not None and left.emotion == right.emotion:
+        left.absorb(short)
+        left.absorb(right)
+        left.emotion = int(np.argmax(left.mass))
+        del runs[i : i + 2]
+        return True
+    if left is None or right is None:
+        target = left or right
+    else:
+        mean = short.mean
+        left_sim, right_sim = float(mean @ left.mean), float(mean @ right.mean)
+        target = left if (left_sim, left.duration) >= (right_sim, right.duration) else right
+    target.absorb(short)
+    target.emotion = int(np.argmax(target.mass))
+    runs.remove(short)
+    return True
+
+
+def smooth_by_passes(items, duration: float, min_span_s: float) -> list[Span]:
+    if not items:
+        return [Span(0.0, duration, NEUTRAL, 1.0)]
+    runs = _merge_equal(_initial_runs(items, duration))
+    while True:
+        changed = _relabel_neutral(runs, min_span_s)
+        runs = _merge_equal(runs)
+        if _absorb_shortest(runs, min_span_s):
+            changed = True
+            runs = _merge_equal(runs)
+        if not changed:
+            break
+    runs[0].start_s, runs[-1].end_s = 0.0, duration
+    return [Span(r.start_s, r.end_s, r.emotion, float(r.mean[r.emotion])) for r in runs]
+
+
+@settings(max_examples=400, deadline=None)
+@given(timelines())
+def test_the_fast_smoothing_gives_exactly_what_the_rules_say(case):
+    items, duration, min_span = case
+    fast, spec = smooth(items, duration, min_span), smooth_by_passes(items, duration, min_span)
+    assert [(s.start_s, s.end_s, s.emotion) for s in fast] == [(s.start_s, s.end_s, s.emotion) for s in spec]
+    assert [s.confidence for s in fast] == pytest.approx([s.confidence for s in spec])
+
+
+def test_smoothing_an_hour_of_sentences_matches_the_rules():
+    rng = np.random.default_rng(3)
+    items, t = [], 0.0
+    for _ in range(1500):  # about an hour of talk, with emotions that flicker
+        length = float(rng.uniform(0.5, 4))
+        emotion = int(rng.choice(len(EMOTIONS), p=[0.15, 0.1, 0.05, 0.1, 0.05, 0.05, 0.5]))
+        p = rng.dirichlet(np.ones(len(EMOTIONS)))
+        p[emotion] += 1
+        items.append(Scored(t, t + length, emotion, p / p.sum(), weight=length))
+        t += length + float(rng.uniform(0, 2))
+    fast, spec = smooth(items, t, 5.0), smooth_by_passes(items, t, 5.0)
+    assert [(s.start_s, s.end_s, s.emotion) for s in fast] == [(s.start_s, s.end_s, s.emotion) for s in spec]
 
 
 @settings(max_examples=400, deadline=None)
