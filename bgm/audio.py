@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -118,11 +117,3 @@ def resample(frames: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
 
     g = gcd(rate_in, rate_out)
     return resample_poly(frames, rate_out // g, rate_in // g, axis=0).astype(np.float32)
-
-
-def to_wav_bytes(frames: np.ndarray, sample_rate: int) -> bytes:
-    import soundfile
-
-    buf = io.BytesIO()
-    soundfile.write(buf, np.asarray(frames, dtype=np.float32), sample_rate, format="WAV", subtype="PCM_16")
-    return buf.getvalue()

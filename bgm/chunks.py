@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import Any, BinaryIO
 
 from bgm import scratch
 from bgm.errors import IdleStream, InvalidInput
@@ -79,14 +79,6 @@ class Spool:
         if not self._file.closed:
             self._file.close()
         return self.path
-
-    def read_bytes(self) -> bytes:
-        self.finish()
-        return self.path.read_bytes()
-
-    def open(self) -> IO[bytes]:
-        self.finish()
-        return open(self.path, "rb")
 
     def close(self) -> None:
         if not self._file.closed:

@@ -8,7 +8,6 @@ ffmpeg open another file or the network: such formats are refused before they ar
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass, replace
@@ -28,12 +27,6 @@ SAFE_DEMUXERS = (
 )
 DEMUXER_WHITELIST = ",".join(SAFE_DEMUXERS)
 INPUT_GUARD = ["-protocol_whitelist", "file,pipe", "-format_whitelist", DEMUXER_WHITELIST]
-
-
-def require_ffmpeg() -> None:
-    for tool in ("ffmpeg", "ffprobe"):
-        if shutil.which(tool) is None:
-            raise RuntimeError(f"{tool} is not installed (Debian: apt-get install ffmpeg)")
 
 
 @dataclass(frozen=True)

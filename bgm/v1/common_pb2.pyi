@@ -84,7 +84,6 @@ class _StageEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Stage.ValueType
     STAGE_CLASSIFY: _Stage.ValueType  # 5
     STAGE_GENERATE_MUSIC: _Stage.ValueType  # 6
     STAGE_MIX: _Stage.ValueType  # 7
-    STAGE_DOWNLOAD: _Stage.ValueType  # 8
 
 class Stage(_Stage, metaclass=_StageEnumTypeWrapper):
     """The pipeline stages, used in progress events and to name where an error arose."""
@@ -97,7 +96,6 @@ STAGE_TRANSCRIBE: Stage.ValueType  # 4
 STAGE_CLASSIFY: Stage.ValueType  # 5
 STAGE_GENERATE_MUSIC: Stage.ValueType  # 6
 STAGE_MIX: Stage.ValueType  # 7
-STAGE_DOWNLOAD: Stage.ValueType  # 8
 Global___Stage: _TypeAlias = Stage  # noqa: Y015
 
 @_typing.final
@@ -205,31 +203,3 @@ class Progress(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Progress: _TypeAlias = Progress  # noqa: Y015
-
-@_typing.final
-class Problem(_message.Message):
-    """A failure reported inside a stream (the RPC status carries the same code and message)."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    STAGE_FIELD_NUMBER: _builtins.int
-    CODE_FIELD_NUMBER: _builtins.int
-    MESSAGE_FIELD_NUMBER: _builtins.int
-    stage: Global___Stage.ValueType
-    code: _builtins.int
-    """A google.rpc.Code value, e.g. 3 for INVALID_ARGUMENT."""
-    message: _builtins.str
-    def __init__(
-        self,
-        *,
-        stage: Global___Stage.ValueType = ...,
-        code: _builtins.int = ...,
-        message: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "stage", b"stage"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Problem: _TypeAlias = Problem  # noqa: Y015
