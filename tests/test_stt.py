@@ -264,3 +264,23 @@ def test_requests_over_the_concurrency_limit_get_resource_exhausted(loop):
         release.set()
         servicer.backend = model
         loop.run(running.stop(0))
+
+
+def test_lines_said_over_and_over_are_decoded_once(tmp_path):
+    """Repeated speech compresses like a hallucinated loop; it must not send every window
+    through Whisper's temperature fallback (six decodings each)."""
+    import threading
+
+    from services.stt.backend import Options, WhisperBackend
+    from services.stt.settings import SttSettings
+    from tests.media_files import decode
+
+    lines = [speak(text, tmp_path / f"line{i}.wav") for i, text in enumerate((
+        "I am so happy today, we won the big game.", "This is terrible news, I cannot believe it.",
+        "Please stay calm, everything will be fine."))]
+    once = np.concatenate([decode(p, 16_000)[:, 0] for p in lines])
+    backend = WhisperBackend(SttSettings(detect_language=False), 1)
+    options = Options("transcribe", "en", True, True, 5)
+    found = [s for s in backend.transcribe(np.tile(once, 8), options, threading.Event()) if hasattr(s, "words")]
+    assert len(" ".join(s.text for s in found).split()) >= 8 * 20  # every repetition is there
+    assert [s.temperature for s in found] == [0.0] * len(found)
