@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -26,7 +26,7 @@ import numpy as np
 from grpc import aio
 
 from bgm import audio, logs, media, vocab
-from bgm.chunks import CHUNK_BYTES, iter_chunks, iter_file_chunks
+from bgm.chunks import CHUNK_BYTES, iter_chunks
 from bgm.client import RetryPolicy, call_with_retry
 from bgm.errors import InvalidInput, ServiceError
 from bgm.v1 import (
@@ -41,8 +41,8 @@ from bgm.v1 import (
     stt_pb2,
     stt_pb2_grpc,
 )
-from gateway import sentences
-from gateway.feed import Feed, first_failure, merge
+from gateway import mixing, sentences
+from gateway.feed import Feed, first_failure
 
 log = logs.get("bgm.gateway")
 T = TypeVar("T")
@@ -241,79 +241,21 @@ class Remix:
 
         return await self.stage(common_pb2.STAGE_GENERATE_MUSIC, attempt)
 
-    async def mix(self, speech_samples: int, speech: Feed, speech_format: asyncio.Future[common_pb2.AudioFormat],
-                  music: asyncio.Future[tuple[bytes, common_pb2.AudioFormat]],
-                  spoken: asyncio.Future[list[common_pb2.TimeSpan]]) -> None:
-        """MixAndMux, opened at once: the original goes first, then the speech as it is
-        separated, the words' times once transcribed, and the music once it is composed, each
-        track marked when complete so the mixer prepares it while the others are still coming."""
-        bgm_format = audio.audio_format(SEPARATION_RATE, 2)
-
-        def track(kind: int, source: Iterable[bytes]) -> Iterator[mixer_pb2.MixRequest]:
-            for piece in source:
-                yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=kind, data=piece))  # type: ignore[arg-type]
-            yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=kind, last=True))  # type: ignore[arg-type]
-
-        async def speech_track() -> AsyncIterator[mixer_pb2.MixRequest]:
-            total = speech_samples * audio.bytes_per_frame(speech_format.result()) if speech_samples else 0
-            sent = 0
-            async for piece in speech.read():
-                for sub in iter_chunks(piece):
-                    yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=mixer_pb2.TRACK_SPEECH, data=sub))
-                sent += len(piece)
-                # The mix's own progress: up to 90 % while the speech streams in.
-                await self.progress(common_pb2.STAGE_MIX, 0.9 * min(1.0, sent / max(1, total)),
-                                    "taking the speech as it is separated")
-            yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=mixer_pb2.TRACK_SPEECH, last=True))
-
-        async def music_track() -> AsyncIterator[mixer_pb2.MixRequest]:
-            # shield: a cancelled attempt must not cancel the shared results a retry needs.
-            words = await asyncio.shield(spoken)
-            if words:  # speech the mixer's voice-activity detector may miss still ducks the music
-                yield mixer_pb2.MixRequest(speech_spans=mixer_pb2.SpeechSpans(spans=words))
-            pcm, fmt = await asyncio.shield(music)
-            if fmt != bgm_format:  # another music service may answer in its own format
-                pcm = await asyncio.to_thread(audio.convert_pcm, pcm, fmt, SEPARATION_RATE, 2)
-            for request in track(mixer_pb2.TRACK_BGM, iter_chunks(pcm)):
-                yield request
-
-        async def requests() -> AsyncIterator[mixer_pb2.MixRequest]:
-            config = mixer_pb2.MixConfig(options=self.options.mix, original_name=self.options.filename or "upload.mp4",
-                                         bgm_format=bgm_format)
-            if speech_samples:
-                config.speech_format.CopyFrom(await asyncio.shield(speech_format))
-            yield mixer_pb2.MixRequest(config=config)
-            for request in track(mixer_pb2.TRACK_ORIGINAL, iter_file_chunks(self.video)):
-                yield request
-            async for request in merge(speech_track(), music_track()):
-                yield request
-            await self.progress(common_pb2.STAGE_MIX, 0.9, "mixing, measuring loudness and encoding")
-
+    async def mix(self, inputs: mixing.MixInputs) -> None:
+        """MixAndMux, opened at once (``gateway.mixing`` builds the stream and collects the
+        answer); the finished video is handed on to the client."""
         output = self.work / "remixed.bin"
 
+        async def progress(fraction: float, message: str) -> None:
+            await self.progress(common_pb2.STAGE_MIX, fraction, message)
+
         async def attempt() -> list[gateway_pb2.RemixResponse]:
-            held: list[gateway_pb2.RemixResponse] = []
-            with open(output, "wb") as f:
-                async for event in self.stubs.mixer.MixAndMux(requests(), timeout=self.timeout_s):
-                    kind = event.WhichOneof("event")
-                    if kind == "result":
-                        held.append(gateway_pb2.RemixResponse(result=event.result))
-                    elif kind == "media":
-                        f.write(event.media)
-                    elif kind == "stem":
-                        held.append(gateway_pb2.RemixResponse(stem=event.stem))
-            return held
+            call = self.stubs.mixer.MixAndMux(mixing.requests(inputs, progress), timeout=self.timeout_s)
+            return await mixing.collect(call, output)
 
         held = await self.stage(common_pb2.STAGE_MIX, attempt)
-        # Only a finished mix is sent on, so a retried attempt never sends half a file twice.
-        results = [m for m in held if m.WhichOneof("event") == "result"]
-        for message in results:
+        for message in mixing.handed_on(held, output):
             await self.emit(message)
-        for piece in iter_file_chunks(output):
-            await self.emit(gateway_pb2.RemixResponse(video=piece))
-        for message in held:
-            if message.WhichOneof("event") == "stem":
-                await self.emit(message)
 
     # ----- the whole job -----------------------------------------------------------
     async def analyse(self, samples: np.ndarray | None, duration: float,
@@ -342,8 +284,9 @@ class Remix:
         # Three strands at once: separation feeding the mix as it goes, the mix itself, and
         # transcription -> emotions -> music, whose result the mix picks up when it is ready.
         strands = [asyncio.ensure_future(self.separate(samples, speech, speech_format)),
-                   asyncio.ensure_future(self.mix(0 if samples is None else samples.shape[0], speech, speech_format,
-                                                  music, spoken)),
+                   asyncio.ensure_future(self.mix(mixing.MixInputs(
+                       self.video, self.options, speech, speech_format, 0 if samples is None else samples.shape[0],
+                       music, spoken))),
                    asyncio.ensure_future(analyse_and_compose())]
         try:
             await first_failure(strands)

@@ -1,0 +1,113 @@
+"""The MixAndMux call of a remix, as named steps: what goes in (the original, then the
+speech as it is separated, the words' times and the music once they exist, each track marked
+when complete) and what comes back (the remixed file, its result and any stems).
+
+Each step is a module function over plain inputs, so each can be tested on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from bgm import audio, vocab
+from bgm.chunks import iter_chunks, iter_file_chunks
+from bgm.v1 import common_pb2, gateway_pb2, mixer_pb2
+from gateway.feed import Feed, merge
+
+BGM_FORMAT = audio.audio_format(vocab.SEPARATION_RATE, 2)
+Music = tuple[bytes, common_pb2.AudioFormat]
+Progress = Callable[[float, str], Awaitable[None]]
+
+
+@dataclass
+class MixInputs:
+    """What the mix waits on; the futures are shared with the stages that fill them."""
+
+    video: Path
+    options: gateway_pb2.RemixOptions
+    speech: Feed
+    speech_format: asyncio.Future[common_pb2.AudioFormat]
+    speech_samples: int  # 0 when the upload has no audio
+    music: asyncio.Future[Music]
+    spoken: asyncio.Future[list[common_pb2.TimeSpan]]
+
+
+def track(kind: int, pieces: Iterable[bytes]) -> Iterator[mixer_pb2.MixRequest]:
+    """One track's chunks, then its ``last`` marker."""
+    for piece in pieces:
+        yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=kind, data=piece))  # type: ignore[arg-type]
+    yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=kind, last=True))  # type: ignore[arg-type]
+
+
+async def speech_track(speech: Feed, total_bytes: int, progress: Progress) -> AsyncIterator[mixer_pb2.MixRequest]:
+    """The speech as the separator hands it over; the mix's progress runs to 90 % meanwhile."""
+    sent = 0
+    async for piece in speech.read():
+        for sub in iter_chunks(piece):
+            yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=mixer_pb2.TRACK_SPEECH, data=sub))
+        sent += len(piece)
+        await progress(0.9 * min(1.0, sent / max(1, total_bytes)), "taking the speech as it is separated")
+    yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=mixer_pb2.TRACK_SPEECH, last=True))
+
+
+async def music_track(spoken: asyncio.Future[list[common_pb2.TimeSpan]],
+                      music: asyncio.Future[Music]) -> AsyncIterator[mixer_pb2.MixRequest]:
+    """The words' times (speech the mixer's voice-activity detector may miss still ducks the
+    music), then the music in the mix's format."""
+    # shield: a cancelled attempt must not cancel the shared results a retry needs.
+    words = await asyncio.shield(spoken)
+    if words:
+        yield mixer_pb2.MixRequest(speech_spans=mixer_pb2.SpeechSpans(spans=words))
+    pcm, fmt = await asyncio.shield(music)
+    if fmt != BGM_FORMAT:  # another music service may answer in its own format
+        pcm = await asyncio.to_thread(audio.convert_pcm, pcm, fmt, vocab.SEPARATION_RATE, 2)
+    for request in track(mixer_pb2.TRACK_BGM, iter_chunks(pcm)):
+        yield request
+
+
+def config(options: gateway_pb2.RemixOptions, speech_format: common_pb2.AudioFormat | None) -> mixer_pb2.MixConfig:
+    made = mixer_pb2.MixConfig(options=options.mix, original_name=options.filename or "upload.mp4",
+                               bgm_format=BGM_FORMAT)
+    if speech_format is not None:
+        made.speech_format.CopyFrom(speech_format)
+    return made
+
+
+async def requests(inputs: MixInputs, progress: Progress) -> AsyncIterator[mixer_pb2.MixRequest]:
+    """The whole request stream: config, the original, then speech and music as they come."""
+    speech_format = await asyncio.shield(inputs.speech_format) if inputs.speech_samples else None
+    yield mixer_pb2.MixRequest(config=config(inputs.options, speech_format))
+    for request in track(mixer_pb2.TRACK_ORIGINAL, iter_file_chunks(inputs.video)):
+        yield request
+    total = inputs.speech_samples * audio.bytes_per_frame(speech_format) if speech_format is not None else 0
+    async for request in merge(speech_track(inputs.speech, total, progress),
+                               music_track(inputs.spoken, inputs.music)):
+        yield request
+    await progress(0.9, "mixing, measuring loudness and encoding")
+
+
+async def collect(responses: AsyncIterator[mixer_pb2.MixResponse], output: Path) -> list[gateway_pb2.RemixResponse]:
+    """The remixed file into ``output``; its result and stems held back, to be sent on only
+    once the mix has finished (a retried attempt then never sends half a file twice)."""
+    held: list[gateway_pb2.RemixResponse] = []
+    with open(output, "wb") as f:
+        async for event in responses:
+            kind = event.WhichOneof("event")
+            if kind == "result":
+                held.append(gateway_pb2.RemixResponse(result=event.result))
+            elif kind == "media":
+                f.write(event.media)
+            elif kind == "stem":
+                held.append(gateway_pb2.RemixResponse(stem=event.stem))
+    return held
+
+
+def handed_on(held: list[gateway_pb2.RemixResponse], output: Path) -> Iterator[gateway_pb2.RemixResponse]:
+    """What the client gets from a finished mix: the result, the video, then the stems."""
+    yield from (m for m in held if m.WhichOneof("event") == "result")
+    for piece in iter_file_chunks(output):
+        yield gateway_pb2.RemixResponse(video=piece)
+    yield from (m for m in held if m.WhichOneof("event") == "stem")

@@ -1,0 +1,111 @@
+"""The MixAndMux stream of a remix, step by step (gateway/mixing.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+
+from bgm import audio
+from bgm.v1 import common_pb2, gateway_pb2, mixer_pb2
+from gateway import mixing
+from gateway.feed import Feed
+
+
+def kinds(requests: list[mixer_pb2.MixRequest]) -> list[str]:
+    out = []
+    for r in requests:
+        if r.WhichOneof("payload") == "chunk":
+            name = mixer_pb2.Track.Name(r.chunk.track).removeprefix("TRACK_").lower()
+            out.append(f"{name}{' last' if r.chunk.last else ''}")
+        else:
+            out.append(r.WhichOneof("payload"))
+    return out
+
+
+async def collected(source) -> list:
+    return [item async for item in source]
+
+
+def test_a_track_ends_with_its_last_marker():
+    assert kinds(list(mixing.track(mixer_pb2.TRACK_BGM, [b"a", b"b"]))) == ["bgm", "bgm", "bgm last"]
+    assert kinds(list(mixing.track(mixer_pb2.TRACK_BGM, []))) == ["bgm last"]
+
+
+def test_speech_streams_as_it_is_separated_with_progress(loop):
+    seen: list[float] = []
+
+    async def progress(fraction: float, message: str) -> None:
+        seen.append(fraction)
+
+    async def go() -> list[mixer_pb2.MixRequest]:
+        feed = Feed()
+        await feed.write_at(0, b"x" * 100)
+        await feed.write_at(100, b"y" * 100)
+        await feed.close()
+        return await collected(mixing.speech_track(feed, 200, progress))
+
+    requests = loop.run(go())
+    assert kinds(requests) == ["speech", "speech", "speech last"]
+    assert b"".join(r.chunk.data for r in requests) == b"x" * 100 + b"y" * 100
+    assert seen == [0.45, 0.9]
+
+
+def test_music_comes_after_the_words_and_in_the_mix_format(loop):
+    async def go(fmt: common_pb2.AudioFormat, pcm: bytes) -> list[mixer_pb2.MixRequest]:
+        spoken, music = asyncio.get_running_loop().create_future(), asyncio.get_running_loop().create_future()
+        spoken.set_result([common_pb2.TimeSpan(start_s=1, end_s=2)])
+        music.set_result((pcm, fmt))
+        return await collected(mixing.music_track(spoken, music))
+
+    stereo = audio.float_to_pcm(np.zeros((48_000, 2), dtype=np.float32))
+    requests = loop.run(go(mixing.BGM_FORMAT, stereo))
+    assert kinds(requests)[0] == "speech_spans" and kinds(requests)[-1] == "bgm last"
+    assert b"".join(r.chunk.data for r in requests[1:]) == stereo
+    # Music in another format is converted: one second of 24 kHz mono is one second at 48 kHz stereo.
+    mono = audio.float_to_pcm(np.zeros((24_000, 1), dtype=np.float32), audio.PCM_S16LE)
+    converted = loop.run(go(audio.audio_format(24_000, 1, audio.PCM_S16LE), mono))
+    assert len(b"".join(r.chunk.data for r in converted[1:])) == 48_000 * 2 * 4
+
+
+def test_the_stream_opens_with_config_and_the_whole_original(loop, tmp_path: Path):
+    video = tmp_path / "in.mp4"
+    video.write_bytes(b"v" * 1000)
+
+    async def go() -> list[mixer_pb2.MixRequest]:
+        running = asyncio.get_running_loop()
+        speech, speech_format = Feed(), running.create_future()
+        speech_format.set_result(audio.audio_format(48_000, 1))
+        await speech.write_at(0, b"s" * 8)
+        await speech.close()
+        spoken, music = running.create_future(), running.create_future()
+        spoken.set_result([])
+        music.set_result((b"m" * 16, mixing.BGM_FORMAT))
+        inputs = mixing.MixInputs(video, gateway_pb2.RemixOptions(filename="in.mp4"), speech, speech_format, 2,
+                                  music, spoken)
+
+        async def progress(fraction: float, message: str) -> None:
+            pass
+
+        return await collected(mixing.requests(inputs, progress))
+
+    requests = loop.run(go())
+    order = kinds(requests)
+    assert order[:3] == ["config", "original", "original last"]
+    assert sorted(order[3:]) == sorted(["speech", "speech last", "bgm", "bgm last"])
+    assert requests[0].config.original_name == "in.mp4" and requests[0].config.speech_format.sample_rate_hz == 48_000
+
+
+def test_a_finished_mix_is_handed_on_result_video_then_stems(loop, tmp_path: Path):
+    async def answers():
+        yield mixer_pb2.MixResponse(stem=mixer_pb2.StemChunk(stem=mixer_pb2.STEM_BGM, data=b"st"))
+        yield mixer_pb2.MixResponse(media=b"ab")
+        yield mixer_pb2.MixResponse(result=mixer_pb2.MixResult(duration_s=3))
+        yield mixer_pb2.MixResponse(media=b"cd")
+
+    output = tmp_path / "out.bin"
+    held = loop.run(mixing.collect(answers(), output))
+    assert output.read_bytes() == b"abcd"
+    sent = [m.WhichOneof("event") for m in mixing.handed_on(held, output)]
+    assert sent == ["result", "video", "stem"]
