@@ -123,6 +123,7 @@ def main() -> None:
     from bgm.settings import ServerSettings
     from gateway.servicer import GatewayServicer
     from gateway.settings import GatewaySettings
+    from services.embedded import EmbeddedServices
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--clients", type=int, nargs="+", default=[4, 16])
@@ -134,7 +135,7 @@ def main() -> None:
     threading.Thread(target=loop.run_forever, daemon=True).start()
     settings = ServerSettings()
     running = asyncio.run_coroutine_threadsafe(
-        start_server([GatewayServicer(GatewaySettings(), settings)], settings), loop).result()
+        start_server([GatewayServicer(GatewaySettings(), settings, EmbeddedServices())], settings), loop).result()
     asyncio.run_coroutine_threadsafe(running.wait_ready(900), loop).result()
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.clients:

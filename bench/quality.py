@@ -44,6 +44,7 @@ from bgm.settings import ServerSettings
 from bgm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, mixer_pb2
 from gateway.servicer import GatewayServicer
 from gateway.settings import GatewaySettings
+from services.embedded import EmbeddedServices
 from services.mixer import dsp
 
 RATE = realworld.RATE
@@ -190,7 +191,7 @@ async def main_async(args: argparse.Namespace) -> list[Row]:
     if not realworld.available():
         raise SystemExit(f"no real-world material at {realworld.ROOT} (set BGM_REALWORLD)")
     settings = ServerSettings()
-    running = await start_server([GatewayServicer(GatewaySettings(), settings)], settings)
+    running = await start_server([GatewayServicer(GatewaySettings(), settings, EmbeddedServices())], settings)
     await running.wait_ready(900)
     listen = Transcriber()
     rows = []

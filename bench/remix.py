@@ -29,6 +29,7 @@ from bgm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from gateway.example import make_example
 from gateway.servicer import GatewayServicer
 from gateway.settings import GatewaySettings
+from services.embedded import EmbeddedServices
 
 STAGES = {v: k.removeprefix("STAGE_").lower() for k, v in common_pb2.Stage.items()}
 
@@ -60,7 +61,7 @@ async def remix(
 
 async def main_async(lengths: list[float]) -> None:
     settings = ServerSettings()
-    running = await start_server([GatewayServicer(GatewaySettings(), settings)], settings)
+    running = await start_server([GatewayServicer(GatewaySettings(), settings, EmbeddedServices())], settings)
     await running.wait_ready(900)
     async with make_channel(running.address) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)

@@ -1,4 +1,5 @@
-"""``python -m gateway``: the gateway server (embedded services unless addresses are set)."""
+"""``python -m gateway``: the gateway server (the four services in-process unless their addresses
+are set, where they are installed)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,17 @@ from gateway.settings import GatewaySettings
 
 
 def build() -> Sequence[Servicer]:
-    return [GatewayServicer(settings.load(GatewaySettings, vocab.GATEWAY.env_prefix),
-                            settings.server_settings(vocab.GATEWAY.name))]
+    gateway = settings.load(GatewaySettings, vocab.GATEWAY.env_prefix)
+    local = None
+    if gateway.embedded:  # no addresses: the services run here too (`bgm serve all`)
+        try:
+            from services.embedded import EmbeddedServices
+        except ImportError as exc:
+            raise settings.SettingsError(
+                f"BGM_GATEWAY_*_ADDRESS: not set, and the services are not installed here to run in-process "
+                f"({exc.name}); set the four addresses") from None
+        local = EmbeddedServices()
+    return [GatewayServicer(gateway, settings.server_settings(vocab.GATEWAY.name), local)]
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Protocol
 
 from grpc import aio
 
@@ -16,7 +17,6 @@ from bgm.security import channel_credentials
 from bgm.server import ModelServicer
 from bgm.settings import ServerSettings
 from bgm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from gateway.embedded import EmbeddedServices, start_embedded
 from gateway.options import validate as validate_options
 from gateway.pipeline import Remix, Stubs
 from gateway.settings import GatewaySettings
@@ -26,10 +26,19 @@ SERVICES_BY_NAME = {service.name: service for service in vocab.SERVICES}
 WATCH_INTERVAL_S = 2.0
 
 
+class LocalServices(Protocol):
+    """The four services run in this process (``services.embedded.EmbeddedServices``): the
+    gateway starts them in ``load`` when no addresses are set, and stops them in ``close``."""
+
+    async def start(self) -> dict[str, str]: ...
+
+    async def stop(self, grace: float = 2.0) -> None: ...
+
+
 class GatewayServicer(ModelServicer, gateway_pb2_grpc.GatewayServicer):
     service_name = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 
-    def __init__(self, gateway: GatewaySettings, server: ServerSettings) -> None:
+    def __init__(self, gateway: GatewaySettings, server: ServerSettings, local: LocalServices | None = None) -> None:
         super().__init__()
         self.settings = gateway
         self.server = server
@@ -37,7 +46,7 @@ class GatewayServicer(ModelServicer, gateway_pb2_grpc.GatewayServicer):
         self.uploads = ConcurrencyLimiter(server.max_uploads, "the gateway's uploads")
         self.stream = StreamLimits.of(server, vocab.GATEWAY.name)
         self.retry = RetryPolicy(max_attempts=gateway.retry_attempts, budget_s=gateway.retry_budget_s)
-        self.embedded: EmbeddedServices | None = None
+        self.local = local
         self.channels: dict[str, aio.Channel] = {}
         self.stubs: Stubs | None = None
         self.watch: asyncio.Task[None] | None = None
@@ -52,9 +61,10 @@ class GatewayServicer(ModelServicer, gateway_pb2_grpc.GatewayServicer):
         once each reports SERVING, however long that takes. A watch keeps checking them."""
         s = self.settings
         if s.embedded:
-            self.embedded = await start_embedded()
-            addresses = {service.name: srv.address for service, srv in zip(
-                vocab.BACKEND_SERVICES, self.embedded.all, strict=True)}
+            if self.local is None:
+                raise RuntimeError("no service addresses are set: set BGM_GATEWAY_STT_ADDRESS, _EMOTION_, _MUSIC_ "
+                                   "and _MIXER_ADDRESS, or run all five in one process with `bgm serve all`")
+            addresses = await self.local.start()
         else:
             addresses = {service.name: getattr(s, f"{service.name}_address") for service in vocab.BACKEND_SERVICES}
         credentials = None if s.embedded else channel_credentials(s.services_ca, s.services_cert, s.services_key)
@@ -96,8 +106,8 @@ class GatewayServicer(ModelServicer, gateway_pb2_grpc.GatewayServicer):
             await asyncio.gather(self.watch, return_exceptions=True)
         for channel in self.channels.values():
             await channel.close()
-        if self.embedded is not None:
-            await self.embedded.stop()
+        if self.local is not None and self.settings.embedded:
+            await self.local.stop()
 
     async def Remix(
         self, request_iterator: AsyncIterator[gateway_pb2.RemixRequest], context: aio.ServicerContext

@@ -88,6 +88,6 @@ def reassemble(data: bytes, size: int) -> bytes:
             _, rest = await read_config(stream(), "config", "audio")
             with Spool(len(data) + 1, "audio", tmp) as spool:
                 await spool_payload(rest, spool, "config", "audio")
-                return spool.read_bytes()
+                return spool.finish().read_bytes()
 
     return asyncio.run(go())

@@ -18,6 +18,7 @@ from bgm.settings import ServerSettings
 from bgm.v1 import gateway_pb2, gateway_pb2_grpc, mixer_pb2, music_pb2, stt_pb2
 from gateway.servicer import GatewayServicer
 from gateway.settings import GatewaySettings
+from services.embedded import EmbeddedServices
 from tests.conftest import bgm_temp_files, channel, health_status, start
 from tests.media_files import ffmpeg
 
@@ -117,7 +118,7 @@ def cases(files: dict[str, bytes]) -> list[tuple[str, list[gateway_pb2.RemixRequ
 
 @pytest.fixture(scope="module")
 def gateway(loop):
-    running = start(loop, [GatewayServicer(GatewaySettings(), ServerSettings())])
+    running = start(loop, [GatewayServicer(GatewaySettings(), ServerSettings(), EmbeddedServices())])
     yield gateway_pb2_grpc.GatewayStub(channel(running.address)), running
     loop.run(running.stop(1))
 

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,19 @@ def test_the_compose_file_wires_a_working_system(tmp_path):
     finally:
         for proc in procs.values():
             proc.stop()
+
+
+def test_the_gateway_server_imports_no_service_and_no_model_library():
+    """The gateway image installs only bgm[gateway]: the server's import graph must not reach
+    a service or a model library (in Kubernetes it only ever talks to the services)."""
+    code = "import sys, gateway.server, gateway.servicer, gateway.pipeline; print('\\n'.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    loaded = set(out.split())
+    forbidden = ("services", "torch", "faster_whisper", "ctranslate2", "df", "demucs", "diffusers", "transformers",
+                 "pretty_midi", "nade", "matplotlib", "librosa", "sklearn", "immich_memories_music")
+    reached = sorted(m for m in loaded if m.split(".")[0] in forbidden)
+    assert not reached, reached
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["gateway"] == []
+    assert '".[gateway]"' in (ROOT / "gateway" / "Dockerfile").read_text()
+    assert "fluidsynth" not in (ROOT / "gateway" / "Dockerfile").read_text()

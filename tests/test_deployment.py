@@ -34,9 +34,10 @@ def test_separate_processes_give_the_same_result_as_embedded(deployed, loop, tmp
     from bgm.settings import ServerSettings
     from gateway.servicer import GatewayServicer
     from gateway.settings import GatewaySettings
+    from services.embedded import EmbeddedServices
     from tests.conftest import start
 
-    running = start(loop, [GatewayServicer(GatewaySettings(), ServerSettings())])
+    running = start(loop, [GatewayServicer(GatewaySettings(), ServerSettings(), EmbeddedServices())])
     try:
         together = run(gateway_pb2_grpc.GatewayStub(channel(running.address)).Remix(requests(example), timeout=600))
     finally:

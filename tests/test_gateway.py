@@ -20,6 +20,7 @@ from bgm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from gateway.example import SCRIPT, make_example
 from gateway.servicer import GatewayServicer
 from gateway.settings import GatewaySettings
+from services.embedded import EmbeddedServices
 from tests.conftest import bgm_temp_files, channel, health_status, start
 from tests.media_files import duration, streams, video_packet_hashes
 
@@ -31,7 +32,7 @@ def example(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def gateway(loop):
-    running = start(loop, [GatewayServicer(GatewaySettings(), ServerSettings())])
+    running = start(loop, [GatewayServicer(GatewaySettings(), ServerSettings(), EmbeddedServices())])
     yield gateway_pb2_grpc.GatewayStub(channel(running.address)), running
     loop.run(running.stop(1))
 

@@ -26,6 +26,7 @@ from bgm.settings import ServerSettings, SettingsError, server_settings
 from bgm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, mixer_pb2, mixer_pb2_grpc, music_pb2, stt_pb2
 from gateway.servicer import GatewayServicer
 from gateway.settings import GatewaySettings
+from services.embedded import EmbeddedServices
 from tests.conftest import bgm_temp_files, channel, start
 from tests.media_files import ffmpeg
 
@@ -81,7 +82,7 @@ def test_limits_read_as_people_say_them():
 @pytest.fixture(scope="module")
 def gateway(loop):
     running = start(loop, [GatewayServicer(GatewaySettings(), ServerSettings(
-        max_concurrency=1, idle_timeout_s=IDLE_S, max_duration_s=60.0))])
+        max_concurrency=1, idle_timeout_s=IDLE_S, max_duration_s=60.0), EmbeddedServices())])
     yield gateway_pb2_grpc.GatewayStub(channel(running.address)), running
     loop.run(running.stop(1))
 
@@ -364,7 +365,7 @@ def test_cli_refuses_outputs_that_would_destroy_files_before_any_work(tmp_path, 
 
 
 def test_cli_writes_into_a_new_folder_and_leaves_no_partial_files(tmp_path):
-    from gateway import paths
+    from gateway.cli import files as paths
 
     target = tmp_path / "new" / "deeper" / "out.srt"
     paths.check(tmp_path / "in.mp4", [paths.Output("--srt", target)])

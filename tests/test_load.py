@@ -9,12 +9,13 @@ from bench.load import check_outputs, make_videos, report, run_load
 from bgm.settings import ServerSettings
 from gateway.servicer import GatewayServicer
 from gateway.settings import GatewaySettings
+from services.embedded import EmbeddedServices
 from tests.conftest import start
 
 
 @pytest.fixture(scope="module")
 def gateway(loop):
-    running = start(loop, [GatewayServicer(GatewaySettings(), ServerSettings(max_concurrency=2))])
+    running = start(loop, [GatewayServicer(GatewaySettings(), ServerSettings(max_concurrency=2), EmbeddedServices())])
     yield running
     loop.run(running.stop(1))
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from bgm import vocab
 from bgm.settings import ServerSettings
 from bgm.v1 import common_pb2, emotion_pb2, emotion_pb2_grpc, gateway_pb2_grpc
 from services.emotion.servicer import EmotionServicer
@@ -117,10 +118,10 @@ def test_mutual_tls_needs_a_client_certificate_from_the_right_ca(loop, pki):
 def test_gateway_reaches_its_services_over_mutual_tls_with_a_token(loop, pki, tmp_path, caplog):
     from dataclasses import replace
 
-    from gateway.embedded import start_embedded
     from gateway.example import make_example
     from gateway.servicer import GatewayServicer
     from gateway.settings import GatewaySettings
+    from services.embedded import EmbeddedServices
     from tests.test_gateway import requests, run
 
     secure = {"tls_cert": str(pki["server"][0]), "tls_key": str(pki["server"][1]),
@@ -134,13 +135,16 @@ def test_gateway_reaches_its_services_over_mutual_tls_with_a_token(loop, pki, tm
 
     bgm_settings.server_settings = secured
     try:
-        services = loop.run(start_embedded())
+        services = EmbeddedServices()
+        loop.run(services.start())
         loop.run(services.wait_ready())
     finally:
         bgm_settings.server_settings = original
     gateway_settings = GatewaySettings(
-        stt_address=f"localhost:{services.stt.port}", emotion_address=f"localhost:{services.emotion.port}",
-        music_address=f"localhost:{services.music.port}", mixer_address=f"localhost:{services.mixer.port}",
+        stt_address=f"localhost:{services.port(vocab.STT)}",
+        emotion_address=f"localhost:{services.port(vocab.EMOTION)}",
+        music_address=f"localhost:{services.port(vocab.MUSIC)}",
+        mixer_address=f"localhost:{services.port(vocab.MIXER)}",
         services_ca=str(pki["ca"]), services_cert=str(pki["client"][0]), services_key=str(pki["client"][1]),
         services_token=TOKEN)
     gateway = start(loop, [GatewayServicer(gateway_settings, ServerSettings(auth_token=TOKEN))], auth_token=TOKEN)

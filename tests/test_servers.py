@@ -53,8 +53,9 @@ def _servicer(name: str):
         return MixerServicer(MixerSettings(), ServerSettings())
     from gateway.servicer import GatewayServicer
     from gateway.settings import GatewaySettings
+    from services.embedded import EmbeddedServices
 
-    return GatewayServicer(GatewaySettings(), ServerSettings())
+    return GatewayServicer(GatewaySettings(), ServerSettings(), EmbeddedServices())
 
 
 def _probe_call(name: str, ch: grpc.Channel) -> None:

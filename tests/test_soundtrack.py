@@ -18,6 +18,7 @@ from bgm.settings import ServerSettings
 from bgm.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.servicer import GatewayServicer
 from gateway.settings import GatewaySettings
+from services.embedded import EmbeddedServices
 from services.mixer import activity, dsp
 from tests.conftest import channel, start
 
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.skipif(not realworld.available(),
 
 @pytest.fixture(scope="module")
 def gateway(loop):
-    running = start(loop, [GatewayServicer(GatewaySettings(), ServerSettings())])
+    running = start(loop, [GatewayServicer(GatewaySettings(), ServerSettings(), EmbeddedServices())])
     yield gateway_pb2_grpc.GatewayStub(channel(running.address))
     loop.run(running.stop(1))
 

@@ -1,5 +1,6 @@
 """The CLI's output files: checked before any work starts, written so that a failure never
-leaves a half-written file or replaces one the user still needs.
+leaves a half-written file or replaces one the user still needs; and what goes in them
+beside the video (subtitles, the timeline, the plot).
 
 Every output must differ from the input and from every other output, must not be an
 existing folder (the stems folder must not be an existing file), and its folder must exist
@@ -8,6 +9,7 @@ or be creatable and writable. Files are written beside their target and renamed 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import tempfile
@@ -15,6 +17,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+
+from bgm.v1 import gateway_pb2
 
 STEM_FILES = ("speech.wav", "bgm.wav", "mix.wav")
 
@@ -87,3 +91,31 @@ def write_bytes(path: Path, data: bytes) -> None:
 def write_with(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     with replacing(path) as f:
         write(f)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every output path the command line names, checked (OutputError with the reason)."""
+    named = [("-o", args.output), ("--srt", args.srt), ("--vtt", args.vtt), ("--timeline", args.timeline),
+             ("--plot", args.plot)]
+    outputs = [Output(option, Path(value)) for option, value in named if value]
+    stems = Output("--stems", Path(args.stems)) if args.stems else None
+    check(Path(args.input), outputs, stems)
+
+
+def write_extras(args: argparse.Namespace, transcript: gateway_pb2.Transcript,
+                 timeline: gateway_pb2.EmotionTimeline, note: Callable[[str], None]) -> None:
+    """Subtitles, the timeline and the plot, as the command line asked."""
+    from gateway import outputs
+
+    if args.srt:
+        write_bytes(Path(args.srt), outputs.srt(transcript).encode())
+        note(f"subtitles: {args.srt}")
+    if args.vtt:
+        write_bytes(Path(args.vtt), outputs.vtt(transcript).encode())
+        note(f"subtitles: {args.vtt}")
+    if args.timeline:
+        write_bytes(Path(args.timeline), outputs.timeline_json(transcript, timeline).encode())
+        note(f"timeline: {args.timeline}")
+    if args.plot:
+        write_with(Path(args.plot), lambda f: outputs.plot(f, Path(args.input), transcript, timeline))
+        note(f"plot: {args.plot}")
