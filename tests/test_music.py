@@ -83,6 +83,58 @@ def test_transitions_fall_on_bar_lines():
         assert round(boundary, 6) in onsets  # the new section starts exactly on its first downbeat
 
 
+ALL_SEVEN = [(e, 8.0 * i, 8.0 * (i + 1)) for i, e in enumerate(
+    ("joy", "sadness", "disgust", "anger", "surprise", "fear", "neutral"))]
+
+
+def test_every_note_plays_with_its_own_instrument_when_all_seven_emotions_sound(tmp_path):
+    """21 melodic instruments over a timeline: each note must sound with its instrument's
+    program on its channel (pretty_midi's writer reused channels past 15 and swapped sounds)."""
+    import mido
+
+    from services.music import midi
+    from services.music.composer import compose
+
+    score = compose(plan(ALL_SEVEN), seed=3)
+    assert len([i for i in score.instruments if not i.is_drum]) > len(midi.MELODIC_CHANNELS)
+    path = tmp_path / "score.mid"
+    placements = midi.write(score, path)
+    intended = {}
+    for placement, track in zip(placements, mido.MidiFile(str(path)).tracks[1:], strict=True):
+        tick = 0
+        for message in track:
+            tick += message.time
+            if message.type == "note_on":
+                intended.setdefault(tick, []).append((message.channel, placement.instrument))
+    program = {}  # the program each channel has, as a synthesiser follows the file
+    events = []
+    for track in mido.MidiFile(str(path)).tracks[1:]:
+        tick = 0
+        for message in track:
+            tick += message.time
+            events.append((tick, 0 if message.type == "program_change" else 1, message))
+    checked = 0
+    for tick, _, message in sorted(events, key=lambda e: (e[0], e[1])):
+        if message.type == "program_change":
+            program[message.channel] = message.program
+        elif message.type == "note_on" and message.channel != midi.DRUM_CHANNEL:
+            owners = [inst for ch, inst in intended[tick] if ch == message.channel]
+            assert owners and all(program[message.channel] == inst.program for inst in owners)
+            checked += 1
+    assert checked > 400
+    assert all(p.channel == midi.DRUM_CHANNEL for p in placements if p.instrument.is_drum)
+
+
+def test_a_section_sounds_the_same_alone_and_in_a_long_timeline(composer):
+    rate = 22_050
+    alone, _ = composer.generate([ALL_SEVEN[0]], sample_rate=rate, seed=3, tempo=None)
+    together, _ = composer.generate(ALL_SEVEN, sample_rate=rate, seed=3, tempo=None)
+    part = slice(0, 6 * rate)  # before the first change
+    a, b = alone[part].mean(axis=1), together[part].mean(axis=1)
+    correlation = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    assert correlation > 0.9, correlation
+
+
 @pytest.fixture(scope="module")
 def music(loop):
     running = start(loop, [MusicServicer(MusicSettings(), ServerSettings(max_duration_s=600))])

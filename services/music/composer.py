@@ -19,6 +19,7 @@ import numpy as np
 
 from bgm import logs, processes, scratch, vocab
 from bgm.errors import Unsupported
+from services.music import midi as midi_file
 from services.music.styles import STYLES, Style
 
 log = logs.get("bgm.music")
@@ -76,10 +77,12 @@ def compose(plans: Sequence[SpanPlan], seed: int) -> object:
 
     rng = np.random.default_rng(seed)
     pm = pretty_midi.PrettyMIDI(initial_tempo=plans[0].tempo)
-    tracks: dict[tuple[int, bool], pretty_midi.Instrument] = {}
+    tracks: dict[tuple[int, bool, int], pretty_midi.Instrument] = {}
 
-    def track(program: int, drum: bool = False) -> pretty_midi.Instrument:
-        key = (program, drum)
+    def track(program: int, drum: bool = False, section: int = 0) -> pretty_midi.Instrument:
+        # One instrument per section: each sounds only in its section, so sections share
+        # MIDI channels in turn (services/music/midi.py) however many there are.
+        key = (program, drum, section)
         if key not in tracks:
             tracks[key] = pretty_midi.Instrument(program=program, is_drum=drum)
             pm.instruments.append(tracks[key])
@@ -89,10 +92,11 @@ def compose(plans: Sequence[SpanPlan], seed: int) -> object:
         velocity = int(np.clip(velocity + rng.integers(-6, 7), 1, 127))
         inst.notes.append(pretty_midi.Note(velocity=velocity, pitch=int(pitch), start=start, end=end))
 
-    for p in plans:
+    for section, p in enumerate(plans):
         style = STYLES[p.emotion]
         beat = p.beat_s
-        chords, melody, bass = track(style.chord_program), track(style.melody_program), track(style.bass_program)
+        chords, melody, bass = (track(program, section=section)
+                                for program in (style.chord_program, style.melody_program, style.bass_program))
         drums = track(0, drum=True)
         previous = style.tonic + 12
         for bar in range(p.bars):
@@ -171,7 +175,7 @@ def render(pm: object, sample_rate: int, total_samples: int) -> np.ndarray:
         raise Unsupported("FluidSynth is not installed (Debian: apt-get install fluidsynth)")
     with scratch.workdir("render") as tmp:
         midi, wav = Path(tmp) / "score.mid", Path(tmp) / "score.wav"
-        pm.write(str(midi))  # type: ignore[attr-defined]
+        midi_file.write(pm, midi)
         cmd = ["fluidsynth", "-ni", "-q", "-g", "0.5", "-r", str(sample_rate), "-O", "float",
                "-o", "synth.reverb.active=1", "-o", "synth.chorus.active=0",
                "-F", str(wav), soundfont(), str(midi)]
