@@ -129,16 +129,10 @@ def test_the_fast_smoothing_gives_exactly_what_the_rules_say(case):
 
 
 def test_smoothing_an_hour_of_sentences_matches_the_rules():
-    rng = np.random.default_rng(3)
-    items, t = [], 0.0
-    for _ in range(1500):  # about an hour of talk, with emotions that flicker
-        length = float(rng.uniform(0.5, 4))
-        emotion = int(rng.choice(len(EMOTIONS), p=[0.15, 0.1, 0.05, 0.1, 0.05, 0.05, 0.5]))
-        p = rng.dirichlet(np.ones(len(EMOTIONS)))
-        p[emotion] += 1
-        items.append(Scored(t, t + length, emotion, p / p.sum(), weight=length))
-        t += length + float(rng.uniform(0, 2))
-    fast, spec = smooth(items, t, 5.0), smooth_by_passes(items, t, 5.0)
+    from bench.smoothing import talk
+
+    items, duration = talk(1500)  # about an hour of talk, with emotions that flicker
+    fast, spec = smooth(items, duration, 5.0), smooth_by_passes(items, duration, 5.0)
     assert [(s.start_s, s.end_s, s.emotion) for s in fast] == [(s.start_s, s.end_s, s.emotion) for s in spec]
 
 

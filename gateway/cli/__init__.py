@@ -21,7 +21,6 @@ from gateway.cli.parser import parser
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    os.environ.setdefault("BGM_LOG_LEVEL", "WARNING")
     from bgm import logs
 
     if args.command in ("remix", "analyze"):
