@@ -5,7 +5,7 @@ file's own definitions, run as processes on loopback, serve a remix."""
 from __future__ import annotations
 
 import importlib.util
-import re
+import os
 import shutil
 import subprocess
 import sys
@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tools import images
+
 ROOT = Path(__file__).resolve().parent.parent
-DOCKERFILES = sorted([*ROOT.glob("services/*/Dockerfile*"), ROOT / "gateway" / "Dockerfile"])
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 HEALTH = {"stt": "bgm.v1.SpeechToText", "emotion": "bgm.v1.EmotionClassifier", "music": "bgm.v1.MusicGenerator",
           "mixer": "bgm.v1.Mixer", "gateway": "bgm.v1.Gateway"}
 GPU_SERVICES = {"stt", "music", "mixer"}
@@ -29,21 +31,52 @@ def tool(name: str) -> str:
     return path
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_dockerfile_lints_clean_and_its_entry_point_exists(dockerfile):
-    lint = subprocess.run([tool("hadolint"), "--config", str(ROOT / ".hadolint.yaml"), str(dockerfile)],
+def test_the_one_dockerfile_lints_clean_and_runs_as_a_user():
+    lint = subprocess.run([tool("hadolint"), "--config", str(ROOT / ".hadolint.yaml"), str(DOCKERFILE)],
                           capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
-    text = dockerfile.read_text()
-    module = re.search(r'ENTRYPOINT \["python", "-m", "([\w.]+)"\]', text).group(1)
-    assert importlib.util.find_spec(module) is not None
-    assert "USER 10001" in text  # never root
-    port = re.search(r"EXPOSE (\d+)", text).group(1)
-    probe = re.search(r'"--port", "(\d+)", "--service", "([\w.]+)"', text)
-    assert probe.group(1) == port and probe.group(2) in HEALTH.values()
-    assert re.search(rf"_PORT={port}\b", text)
-    if dockerfile.parent.name == "stt" and dockerfile.name == "Dockerfile":
-        assert '".[stt]"' in text  # the CPU STT image installs no torch
+    text = DOCKERFILE.read_text()
+    assert 'ENTRYPOINT ["python", "-m", "bgm.container"]' in text
+    assert 'CMD ["python", "-m", "bgm.container", "probe"]' in text
+    assert "USER 10001" in text and "EXPOSE ${PORT}" in text  # never root
+    assert "chown 10001:10001 /models" in text  # a fresh named volume on /models is the user's
+    assert not list(ROOT.glob("services/*/Dockerfile*")) and not (ROOT / "gateway" / "Dockerfile").exists()
+
+
+@pytest.mark.parametrize("name", list(images.VARIANTS))
+def test_each_image_variant_names_a_real_service_extras_and_packages(name):
+    from bgm import container, vocab
+
+    variant = images.VARIANTS[name]
+    args = variant.args()
+    service = next(s for s in vocab.SERVICES if s.name == args["SERVICE"])
+    assert args["PORT"] == str(service.port)
+    assert importlib.util.find_spec(container.MODULES[service.name]) is not None
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert all(extra in extras for extra in args["EXTRAS"].split(","))
+    if name == "stt":
+        assert args["EXTRAS"] == "stt"  # the CPU STT image installs no torch
+    if name == "gateway":
+        assert args["EXTRAS"] == "gateway" and "fluidsynth" not in args["RUNTIME_PACKAGES"]
+    assert variant.gpu == ("BASE" in args) == (args.get("DEVICE") == "cuda")
+
+
+def test_the_container_entry_point_refuses_an_unknown_service_in_one_line():
+    proc = subprocess.run([sys.executable, "-m", "bgm.container"], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "BGM_SERVICE": "kazoo"}, timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "BGM_SERVICE='kazoo'" in proc.stderr
+    probe = subprocess.run([sys.executable, "-m", "bgm.container", "probe"], capture_output=True, text=True,
+                           cwd=ROOT, env={**os.environ, "BGM_SERVICE": "emotion", "BGM_EMOTION_PORT": "1"},
+                           timeout=60)
+    assert probe.returncode == 1  # nothing listens there: not healthy
+
+
+def test_the_build_context_is_only_what_the_images_copy():
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    assert patterns[0] == "*"
+    assert {p for p in patterns if p.startswith("!")} == {"!pyproject.toml", "!README.md", "!bgm/", "!services/",
+                                                          "!gateway/"}
 
 
 def render(overlay: str) -> list[dict]:
@@ -110,27 +143,31 @@ def test_triton_image_and_model_repository_agree():
     assert MusicSettings().triton_model == "riffusion"
 
 
+def compose_services_raw() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
 def compose_services() -> dict[str, dict]:
-    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    return compose_services_raw()["services"]
 
 
 def test_compose_definitions_are_consistent():
     services = compose_services()
     assert set(services) == set(HEALTH)
     for name, spec in services.items():
-        command = spec["command"]
-        assert command[:2] == ["python", "-m"] and importlib.util.find_spec(command[2]) is not None
-        port = spec["environment"][f"BGM_{name.upper()}_PORT"]
-        test = spec["healthcheck"]["test"]
-        assert test[1:4] == ["python", "-m", "bgm.probe"] and test[test.index("--port") + 1] == port
-        assert test[test.index("--service") + 1] == HEALTH[name]
-        assert (ROOT / spec["build"]["dockerfile"]).is_file()
+        assert "command" not in spec  # the image's entry point runs the service
+        assert spec["build"]["dockerfile"] == "deploy/Dockerfile"
+        assert spec["build"]["args"] == images.VARIANTS[name].args()
+        assert spec["healthcheck"]["test"] == ["CMD", "python", "-m", "bgm.container", "probe"]
+        assert spec["environment"][f"BGM_{name.upper()}_PORT"] == images.VARIANTS[name].args()["PORT"]
+    assert compose_services_raw()["x-service"]["stop_grace_period"] == "40s"  # above the 30 s drain
+    assert services["gateway"]["ports"] == ["127.0.0.1:50050:50050"]  # no unauthenticated public port
     assert all(c["condition"] == "service_healthy" for c in services["gateway"]["depends_on"].values())
     gpu = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())["services"]
     assert set(gpu) == GPU_SERVICES
-    for spec in gpu.values():
+    for name, spec in gpu.items():
         assert spec["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
-        assert (ROOT / spec["build"]["dockerfile"]).is_file()
+        assert spec["build"]["args"] == images.VARIANTS[f"{name}-gpu"].args()
 
 
 def test_the_compose_file_wires_a_working_system(tmp_path):
@@ -153,15 +190,16 @@ def test_the_compose_file_wires_a_working_system(tmp_path):
                 host, _, port = value.partition(":")
                 if host in services and port.isdigit():  # "stt:50051" -> this run's loopback port
                     env[key] = f"127.0.0.1:{ports[host]}"
-            procs[name] = spawn(name, [sys.executable, *spec["command"][1:]], env, tmp_path / name, port=ports[name])
+            env["BGM_SERVICE"] = spec["build"]["args"]["SERVICE"]  # as the image's entry point reads it
+            procs[name] = spawn(name, [sys.executable, "-m", "bgm.container"], env, tmp_path / name, port=ports[name])
             if name == "gateway":
                 for dependency in spec["depends_on"]:
                     procs[dependency].wait_serving()
         procs["gateway"].wait_serving()
         for name, spec in services.items():  # the compose healthcheck itself says healthy
             test = [sys.executable if part == "python" else part for part in spec["healthcheck"]["test"][1:]]
-            test[test.index("--port") + 1] = str(ports[name])
-            assert subprocess.run(test, capture_output=True).returncode == 0, name
+            env = {**os.environ, "BGM_SERVICE": name, f"BGM_{name.upper()}_PORT": str(ports[name])}
+            assert subprocess.run(test, capture_output=True, env=env).returncode == 0, name
         video = make_example(tmp_path / "example.mp4", section_s=3)
         result = run(gateway_pb2_grpc.GatewayStub(channel(procs["gateway"].address)).Remix(requests(video),
                                                                                              timeout=300))
@@ -183,5 +221,4 @@ def test_the_gateway_server_imports_no_service_and_no_model_library():
     assert not reached, reached
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert extras["gateway"] == []
-    assert '".[gateway]"' in (ROOT / "gateway" / "Dockerfile").read_text()
-    assert "fluidsynth" not in (ROOT / "gateway" / "Dockerfile").read_text()
+    assert images.VARIANTS["gateway"].args()["EXTRAS"] == "gateway"

@@ -1,0 +1,47 @@
+"""The entry point of every bgm image (deploy/Dockerfile): one recipe for all five.
+
+``python -m bgm.container`` runs the service that ``BGM_SERVICE`` names, listening on all
+interfaces at its deployment port unless its own ``BGM_<S>_HOST``/``_PORT`` say otherwise;
+``BGM_DEVICE`` (set by the GPU variants) becomes its ``BGM_<S>_DEVICE`` likewise.
+``python -m bgm.container probe`` is the image's health check: exit 0 when the service
+reports SERVING.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from bgm import vocab
+
+MODULES = {**{s.name: f"services.{s.name}.__main__" for s in vocab.BACKEND_SERVICES},
+           vocab.GATEWAY.name: "gateway.server"}
+
+
+def service() -> vocab.Service:
+    name = os.environ.get("BGM_SERVICE", "")
+    for candidate in vocab.SERVICES:
+        if candidate.name == name:
+            return candidate
+    raise SystemExit(f"bgm: BGM_SERVICE={name!r} is not {vocab.choices(tuple(s.name for s in vocab.SERVICES))}")
+
+
+def main(argv: list[str]) -> int:
+    chosen = service()
+    port = os.environ.get(f"{chosen.env_prefix}_PORT", str(chosen.port))
+    if argv[:1] == ["probe"]:
+        from bgm import probe
+
+        return probe.main(["--port", port, "--service", chosen.grpc_name])
+    os.environ.setdefault(f"{chosen.env_prefix}_HOST", "0.0.0.0")
+    os.environ.setdefault(f"{chosen.env_prefix}_PORT", port)
+    device = os.environ.get("BGM_DEVICE", "")
+    if device and chosen in vocab.BACKEND_SERVICES:
+        os.environ.setdefault(f"{chosen.env_prefix}_DEVICE", device)
+    importlib.import_module(MODULES[chosen.name]).main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
