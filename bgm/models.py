@@ -20,13 +20,14 @@ from bgm import vocab
 
 
 def torch_device(setting: str) -> str:
-    """The device a torch model runs on for a device setting: ``cuda``, ``cpu``, or ``auto``
-    (CUDA where torch sees a GPU). The one place this rule is written."""
+    """The device a torch model runs on for a device setting: ``cuda`` (or ``cuda:N``, one GPU
+    of several), ``cpu``, or ``auto`` (CUDA where torch sees a GPU). The one place this rule
+    is written."""
     if setting == vocab.AUTO:
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return "cuda" if setting == "cuda" else "cpu"
+    return setting if setting.startswith("cuda") else "cpu"
 
 
 class ModelNotFound(RuntimeError):

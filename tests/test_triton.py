@@ -3,6 +3,9 @@ against a server speaking Triton's gRPC protocol that hosts that model.py."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -50,6 +53,42 @@ def test_model_py_renders_a_spectrogram_and_isolates_bad_requests(model):
     assert bad.error is not None and "SEEDS" in bad.error.message()
     again = model.execute([request(pb_utils)])[0].output_tensors[0].as_numpy()
     assert np.array_equal(image, again)  # same seeds, same image
+
+
+def test_the_shipped_config_loads_the_model_from_the_hub_cache(tmp_path):
+    """config.pbtxt's own parameters, as Triton passes them, initialise model.py on a tiny
+    pipeline stored in the Hugging Face cache layout the fill Job writes (offline)."""
+    import json
+    import subprocess
+    import sys
+
+    parameters = triton_server.shipped_parameters()
+    repo = parameters["MODEL"]["string_value"]
+    assert "/" in repo and not repo.startswith("/")  # a hub name, resolved in HF_HOME
+    commit = "0" * 40
+    cache = tmp_path / "hf" / "hub" / f"models--{repo.replace('/', '--')}"
+    import shutil
+
+    shutil.copytree(tiny_stable_diffusion(tmp_path / "built"), cache / "snapshots" / commit)
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text(commit)
+    script = f"""
+import json, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from tests import triton_server
+import importlib.util
+sys.modules["triton_python_backend_utils"] = triton_server.backend_utils()
+spec = importlib.util.spec_from_file_location("m", triton_server.MODEL_DIR / "1" / "model.py")
+module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
+model = module.TritonPythonModel()
+model.initialize({{"model_config": json.dumps({{"parameters": {json.dumps(parameters)}}}),
+                   "model_instance_kind": "CPU", "model_instance_device_id": "0"}})
+print(model.engine.device)
+"""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "cpu"
 
 
 def test_music_service_generates_through_triton(loop, model):

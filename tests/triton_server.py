@@ -60,6 +60,15 @@ def backend_utils() -> types.ModuleType:
     return module
 
 
+def shipped_parameters() -> dict[str, dict[str, str]]:
+    """The ``parameters`` of the shipped config.pbtxt, as Triton hands them to model.py."""
+    import re
+
+    text = (MODEL_DIR / "config.pbtxt").read_text()
+    pairs = re.findall(r'parameters:\s*\{\s*key:\s*"(\w+)",\s*value:\s*\{\s*string_value:\s*"([^"]*)"\s*\}\s*\}', text)
+    return {key: {"string_value": value} for key, value in pairs}
+
+
 def load_model(pipeline: Path, device: str = "cpu") -> Any:
     sys.modules["triton_python_backend_utils"] = backend_utils()
     spec = importlib.util.spec_from_file_location("riffusion_triton_model", MODEL_DIR / "1" / "model.py")

@@ -133,7 +133,7 @@ class DiffusionEngine:
             raise Unsupported("diffusers and torch are not installed (pip install 'bgm[music-full]')") from exc
         self.torch = torch
         self.device = models.torch_device(device)
-        self.dtype = torch.float16 if self.device == "cuda" else torch.float32
+        self.dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
         pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
             model, dtype=self.dtype, safety_checker=None, requires_safety_checker=False)
         self.pipe = pipe.to(self.device)

@@ -22,6 +22,9 @@ class TritonPythonModel:
         parameters = json.loads(args["model_config"]).get("parameters", {})
         model = parameters.get("MODEL", {}).get("string_value", "riffusion/riffusion-model-v1")
         device = parameters.get("DEVICE", {}).get("string_value", "auto")
+        if device == "auto" and args.get("model_instance_kind") == "GPU":
+            # Triton places each instance on a GPU of its own: use that one, not the first.
+            device = f"cuda:{args.get('model_instance_device_id', '0')}"
         self.engine = DiffusionEngine(model, device)
 
     def execute(self, requests: list[Any]) -> list[Any]:
