@@ -108,24 +108,44 @@ def prepare() -> list[str]:
     return done
 
 
-# The full-size models, fetched into the cache (HF_HOME) by the deployment's fill job where
-# a model hub is reachable; services then load them with HF_HUB_OFFLINE=1.
-FULL_MODELS = (
-    "Systran/faster-whisper-large-v3",
-    "j-hartmann/emotion-english-distilroberta-base",
-    "riffusion/riffusion-model-v1",
-)
+# The full-size models each service loads, fetched where a model hub is reachable (in
+# Kubernetes: by an init container of each GPU pod, with the pod's own image, into the
+# pod's cache); services then load them with HF_HUB_OFFLINE=1. Only the files a pipeline
+# reads: the Riffusion repository holds about 20 GB of checkpoints in other formats.
+FULL_MODELS: dict[str, tuple[tuple[str, tuple[str, ...] | None], ...]] = {
+    vocab.STT.name: (("Systran/faster-whisper-large-v3", None),),
+    vocab.EMOTION.name: (("j-hartmann/emotion-english-distilroberta-base", None),),
+    vocab.MUSIC.name: (("riffusion/riffusion-model-v1", (
+        "model_index.json", "*/config.json", "*/*.txt", "*/*.json", "unet/diffusion_pytorch_model.bin",
+        "vae/diffusion_pytorch_model.bin", "text_encoder/pytorch_model.bin")),),
+    vocab.MIXER.name: (),  # demucs' htdemucs, below
+}
 
 
-def download() -> list[str]:
-    from huggingface_hub import snapshot_download
+def download(service: str) -> list[str]:
+    """Fetch ``service``'s full-size models into the caches (HF_HOME, TORCH_HOME)."""
+    done = []
+    if FULL_MODELS.get(service):
+        from huggingface_hub import snapshot_download
 
-    return [f"{name}: {snapshot_download(name)}" for name in FULL_MODELS]
+        for name, patterns in FULL_MODELS[service]:
+            done.append(f"{name}: {snapshot_download(name, allow_patterns=list(patterns) if patterns else None)}")
+    if service == vocab.MIXER.name:
+        from demucs.pretrained import get_model
+
+        get_model("htdemucs")  # into TORCH_HOME's hub cache, where the mixer loads it offline
+        done.append("htdemucs: fetched")
+    if service not in FULL_MODELS:
+        raise SystemExit(f"no full-size models for {service!r}; use {vocab.choices(tuple(FULL_MODELS))}")
+    return done
 
 
 if __name__ == "__main__":
-    commands = {"prepare": prepare, "download": download}
-    if len(sys.argv) != 2 or sys.argv[1] not in commands:
-        raise SystemExit("usage: python -m bgm.models prepare|download")
-    for line in commands[sys.argv[1]]():
+    if sys.argv[1:2] == ["prepare"] and len(sys.argv) == 2:
+        lines = prepare()
+    elif sys.argv[1:2] == ["download"] and len(sys.argv) == 3:
+        lines = download(sys.argv[2])
+    else:
+        raise SystemExit("usage: python -m bgm.models prepare | download stt|emotion|music|mixer")
+    for line in lines:
         print(f"models: {line}")

@@ -111,6 +111,11 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.max_connection_idle_ms", 600_000),
+        # Clients hold one connection per server for as long as it lives, so a replica added
+        # later would get no traffic: after 5 minutes a connection is asked to go (new calls
+        # reconnect, through DNS, to any replica); calls under way get 4 hours to finish.
+        ("grpc.max_connection_age_ms", 300_000),
+        ("grpc.max_connection_age_grace_ms", 4 * 3600 * 1000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ]
 

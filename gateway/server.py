@@ -19,8 +19,8 @@ def build() -> Sequence[Servicer]:
             from services.embedded import EmbeddedServices
         except ImportError as exc:
             raise settings.SettingsError(
-                f"BGM_GATEWAY_*_ADDRESS: not set, and the services are not installed here to run in-process "
-                f"({exc.name}); set the four addresses") from None
+                f"BGM_GATEWAY_*_ADDRESS: not set, and the services cannot run in this process "
+                f"(no Python module '{exc.name}'); set the four addresses") from None
         local = EmbeddedServices()
     return [GatewayServicer(gateway, settings.server_settings(vocab.GATEWAY.name), local)]
 

@@ -76,7 +76,7 @@ def test_the_build_context_is_only_what_the_images_copy():
                 if line.strip() and not line.startswith("#")]
     assert patterns[0] == "*"
     assert {p for p in patterns if p.startswith("!")} == {"!pyproject.toml", "!README.md", "!bgm/", "!services/",
-                                                          "!gateway/"}
+                                                          "!gateway/", "!deploy/triton/model_repository/"}
 
 
 def render(overlay: str) -> list[dict]:
@@ -94,8 +94,8 @@ def test_overlay_renders_and_validates(overlay):
 
     docs = render(overlay)
     kinds = sorted({d["kind"] for d in docs})
-    assert kinds == ["Deployment", "HorizontalPodAutoscaler", "Job", "PersistentVolumeClaim",
-                     "PodDisruptionBudget", "Service", "ServiceAccount"]
+    assert kinds == ["Deployment", "HorizontalPodAutoscaler", "NetworkPolicy", "PodDisruptionBudget", "Service",
+                     "ServiceAccount"]  # no PersistentVolumeClaim: no cloud has to offer ReadWriteMany
     for doc in docs:
         kubernetes_validate.validate(doc, KUBERNETES, strict=True)
 
@@ -121,6 +121,25 @@ def test_overlay_renders_and_validates(overlay):
         assert pod["terminationGracePeriodSeconds"] > 3600  # longer than the slowest stage's deadline
         if gpus:
             assert container["image"].startswith(f"bgm-{name}-gpu")
+        # Every path a container writes is a writable volume (the root file system is read-only).
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        assert "/tmp" in mounts and not mounts["/tmp"].get("readOnly")
+        for init in pod.get("initContainers", []):
+            assert init["image"] == container["image"]  # the pod's own image fetches its models
+            env = {e["name"]: e["value"] for e in init["env"]}
+            written = [m for m in init["volumeMounts"] if env["HF_HOME"].startswith(m["mountPath"])]
+            assert written and not written[0].get("readOnly"), name
+            assert init["securityContext"]["allowPrivilegeEscalation"] is False
+    hpa_targets = {d["spec"]["scaleTargetRef"]["name"] for d in docs if d["kind"] == "HorizontalPodAutoscaler"}
+    for d in docs:
+        if d["kind"] == "Deployment" and d["metadata"]["name"] in hpa_targets:
+            assert "replicas" not in d["spec"], d["metadata"]["name"]  # each apply would reset the scale
+    policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
+    assert policies["bgm-default-deny"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/part-of": "bgm"}
+    assert "from" not in policies["bgm-gateway"]["ingress"][0]  # clients reach the gateway
+    for name in set(HEALTH) - {"gateway"}:
+        sources = policies[f"bgm-{name}"]["ingress"][0]["from"]
+        assert sources == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "bgm-gateway"}}}]
     if overlay == "gpu-triton":
         music = deployments["music"]["spec"]["template"]["spec"]["containers"][0]
         music_env = {e["name"]: e["value"] for e in music["env"]}
