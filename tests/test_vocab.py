@@ -46,9 +46,13 @@ def test_every_per_emotion_table_covers_the_emotions(table):
 
 
 def test_every_backend_registry_matches_its_vocabulary():
-    from services.music import backends
+    from services.emotion import backends as emotion
+    from services.mixer import separation
+    from services.music import backends as music
 
-    assert tuple(backends.REGISTRY) == vocab.MUSIC_BACKENDS
+    assert tuple(music.REGISTRY) == vocab.MUSIC_BACKENDS
+    assert tuple(emotion.REGISTRY) == vocab.EMOTION_BACKENDS
+    assert tuple(separation.REGISTRY) == vocab.SEPARATION_BACKENDS
 
 
 def test_no_product_word_is_spelled_outside_the_vocabulary():

@@ -10,6 +10,7 @@ default j-hartmann/emotion-english-distilroberta-base.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -144,12 +145,17 @@ def _transformers_usable(settings: EmotionSettings) -> bool:
         return False
 
 
+# Name -> factory, as in the music service's backends.py (and diffusers' pipeline registry).
+REGISTRY: dict[str, Callable[[EmotionSettings], EmotionBackend]] = {
+    vocab.EMOTION_GOEMOTIONS: lambda settings: GoEmotionsBackend(),
+    vocab.EMOTION_NADE: lambda settings: NadeBackend(),
+    vocab.EMOTION_TRANSFORMERS: lambda s: TransformersBackend(s.model, s.device, s.batch_size),
+}
+
+
 def create(settings: EmotionSettings) -> EmotionBackend:
+    """The configured backend; ``auto``: the full model where a GPU and its weights are present."""
     choice = settings.backend
     if choice == vocab.AUTO:
         choice = vocab.EMOTION_TRANSFORMERS if _transformers_usable(settings) else vocab.EMOTION_GOEMOTIONS
-    if choice == vocab.EMOTION_TRANSFORMERS:
-        return TransformersBackend(settings.model, settings.device, settings.batch_size)
-    if choice == vocab.EMOTION_NADE:
-        return NadeBackend()
-    return GoEmotionsBackend()
+    return REGISTRY[choice](settings)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -176,10 +176,15 @@ class Demucs:
         yield self.speech(mono, cancel)
 
 
+# Name -> factory (demucs model, device, attenuation limit), as in the music service's backends.py.
+REGISTRY: dict[str, Callable[[str, str, float], Separator]] = {
+    vocab.SEPARATION_DEEPFILTERNET: lambda model, device, limit_db: DeepFilterNet(limit_db),
+    vocab.SEPARATION_DEMUCS: lambda model, device, limit_db: Demucs(model, device),
+}
+
+
 def create(backend: str, demucs_model: str = "htdemucs", device: str = vocab.AUTO,
            attenuation_limit_db: float = 18.0) -> Separator:
-    if backend == vocab.SEPARATION_DEEPFILTERNET:
-        return DeepFilterNet(attenuation_limit_db)
-    if backend == vocab.SEPARATION_DEMUCS:
-        return Demucs(demucs_model, device)
+    if backend in REGISTRY:
+        return REGISTRY[backend](demucs_model, device, attenuation_limit_db)
     raise Unsupported(f"unknown separation backend {backend!r}; use {vocab.choices(vocab.SEPARATION_BACKENDS)}")
