@@ -284,3 +284,21 @@ def test_lines_said_over_and_over_are_decoded_once(tmp_path):
     found = [s for s in backend.transcribe(np.tile(once, 8), options, threading.Event()) if hasattr(s, "words")]
     assert len(" ".join(s.text for s in found).split()) >= 8 * 20  # every repetition is there
     assert [s.temperature for s in found] == [0.0] * len(found)
+
+
+def test_a_last_word_stretched_over_the_rest_of_the_speech_is_found():
+    """Whisper tiny.en once ended a remix's transcript at "... for no reason. I am" with "am"
+    lasting 5 s (the rest of the speech skipped); that segment is then transcribed again on
+    its own. Ordinary endings are left alone."""
+    from services.stt.backend import Segment, WhisperBackend, Word
+
+    def segment(*words: tuple[str, float, float]) -> Segment:
+        return Segment(0, " ".join(w for w, _, _ in words), words[0][1], words[-1][2],
+                       [Word(w, s, e, 0.9) for w, s, e in words], "en", False, -0.2, 0.01, 1.5)
+
+    stretched = segment(("reason.", 15.8, 23.4), ("I", 23.5, 23.7), ("am", 24.2, 29.3))
+    assert WhisperBackend._stretched_tail(stretched, 30.0) == 15.8
+    ordinary = segment(("so", 27.0, 27.3), ("angry.", 27.3, 28.1))
+    assert WhisperBackend._stretched_tail(ordinary, 30.0) is None
+    at_the_very_end = segment(("goodbye.", 28.0, 29.8))  # a long last word with no time after it
+    assert WhisperBackend._stretched_tail(at_the_very_end, 30.0) is None

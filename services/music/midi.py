@@ -32,8 +32,10 @@ class Placement:
 
 def allocate(instruments: list[Any]) -> list[Placement]:
     """A channel for every instrument with notes: drums on channel 10, the others on the
-    lowest channel that is free from their first note to their last (interval colouring:
-    as many channels as instruments sound at once)."""
+    channel free longest by their first note (interval colouring: as many channels as
+    instruments sound at once). Taking the longest-free channel keeps a new instrument off
+    channels whose last notes are still ringing out: FluidSynth cuts a voice when the same
+    key starts again on its channel. Up to 15 instruments each get a channel of their own."""
     placed: list[Placement] = []
     free_from = dict.fromkeys(MELODIC_CHANNELS, float("-inf"))
     timed = [(min(n.start for n in i.notes), max(n.end for n in i.notes), i) for i in instruments if i.notes]
@@ -41,7 +43,8 @@ def allocate(instruments: list[Any]) -> list[Placement]:
         if instrument.is_drum:
             placed.append(Placement(instrument, DRUM_CHANNEL, start, end))
             continue
-        channel = next((c for c in MELODIC_CHANNELS if free_from[c] <= start), None)
+        channel = min((c for c in MELODIC_CHANNELS if free_from[c] <= start),
+                      key=lambda c: (free_from[c], c), default=None)
         if channel is None:
             raise TooManyVoices(f"more than {len(MELODIC_CHANNELS)} instruments sound at {start:.2f} s")
         free_from[channel] = end
@@ -50,9 +53,20 @@ def allocate(instruments: list[Any]) -> list[Placement]:
 
 
 def write(score: Any, path: Path) -> list[Placement]:
-    """Write ``score`` (a pretty_midi.PrettyMIDI) to ``path``; returns where each instrument went."""
+    """Write ``score`` (a pretty_midi.PrettyMIDI) to ``path``; returns where each instrument went.
+
+    Where every instrument can have a channel of its own, pretty_midi's writer does that
+    (and the audio stays exactly what it was: FluidSynth renders the same notes on other
+    channels measurably differently); only larger scores share channels in turn."""
     import mido
 
+    melodic = [i for i in score.instruments if not i.is_drum]
+    if len(melodic) <= len(MELODIC_CHANNELS):
+        score.write(str(path))
+        # pretty_midi's own rule: the n-th instrument on the n-th channel, drums on 10.
+        return [Placement(i, DRUM_CHANNEL if i.is_drum else MELODIC_CHANNELS[n % len(MELODIC_CHANNELS)],
+                          min(x.start for x in i.notes), max(x.end for x in i.notes))
+                for n, i in enumerate(score.instruments) if i.notes]
     placements = allocate(score.instruments)
     midi = mido.MidiFile(type=1, ticks_per_beat=score.resolution)
     conductor = mido.MidiTrack()

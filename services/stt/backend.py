@@ -33,6 +33,8 @@ SAMPLING_SEED = 0
 # (avg_logprob under -1) stays on, and the voice-activity filter already keeps the silence
 # where loops are hallucinated away from the decoder. Without the ratio check: 10.4 s.
 COMPRESSION_RATIO_THRESHOLD: float | None = None
+# No spoken word lasts this long; a last word that does hides text Whisper skipped.
+STRETCHED_WORD_S = 2.5
 
 
 def cuda_available() -> bool:
@@ -229,18 +231,60 @@ class WhisperBackend:
         yield detected if detected is not None else Detected(language, float(info.language_probability))
         translated = options.task == "translate" and language != "en"
         loudness = Loudness(audio)
+
+        def made(seg: object, offset: float = 0.0) -> Segment | None:
+            text = seg.text.strip()  # type: ignore[attr-defined]
+            if not text:
+                return None
+            words = [Word(w.word.strip(), *loudness.trim(float(w.start) + offset, float(w.end) + offset),
+                          float(w.probability)) for w in (seg.words or [])]  # type: ignore[attr-defined]
+            start, end = ((words[0].start_s, words[-1].end_s) if words
+                          else (float(seg.start) + offset, float(seg.end) + offset))  # type: ignore[attr-defined]
+            return Segment(
+                id=seg.id, text=text, start_s=start, end_s=end, words=words,  # type: ignore[attr-defined]
+                language=language, translated=translated,
+                avg_logprob=float(seg.avg_logprob), no_speech_prob=float(seg.no_speech_prob),  # type: ignore[attr-defined]
+                compression_ratio=float(seg.compression_ratio),  # type: ignore[attr-defined]
+                temperature=float(seg.temperature or 0.0),  # type: ignore[attr-defined]
+            )
+
+        # The last segment is held back: Whisper sometimes stops a window's text early and
+        # stretches the last word over the rest of the speech ("... for no reason. I am"
+        # with "am" lasting 5 s). That segment is then transcribed again on its own, from its
+        # start (a window that begins there, with the words before it out of the way).
+        held: Segment | None = None
         for seg in segments:
             if cancel.is_set():
                 return
-            text = seg.text.strip()
-            if not text:
+            current = made(seg)
+            if current is None:
                 continue
-            words = [Word(w.word.strip(), *loudness.trim(float(w.start), float(w.end)), float(w.probability))
-                     for w in (seg.words or [])]
-            start, end = (words[0].start_s, words[-1].end_s) if words else (float(seg.start), float(seg.end))
-            yield Segment(
-                id=seg.id, text=text, start_s=start, end_s=end, words=words,
-                language=language, translated=translated,
-                avg_logprob=float(seg.avg_logprob), no_speech_prob=float(seg.no_speech_prob),
-                compression_ratio=float(seg.compression_ratio), temperature=float(seg.temperature or 0.0),
-            )
+            if held is not None:
+                yield held
+            held = current
+        if held is None:
+            return
+        tail = self._stretched_tail(held, audio.shape[0] / SAMPLE_RATE)
+        if tail is None or cancel.is_set():
+            yield held
+            return
+        again, _ = model.transcribe(  # type: ignore[attr-defined]
+            audio[int(tail * SAMPLE_RATE):], task=options.task, language=language, beam_size=options.beam_size,
+            vad_filter=options.vad_filter, word_timestamps=options.word_timestamps,
+            condition_on_previous_text=False, compression_ratio_threshold=COMPRESSION_RATIO_THRESHOLD)
+        recovered = [r for r in (made(seg, tail) for seg in again) if r is not None]
+        if not recovered:
+            yield held
+            return
+        log.info("transcribed a stretched ending again", extra={"fields": {"from_s": round(tail, 2)}})
+        yield from recovered
+
+    @staticmethod
+    def _stretched_tail(segment: Segment, duration_s: float) -> float | None:
+        """Where to transcribe again when the last word lasts implausibly long (None: it does not)."""
+        if not segment.words:
+            return None
+        last = segment.words[-1]
+        if last.end_s - last.start_s < STRETCHED_WORD_S or duration_s - last.start_s < 1.0:
+            return None
+        return segment.start_s
