@@ -83,7 +83,8 @@ class GatewayServicer(ModelServicer, gateway_pb2_grpc.GatewayServicer):
         while True:
             down = await unreachable(self.channels, {n: SERVICES_BY_NAME[n].grpc_name for n in self.channels})
             if down != self.down:
-                level = log.warning if down else log.info
+                # While starting, services that are still loading are expected, not a warning.
+                level = log.warning if down and self.reachable.is_set() else log.info
                 level("services " + ("unreachable" if down else "all reachable"), extra={"fields": {"down": down}})
             self.down = down
             if not down:
