@@ -376,6 +376,9 @@ def test_cli_writes_into_a_new_folder_and_leaves_no_partial_files(tmp_path):
     assert list(target.parent.iterdir()) == []
     paths.write_bytes(target, b"whole")
     assert target.read_bytes() == b"whole" and list(target.parent.iterdir()) == [target]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's private 0600
 
 
 # ----- a server that cannot serve ends; a gateway reports what it can reach ----------------

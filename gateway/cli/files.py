@@ -70,6 +70,12 @@ def check(source: Path, files: list[Output], stems: Output | None = None) -> Non
         _ready_folder(stems.option, stems.path)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def replacing(path: Path) -> Iterator[IO[bytes]]:
     """A file that becomes ``path`` only when the block ends without an error."""
@@ -77,6 +83,8 @@ def replacing(path: Path) -> Iterator[IO[bytes]]:
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
+        # mkstemp makes the file private (0600); the user's output gets the usual mode.
+        os.chmod(name, 0o666 & ~_umask())
         os.replace(name, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
