@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from bgm import scratch
+from bgm import scratch, vocab
 from bgm.errors import IdleStream, InvalidInput
 from bgm.settings import ServerSettings
 
@@ -104,8 +104,8 @@ class StreamLimits:
     prefix: str = "BGM"
 
     @classmethod
-    def of(cls, settings: ServerSettings, service: str) -> StreamLimits:
-        return cls(settings.idle_timeout_s, settings.upload_timeout_s, f"BGM_{service.upper()}")
+    def of(cls, settings: ServerSettings, service: vocab.Service) -> StreamLimits:
+        return cls(settings.idle_timeout_s, settings.upload_timeout_s, service.env_prefix)
 
 
 async def paced(requests: AsyncIterable[Any], limits: StreamLimits) -> AsyncIterator[Any]:

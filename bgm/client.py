@@ -1,5 +1,5 @@
 """Client side of the shared runtime: channels with the same message limits as the
-servers, a retry policy for UNAVAILABLE only, deadlines, and health waiting."""
+servers, a retry policy for UNAVAILABLE only, deadlines, and health checks."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bgm import logs, vocab
+from bgm.errors import RETRY_INFO_KEY, read_retry_delay
 
 log = logs.get("bgm.client")
 T = TypeVar("T")
@@ -138,30 +139,11 @@ async def call_with_retry(
 
 def retry_delay(exc: grpc.RpcError) -> float | None:
     """The wait a server asked for in google.rpc.RetryInfo (its trailing status details)."""
-    from bgm.errors import RETRY_INFO_KEY, read_retry_delay
-
     trailers = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
     for key, value in trailers or ():
         if key == RETRY_INFO_KEY and isinstance(value, bytes):
             return read_retry_delay(value)
     return None
-
-
-async def wait_for_serving(channel: aio.Channel, service: str = "", timeout: float = 60.0) -> None:
-    """Poll the health service until ``service`` reports SERVING, or raise TimeoutError."""
-    stub = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + timeout
-    last = "no answer"
-    while time.monotonic() < deadline:
-        try:
-            reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2.0)
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-            last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-        except aio.AioRpcError as exc:
-            last = f"{exc.code().name}: {exc.details()}"
-        await asyncio.sleep(0.1)
-    raise TimeoutError(f"{service or 'server'} not SERVING after {timeout:g} s (last: {last})")
 
 
 async def unreachable(channels: dict[str, aio.Channel], services: dict[str, str],

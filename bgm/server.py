@@ -130,7 +130,7 @@ async def start_server(
 ) -> RunningServer:
     """Start a server for ``servicers`` and begin loading their models in the background
     (or, with ``load_models=False``, when ``RunningServer.start_loading`` is called)."""
-    scratch.sweep(settings.tmp_dir)
+    await asyncio.to_thread(scratch.sweep, settings.tmp_dir)  # may remove gigabytes: off the loop
     if credentials is None:
         credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     guards: list[aio.ServerInterceptor] = [TokenInterceptor(settings.auth_token)] if settings.auth_token else []
@@ -182,7 +182,7 @@ async def _load(servicer: Servicer, running: RunningServer) -> None:
         running.load_errors[name] = exc
         log.error("model failed to load", exc_info=exc, extra={"fields": {"servicer": name}})
         return
-    await running.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await _report(running.health, name, True)
     log.info("ready", extra={"fields": {"servicer": name}})
 
 

@@ -44,7 +44,7 @@ class GatewayServicer(ModelServicer, gateway_pb2_grpc.GatewayServicer):
         self.server = server
         self.limiter = ConcurrencyLimiter(server.max_concurrency, "the gateway")
         self.uploads = ConcurrencyLimiter(server.max_uploads, "the gateway's uploads")
-        self.stream = StreamLimits.of(server, vocab.GATEWAY.name)
+        self.stream = StreamLimits.of(server, vocab.GATEWAY)
         self.retry = RetryPolicy(max_attempts=gateway.retry_attempts, budget_s=gateway.retry_budget_s)
         self.local = local
         self.channels: dict[str, aio.Channel] = {}

@@ -47,7 +47,7 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
         self.limiter = ConcurrencyLimiter(server.max_concurrency, "the mixer's Separate")
         self.mix_limiter = ConcurrencyLimiter(server.max_concurrency, "the mixer's MixAndMux")
         self.uploads = ConcurrencyLimiter(server.max_uploads, "the mixer's uploads")
-        self.stream = StreamLimits.of(server, vocab.MIXER.name)
+        self.stream = StreamLimits.of(server, vocab.MIXER)
         self.separators: dict[str, separation.Separator] = {}
         self.loading = asyncio.Lock()
 

@@ -8,11 +8,13 @@ unless language detection is on, in which case it loads at start.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ctranslate2
 import numpy as np
@@ -217,35 +219,35 @@ class WhisperBackend:
         # Whisper falls back to sampling at higher temperatures where greedy or beam output
         # looks wrong; a fixed seed makes that reproducible (same audio, same transcript).
         ctranslate2.set_random_seed(SAMPLING_SEED)
-        segments, info = model.transcribe(  # type: ignore[attr-defined]
-            audio,
+        decode = functools.partial(
+            model.transcribe,  # type: ignore[attr-defined]
             task=options.task,
-            language=options.language,
             beam_size=options.beam_size,
             vad_filter=options.vad_filter,
             word_timestamps=options.word_timestamps,
             condition_on_previous_text=False,  # keeps one bad segment from poisoning the rest
             compression_ratio_threshold=COMPRESSION_RATIO_THRESHOLD,
         )
+        segments, info = decode(audio, language=options.language)
         language = info.language
         yield detected if detected is not None else Detected(language, float(info.language_probability))
         translated = options.task == "translate" and language != "en"
         loudness = Loudness(audio)
 
-        def made(seg: object, offset: float = 0.0) -> Segment | None:
-            text = seg.text.strip()  # type: ignore[attr-defined]
+        def made(seg: Any, offset: float = 0.0) -> Segment | None:
+            text = seg.text.strip()
             if not text:
                 return None
             words = [Word(w.word.strip(), *loudness.trim(float(w.start) + offset, float(w.end) + offset),
-                          float(w.probability)) for w in (seg.words or [])]  # type: ignore[attr-defined]
+                          float(w.probability)) for w in (seg.words or [])]
             start, end = ((words[0].start_s, words[-1].end_s) if words
-                          else (float(seg.start) + offset, float(seg.end) + offset))  # type: ignore[attr-defined]
+                          else (float(seg.start) + offset, float(seg.end) + offset))
             return Segment(
-                id=seg.id, text=text, start_s=start, end_s=end, words=words,  # type: ignore[attr-defined]
+                id=seg.id, text=text, start_s=start, end_s=end, words=words,
                 language=language, translated=translated,
-                avg_logprob=float(seg.avg_logprob), no_speech_prob=float(seg.no_speech_prob),  # type: ignore[attr-defined]
-                compression_ratio=float(seg.compression_ratio),  # type: ignore[attr-defined]
-                temperature=float(seg.temperature or 0.0),  # type: ignore[attr-defined]
+                avg_logprob=float(seg.avg_logprob), no_speech_prob=float(seg.no_speech_prob),
+                compression_ratio=float(seg.compression_ratio),
+                temperature=float(seg.temperature or 0.0),
             )
 
         # The last segment is held back: Whisper sometimes stops a window's text early and
@@ -268,10 +270,7 @@ class WhisperBackend:
         if tail is None or cancel.is_set():
             yield held
             return
-        again, _ = model.transcribe(  # type: ignore[attr-defined]
-            audio[int(tail * SAMPLE_RATE):], task=options.task, language=language, beam_size=options.beam_size,
-            vad_filter=options.vad_filter, word_timestamps=options.word_timestamps,
-            condition_on_previous_text=False, compression_ratio_threshold=COMPRESSION_RATIO_THRESHOLD)
+        again, _ = decode(audio[int(tail * SAMPLE_RATE):], language=language)
         recovered = [r for r in (made(seg, tail) for seg in again) if r is not None]
         if not recovered:
             yield held

@@ -29,7 +29,7 @@ class SpeechToTextServicer(ModelServicer, stt_pb2_grpc.SpeechToTextServicer):
         self.server = server
         self.limiter = ConcurrencyLimiter(server.max_concurrency, "the speech-to-text service")
         self.uploads = ConcurrencyLimiter(server.max_uploads, "the speech-to-text service's uploads")
-        self.stream = StreamLimits.of(server, vocab.STT.name)
+        self.stream = StreamLimits.of(server, vocab.STT)
         self.backend: WhisperBackend | None = None
 
     def add_to_server(self, server: aio.Server) -> None:
