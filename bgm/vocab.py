@@ -42,6 +42,8 @@ SEPARATION_DEEPFILTERNET, SEPARATION_DEMUCS = "deepfilternet", "demucs"
 EMOTION_BACKENDS: tuple[str, ...] = (EMOTION_GOEMOTIONS, EMOTION_NADE, EMOTION_TRANSFORMERS)
 MUSIC_BACKENDS: tuple[str, ...] = (MUSIC_COMPOSER, MUSIC_RIFFUSION, MUSIC_TRITON)
 SEPARATION_BACKENDS: tuple[str, ...] = (SEPARATION_DEEPFILTERNET, SEPARATION_DEMUCS)
+# Variations a creator may ask of an emotion's music (SpanControl.style; services/music/styles.py).
+MUSIC_STYLES: tuple[str, ...] = ("piano", "strings", "band", "ambient")
 
 
 def choices(names: tuple[str, ...]) -> str:

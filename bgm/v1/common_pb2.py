@@ -24,25 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x62gm/v1/common.proto\x12\x06\x62gm.v1\"[\n\x0b\x41udioFormat\x12\x16\n\x0esample_rate_hz\x18\x01 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x02 \x01(\x05\x12\"\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x10.bgm.v1.Encoding\"*\n\x08TimeSpan\x12\x0f\n\x07start_s\x18\x01 \x01(\x01\x12\r\n\x05\x65nd_s\x18\x02 \x01(\x01\"c\n\x0b\x45motionSpan\x12 \n\x07\x65motion\x18\x01 \x01(\x0e\x32\x0f.bgm.v1.Emotion\x12\x1e\n\x04span\x18\x02 \x01(\x0b\x32\x10.bgm.v1.TimeSpan\x12\x12\n\nconfidence\x18\x03 \x01(\x02\"^\n\x08Progress\x12\x1c\n\x05stage\x18\x01 \x01(\x0e\x32\r.bgm.v1.Stage\x12\x10\n\x08\x66raction\x18\x02 \x01(\x02\x12\x11\n\telapsed_s\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t*l\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45NCODING_PCM_S16LE\x10\x01\x12\x16\n\x12\x45NCODING_PCM_F32LE\x10\x02\x12\x16\n\x12\x45NCODING_CONTAINER\x10\x03*\xad\x01\n\x07\x45motion\x12\x17\n\x13\x45MOTION_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x45MOTION_JOY\x10\x01\x12\x13\n\x0f\x45MOTION_SADNESS\x10\x02\x12\x13\n\x0f\x45MOTION_DISGUST\x10\x03\x12\x11\n\rEMOTION_ANGER\x10\x04\x12\x14\n\x10\x45MOTION_SURPRISE\x10\x05\x12\x10\n\x0c\x45MOTION_FEAR\x10\x06\x12\x13\n\x0f\x45MOTION_NEUTRAL\x10\x07*\xc6\x01\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTAGE_UPLOAD\x10\x01\x12\x17\n\x13STAGE_EXTRACT_AUDIO\x10\x02\x12\x12\n\x0eSTAGE_SEPARATE\x10\x03\x12\x14\n\x10STAGE_TRANSCRIBE\x10\x04\x12\x12\n\x0eSTAGE_CLASSIFY\x10\x05\x12\x18\n\x14STAGE_GENERATE_MUSIC\x10\x06\x12\r\n\tSTAGE_MIX\x10\x07\"\x04\x08\x08\x10\x08*\x0eSTAGE_DOWNLOADb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x62gm/v1/common.proto\x12\x06\x62gm.v1\"[\n\x0b\x41udioFormat\x12\x16\n\x0esample_rate_hz\x18\x01 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x02 \x01(\x05\x12\"\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x10.bgm.v1.Encoding\"*\n\x08TimeSpan\x12\x0f\n\x07start_s\x18\x01 \x01(\x01\x12\r\n\x05\x65nd_s\x18\x02 \x01(\x01\"l\n\x0bSpanControl\x12\r\n\x05style\x18\x01 \x01(\t\x12\x16\n\tintensity\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x0c\n\x04lock\x18\x04 \x01(\x08\x42\x0c\n\n_intensityB\x07\n\x05_seed\"\x89\x01\n\x0b\x45motionSpan\x12 \n\x07\x65motion\x18\x01 \x01(\x0e\x32\x0f.bgm.v1.Emotion\x12\x1e\n\x04span\x18\x02 \x01(\x0b\x32\x10.bgm.v1.TimeSpan\x12\x12\n\nconfidence\x18\x03 \x01(\x02\x12$\n\x07\x63ontrol\x18\x04 \x01(\x0b\x32\x13.bgm.v1.SpanControl\"^\n\x08Progress\x12\x1c\n\x05stage\x18\x01 \x01(\x0e\x32\r.bgm.v1.Stage\x12\x10\n\x08\x66raction\x18\x02 \x01(\x02\x12\x11\n\telapsed_s\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t*l\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45NCODING_PCM_S16LE\x10\x01\x12\x16\n\x12\x45NCODING_PCM_F32LE\x10\x02\x12\x16\n\x12\x45NCODING_CONTAINER\x10\x03*\xad\x01\n\x07\x45motion\x12\x17\n\x13\x45MOTION_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x45MOTION_JOY\x10\x01\x12\x13\n\x0f\x45MOTION_SADNESS\x10\x02\x12\x13\n\x0f\x45MOTION_DISGUST\x10\x03\x12\x11\n\rEMOTION_ANGER\x10\x04\x12\x14\n\x10\x45MOTION_SURPRISE\x10\x05\x12\x10\n\x0c\x45MOTION_FEAR\x10\x06\x12\x13\n\x0f\x45MOTION_NEUTRAL\x10\x07*\xc6\x01\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTAGE_UPLOAD\x10\x01\x12\x17\n\x13STAGE_EXTRACT_AUDIO\x10\x02\x12\x12\n\x0eSTAGE_SEPARATE\x10\x03\x12\x14\n\x10STAGE_TRANSCRIBE\x10\x04\x12\x12\n\x0eSTAGE_CLASSIFY\x10\x05\x12\x18\n\x14STAGE_GENERATE_MUSIC\x10\x06\x12\r\n\tSTAGE_MIX\x10\x07\"\x04\x08\x08\x10\x08*\x0eSTAGE_DOWNLOADb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bgm.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENCODING']._serialized_start=365
-  _globals['_ENCODING']._serialized_end=473
-  _globals['_EMOTION']._serialized_start=476
-  _globals['_EMOTION']._serialized_end=649
-  _globals['_STAGE']._serialized_start=652
-  _globals['_STAGE']._serialized_end=850
+  _globals['_ENCODING']._serialized_start=514
+  _globals['_ENCODING']._serialized_end=622
+  _globals['_EMOTION']._serialized_start=625
+  _globals['_EMOTION']._serialized_end=798
+  _globals['_STAGE']._serialized_start=801
+  _globals['_STAGE']._serialized_end=999
   _globals['_AUDIOFORMAT']._serialized_start=31
   _globals['_AUDIOFORMAT']._serialized_end=122
   _globals['_TIMESPAN']._serialized_start=124
   _globals['_TIMESPAN']._serialized_end=166
-  _globals['_EMOTIONSPAN']._serialized_start=168
-  _globals['_EMOTIONSPAN']._serialized_end=267
-  _globals['_PROGRESS']._serialized_start=269
-  _globals['_PROGRESS']._serialized_end=363
+  _globals['_SPANCONTROL']._serialized_start=168
+  _globals['_SPANCONTROL']._serialized_end=276
+  _globals['_EMOTIONSPAN']._serialized_start=279
+  _globals['_EMOTIONSPAN']._serialized_end=416
+  _globals['_PROGRESS']._serialized_start=418
+  _globals['_PROGRESS']._serialized_end=512
 # @@protoc_insertion_point(module_scope)

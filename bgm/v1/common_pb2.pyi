@@ -148,27 +148,76 @@ class TimeSpan(_message.Message):
 Global___TimeSpan: _TypeAlias = TimeSpan  # noqa: Y015
 
 @_typing.final
+class SpanControl(_message.Message):
+    """A creator's settings for one span of an edited timeline; every field is optional."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STYLE_FIELD_NUMBER: _builtins.int
+    INTENSITY_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    LOCK_FIELD_NUMBER: _builtins.int
+    style: _builtins.str
+    """A variation of the emotion's music: "" (the emotion's own), "piano", "strings", "band"
+    or "ambient" (MusicGenerator says which it knows when one is unknown).
+    """
+    intensity: _builtins.float
+    """0..1, how much the music does (level, density, drums); the emotion's own when unset."""
+    seed: _builtins.int
+    """This span's music seed. Unset: derived from the request's seed and the span's start."""
+    lock: _builtins.bool
+    """Keep this span's music when the rest is re-rendered with a new seed (the gateway pins
+    its seed to the recorded one).
+    """
+    def __init__(
+        self,
+        *,
+        style: _builtins.str = ...,
+        intensity: _builtins.float | None = ...,
+        seed: _builtins.int | None = ...,
+        lock: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_intensity", b"_intensity", "_seed", b"_seed", "intensity", b"intensity", "seed", b"seed"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_intensity", b"_intensity", "_seed", b"_seed", "intensity", b"intensity", "lock", b"lock", "seed", b"seed", "style", b"style"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__intensity: _TypeAlias = _typing.Literal["intensity"]  # noqa: Y015
+    _WhichOneofArgType__intensity: _TypeAlias = _typing.Literal["_intensity", b"_intensity"]  # noqa: Y015
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__intensity) -> _WhichOneofReturnType__intensity | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+
+Global___SpanControl: _TypeAlias = SpanControl  # noqa: Y015
+
+@_typing.final
 class EmotionSpan(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     EMOTION_FIELD_NUMBER: _builtins.int
     SPAN_FIELD_NUMBER: _builtins.int
     CONFIDENCE_FIELD_NUMBER: _builtins.int
+    CONTROL_FIELD_NUMBER: _builtins.int
     emotion: Global___Emotion.ValueType
     confidence: _builtins.float
     """Mean probability of the emotion over the span (0..1)."""
     @_builtins.property
     def span(self) -> Global___TimeSpan: ...
+    @_builtins.property
+    def control(self) -> Global___SpanControl: ...
     def __init__(
         self,
         *,
         emotion: Global___Emotion.ValueType = ...,
         span: Global___TimeSpan | None = ...,
         confidence: _builtins.float = ...,
+        control: Global___SpanControl | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["span", b"span"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["control", b"control", "span", b"span"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "emotion", b"emotion", "span", b"span"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "control", b"control", "emotion", b"emotion", "span", b"span"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

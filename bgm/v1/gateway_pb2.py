@@ -29,7 +29,7 @@ from bgm.v1 import music_pb2 as bgm_dot_v1_dot_music__pb2
 from bgm.v1 import stt_pb2 as bgm_dot_v1_dot_stt__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x62gm/v1/gateway.proto\x12\x06\x62gm.v1\x1a\x13\x62gm/v1/common.proto\x1a\x14\x62gm/v1/emotion.proto\x1a\x12\x62gm/v1/mixer.proto\x1a\x12\x62gm/v1/music.proto\x1a\x10\x62gm/v1/stt.proto\"\xde\x01\n\x0cRemixOptions\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x1d\n\x04task\x18\x02 \x01(\x0e\x32\x0f.bgm.v1.SttTask\x12\x10\n\x08language\x18\x03 \x01(\t\x12+\n\tsmoothing\x18\x04 \x01(\x0b\x32\x18.bgm.v1.SmoothingOptions\x12!\n\x05music\x18\x05 \x01(\x0b\x32\x12.bgm.v1.MusicStyle\x12\x1f\n\x03mix\x18\x06 \x01(\x0b\x32\x12.bgm.v1.MixOptions\x12\x1a\n\x12separation_backend\x18\x07 \x01(\t\"S\n\x0cRemixRequest\x12\'\n\x07options\x18\x01 \x01(\x0b\x32\x14.bgm.v1.RemixOptionsH\x00\x12\x0f\n\x05video\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"s\n\nTranscript\x12!\n\x08segments\x18\x01 \x03(\x0b\x32\x0f.bgm.v1.Segment\x12\x10\n\x08language\x18\x02 \x01(\t\x12\x1c\n\x14language_probability\x18\x03 \x01(\x02\x12\x12\n\nduration_s\x18\x04 \x01(\x01\"\x98\x01\n\x0f\x45motionTimeline\x12(\n\x08segments\x18\x01 \x03(\x0b\x32\x16.bgm.v1.SegmentEmotion\x12\"\n\x05spans\x18\x02 \x03(\x0b\x32\x13.bgm.v1.EmotionSpan\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12&\n\tsentences\x18\x04 \x03(\x0b\x32\x13.bgm.v1.TextSegment\"\xee\x01\n\rRemixResponse\x12$\n\x08progress\x18\x01 \x01(\x0b\x32\x10.bgm.v1.ProgressH\x00\x12(\n\ntranscript\x18\x02 \x01(\x0b\x32\x12.bgm.v1.TranscriptH\x00\x12+\n\x08timeline\x18\x03 \x01(\x0b\x32\x17.bgm.v1.EmotionTimelineH\x00\x12#\n\x06result\x18\x04 \x01(\x0b\x32\x11.bgm.v1.MixResultH\x00\x12\x0f\n\x05video\x18\x05 \x01(\x0cH\x00\x12!\n\x04stem\x18\x06 \x01(\x0b\x32\x11.bgm.v1.StemChunkH\x00\x42\x07\n\x05\x65vent2\x7f\n\x07Gateway\x12\x38\n\x05Remix\x12\x14.bgm.v1.RemixRequest\x1a\x15.bgm.v1.RemixResponse(\x01\x30\x01\x12:\n\x07\x41nalyze\x12\x14.bgm.v1.RemixRequest\x1a\x15.bgm.v1.RemixResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x62gm/v1/gateway.proto\x12\x06\x62gm.v1\x1a\x13\x62gm/v1/common.proto\x1a\x14\x62gm/v1/emotion.proto\x1a\x12\x62gm/v1/mixer.proto\x1a\x12\x62gm/v1/music.proto\x1a\x10\x62gm/v1/stt.proto\"\x88\x02\n\x0cRemixOptions\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x1d\n\x04task\x18\x02 \x01(\x0e\x32\x0f.bgm.v1.SttTask\x12\x10\n\x08language\x18\x03 \x01(\t\x12+\n\tsmoothing\x18\x04 \x01(\x0b\x32\x18.bgm.v1.SmoothingOptions\x12!\n\x05music\x18\x05 \x01(\x0b\x32\x12.bgm.v1.MusicStyle\x12\x1f\n\x03mix\x18\x06 \x01(\x0b\x32\x12.bgm.v1.MixOptions\x12\x1a\n\x12separation_backend\x18\x07 \x01(\t\x12(\n\x08timeline\x18\x08 \x01(\x0b\x32\x16.bgm.v1.EditedTimeline\"\\\n\x0e\x45\x64itedTimeline\x12\"\n\x05spans\x18\x01 \x03(\x0b\x32\x13.bgm.v1.EmotionSpan\x12&\n\ntranscript\x18\x02 \x01(\x0b\x32\x12.bgm.v1.Transcript\"S\n\x0cRemixRequest\x12\'\n\x07options\x18\x01 \x01(\x0b\x32\x14.bgm.v1.RemixOptionsH\x00\x12\x0f\n\x05video\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"s\n\nTranscript\x12!\n\x08segments\x18\x01 \x03(\x0b\x32\x0f.bgm.v1.Segment\x12\x10\n\x08language\x18\x02 \x01(\t\x12\x1c\n\x14language_probability\x18\x03 \x01(\x02\x12\x12\n\nduration_s\x18\x04 \x01(\x01\"\x98\x01\n\x0f\x45motionTimeline\x12(\n\x08segments\x18\x01 \x03(\x0b\x32\x16.bgm.v1.SegmentEmotion\x12\"\n\x05spans\x18\x02 \x03(\x0b\x32\x13.bgm.v1.EmotionSpan\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12&\n\tsentences\x18\x04 \x03(\x0b\x32\x13.bgm.v1.TextSegment\"\x94\x02\n\rRemixResponse\x12$\n\x08progress\x18\x01 \x01(\x0b\x32\x10.bgm.v1.ProgressH\x00\x12(\n\ntranscript\x18\x02 \x01(\x0b\x32\x12.bgm.v1.TranscriptH\x00\x12+\n\x08timeline\x18\x03 \x01(\x0b\x32\x17.bgm.v1.EmotionTimelineH\x00\x12#\n\x06result\x18\x04 \x01(\x0b\x32\x11.bgm.v1.MixResultH\x00\x12\x0f\n\x05video\x18\x05 \x01(\x0cH\x00\x12!\n\x04stem\x18\x06 \x01(\x0b\x32\x11.bgm.v1.StemChunkH\x00\x12$\n\x05score\x18\x07 \x01(\x0b\x32\x13.bgm.v1.MusicHeaderH\x00\x42\x07\n\x05\x65vent2\x7f\n\x07Gateway\x12\x38\n\x05Remix\x12\x14.bgm.v1.RemixRequest\x1a\x15.bgm.v1.RemixResponse(\x01\x30\x01\x12:\n\x07\x41nalyze\x12\x14.bgm.v1.RemixRequest\x1a\x15.bgm.v1.RemixResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,15 +37,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bgm.v1.gateway_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REMIXOPTIONS']._serialized_start=134
-  _globals['_REMIXOPTIONS']._serialized_end=356
-  _globals['_REMIXREQUEST']._serialized_start=358
-  _globals['_REMIXREQUEST']._serialized_end=441
-  _globals['_TRANSCRIPT']._serialized_start=443
-  _globals['_TRANSCRIPT']._serialized_end=558
-  _globals['_EMOTIONTIMELINE']._serialized_start=561
-  _globals['_EMOTIONTIMELINE']._serialized_end=713
-  _globals['_REMIXRESPONSE']._serialized_start=716
-  _globals['_REMIXRESPONSE']._serialized_end=954
-  _globals['_GATEWAY']._serialized_start=956
-  _globals['_GATEWAY']._serialized_end=1083
+  _globals['_REMIXOPTIONS']._serialized_end=398
+  _globals['_EDITEDTIMELINE']._serialized_start=400
+  _globals['_EDITEDTIMELINE']._serialized_end=492
+  _globals['_REMIXREQUEST']._serialized_start=494
+  _globals['_REMIXREQUEST']._serialized_end=577
+  _globals['_TRANSCRIPT']._serialized_start=579
+  _globals['_TRANSCRIPT']._serialized_end=694
+  _globals['_EMOTIONTIMELINE']._serialized_start=697
+  _globals['_EMOTIONTIMELINE']._serialized_end=849
+  _globals['_REMIXRESPONSE']._serialized_start=852
+  _globals['_REMIXRESPONSE']._serialized_end=1128
+  _globals['_GATEWAY']._serialized_start=1130
+  _globals['_GATEWAY']._serialized_end=1257
 # @@protoc_insertion_point(module_scope)

@@ -34,6 +34,7 @@ class RemixOptions(_message.Message):
     MUSIC_FIELD_NUMBER: _builtins.int
     MIX_FIELD_NUMBER: _builtins.int
     SEPARATION_BACKEND_FIELD_NUMBER: _builtins.int
+    TIMELINE_FIELD_NUMBER: _builtins.int
     filename: _builtins.str
     """Original file name (its extension sets the output container)."""
     task: _stt_pb2.SttTask.ValueType
@@ -46,6 +47,12 @@ class RemixOptions(_message.Message):
     def music(self) -> _music_pb2.MusicStyle: ...
     @_builtins.property
     def mix(self) -> _mixer_pb2.MixOptions: ...
+    @_builtins.property
+    def timeline(self) -> Global___EditedTimeline:
+        """An edited timeline: when set, transcription and classification are skipped and the
+        music follows these spans (which must cover the video, sorted and meeting exactly).
+        """
+
     def __init__(
         self,
         *,
@@ -56,14 +63,43 @@ class RemixOptions(_message.Message):
         music: _music_pb2.MusicStyle | None = ...,
         mix: _mixer_pb2.MixOptions | None = ...,
         separation_backend: _builtins.str = ...,
+        timeline: Global___EditedTimeline | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["mix", b"mix", "music", b"music", "smoothing", b"smoothing"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["mix", b"mix", "music", b"music", "smoothing", b"smoothing", "timeline", b"timeline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filename", b"filename", "language", b"language", "mix", b"mix", "music", b"music", "separation_backend", b"separation_backend", "smoothing", b"smoothing", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filename", b"filename", "language", b"language", "mix", b"mix", "music", b"music", "separation_backend", b"separation_backend", "smoothing", b"smoothing", "task", b"task", "timeline", b"timeline"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RemixOptions: _TypeAlias = RemixOptions  # noqa: Y015
+
+@_typing.final
+class EditedTimeline(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPANS_FIELD_NUMBER: _builtins.int
+    TRANSCRIPT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def spans(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.EmotionSpan]: ...
+    @_builtins.property
+    def transcript(self) -> Global___Transcript:
+        """The transcript the spans were made from, if known: its words steer the ducking and it
+        is sent back as the transcript event (no transcription runs).
+        """
+
+    def __init__(
+        self,
+        *,
+        spans: _abc.Iterable[_common_pb2.EmotionSpan] | None = ...,
+        transcript: Global___Transcript | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["transcript", b"transcript"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["spans", b"spans", "transcript", b"transcript"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EditedTimeline: _TypeAlias = EditedTimeline  # noqa: Y015
 
 @_typing.final
 class RemixRequest(_message.Message):
@@ -164,6 +200,7 @@ class RemixResponse(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     VIDEO_FIELD_NUMBER: _builtins.int
     STEM_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
     video: _builtins.bytes
     @_builtins.property
     def progress(self) -> _common_pb2.Progress: ...
@@ -177,6 +214,10 @@ class RemixResponse(_message.Message):
 
     @_builtins.property
     def stem(self) -> _mixer_pb2.StemChunk: ...
+    @_builtins.property
+    def score(self) -> _music_pb2.MusicHeader:
+        """The score made for the timeline (music backend, tempo, seeds per span), once it is known."""
+
     def __init__(
         self,
         *,
@@ -186,12 +227,13 @@ class RemixResponse(_message.Message):
         result: _mixer_pb2.MixResult | None = ...,
         video: _builtins.bytes = ...,
         stem: _mixer_pb2.StemChunk | None = ...,
+        score: _music_pb2.MusicHeader | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "progress", b"progress", "result", b"result", "stem", b"stem", "timeline", b"timeline", "transcript", b"transcript", "video", b"video"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "progress", b"progress", "result", b"result", "score", b"score", "stem", b"stem", "timeline", b"timeline", "transcript", b"transcript", "video", b"video"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "progress", b"progress", "result", b"result", "stem", b"stem", "timeline", b"timeline", "transcript", b"transcript", "video", b"video"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "progress", b"progress", "result", b"result", "score", b"score", "stem", b"stem", "timeline", b"timeline", "transcript", b"transcript", "video", b"video"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "transcript", "timeline", "result", "video", "stem"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "transcript", "timeline", "result", "video", "stem", "score"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 

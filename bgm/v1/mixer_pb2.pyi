@@ -32,6 +32,10 @@ class _StemEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Stem.ValueType],
     """Everything but the speech: the old music and noise."""
     STEM_BGM: _Stem.ValueType  # 3
     STEM_MIX: _Stem.ValueType  # 4
+    STEM_MUSIC: _Stem.ValueType  # 5
+    """The new music as the music service made it, before the mix ducks and levels it
+    (the gateway's Remix only: a creator's raw score, sample for sample).
+    """
 
 class Stem(_Stem, metaclass=_StemEnumTypeWrapper): ...
 
@@ -41,6 +45,10 @@ STEM_REST: Stem.ValueType  # 2
 """Everything but the speech: the old music and noise."""
 STEM_BGM: Stem.ValueType  # 3
 STEM_MIX: Stem.ValueType  # 4
+STEM_MUSIC: Stem.ValueType  # 5
+"""The new music as the music service made it, before the mix ducks and levels it
+(the gateway's Remix only: a creator's raw score, sample for sample).
+"""
 Global___Stem: _TypeAlias = Stem  # noqa: Y015
 
 class _Track:
@@ -239,7 +247,7 @@ class MixOptions(_message.Message):
     """How long the music stays down after speech ends before it rises again (ms)."""
     @_builtins.property
     def return_stems(self) -> _containers.RepeatedScalarFieldContainer[Global___Stem.ValueType]:
-        """Stems to return beside the video, as WAV."""
+        """Stems to return beside the video, as WAV: SPEECH, BGM, MIX (and MUSIC through the gateway)."""
 
     def __init__(
         self,

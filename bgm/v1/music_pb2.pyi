@@ -115,12 +115,19 @@ class MusicHeader(_message.Message):
     TEMPO_BPM_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    SPAN_SEEDS_FIELD_NUMBER: _builtins.int
     total_samples: _builtins.int
     tempo_bpm: _builtins.float
     backend: _builtins.str
     seed: _builtins.int
     @_builtins.property
     def format(self) -> _common_pb2.AudioFormat: ...
+    @_builtins.property
+    def span_seeds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The seed each span's music was made with, in span order (what a re-render needs to
+        keep a span's music).
+        """
+
     def __init__(
         self,
         *,
@@ -129,10 +136,11 @@ class MusicHeader(_message.Message):
         tempo_bpm: _builtins.float = ...,
         backend: _builtins.str = ...,
         seed: _builtins.int = ...,
+        span_seeds: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["format", b"format"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "format", b"format", "seed", b"seed", "tempo_bpm", b"tempo_bpm", "total_samples", b"total_samples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "format", b"format", "seed", b"seed", "span_seeds", b"span_seeds", "tempo_bpm", b"tempo_bpm", "total_samples", b"total_samples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -10,6 +10,7 @@ are heavy (a diffusion model) or need a server (Triton).
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,30 @@ class MusicBackend(Protocol):
         ``steps``, ``guidance`` and ``strength`` steer diffusion backends; others ignore them.
         """
         ...
+
+
+class SpanRenderer(Protocol):
+    """A backend whose spans are independent pieces: each depends only on its own content,
+    so the service renders, caches and streams them one at a time."""
+
+    name: str
+    version: str
+
+    def span_tempo(self, emotion: str, frames: int, sample_rate: int, tempo: float | None) -> float: ...
+
+    def render_span(self, emotion: str, frames: int, *, sample_rate: int, seed: int, tempo: float | None,
+                    variant: str = "", intensity: float | None = None) -> np.ndarray: ...
+
+
+def renders_spans(backend: object) -> bool:
+    return callable(getattr(backend, "render_span", None))
+
+
+def span_seed(base: int, start_s: float) -> int:
+    """A span's seed when the request names none: from the request's seed and where the span
+    starts (not its index, so splitting one span leaves the others' music as it was)."""
+    digest = hashlib.sha256(f"{base}:{round(start_s * 1000)}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 @dataclass(frozen=True)

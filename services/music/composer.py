@@ -2,7 +2,10 @@
 
 Each span gets a whole number of bars: its tempo is the style's, nudged so the bars fill
 the span exactly. So every change of emotion falls on a bar line and the audio fits the
-timeline to the sample. The same seed gives the same MIDI and so the same audio.
+timeline to the sample. Each span is its own piece (``render_span``): it depends only on
+its emotion, length, seed and controls, so a re-render of an edited timeline reuses every
+span that did not change, sample for sample; it fades out over its last ``FADE_OUT_S``
+and the next starts on its downbeat. The same seed gives the same MIDI and so the same audio.
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ import numpy as np
 from bgm import logs, processes, scratch, vocab
 from bgm.errors import Unsupported
 from services.music import midi as midi_file
-from services.music.styles import STYLES, Style
+from services.music.styles import STYLES, Style, vary
 
 log = logs.get("bgm.music")
 
 SOUNDFONTS = ("/usr/share/sounds/sf2/FluidR3_GM.sf2", "/usr/share/sounds/sf2/default-GM.sf2")
 BEATS_PER_BAR = 4
 DRUM_KICK, DRUM_SNARE, DRUM_HAT, DRUM_RIDE = 36, 38, 42, 51
+FADE_IN_S = 0.005  # no click at a span's first sample
+FADE_OUT_S = 0.3  # the last notes' release, faded so the next span starts clean
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,8 @@ class SpanPlan:
     end_s: float
     bars: int
     tempo: float
+    variant: str = ""
+    intensity: float | None = None
 
     @property
     def beat_s(self) -> float:
@@ -93,7 +100,7 @@ def compose(plans: Sequence[SpanPlan], seed: int) -> object:
         inst.notes.append(pretty_midi.Note(velocity=velocity, pitch=int(pitch), start=start, end=end))
 
     for section, p in enumerate(plans):
-        style = STYLES[p.emotion]
+        style = vary(STYLES[p.emotion], p.variant, p.intensity)
         beat = p.beat_s
         chords, melody, bass = (track(program, section=section)
                                 for program in (style.chord_program, style.melody_program, style.bass_program))
@@ -189,23 +196,51 @@ def render(pm: object, sample_rate: int, total_samples: int) -> np.ndarray:
     return out
 
 
+def fade_edges(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """A span's own edges: a few milliseconds in, ``FADE_OUT_S`` out (in place)."""
+    n = audio.shape[0]
+    fade_in = min(n // 4, int(FADE_IN_S * sample_rate))
+    fade_out = min(n // 4, int(FADE_OUT_S * sample_rate))
+    if fade_in:
+        audio[:fade_in] *= np.linspace(0.0, 1.0, fade_in, dtype=np.float32)[:, None]
+    if fade_out:
+        audio[n - fade_out:] *= np.linspace(1.0, 0.0, fade_out, dtype=np.float32)[:, None]
+    return audio
+
+
 class ComposerBackend:
     name = vocab.MUSIC_COMPOSER
+    # Bump when a change alters what a span sounds like: cached renders are keyed by it.
+    version = "span-1"
 
     def __init__(self) -> None:
         soundfont()  # fail at load, not at the first request
 
+    def span_tempo(self, emotion: str, frames: int, sample_rate: int, tempo: float | None) -> float:
+        return plan([(emotion, 0.0, frames / sample_rate)], tempo)[0].tempo
+
+    def render_span(self, emotion: str, frames: int, *, sample_rate: int, seed: int, tempo: float | None,
+                    variant: str = "", intensity: float | None = None) -> np.ndarray:
+        """One span's music, (frames, 2) float32, from its own content alone."""
+        base = plan([(emotion, 0.0, frames / sample_rate)], tempo)[0]
+        score = compose([SpanPlan(emotion, 0.0, base.end_s, base.bars, base.tempo, variant, intensity)], seed)
+        return fade_edges(render(score, sample_rate, frames), sample_rate)
+
     def generate(self, spans: Sequence[tuple[str, float, float]], *, sample_rate: int, seed: int,
                  tempo: float | None, cancel: threading.Event | None = None, steps: int | None = None,
                  guidance: float | None = None, strength: float | None = None) -> tuple[np.ndarray, float]:
-        """``steps``, ``guidance`` and ``strength`` are for diffusion backends: ignored here."""
-        plans = plan(spans, tempo)
-        total = round(spans[-1][2] * sample_rate)
-        score = compose(plans, seed)
-        audio = render(score, sample_rate, total)
-        # A short fade at the very end so the score never stops on a click.
-        fade = min(total, int(0.5 * sample_rate))
-        audio[total - fade:] *= np.linspace(1.0, 0.0, fade, dtype=np.float32)[:, None]
+        """The spans' music end to end, each span as ``render_span`` makes it (seeded by
+        ``span_seed``). ``steps``, ``guidance`` and ``strength`` are for diffusion backends."""
+        from services.music.backends import span_seed
+
+        pieces = []
+        for emotion, start, end in spans:
+            if cancel is not None and cancel.is_set():
+                raise RuntimeError("cancelled")
+            frames = round(end * sample_rate) - round(start * sample_rate)
+            pieces.append(self.render_span(emotion, frames, sample_rate=sample_rate,
+                                           seed=span_seed(seed, start), tempo=tempo))
+        audio = np.concatenate(pieces)
         peak = float(np.abs(audio).max()) or 1.0
         audio *= min(1.0, 0.89 / peak)
-        return audio, plans[0].tempo
+        return audio, self.span_tempo(spans[0][0], round(spans[0][2] * sample_rate), sample_rate, tempo)

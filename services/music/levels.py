@@ -28,6 +28,27 @@ MAX_GAIN_DB = 30.0  # a near-silent span (a fade, a rest) is not blown up into n
 PEAK = 0.89  # the whole track's sample peak after levelling (headroom for the mixer)
 
 
+def intensity_offset_lu(intensity: float | None) -> float:
+    """A creator's intensity (0..1) as a level offset: 0.5 (or unset) adds nothing, 0 and 1 are
+    6 LU under and over."""
+    return 0.0 if intensity is None else (intensity - 0.5) * 12.0
+
+
+def level_span(piece: np.ndarray, emotion: str, rate: int, intensity: float | None = None) -> np.ndarray:
+    """One span's music at its target loudness, its sample peak at most ``PEAK`` (a span that
+    stands alone: its own edges fade, so no glide is needed)."""
+    measured = loudness(piece, rate) if piece.shape[0] else -120.0
+    gain_db = 0.0
+    if measured > -70:
+        target = SPAN_LUFS + EMOTION_OFFSET_LU.get(emotion, 0.0) + intensity_offset_lu(intensity)
+        gain_db = float(np.clip(target - measured, -MAX_GAIN_DB, MAX_GAIN_DB))
+    out = piece * np.float32(10.0 ** (gain_db / 20.0))
+    peak = float(np.abs(out).max(initial=0.0))
+    if peak > PEAK:
+        out *= PEAK / peak
+    return out.astype(np.float32)
+
+
 def span_gains_db(music: np.ndarray, spans: Sequence[tuple[str, float, float]], rate: int) -> list[float]:
     """The gain (dB) that brings each span to its target loudness."""
     gains = []

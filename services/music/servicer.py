@@ -11,14 +11,14 @@ from dataclasses import dataclass
 import numpy as np
 from grpc import aio
 
-from bgm import audio, limits, media, settings, vocab
+from bgm import audio, cache, limits, media, settings, vocab
 from bgm.chunks import CHUNK_BYTES
 from bgm.errors import ConcurrencyLimiter, InvalidInput, Unsupported
 from bgm.limits import check_range
 from bgm.server import ModelServicer, Servicer
 from bgm.settings import ServerSettings
 from bgm.v1 import common_pb2, music_pb2, music_pb2_grpc
-from services.music import backends, levels
+from services.music import backends, levels, styles
 from services.music.settings import MusicSettings
 
 # Spans must meet exactly; this absorbs float noise from upstream arithmetic.
@@ -39,6 +39,15 @@ class GenerateOptions:
     strength: float | None
 
 
+@dataclass(frozen=True)
+class SpanControls:
+    """A span's creator settings, resolved: its seed is always known."""
+
+    variant: str
+    intensity: float | None
+    seed: int
+
+
 class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
     service_name = music_pb2.DESCRIPTOR.services_by_name["MusicGenerator"].full_name
 
@@ -50,6 +59,7 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
         self.backends: dict[str, backends.MusicBackend] = {}
         self.default_backend = vocab.MUSIC_COMPOSER
         self.loading = asyncio.Lock()
+        self.cache = cache.ArrayCache(music.cache_dir, music.memory_cache_mb * 2**20, music.cache_mb * 2**20)
 
     def add_to_server(self, server: aio.Server) -> None:
         music_pb2_grpc.add_MusicGeneratorServicer_to_server(self, server)
@@ -95,6 +105,20 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
             raise media.too_long(f"the timeline ({media.format_duration(expected_start)})",
                                  self.server.max_duration_s, f"{vocab.MUSIC.env_prefix}_MAX_DURATION_S")
         return spans
+
+    def controls(self, request: music_pb2.GenerateRequest, base_seed: int) -> list[SpanControls]:
+        resolved = []
+        for i, span in enumerate(request.spans):
+            control = span.control
+            if control.style and control.style not in styles.VARIANTS:
+                raise InvalidInput(f"span {i}: unknown style {control.style!r}; use "
+                                   f"{vocab.choices(tuple(styles.VARIANTS))} or leave it empty")
+            intensity = control.intensity if control.HasField("intensity") else None
+            if intensity is not None:
+                check_range(f"span {i}: intensity", intensity, 0.0, 1.0)
+            seed = control.seed if control.HasField("seed") else backends.span_seed(base_seed, span.span.start_s)
+            resolved.append(SpanControls(control.style, intensity, seed))
+        return resolved
 
     def output_format(self, request: music_pb2.GenerateRequest) -> common_pb2.AudioFormat:
         fmt = common_pb2.AudioFormat()
@@ -169,6 +193,11 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
             fmt = self.output_format(request)
             options = self.options(request)
             backend = await self.backend(options.backend)
+            controls = self.controls(request, options.seed)
+            if backends.renders_spans(backend):
+                async for message in self._by_span(backend, options, spans, controls, request, fmt):  # type: ignore[arg-type]
+                    yield message
+                return
             cancel = threading.Event()
             try:
                 music, used_tempo = await asyncio.to_thread(self._render, backend, options, spans, fmt, cancel)
@@ -179,6 +208,50 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
                 seed=options.seed))
             for message in span_chunks(music, spans, request, fmt):
                 yield message
+
+    def _span(self, backend: backends.SpanRenderer, options: GenerateOptions, emotion: str, frames: int,
+              control: SpanControls, rate: int) -> np.ndarray:
+        """One span's levelled stereo music: from the cache, or rendered and kept there."""
+        name = cache.key(backend.name, backend.version, emotion, frames, rate, control.seed, options.tempo,
+                         control.variant, control.intensity, levels.SPAN_LUFS)
+        found = self.cache.get(name)
+        if found is not None:
+            return found
+        piece = backend.render_span(emotion, frames, sample_rate=rate, seed=control.seed, tempo=options.tempo,
+                                    variant=control.variant, intensity=control.intensity)
+        piece = levels.level_span(piece, emotion, rate, control.intensity)
+        self.cache.put(name, piece)
+        return piece
+
+    async def _by_span(self, backend: backends.SpanRenderer, options: GenerateOptions,
+                       spans: Sequence[tuple[str, float, float]], controls: Sequence[SpanControls],
+                       request: music_pb2.GenerateRequest, fmt: common_pb2.AudioFormat
+                       ) -> AsyncIterator[music_pb2.GenerateResponse]:
+        """Span after span, each rendered (or found in the cache) and streamed before the next:
+        memory holds one span, and the caller starts on the first while the rest are made."""
+        rate = fmt.sample_rate_hz
+        bounds = [round(start * rate) for _, start, _ in spans] + [round(spans[-1][2] * rate)]
+        tempo = backend.span_tempo(spans[0][0], bounds[1] - bounds[0], rate, options.tempo)
+        yield music_pb2.GenerateResponse(header=music_pb2.MusicHeader(
+            format=fmt, total_samples=bounds[-1], tempo_bpm=tempo, backend=backend.name, seed=options.seed,
+            span_seeds=[c.seed for c in controls]))
+        for index, ((emotion, _, _), control) in enumerate(zip(spans, controls, strict=True)):
+            frames = bounds[index + 1] - bounds[index]
+            piece = await asyncio.to_thread(self._span, backend, options, emotion, frames, control, rate)
+            if fmt.channels == 1:
+                piece = piece.mean(axis=1, keepdims=True)
+            for message in piece_chunks(piece, index, request.spans[index].emotion, bounds[index], fmt):
+                yield message
+
+
+def piece_chunks(piece: np.ndarray, index: int, emotion: int, first: int, fmt: common_pb2.AudioFormat
+                 ) -> Iterator[music_pb2.GenerateResponse]:
+    """One span's audio (starting at frame ``first`` of the timeline) as tagged chunks."""
+    frames_per_chunk = max(1, CHUNK_BYTES // audio.bytes_per_frame(fmt))
+    for begin in range(0, piece.shape[0], frames_per_chunk):
+        yield music_pb2.GenerateResponse(chunk=music_pb2.MusicChunk(
+            span_index=index, emotion=emotion, start_sample=first + begin,  # type: ignore[arg-type]
+            pcm=audio.float_to_pcm(piece[begin:begin + frames_per_chunk], fmt.encoding)))
 
 
 def span_chunks(music: np.ndarray, spans: Sequence[tuple[str, float, float]],

@@ -25,10 +25,17 @@ class MusicSettings:
     guidance: float = 7.0
     denoising_strength: float = 0.75
     clip_overlap_s: float = 0.5
+    # Rendered spans are kept by content (bgm.cache): in memory, and in this folder when set,
+    # up to cache_mb there, so a re-render of an edited timeline reuses every unchanged span.
+    cache_dir: str = ""
+    cache_mb: int = 4096
+    memory_cache_mb: int = 256
 
     def __post_init__(self) -> None:
         check(self.backend in (vocab.AUTO, *vocab.MUSIC_BACKENDS), "BGM_MUSIC_BACKEND",
               f"{self.backend!r} is not {vocab.choices((vocab.AUTO, *vocab.MUSIC_BACKENDS))}")
         check(1 <= self.steps <= 200, "BGM_MUSIC_STEPS", "must be 1..200")
         check(0 < self.denoising_strength <= 1, "BGM_MUSIC_DENOISING_STRENGTH", "must be in (0, 1]")
+        check(self.cache_mb >= 0, "BGM_MUSIC_CACHE_MB", "must be 0 or more")
+        check(self.memory_cache_mb >= 0, "BGM_MUSIC_MEMORY_CACHE_MB", "must be 0 or more")
         check(0 <= self.clip_overlap_s <= 2, "BGM_MUSIC_CLIP_OVERLAP_S", "must be 0..2")

@@ -6,7 +6,7 @@ are General MIDI instruments (0-based). ``density`` is melody notes per beat.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bgm import vocab
 
@@ -41,6 +41,33 @@ STYLES: dict[str, Style] = {
     vocab.DISGUST: Style(92, MINOR, 53, (0, 1, 3, 1), 70, 68, 38, 80, 0.5, "soft", "pulse"),
     vocab.NEUTRAL: Style(100, MAJOR, 62, (0, 5, 3, 4), 4, 11, 33, 76, 0.5, "soft", "arpeggio"),
 }
+
+# A creator's variations on an emotion's music (SpanControl.style): other instruments, the
+# emotion's harmony, tempo and rhythm kept. (chord, melody, bass programs; drums pattern)
+VARIANTS: dict[str, tuple[int, int, int, str | None]] = {
+    "piano": (0, 0, 32, None),
+    "strings": (48, 40, 42, "soft"),
+    "band": (25, 26, 33, "straight"),
+    "ambient": (89, 88, 38, "soft"),
+}
+
+
+def vary(style: Style, variant: str = "", intensity: float | None = None) -> Style:
+    """``style`` in a named variant, at an intensity (0..1; None keeps the emotion's own).
+
+    Intensity scales how much is played (melody density, velocity) and, below 0.25, drops
+    the drums to their softest pattern; the level offset is the levelling's (``levels``).
+    """
+    if variant:
+        chord, melody, bass, drums = VARIANTS[variant]
+        style = replace(style, chord_program=chord, melody_program=melody, bass_program=bass,
+                        drums=drums or style.drums)
+    if intensity is not None:
+        scale = 0.5 + intensity  # 0.5x .. 1.5x
+        style = replace(style, density=max(0.25, min(2.0, style.density * scale)),
+                        velocity=int(max(30, min(127, style.velocity * (0.75 + 0.5 * intensity)))),
+                        drums="soft" if intensity < 0.25 else style.drums)
+    return style
 
 
 # Riffusion prompts per emotion: what the diffusion model is asked for. Edit freely.

@@ -1,0 +1,122 @@
+"""Results by content: arrays kept under a key made from everything that determines them,
+so asking again for the same thing costs a lookup instead of the work.
+
+Two levels: a small in-memory LRU (bounded in bytes) and, when a folder is configured, that
+folder (bounded too; least recently used files go first). A re-render of an edited timeline
+finds every unchanged span's music here, and a second run on the same video its separated
+speech. Files are written beside their final name and renamed, so a reader never sees half
+of one and a crash leaves nothing a later run would trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from bgm import logs, vocab
+
+log = logs.get("bgm.cache")
+SUFFIX = ".npy"
+
+
+def key(*parts: object) -> str:
+    """A key for ``parts`` (numbers, strings, arrays: an array counts by its bytes)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            digest.update(f"<{part.dtype.str}{part.shape}>".encode())
+            digest.update(np.ascontiguousarray(part).data)
+        else:
+            digest.update(repr(part).encode())
+        digest.update(b"\x00")
+    return digest.hexdigest()
+
+
+class ArrayCache:
+    def __init__(self, folder: str = "", memory_bytes: int = 256 * vocab.MIB,
+                 disk_bytes: int = 4096 * vocab.MIB) -> None:
+        self.folder = Path(folder) if folder else None
+        self.memory_bytes = memory_bytes
+        self.disk_bytes = disk_bytes
+        self._memory: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._held = 0
+        self._lock = threading.Lock()
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, name: str) -> Path:
+        assert self.folder is not None
+        return self.folder / f"{name}{SUFFIX}"
+
+    def get(self, name: str) -> np.ndarray | None:
+        with self._lock:
+            if name in self._memory:
+                self._memory.move_to_end(name)
+                return self._memory[name]
+        if self.folder is None:
+            return None
+        path = self._path(name)
+        try:
+            array = np.load(path, allow_pickle=False)
+            os.utime(path)  # recently used: evicted last
+        except (OSError, ValueError):
+            return None
+        self._remember(name, array)
+        return array
+
+    def put(self, name: str, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array)
+        array.setflags(write=False)  # shared with every later reader
+        self._remember(name, array)
+        if self.folder is not None:
+            try:
+                self._write(name, array)
+            except OSError as exc:  # a full or read-only cache costs speed, never the request
+                log.warning("cannot write to the cache", extra={"fields": {"folder": str(self.folder),
+                                                                          "error": str(exc)}})
+
+    def _remember(self, name: str, array: np.ndarray) -> None:
+        if array.nbytes > self.memory_bytes:
+            return
+        with self._lock:
+            if name in self._memory:
+                return
+            self._memory[name] = array
+            self._held += array.nbytes
+            while self._held > self.memory_bytes:
+                _, old = self._memory.popitem(last=False)
+                self._held -= old.nbytes
+
+    def _write(self, name: str, array: np.ndarray) -> None:
+        assert self.folder is not None
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=self.folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, array, allow_pickle=False)
+            os.replace(tmp, self._path(name))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        self._evict()
+
+    def _evict(self) -> None:
+        assert self.folder is not None
+        entries = []
+        for path in self.folder.glob(f"*{SUFFIX}"):
+            with contextlib.suppress(OSError):
+                stat = path.stat()
+                entries.append((stat.st_mtime, stat.st_size, path))
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in sorted(entries):
+            if total <= self.disk_bytes:
+                break
+            with contextlib.suppress(OSError):
+                path.unlink()
+                total -= size
