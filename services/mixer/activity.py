@@ -138,10 +138,36 @@ def _widened(active: np.ndarray, before_s: float, after_s: float) -> np.ndarray:
     return (counts[window:] - counts[:-window]) > 0
 
 
+def regular_interp(values: np.ndarray, step: int, first: int, n_samples: int) -> np.ndarray:
+    """``values`` placed every ``step`` samples from sample ``first``, linearly interpolated to
+    ``n_samples`` (held flat before the first and after the last), in float32: what
+    ``np.interp`` gives for regular knots, in a fraction of its time on a long programme."""
+    values = np.asarray(values, dtype=np.float32)
+    out = np.empty(n_samples, dtype=np.float32)
+    if values.size == 0:
+        out[:] = 0.0
+        return out
+    head = min(first, n_samples)
+    out[:head] = values[0]
+    done = head
+    if values.size > 1 and done < n_samples:
+        frac = np.arange(step, dtype=np.float32) / np.float32(step)
+        block = max(1, 2**20 // step)  # knots per pass: bounded temporaries
+        for k in range(0, values.size - 1, block):
+            v0 = values[k : k + block + 1]
+            ramp = (v0[:-1, None] + (v0[1:] - v0[:-1])[:, None] * frac[None, :]).ravel()
+            take = min(ramp.size, n_samples - done)
+            out[done : done + take] = ramp[:take]
+            done += take
+            if done >= n_samples:
+                break
+    out[done:] = values[-1]
+    return out
+
+
 def to_samples(per_frame: np.ndarray, n_samples: int) -> np.ndarray:
     """A per-frame curve interpolated to samples (values at frame centres)."""
-    centres = (np.arange(per_frame.shape[0]) + 0.5) * FRAME
-    return np.interp(np.arange(n_samples), centres, per_frame.astype(np.float32)).astype(np.float32)
+    return regular_interp(per_frame, FRAME, FRAME // 2, n_samples)
 
 
 def gate(active: np.ndarray, n_samples: int) -> np.ndarray:

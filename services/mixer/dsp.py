@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.ndimage import maximum_filter1d
@@ -139,7 +139,7 @@ def _workers() -> ThreadPoolExecutor:
 def true_peak_db(x: np.ndarray) -> float:
     if x.size == 0:
         return -240.0
-    sample_peak = float(np.abs(x).max())
+    sample_peak = max(float(x.max()), -float(x.min()))  # no |x| temporary: a programme is large
     near = sample_peak * float(db_to_gain(-OVERSAMPLE_MARGIN_DB))
     return 20 * np.log10(float(peak_envelope(x, near).max()) + 1e-12)
 
@@ -179,23 +179,37 @@ def limiter_gain(x: np.ndarray, ceiling_db: float, release_ms: float = 60.0) -> 
     gain = -maximum_filter1d(-gain, size=2 * lookahead + 1)  # spread reductions both ways
     knots = np.minimum(gain, np.concatenate([gain[:1], gain[:-1]]))  # value at each step's start
     knots = np.append(knots, gain[-1])
-    positions = np.arange(n) / LIMITER_STEP
-    return np.interp(positions, np.arange(steps + 1), knots).astype(np.float32)
+    return activity.regular_interp(knots, LIMITER_STEP, 0, n)
 
 
 @dataclass(frozen=True)
 class MixOutcome:
+    """The mix, and what it is made of: ``mix == (voice + placed) * gain`` per sample. The
+    stems are worked out only when asked for (on a long programme each costs a pass)."""
+
     mix: np.ndarray
-    bgm: np.ndarray  # the music as it sits in the mix (ducked, faded, gained, limited)
-    speech: np.ndarray  # the speech likewise (gated, gained, limited): mix == speech + bgm
+    placed: np.ndarray  # the music as placed (ducked, faded, at the bed's level), before ``gain``
+    voice: np.ndarray  # the speech as gated, before ``gain``
+    gain: np.ndarray  # per sample: loudness, limiter and codec dips together
     loudness_lufs: float
     true_peak_dbtp: float
+    encodes: int = 0  # how many encodes the true-peak ceiling took (the mixer fills it in)
+
+    @property
+    def bgm(self) -> np.ndarray:
+        """The music as it sits in the mix (ducked, faded, gained, limited)."""
+        return np.multiply(self.placed, self.gain[:, None], dtype=np.float32)
+
+    @property
+    def speech(self) -> np.ndarray:
+        """The speech as it sits in the mix (gated, gained, limited)."""
+        return np.multiply(self.voice, self.gain[:, None], dtype=np.float32)
 
     def scaled(self, gain: float | np.ndarray) -> MixOutcome:
         """The same mix with ``gain`` applied (a number, or one per sample); the stems likewise."""
         g = np.asarray(gain, dtype=np.float32)
-        g = g[:, None] if g.ndim else g
-        return MixOutcome(self.mix * g, self.bgm * g, self.speech * g, self.loudness_lufs, self.true_peak_dbtp)
+        mix = np.multiply(self.mix, g[:, None] if g.ndim else g, dtype=np.float32)
+        return replace(self, mix=mix, gain=np.multiply(self.gain, g, dtype=np.float32))
 
 
 DIP_WIDTH_S = 0.05  # wide enough to cover the codec's delay and its transform blocks
@@ -240,12 +254,13 @@ def mix_measured(speech: np.ndarray, bgm: np.ndarray, levels: MixLevels, talking
     that measures the encoded file.
     """
     n = speech.shape[0]
-    speech = (speech * activity.gate(talking, n)[:, None]).astype(np.float32)
+    speech = np.multiply(speech, activity.gate(talking, n)[:, None], dtype=np.float32)
     speech_lufs = loudness(speech) if talking.any() else None
     speech_level = -23.0 if speech_lufs is None or speech_lufs <= -70 else speech_lufs
-    bed_gain = db_to_gain(speech_level + levels.bgm_gain_db - bgm_lufs) if bgm_lufs > -70 else 1.0
+    bed_gain = np.float32(db_to_gain(speech_level + levels.bgm_gain_db - bgm_lufs) if bgm_lufs > -70 else 1.0)
     curve = duck_curve(talking, levels, n) * fades(n, levels.fade_in_s, levels.fade_out_s)
-    placed = (bgm * bed_gain * curve[:, None]).astype(np.float32)
+    curve *= bed_gain
+    placed = np.multiply(bgm, curve[:, None], dtype=np.float32)
     out = speech + placed
     # Gain moves integrated loudness one for one, so measure once and scale; limiting then
     # lowers it a little, which one more measurement and a small top-up correct. ``gain``
@@ -256,15 +271,18 @@ def mix_measured(speech: np.ndarray, bgm: np.ndarray, levels: MixLevels, talking
         if current <= -70:
             break
         step = np.float32(db_to_gain(levels.loudness_lufs - current))
-        out = (out * step).astype(np.float32)
+        out *= step
         gain *= step
         limiting = limiter_gain(out, levels.true_peak_dbtp - CODEC_HEADROOM_DB)
-        if limiting is not None:
-            out *= limiting[:, None]
-            gain *= limiting
+        if limiting is None:
+            # A gain moves integrated loudness one for one (the gates move with it), so
+            # there is nothing to measure again: a long programme is spared a pass.
+            current = levels.loudness_lufs
+            break
+        out *= limiting[:, None]
+        gain *= limiting
         current = loudness(out)
         if abs(current - levels.loudness_lufs) < 0.3:
             break
     peak = true_peak_db(out) if measure_peak else float("nan")
-    g = gain[:, None]
-    return MixOutcome(out, (placed * g).astype(np.float32), (speech * g).astype(np.float32), current, peak)
+    return MixOutcome(out, placed, speech, gain, current, peak)

@@ -13,7 +13,7 @@ import numpy as np
 import soundfile
 from grpc import aio
 
-from bgm import audio, logs, media, scratch, settings, vocab
+from bgm import audio, cache, logs, media, scratch, settings, vocab
 from bgm.chunks import CHUNK_BYTES, Spool, StreamLimits, iter_chunks, iter_file_chunks, read_config, spool_payload
 from bgm.errors import ConcurrencyLimiter, InvalidInput
 from bgm.limits import MIX_RANGES, check_range
@@ -27,6 +27,7 @@ from services.mixer.tracks import DURATION_SETTING, Music, Original, Speech, Tra
 
 RATE = dsp.SAMPLE_RATE
 log = logs.get("bgm.mixer")
+CACHED_BLOCK = 10 * RATE  # cached speech goes out in blocks as separated speech would
 STEM_SOURCES = (mixer_pb2.STEM_SPEECH, mixer_pb2.STEM_BGM, mixer_pb2.STEM_MIX)
 
 
@@ -41,6 +42,8 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
     def __init__(self, mixer: MixerSettings, server: ServerSettings) -> None:
         super().__init__()
         self.settings = mixer
+        # Disk only: a programme's speech is too large to keep many of in memory.
+        self.cache = cache.ArrayCache(mixer.cache_dir, 0, mixer.cache_mb * 2**20)
         self.server = server
         # Separate and MixAndMux get their own slots: a remix holds a MixAndMux open while its
         # speech is still being separated, so sharing slots could starve its own Separate.
@@ -98,7 +101,10 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
             # Stems go out as the separator produces them, so the caller can start on the
             # first seconds (the gateway feeds them straight into MixAndMux).
             done = 0
-            async for size, encoded in iterate_in_thread(lambda cancel: stem_pcm(separator, mono, stems, cancel)):
+            def produce(cancel: threading.Event) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:
+                return stem_pcm(self.speech_blocks(separator, mono, cancel), mono, stems)
+
+            async for size, encoded in iterate_in_thread(produce):
                 for stem, pcm in encoded:
                     for piece in iter_chunks(pcm, CHUNK_BYTES):
                         yield mixer_pb2.SeparateResponse(chunk=mixer_pb2.StemChunk(stem=stem, data=piece))  # type: ignore[arg-type]
@@ -106,6 +112,39 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
                 yield mixer_pb2.SeparateResponse(progress=_progress(
                     common_pb2.STAGE_SEPARATE, done / max(1, mono.shape[0]), started,
                     f"separating with {separator.name}"))
+
+    def speech_blocks(self, separator: separation.Separator, mono: np.ndarray,
+                      cancel: threading.Event) -> Iterator[np.ndarray]:
+        """The separated speech block by block: from the cache when this audio was separated
+        the same way before, else from the separator (and kept, once complete)."""
+        if self.cache.folder is None:
+            yield from separator.speech_blocks(mono, cancel)
+            return
+        name = cache.key("speech", separator.name, self.settings.demucs_model, self.settings.attenuation_limit_db,
+                         RATE, mono)
+        found = self.cache.get(name)
+        if found is not None:
+            for begin in range(0, found.shape[0], CACHED_BLOCK):
+                yield found[begin:begin + CACHED_BLOCK]
+            return
+        blocks = []
+        for block in separator.speech_blocks(mono, cancel):
+            blocks.append(block)
+            yield block
+        if not cancel.is_set():
+            self.cache.put(name, np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32))
+
+    def speech_probability(self, mono: np.ndarray) -> np.ndarray:
+        """The VAD's verdict on the speech track, from the cache when this speech was seen
+        before (a re-render mixes the same speech under new music)."""
+        if self.cache.folder is None:
+            return activity.speech_probability(mono)
+        name = cache.key("vad", RATE, mono)
+        found = self.cache.get(name)
+        if found is None:
+            found = activity.speech_probability(mono)
+            self.cache.put(name, found)
+        return found
 
     # ----- MixAndMux ------------------------------------------------------------------
     def levels(self, options: mixer_pb2.MixOptions) -> dsp.MixLevels:
@@ -132,13 +171,15 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
                 for name, fmt in (("speech_format", config.speech_format), ("bgm_format", config.bgm_format)):
                     if fmt.encoding != common_pb2.ENCODING_UNSPECIFIED:
                         audio.check_format(fmt, name)
-                tracks = TrackSet(config, self.server.max_input_bytes, tmp, self.server.max_duration_s)
+                tracks = TrackSet(config, self.server.max_input_bytes, tmp, self.server.max_duration_s,
+                                  self.speech_probability)
                 try:
                     await tracks.receive(rest)
                     original, speech, music = await tracks.ready()
                 except BaseException:
                     tracks.close()
                     raise
+            received = time.monotonic()
             try:
                 with self.mix_limiter:
                     outcome, out_path, out = await asyncio.to_thread(
@@ -146,6 +187,9 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
                         Path(tmp))
             finally:
                 tracks.close()
+            log.info("mixed", extra={"fields": {"tracks_in_s": round(received - started, 3),
+                                                "mix_and_encode_s": round(time.monotonic() - received, 3),
+                                                "encodes": outcome.encodes}})
             yield mixer_pb2.MixResponse(progress=_progress(common_pb2.STAGE_MIX, 1.0, started, "mixed and muxed"))
             yield mixer_pb2.MixResponse(result=mixer_pb2.MixResult(
                 container=out.format, mime_type=out.mime_type, duration_s=original.info.duration_s,
@@ -184,16 +228,17 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
         if peak > levels.true_peak_dbtp:
             log.warning("true peak over the ceiling after five encodes",
                         extra={"fields": {"true_peak_dbtp": round(peak, 2), "ceiling": levels.true_peak_dbtp}})
-        outcome = dataclasses.replace(outcome, loudness_lufs=dsp.loudness(encoded), true_peak_dbtp=peak)
+        outcome = dataclasses.replace(outcome, loudness_lufs=dsp.loudness(encoded), true_peak_dbtp=peak,
+                                      encodes=attempt + 1)
         return outcome, target, out
 
 
-def stem_pcm(separator: separation.Separator, mono: np.ndarray, stems: Sequence[int],
-             cancel: threading.Event) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:
+def stem_pcm(blocks: Iterator[np.ndarray], mono: np.ndarray,
+             stems: Sequence[int]) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:
     """Each block of separated speech as PCM per stem asked for, with its length in samples
     (in the worker thread: a demucs block is the whole file)."""
     done = 0
-    for block in separator.speech_blocks(mono, cancel):
+    for block in blocks:
         encoded = []
         for stem in stems:
             data = block if stem == mixer_pb2.STEM_SPEECH else mono[done : done + block.shape[0]] - block

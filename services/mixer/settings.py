@@ -33,6 +33,10 @@ class MixerSettings:
     # Music level relative to the speech's loudness, outside speech.
     bgm_gain_db: float = -6.0
     audio_bitrate: str = "192k"
+    # Separated speech kept by content in this folder (bgm.cache), up to cache_mb: a second
+    # run on the same audio (a re-render of an edited timeline) skips separation. Off when "".
+    cache_dir: str = ""
+    cache_mb: int = 4096
 
     def __post_init__(self) -> None:
         check(self.separation_backend in vocab.SEPARATION_BACKENDS, "BGM_MIXER_SEPARATION_BACKEND",
@@ -42,4 +46,5 @@ class MixerSettings:
         check(-60 <= self.loudness_lufs <= 0, "BGM_MIXER_LOUDNESS_LUFS", "must be -60..0")
         check(-20 <= self.true_peak_dbtp <= 0, "BGM_MIXER_TRUE_PEAK_DBTP", "must be -20..0")
         check(0 <= self.duck_sensitivity <= 1, "BGM_MIXER_DUCK_SENSITIVITY", "must be 0..1")
+        check(self.cache_mb >= 0, "BGM_MIXER_CACHE_MB", "must be 0 or more")
         check(0 <= self.hold_ms <= 5000, "BGM_MIXER_HOLD_MS", "must be 0..5000")

@@ -60,11 +60,13 @@ def fit(spool: Spool, fmt: common_pb2.AudioFormat, n: int, what: str, max_durati
 
 
 class TrackSet:
-    def __init__(self, config: mixer_pb2.MixConfig, limit: int, tmp: str, max_duration_s: float) -> None:
+    def __init__(self, config: mixer_pb2.MixConfig, limit: int, tmp: str, max_duration_s: float,
+                 vad: Callable[[np.ndarray], np.ndarray] = activity.speech_probability) -> None:
         suffix = limits.file_suffix(config.original_name, "original_name")
         self.config = config
         self.limit = limit
         self.max_duration_s = max_duration_s
+        self.vad = vad
         self.spools = {track: Spool(limit, name, tmp, suffix if name == "original" else "")
                        for track, name in TRACK_NAMES.items()}
         self.tasks: dict[int, asyncio.Task[Any]] = {}
@@ -149,7 +151,7 @@ class TrackSet:
         def work() -> Speech:
             frames = fit(self.spools[mixer_pb2.TRACK_SPEECH], self.config.speech_format, n, "speech",
                          self.max_duration_s)
-            return Speech(frames, activity.speech_probability(frames.mean(axis=1)))
+            return Speech(frames, self.vad(frames.mean(axis=1)))
 
         return await asyncio.to_thread(work)
 
