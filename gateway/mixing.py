@@ -71,6 +71,10 @@ async def music_track(spoken: asyncio.Future[list[common_pb2.TimeSpan]],
 def config(options: gateway_pb2.RemixOptions, speech_format: common_pb2.AudioFormat | None) -> mixer_pb2.MixConfig:
     made = mixer_pb2.MixConfig(options=options.mix, original_name=options.filename or "upload.mp4",
                                bgm_format=BGM_FORMAT)
+    # The music stem is the gateway's own (it has the music); the mixer makes the others.
+    kept = [s for s in made.options.return_stems if s != mixer_pb2.STEM_MUSIC]
+    del made.options.return_stems[:]
+    made.options.return_stems.extend(kept)
     if speech_format is not None:
         made.speech_format.CopyFrom(speech_format)
     return made
@@ -103,6 +107,17 @@ async def collect(responses: AsyncIterator[mixer_pb2.MixResponse], output: Path)
             elif kind == "stem":
                 held.append(gateway_pb2.RemixResponse(stem=event.stem))
     return held
+
+
+def music_stem(music: Music, work: Path) -> Iterator[gateway_pb2.RemixResponse]:
+    """The music as generated, as a WAV file in chunks (STEM_MUSIC)."""
+    import soundfile
+
+    pcm, fmt = music
+    path = work / "music.wav"
+    soundfile.write(path, audio.pcm_to_float(pcm, fmt), fmt.sample_rate_hz, subtype="FLOAT")
+    for piece in iter_file_chunks(path):
+        yield gateway_pb2.RemixResponse(stem=mixer_pb2.StemChunk(stem=mixer_pb2.STEM_MUSIC, data=piece))
 
 
 def handed_on(held: list[gateway_pb2.RemixResponse], output: Path) -> Iterator[gateway_pb2.RemixResponse]:

@@ -6,6 +6,7 @@ from bgm import limits, vocab
 from bgm.errors import InvalidInput
 from bgm.limits import check_range
 from bgm.v1 import gateway_pb2, stt_pb2
+from gateway import timeline
 
 
 def validate(options: gateway_pb2.RemixOptions) -> None:
@@ -38,3 +39,5 @@ def validate(options: gateway_pb2.RemixOptions) -> None:
     if options.separation_backend not in ("", *vocab.SEPARATION_BACKENDS):
         raise InvalidInput(f"unknown separation backend {options.separation_backend!r}; "
                            f"use {vocab.choices(vocab.SEPARATION_BACKENDS)}")
+    if options.HasField("timeline"):
+        timeline.check_spans(options.timeline.spans)

@@ -42,6 +42,7 @@ from bgm.v1 import (
     stt_pb2_grpc,
 )
 from gateway import mixing, sentences
+from gateway import timeline as edited_timeline
 from gateway.feed import Feed, first_failure
 
 log = logs.get("bgm.gateway")
@@ -122,17 +123,24 @@ class Remix:
         return result
 
     # ----- stages -----------------------------------------------------------------
-    async def extract(self) -> tuple[media.MediaInfo, np.ndarray | None]:
+    async def extract(self, probed: asyncio.Future[media.MediaInfo] | None = None
+                      ) -> tuple[media.MediaInfo, np.ndarray | None]:
+        """The upload's duration (handed to ``probed`` as soon as it is measured, and an edited
+        timeline checked against it before anything else), then its audio."""
         await self.progress(common_pb2.STAGE_EXTRACT_AUDIO, 0.0)
         began = time.monotonic()
         setting = f"{vocab.GATEWAY.env_prefix}_MAX_DURATION_S"
         info = await asyncio.to_thread(media.probe, self.video, "the upload", self.max_duration_s, setting)
+        if info.duration_s <= 0:
+            raise InvalidInput("the upload has zero length")
+        if self.options.HasField("timeline"):  # before any work: a timeline that does not fit is refused
+            edited_timeline.fit_to_duration(self.options.timeline.spans, info.duration_s)
+        if probed is not None:
+            probed.set_result(info)
         samples = None
         if info.has_audio:
             samples = (await asyncio.to_thread(
                 media.decode_audio, self.video, SEPARATION_RATE, 1, "the upload", self.max_duration_s, setting))[:, 0]
-        if info.duration_s <= 0:
-            raise InvalidInput("the upload has zero length")
         self.stage_seconds["extract_audio"] = time.monotonic() - began
         await self.progress(common_pb2.STAGE_EXTRACT_AUDIO, 1.0)
         return info, samples
@@ -232,6 +240,7 @@ class Remix:
                 if kind == "header":
                     fmt.CopyFrom(event.header.format)
                     total = event.header.total_samples
+                    await self.emit(gateway_pb2.RemixResponse(score=event.header))
                 elif kind == "chunk":
                     parts.append(event.chunk.pcm)
                     if total:
@@ -256,6 +265,9 @@ class Remix:
         held = await self.stage(common_pb2.STAGE_MIX, attempt)
         for message in mixing.handed_on(held, output):
             await self.emit(message)
+        if mixer_pb2.STEM_MUSIC in self.options.mix.return_stems and inputs.music.done():
+            for message in await asyncio.to_thread(lambda: list(mixing.music_stem(inputs.music.result(), self.work))):
+                await self.emit(message)
 
     # ----- the whole job -----------------------------------------------------------
     async def analyse(self, samples: np.ndarray | None, duration: float,
@@ -268,26 +280,56 @@ class Remix:
         await self.emit(gateway_pb2.RemixResponse(timeline=timeline))
         return timeline
 
+    async def given(self, duration: float,
+                    spoken: asyncio.Future[list[common_pb2.TimeSpan]] | None = None) -> gateway_pb2.EmotionTimeline:
+        """An edited timeline from the options, in place of transcription and classification:
+        its transcript (if any) is sent back and steers the ducking as a real one would."""
+        transcript = gateway_pb2.Transcript()
+        transcript.CopyFrom(self.options.timeline.transcript)
+        transcript.duration_s = duration
+        if spoken is not None:
+            spoken.set_result(word_spans(transcript))
+        await self.emit(gateway_pb2.RemixResponse(transcript=transcript))
+        timeline = gateway_pb2.EmotionTimeline(spans=self.options.timeline.spans, backend="edited")
+        await self.emit(gateway_pb2.RemixResponse(timeline=timeline))
+        return timeline
+
     async def run(self, analyze_only: bool) -> None:
-        info, samples = await self.extract()
-        if analyze_only:
-            await self.analyse(samples, info.duration_s)
-            return
+        edited = self.options.HasField("timeline")
         loop = asyncio.get_running_loop()
-        speech, speech_format = Feed(), loop.create_future()
+        probed: asyncio.Future[media.MediaInfo] = loop.create_future()
         music: asyncio.Future[tuple[bytes, common_pb2.AudioFormat]] = loop.create_future()
         spoken: asyncio.Future[list[common_pb2.TimeSpan]] = loop.create_future()
+
+        async def compose_edited() -> None:
+            # An edited timeline needs only the duration: its music starts while the audio decodes.
+            info = await asyncio.shield(probed)
+            music.set_result(await self.music(await self.given(info.duration_s, spoken)))
+
+        early = asyncio.ensure_future(compose_edited()) if edited and not analyze_only else None
+        try:
+            info, samples = await self.extract(probed)
+        except BaseException:
+            if early is not None:
+                early.cancel()
+                await asyncio.gather(early, return_exceptions=True)
+            raise
+        if analyze_only:
+            await (self.given(info.duration_s) if edited else self.analyse(samples, info.duration_s))
+            return
+        speech, speech_format = Feed(), loop.create_future()
 
         async def analyse_and_compose() -> None:
             music.set_result(await self.music(await self.analyse(samples, info.duration_s, spoken)))
 
         # Three strands at once: separation feeding the mix as it goes, the mix itself, and
-        # transcription -> emotions -> music, whose result the mix picks up when it is ready.
+        # transcription -> emotions -> music (or an edited timeline's music), whose result
+        # the mix picks up when it is ready.
         strands = [asyncio.ensure_future(self.separate(samples, speech, speech_format)),
                    asyncio.ensure_future(self.mix(mixing.MixInputs(
                        self.video, self.options, speech, speech_format, 0 if samples is None else samples.shape[0],
                        music, spoken))),
-                   asyncio.ensure_future(analyse_and_compose())]
+                   early if early is not None else asyncio.ensure_future(analyse_and_compose())]
         try:
             await first_failure(strands)
         finally:

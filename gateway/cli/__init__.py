@@ -7,7 +7,7 @@ unavailable; 5 a deadline passed; 6 not authorised (token or certificate); 1 any
 A thin command over the gateway's client API: ``parser`` (arguments), ``commands`` (what
 each subcommand does), ``connect`` (a running gateway, or all five services in-process),
 ``job`` (one Remix/Analyze call), ``progress`` (the bars), ``files`` (output paths and
-what is written to them).
+what is written to them), ``project`` (the ``--project`` folder).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-from gateway.cli.commands import UsageError
+from gateway.cli.commands import TimelineRefused, UsageError
 from gateway.cli.parser import parser
 
 
@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"bgm: {exc}", file=sys.stderr)
         return 2
+    except TimelineRefused as exc:
+        print(f"bgm: {exc}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("\nbgm: interrupted", file=sys.stderr)
         return 130

@@ -16,8 +16,8 @@ from grpc import aio
 from bgm import vocab
 from bgm.settings import SettingsError
 from bgm.v1 import gateway_pb2_grpc
-from gateway.cli import connect, files
-from gateway.cli.job import run_job, summary
+from gateway.cli import connect, files, project
+from gateway.cli.job import Outcome, run_job, summary
 from gateway.cli.progress import ProgressBars
 
 ALL_SERVICES = "all"  # `bgm serve all`: the gateway with the four services in-process
@@ -34,6 +34,10 @@ EXIT_CODES = {
 
 class UsageError(Exception):
     """Bad usage, an input that cannot be read or an output that cannot be written (exit 2)."""
+
+
+class TimelineRefused(Exception):
+    """An edited timeline (--timeline-in) that cannot be used (exit 3, as INVALID_ARGUMENT)."""
 
 
 def _check_input(path: str) -> None:
@@ -67,7 +71,11 @@ async def _job(args: argparse.Namespace, analyze_only: bool) -> int:
         print(f"\nbgm: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return EXIT_CODES.get(exc.code(), 1)
     if outcome.transcript is not None and outcome.timeline is not None:
-        files.write_extras(args, outcome.transcript, outcome.timeline, bars.note)
+        files.write_extras(args, outcome.transcript, outcome.timeline, bars.note, outcome.music)
+        if getattr(args, "project", None):
+            saved = project.timeline_path(Path(args.project))
+            files.write_bytes(saved, outputs_json(outcome).encode())
+            bars.note(f"project: {args.project} (edit {saved} and run again with --timeline-in {saved})")
     if not args.quiet:
         print(summary(outcome), file=sys.stderr)
     if not analyze_only:
@@ -80,12 +88,41 @@ async def _job(args: argparse.Namespace, analyze_only: bool) -> int:
     return 0
 
 
+def outputs_json(outcome: Outcome) -> str:
+    from gateway import outputs
+
+    assert outcome.transcript is not None and outcome.timeline is not None
+    return outputs.timeline_json(outcome.transcript, outcome.timeline, outcome.music)
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    """The edited timeline and the project folder, checked before any work starts."""
+    args.edited_timeline = None
+    if args.timeline_in:
+        from gateway import timeline
+
+        try:
+            text = Path(args.timeline_in).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--timeline-in: cannot read {args.timeline_in} ({exc})") from None
+        try:
+            args.edited_timeline = timeline.from_json(text, new_seed=getattr(args, "seed", None) is not None)
+        except timeline.TimelineError as exc:
+            raise TimelineRefused(f"--timeline-in {args.timeline_in}: {exc}") from None
+    if args.project:
+        try:
+            project.prepare(Path(args.project), Path(args.input), in_process=not args.gateway)
+        except project.ProjectError as exc:
+            raise UsageError(str(exc)) from None
+
+
 def remix(args: argparse.Namespace) -> int:
     _check_input(args.input)
     if args.output is None:
         src = Path(args.input)
         args.output = str(src.with_name(f"{src.stem}.remixed{src.suffix or '.mp4'}"))
     _check_outputs(args)
+    _prepare(args)
     return asyncio.run(_job(args, analyze_only=False))
 
 
@@ -94,7 +131,23 @@ def analyze(args: argparse.Namespace) -> int:
     args.output = None
     args.stems = None
     _check_outputs(args)
+    _prepare(args)
     return asyncio.run(_job(args, analyze_only=True))
+
+
+def clean(args: argparse.Namespace) -> int:
+    try:
+        left = project.clean(Path(args.project))
+    except project.ProjectError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"cannot remove {args.project}: {exc}") from None
+    if left:
+        print(f"bgm: removed bgm's files from {args.project}; kept what is not bgm's: {', '.join(left)}",
+              file=sys.stderr)
+    else:
+        print(f"bgm: removed {args.project}", file=sys.stderr)
+    return 0
 
 
 def example(args: argparse.Namespace) -> int:

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from bgm.v1 import gateway_pb2
+from bgm.v1 import gateway_pb2, music_pb2
 
-STEM_FILES = ("speech.wav", "bgm.wav", "mix.wav")
+STEM_FILES = ("speech.wav", "bgm.wav", "mix.wav", "music.wav")
 
 
 class OutputError(Exception):
@@ -106,12 +106,17 @@ def check_args(args: argparse.Namespace) -> None:
     named = [("-o", args.output), ("--srt", args.srt), ("--vtt", args.vtt), ("--timeline", args.timeline),
              ("--plot", args.plot)]
     outputs = [Output(option, Path(value)) for option, value in named if value]
+    if getattr(args, "project", None):
+        from gateway.cli.project import timeline_path
+
+        outputs.append(Output("--project (timeline.json)", timeline_path(Path(args.project))))
     stems = Output("--stems", Path(args.stems)) if args.stems else None
     check(Path(args.input), outputs, stems)
 
 
 def write_extras(args: argparse.Namespace, transcript: gateway_pb2.Transcript,
-                 timeline: gateway_pb2.EmotionTimeline, note: Callable[[str], None]) -> None:
+                 timeline: gateway_pb2.EmotionTimeline, note: Callable[[str], None],
+                 music: music_pb2.MusicHeader | None = None) -> None:
     """Subtitles, the timeline and the plot, as the command line asked."""
     from gateway import outputs
 
@@ -122,8 +127,9 @@ def write_extras(args: argparse.Namespace, transcript: gateway_pb2.Transcript,
         write_bytes(Path(args.vtt), outputs.vtt(transcript).encode())
         note(f"subtitles: {args.vtt}")
     if args.timeline:
-        write_bytes(Path(args.timeline), outputs.timeline_json(transcript, timeline).encode())
+        write_bytes(Path(args.timeline), outputs.timeline_json(transcript, timeline, music).encode())
         note(f"timeline: {args.timeline}")
     if args.plot:
-        write_with(Path(args.plot), lambda f: outputs.plot(f, Path(args.input), transcript, timeline))
+        fmt = args.plot_format or ("svg" if args.plot.lower().endswith(".svg") else "png")
+        write_with(Path(args.plot), lambda f: outputs.plot(f, Path(args.input), transcript, timeline, fmt))
         note(f"plot: {args.plot}")

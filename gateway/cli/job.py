@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from bgm import vocab
 from bgm.chunks import iter_file_chunks
 from bgm.v1 import gateway_pb2, gateway_pb2_grpc, mixer_pb2, music_pb2, stt_pb2
 from gateway.cli import files
 from gateway.cli.progress import ProgressBars
 
-STEM_NAMES = {mixer_pb2.STEM_SPEECH: "speech", mixer_pb2.STEM_BGM: "bgm", mixer_pb2.STEM_MIX: "mix"}
+STEM_NAMES = {mixer_pb2.STEM_SPEECH: "speech", mixer_pb2.STEM_BGM: "bgm", mixer_pb2.STEM_MIX: "mix",
+              mixer_pb2.STEM_MUSIC: vocab.MUSIC.name}
 
 
 def build_options(args: argparse.Namespace, filename: str) -> gateway_pb2.RemixOptions:
@@ -42,9 +44,13 @@ def build_options(args: argparse.Namespace, filename: str) -> gateway_pb2.RemixO
     if getattr(args, "loudness", None) is not None:
         options.mix.loudness_lufs = args.loudness
     if getattr(args, "stems", None):
-        options.mix.return_stems.extend([mixer_pb2.STEM_SPEECH, mixer_pb2.STEM_BGM, mixer_pb2.STEM_MIX])
+        options.mix.return_stems.extend([mixer_pb2.STEM_SPEECH, mixer_pb2.STEM_BGM, mixer_pb2.STEM_MIX,
+                                          mixer_pb2.STEM_MUSIC])
     if getattr(args, "separation", None):
         options.separation_backend = args.separation
+    edited = getattr(args, "edited_timeline", None)
+    if edited is not None:
+        options.timeline.CopyFrom(edited)
     return options
 
 
@@ -62,6 +68,7 @@ class Outcome:
     transcript: gateway_pb2.Transcript | None = None
     timeline: gateway_pb2.EmotionTimeline | None = None
     result: gateway_pb2.RemixResponse | None = None
+    music: music_pb2.MusicHeader | None = None
     video_bytes: int = 0
 
 
@@ -86,6 +93,8 @@ async def run_job(stub: gateway_pb2_grpc.GatewayStub, args: argparse.Namespace, 
                 outcome.transcript = event.transcript
             elif kind == "timeline":
                 outcome.timeline = event.timeline
+            elif kind == "score":
+                outcome.music = event.score
             elif kind == "result":
                 outcome.result = event
             elif kind == "video" and video_file is not None:

@@ -26,7 +26,15 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--srt", metavar="FILE", help="write subtitles (SubRip)")
         sp.add_argument("--vtt", metavar="FILE", help="write subtitles (WebVTT)")
         sp.add_argument("--timeline", metavar="FILE", help="write the emotion timeline and transcript as JSON")
-        sp.add_argument("--plot", metavar="FILE", help="write a PNG of the emotion timeline over the waveform")
+        sp.add_argument("--plot", metavar="FILE", help="write a picture of the emotion timeline over the waveform")
+        sp.add_argument("--plot-format", choices=["png", "svg"],
+                        help="picture format of --plot (default: from its extension, else png)")
+        sp.add_argument("--timeline-in", metavar="FILE",
+                        help="use this (edited) timeline instead of transcribing and classifying: the JSON "
+                             "that --timeline or --project writes; unchanged spans keep their music")
+        sp.add_argument("--project", metavar="DIR",
+                        help="keep the work (separated speech, rendered spans, the timeline) in DIR so a "
+                             "re-render of an edited DIR/timeline.json takes seconds; 'bgm clean DIR' removes it")
         sp.add_argument("--timeout", type=float, default=6 * 3600, help="overall deadline in seconds")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
@@ -48,6 +56,10 @@ def parser() -> argparse.ArgumentParser:
     analyze = sub.add_parser("analyze", help="transcript and emotion timeline only (JSON on stdout)")
     job_args(analyze)
     analyze.set_defaults(func=commands.analyze)
+
+    clean = sub.add_parser("clean", help="remove a project folder that --project made")
+    clean.add_argument("project", metavar="DIR")
+    clean.set_defaults(func=commands.clean)
 
     example = sub.add_parser("example", help="make the example video (colour bars, speech, a music bed)")
     example.add_argument("output", nargs="?", default="demo.mp4")
