@@ -10,7 +10,7 @@ changed one must be sample-identical to the first run's.
 Each length gets a fresh server with empty caches; a short warm-up remix on another video
 keeps model loading and first-call costs out of both figures.
 
-    python -m bench.rerender [--lengths 30 600]
+    python -m bench.rerender [--lengths 30 600] [--log]
 """
 
 from __future__ import annotations
@@ -116,7 +116,12 @@ async def measure(length: float, work: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=float, nargs="+", default=[30.0, 600.0])
+    parser.add_argument("--log", action="store_true", help="the services' JSON logs on stderr (where time goes)")
     args = parser.parse_args()
+    if args.log:
+        from bgm import logs
+
+        logs.configure("bench", "INFO")
     for length in args.lengths:
         with tempfile.TemporaryDirectory(prefix="bgm-rerender-") as tmp:
             asyncio.run(measure(length, Path(tmp)))

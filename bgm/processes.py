@@ -1,10 +1,11 @@
-"""Child processes (ffmpeg, ffprobe, fluidsynth) that end with the request that started them.
+"""Child processes (ffmpeg, ffprobe) and in-process loops that end with the request that started them.
 
 Blocking work runs in worker threads, which asyncio cannot cancel. So every child is
 registered with the request it serves (a context variable, which ``asyncio.to_thread``
 carries into the thread), and when the request ends early (the client cancelled or
 went away, or another stage failed) its children are killed at once instead of running
-on for seconds.
+on for seconds. Work done in the process itself (FluidSynth, Whisper) cannot be killed, so
+its loops ask ``check_request()`` as they go.
 """
 
 from __future__ import annotations
@@ -45,6 +46,18 @@ class Children:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
         return len(live)
+
+
+class RequestEnded(Exception):
+    """The request this work serves has ended: in-process work stops where it checks."""
+
+
+def check_request() -> None:
+    """Raise RequestEnded if the current request has ended; for long in-process loops, which
+    no kill reaches (call it every ~0.1 s)."""
+    owner = _owner.get()
+    if owner is not None and owner.closed:
+        raise RequestEnded("the request ended; its work stopped")
 
 
 @contextlib.contextmanager

@@ -505,9 +505,18 @@ def test_a_request_that_ends_kills_its_child_processes(loop):
     assert loop.run(cancel_midway()) < 1.0
 
 
+def threads_running(module: str) -> int:
+    """How many threads are executing code of ``module`` (a path fragment) right now."""
+    import traceback
+
+    return sum(any(module in f.f_code.co_filename for f, _ in traceback.walk_stack(frame))
+               for frame in sys._current_frames().values())
+
+
 def test_cancelling_a_remix_stops_the_music_renderer(gateway, tmp_path):
-    """The composer's FluidSynth run for 50 s of music takes seconds; a client that cancels
-    meanwhile must not leave it running."""
+    """The composer renders 50 s of music with FluidSynth in-process for about a second; a
+    client that cancels meanwhile must not leave it running (no kill reaches a thread: the
+    render checks its request, ``bgm.processes.check_request``)."""
     stub, running = gateway
     clip = audio_mkv(tmp_path / "clip.mkv", 50)
     call = stub.Remix(iter(upload("clip.mkv", clip.read_bytes())), timeout=120)
@@ -515,19 +524,31 @@ def test_cancelling_a_remix_stops_the_music_renderer(gateway, tmp_path):
         if event.WhichOneof("event") == "progress" and event.progress.stage == common_pb2.STAGE_GENERATE_MUSIC:
             break
     deadline = time.monotonic() + 10
-    while not child_processes(("fluidsynth",)) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert child_processes(("fluidsynth",)), "the renderer never started"
+    while not threads_running("services/music/synth.py") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threads_running("services/music/synth.py"), "the renderer never started"
     call.cancel()
     began = time.monotonic()
-    while child_processes(("fluidsynth", "ffmpeg")) and time.monotonic() - began < 5:
-        time.sleep(0.05)
-    assert not child_processes(("fluidsynth", "ffmpeg"))
+    while (threads_running("services/music/synth.py") or child_processes(("ffmpeg",))) \
+            and time.monotonic() - began < 5:
+        time.sleep(0.02)
+    assert not threads_running("services/music/synth.py") and not child_processes(("ffmpeg",))
     assert time.monotonic() - began < 1.0
     deadline = time.monotonic() + 10
     while running.servicers[0].limiter.active and time.monotonic() < deadline:
         time.sleep(0.1)
     assert running.servicers[0].limiter.active == 0
+
+
+def test_a_render_stops_when_its_request_ends():
+    """Without the check, the render runs to its end whatever happened to the request."""
+    from bgm import processes
+    from services.music.composer import synthesizer
+
+    with processes.owned_by_request() as children:
+        children.kill_all()  # what the end of a request does
+        with pytest.raises(processes.RequestEnded):
+            synthesizer().render(b"MThd", 48_000 * 30, 48_000)
 
 
 def test_a_full_disk_is_named_not_internal():

@@ -135,6 +135,33 @@ def test_a_section_sounds_the_same_alone_and_in_a_long_timeline(composer):
     assert correlation > 0.9, correlation
 
 
+def test_in_process_renders_are_what_the_fluidsynth_command_writes_even_side_by_side(tmp_path):
+    """The resident synth (services/music/synth.py) against ``fluidsynth -F`` on the same MIDI
+    file and settings, and two renders at once in threads against one alone."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    import soundfile
+
+    from services.music import midi
+    from services.music.composer import compose, soundfont, synthesizer
+
+    rate, frames = 48_000, 6 * 48_000
+    path = tmp_path / "score.mid"
+    midi.write(compose(plan(ALL_SEVEN[:2]), seed=5), path)
+    subprocess.run(["fluidsynth", "-ni", "-q", "-g", "0.5", "-r", str(rate), "-O", "float",
+                    "-o", "synth.reverb.active=1", "-o", "synth.chorus.active=0",
+                    "-F", str(tmp_path / "cli.wav"), soundfont(), str(path)], check=True, timeout=120)
+    cli, _ = soundfile.read(tmp_path / "cli.wav", dtype="float32", always_2d=True)
+    data = path.read_bytes()
+    alone = synthesizer().render(data, frames, rate)
+    assert np.abs(alone).max() > 0.05
+    assert np.array_equal(alone, cli[:frames])
+    with ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(lambda _: synthesizer().render(data, frames, rate), range(2)))
+    assert all(np.array_equal(alone, other) for other in both)
+
+
 @pytest.fixture(scope="module")
 def music(loop):
     running = start(loop, [MusicServicer(MusicSettings(), ServerSettings(max_duration_s=600))])

@@ -10,9 +10,9 @@ and the next starts on its downbeat. The same seed gives the same MIDI and so th
 
 from __future__ import annotations
 
+import functools
+import io
 import os
-import shutil
-import subprocess
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bgm import logs, processes, scratch, vocab
+from bgm import logs, vocab
 from bgm.errors import Unsupported
 from services.music import midi as midi_file
 from services.music.styles import STYLES, Style, vary
+from services.music.synth import Synth
 
 log = logs.get("bgm.music")
 
@@ -174,26 +175,17 @@ def _drums(drums: object, style: Style, bar_start: float, beat: float, note: obj
             hit(drums, DRUM_KICK if k % 2 == 0 else DRUM_RIDE, t, t + 0.1, v - 20)  # type: ignore[operator]
 
 
+@functools.cache
+def synthesizer() -> Synth:
+    """The process's FluidSynth, with the soundfont loaded once."""
+    return Synth(soundfont())
+
+
 def render(pm: object, sample_rate: int, total_samples: int) -> np.ndarray:
     """Render a score with FluidSynth to float32 stereo of exactly ``total_samples`` frames."""
-    import soundfile
-
-    if shutil.which("fluidsynth") is None:
-        raise Unsupported("FluidSynth is not installed (Debian: apt-get install fluidsynth)")
-    with scratch.workdir("render") as tmp:
-        midi, wav = Path(tmp) / "score.mid", Path(tmp) / "score.wav"
-        midi_file.write(pm, midi)
-        cmd = ["fluidsynth", "-ni", "-q", "-g", "0.5", "-r", str(sample_rate), "-O", "float",
-               "-o", "synth.reverb.active=1", "-o", "synth.chorus.active=0",
-               "-F", str(wav), soundfont(), str(midi)]
-        proc = processes.run(cmd, timeout=600, stdin=subprocess.DEVNULL)
-        if proc.returncode != 0 or not wav.is_file():
-            raise RuntimeError(f"fluidsynth failed: {proc.stderr.decode(errors='replace')[-300:]}")
-        audio, _ = soundfile.read(str(wav), dtype="float32", always_2d=True)
-    out = np.zeros((total_samples, 2), dtype=np.float32)
-    n = min(total_samples, audio.shape[0])
-    out[:n] = audio[:n, :2] if audio.shape[1] >= 2 else np.repeat(audio[:n], 2, axis=1)
-    return out
+    midi = io.BytesIO()
+    midi_file.write(pm, midi)
+    return synthesizer().render(midi.getvalue(), total_samples, sample_rate)
 
 
 def fade_edges(audio: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -211,10 +203,10 @@ def fade_edges(audio: np.ndarray, sample_rate: int) -> np.ndarray:
 class ComposerBackend:
     name = vocab.MUSIC_COMPOSER
     # Bump when a change alters what a span sounds like: cached renders are keyed by it.
-    version = "span-1"
+    version = "span-2"
 
     def __init__(self) -> None:
-        soundfont()  # fail at load, not at the first request
+        synthesizer()  # fail at load, not at the first request
 
     def span_tempo(self, emotion: str, frames: int, sample_rate: int, tempo: float | None) -> float:
         return plan([(emotion, 0.0, frames / sample_rate)], tempo)[0].tempo

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 DRUM_CHANNEL = 9  # "channel 10" as people count them
 MELODIC_CHANNELS = tuple(c for c in range(16) if c != DRUM_CHANNEL)
@@ -52,8 +52,9 @@ def allocate(instruments: list[Any]) -> list[Placement]:
     return placed
 
 
-def write(score: Any, path: Path) -> list[Placement]:
-    """Write ``score`` (a pretty_midi.PrettyMIDI) to ``path``; returns where each instrument went.
+def write(score: Any, path: Path | BinaryIO) -> list[Placement]:
+    """Write ``score`` (a pretty_midi.PrettyMIDI) to ``path`` (or a binary file object);
+    returns where each instrument went.
 
     Where every instrument can have a channel of its own, pretty_midi's writer does that
     (and the audio stays exactly what it was: FluidSynth renders the same notes on other
@@ -62,7 +63,7 @@ def write(score: Any, path: Path) -> list[Placement]:
 
     melodic = [i for i in score.instruments if not i.is_drum]
     if len(melodic) <= len(MELODIC_CHANNELS):
-        score.write(str(path))
+        score.write(path if not isinstance(path, Path) else str(path))
         # pretty_midi's own rule: the n-th instrument on the n-th channel, drums on 10.
         return [Placement(i, DRUM_CHANNEL if i.is_drum else MELODIC_CHANNELS[n % len(MELODIC_CHANNELS)],
                           min(x.start for x in i.notes), max(x.end for x in i.notes))
@@ -90,7 +91,10 @@ def write(score: Any, path: Path) -> list[Placement]:
         for tick, _, message in sorted(events, key=lambda e: (e[0], e[1])):
             track.append(message.copy(time=tick))
         midi.tracks.append(_relative(track))
-    midi.save(str(path))
+    if isinstance(path, Path):
+        midi.save(str(path))
+    else:
+        midi.save(file=path)
     return placements
 
 
