@@ -4,9 +4,10 @@ that blocks, and lets one that hands its work to a thread pass."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
-from tests.asyncio_guard import SLOW, guard
+from tests.asyncio_guard import SLOW, GcPauses, SlowCallbacks, guard
 
 
 def run_guarded(handler) -> list[str]:
@@ -32,3 +33,23 @@ def test_work_handed_to_a_thread_is_not_reported():
         await asyncio.to_thread(time.sleep, 0.4)
 
     assert run_guarded(awaiting_handler) == []
+
+
+def test_a_garbage_collection_pause_is_not_counted_against_the_handler():
+    clock = [100.0]
+    pauses = GcPauses(clock=lambda: clock[0])
+    slow = SlowCallbacks(pauses)
+
+    def report(seconds: float) -> None:
+        slow.emit(logging.LogRecord("asyncio", logging.WARNING, __file__, 0,
+                                    f"Executing <Handle h()> took {seconds:.3f} seconds", None, None))
+
+    pauses("start", {})
+    clock[0] = 100.6
+    pauses("stop", {})  # a 0.6 s collection
+    clock[0] = 100.7
+    report(0.7)  # 0.1 s of the handler's own: not reported
+    assert slow.take() == []
+    clock[0] = 105.0
+    report(0.7)  # no collection during this one
+    assert len(slow.take()) == 1
