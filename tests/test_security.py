@@ -177,3 +177,42 @@ def test_a_key_that_is_not_the_certificates_is_named_as_such(pki):
     _, other_key = pki["client"]
     with pytest.raises(SettingsError, match="the key does not belong to the certificate"):
         server_credentials(str(cert), str(other_key))
+
+
+def test_an_upload_without_a_token_is_refused_as_unauthenticated_every_time(loop):
+    """grpc's asyncio client reported INTERNAL ("Internal error from Core") in about 2% of
+    refusals on fresh connections when the refusal overtook its first write (grpc/grpc#36066)."""
+    import asyncio
+
+    from grpc import aio
+
+    from bgm.v1 import gateway_pb2
+    from gateway.servicer import GatewayServicer
+    from gateway.settings import GatewaySettings
+
+    running = start(loop, [GatewayServicer(GatewaySettings(), ServerSettings(auth_token=TOKEN))],
+                    wait=False, auth_token=TOKEN)
+
+    async def refusals(n: int) -> dict[str, int]:
+        codes: dict[str, int] = {}
+        for _ in range(n):
+            answered = asyncio.Event()
+
+            async def upload(answered: asyncio.Event):  # as the CLI uploads: options, then wait
+                yield gateway_pb2.RemixRequest(options=gateway_pb2.RemixOptions(filename="a.mp4"))
+                await answered.wait()
+
+            async with aio.insecure_channel(running.address) as fresh:  # a new connection, as each CLI run
+                try:
+                    async for _ in gateway_pb2_grpc.GatewayStub(fresh).Analyze(upload(answered), timeout=10):
+                        answered.set()
+                    code = "OK"
+                except aio.AioRpcError as exc:
+                    code = exc.code().name
+            codes[code] = codes.get(code, 0) + 1
+        return codes
+
+    try:
+        assert asyncio.run(refusals(300)) == {"UNAUTHENTICATED": 300}  # a caller of its own, as the CLI
+    finally:
+        loop.run(running.stop(0))
