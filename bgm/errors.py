@@ -130,7 +130,7 @@ class ErrorInterceptor(aio.ServerInterceptor):
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method),
+                _wrap_unary(handler.stream_unary, method, uploads=True),
                 handler.request_deserializer,
                 handler.response_serializer,
             )
@@ -141,7 +141,7 @@ class ErrorInterceptor(aio.ServerInterceptor):
                 handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(handler.stream_stream, method),
+            _wrap_stream(handler.stream_stream, method, uploads=True),
             handler.request_deserializer,
             handler.response_serializer,
         )
@@ -193,10 +193,46 @@ def _log_ok(method: str, started: float) -> None:
     log.log(level, "rpc ok", extra={"fields": {"method": method, "duration_s": round(time.monotonic() - started, 3)}})
 
 
-def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+FIRST_MESSAGE_WAIT_S = 3.0
+
+
+async def take_first_message(requests: AsyncIterator[Any]) -> None:
+    """Waits (briefly) for the caller's first message before a refusal is sent.
+
+    Refusing an upload before its first message has arrived races the caller's write, and
+    grpc's asyncio client then reports "INTERNAL: Internal error from Core" instead of the
+    refusal (grpc/grpc#36066; 18 in 300 fresh connections here), which no client retries.
+    One message is bounded by the message size limit."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(anext(aiter(requests)), FIRST_MESSAGE_WAIT_S)
+
+
+class _Uploaded:
+    """The request stream, noting whether the handler has taken a message from it."""
+
+    def __init__(self, requests: AsyncIterator[Any]) -> None:
+        self.requests = requests
+        self.taken = False
+
+    def __aiter__(self) -> _Uploaded:
+        return self
+
+    async def __anext__(self) -> Any:
+        message = await anext(self.requests)
+        self.taken = True
+        return message
+
+    async def before_refusal(self) -> None:
+        if not self.taken:
+            await take_first_message(self.requests)
+
+
+def _wrap_unary(behavior: Callable[..., Any], method: str, uploads: bool = False) -> Callable[..., Any]:
     async def handle(request: Any, context: aio.ServicerContext) -> Any:
         token = logs.request_id.set(_request_id(context))
         started = time.monotonic()
+        if uploads:
+            request = _Uploaded(aiter(request))
         try:
             with processes.owned_by_request():
                 response = await behavior(request, context)
@@ -205,6 +241,8 @@ def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]
         except (asyncio.CancelledError, aio.AbortError):
             raise
         except Exception as exc:
+            if uploads:
+                await request.before_refusal()
             await _fail(context, method, started, exc)
         finally:
             logs.request_id.reset(token)
@@ -212,10 +250,13 @@ def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]
     return handle
 
 
-def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., Any]:
+def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str,
+                 uploads: bool = False) -> Callable[..., Any]:
     async def handle(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
         token = logs.request_id.set(_request_id(context))
         started = time.monotonic()
+        if uploads:
+            request = _Uploaded(aiter(request))
         try:
             with processes.owned_by_request():
                 async for response in behavior(request, context):
@@ -224,6 +265,8 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Ca
         except (asyncio.CancelledError, aio.AbortError):
             raise
         except Exception as exc:
+            if uploads:
+                await request.before_refusal()
             await _fail(context, method, started, exc)
         finally:
             _reset(token)

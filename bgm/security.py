@@ -7,8 +7,6 @@ never logged.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hmac
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,13 +16,11 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from bgm.errors import take_first_message
 from bgm.settings import SettingsError
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                  "/grpc.reflection.v1.ServerReflection/")
-FIRST_MESSAGE_WAIT_S = 3.0
-
-
 class TokenInterceptor(aio.ServerInterceptor):
     def __init__(self, token: str) -> None:
         self.expected = token.encode()
@@ -61,12 +57,7 @@ def _refusal(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
         yield  # pragma: no cover - makes this an async generator
 
     async def refuse_upload(requests: AsyncIterator[Any], context: aio.ServicerContext) -> None:
-        # Refusing before the caller's first message has arrived races its write: grpc's
-        # asyncio client then reports "INTERNAL: Internal error from Core" instead of this
-        # status (grpc/grpc#36066; 7 in 300 fresh connections here). Taking that one message
-        # (bounded by the message size limit, for a few seconds at most) lets the write finish.
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(anext(aiter(requests)), FIRST_MESSAGE_WAIT_S)
+        await take_first_message(requests)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     async def refuse_upload_stream(requests: AsyncIterator[Any], context: aio.ServicerContext) -> Any:
