@@ -1,6 +1,6 @@
 """Re-render benchmark: a remix, then the same video again with one span's emotion changed
 in the timeline the first run returned (``RemixOptions.timeline``, what ``bgm remix
---timeline-in`` sends), against services that keep a cache (``BGM_MUSIC_CACHE_DIR``,
+--timeline-in`` sends), against services that keep a cache (``BGM_GATEWAY_CACHE_DIR``, ``BGM_MUSIC_CACHE_DIR``,
 ``BGM_MIXER_CACHE_DIR``: what ``--project DIR`` points them at).
 
 Reports both runs' wall times and their ratio (target: the second at most 25 % of the
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bgm import settings as settings_module
 from bgm import vocab
 from bgm.chunks import iter_file_chunks
 from bgm.client import make_channel
@@ -74,14 +75,15 @@ async def remix(stub: gateway_pb2_grpc.GatewayStub, video: Path, timeline: gatew
 
 
 async def measure(length: float, work: Path) -> None:
+    from gateway.cli.project import cache_settings
     from gateway.servicer import GatewayServicer
     from gateway.settings import GatewaySettings
     from services.embedded import EmbeddedServices
 
-    os.environ[f"{vocab.MUSIC.env_prefix}_CACHE_DIR"] = str(work / "cache" / "music")
-    os.environ[f"{vocab.MIXER.env_prefix}_CACHE_DIR"] = str(work / "cache" / "speech")
+    os.environ.update(cache_settings(work))
     settings = ServerSettings()
-    running = await start_server([GatewayServicer(GatewaySettings(), settings, EmbeddedServices())], settings)
+    gateway = settings_module.load(GatewaySettings, vocab.GATEWAY.env_prefix)
+    running = await start_server([GatewayServicer(gateway, settings, EmbeddedServices())], settings)
     try:
         await running.wait_ready(900)
         async with make_channel(running.address) as channel:

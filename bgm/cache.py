@@ -26,6 +26,12 @@ log = logs.get("bgm.cache")
 SUFFIX = ".npy"
 
 
+def file_digest(path: str | Path) -> str:
+    """A file's content as a key part (sha256: about 1 GB/s here)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def key(*parts: object) -> str:
     """A key for ``parts`` (numbers, strings, arrays: an array counts by its bytes)."""
     digest = hashlib.sha256()

@@ -25,7 +25,7 @@ import grpc
 import numpy as np
 from grpc import aio
 
-from bgm import audio, logs, media, vocab
+from bgm import audio, cache, logs, media, vocab
 from bgm.chunks import CHUNK_BYTES, iter_chunks
 from bgm.client import RetryPolicy, call_with_retry
 from bgm.errors import InvalidInput, ServiceError
@@ -101,6 +101,7 @@ class Remix:
     timeout_s: float
     retry: RetryPolicy
     max_duration_s: float = 3 * 3600.0
+    audio_cache: cache.ArrayCache | None = None
     started: float = field(default_factory=time.monotonic)
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -139,11 +140,24 @@ class Remix:
             probed.set_result(info)
         samples = None
         if info.has_audio:
-            samples = (await asyncio.to_thread(
-                media.decode_audio, self.video, SEPARATION_RATE, 1, "the upload", self.max_duration_s, setting))[:, 0]
+            samples = await asyncio.to_thread(self.decoded_audio, setting)
         self.stage_seconds["extract_audio"] = time.monotonic() - began
         await self.progress(common_pb2.STAGE_EXTRACT_AUDIO, 1.0)
         return info, samples
+
+    def decoded_audio(self, setting: str) -> np.ndarray:
+        """The upload's audio, mono at the separation rate: from the cache when this same file
+        was decoded before (and still fits the duration limit)."""
+        found, name = None, ""
+        if self.audio_cache is not None and self.audio_cache.folder is not None:
+            name = cache.key("upload-audio", SEPARATION_RATE, cache.file_digest(self.video))
+            found = self.audio_cache.get(name)
+        if found is not None and found.shape[0] <= self.max_duration_s * SEPARATION_RATE:
+            return found
+        samples = media.decode_audio(self.video, SEPARATION_RATE, 1, "the upload", self.max_duration_s, setting)[:, 0]
+        if name:
+            self.audio_cache.put(name, samples)  # type: ignore[union-attr]
+        return samples
 
     async def transcribe(self, samples: np.ndarray | None, duration: float) -> gateway_pb2.Transcript:
         transcript = gateway_pb2.Transcript(duration_s=duration)

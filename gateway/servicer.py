@@ -9,7 +9,7 @@ from typing import Protocol
 
 from grpc import aio
 
-from bgm import limits, logs, scratch, vocab
+from bgm import cache, limits, logs, scratch, vocab
 from bgm.chunks import Spool, StreamLimits, read_config, spool_payload
 from bgm.client import RetryPolicy, make_channel, unreachable
 from bgm.errors import ConcurrencyLimiter, InvalidInput, NotReady
@@ -47,6 +47,7 @@ class GatewayServicer(ModelServicer, gateway_pb2_grpc.GatewayServicer):
         self.stream = StreamLimits.of(server, vocab.GATEWAY)
         self.retry = RetryPolicy(max_attempts=gateway.retry_attempts, budget_s=gateway.retry_budget_s)
         self.local = local
+        self.audio_cache = cache.ArrayCache(gateway.cache_dir, 0, gateway.cache_mb * vocab.MIB)
         self.channels: dict[str, aio.Channel] = {}
         self.stubs: Stubs | None = None
         self.watch: asyncio.Task[None] | None = None
@@ -155,7 +156,7 @@ class GatewayServicer(ModelServicer, gateway_pb2_grpc.GatewayServicer):
         assert self.stubs is not None
         queue: asyncio.Queue[gateway_pb2.RemixResponse | None] = asyncio.Queue(maxsize=64)
         job = Remix(self.stubs, options, video, tmp, queue.put,
-                    self.settings.stage_timeout_s, self.retry, self.server.max_duration_s)
+                    self.settings.stage_timeout_s, self.retry, self.server.max_duration_s, self.audio_cache)
         yield gateway_pb2.RemixResponse(progress=common_pb2.Progress(
             stage=common_pb2.STAGE_UPLOAD, fraction=1.0, message=f"received {size} bytes"))
 

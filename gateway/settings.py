@@ -26,6 +26,10 @@ class GatewaySettings:
     # How long a stage keeps retrying a service that is unreachable (covers a restart).
     retry_budget_s: float = 30.0
     tmp_dir: str = ""
+    # The uploads' decoded audio kept by the upload's content in this folder (bgm.cache), up
+    # to cache_mb: a second run on the same video (an edited timeline) skips the decode.
+    cache_dir: str = ""
+    cache_mb: int = 4096
     # Calls to the services: TLS (trusting services_ca), a client certificate for mutual
     # TLS, and the bearer token the services expect.
     services_ca: str = ""
@@ -43,6 +47,7 @@ class GatewaySettings:
         check(self.max_upload_bytes > 0, "BGM_GATEWAY_MAX_UPLOAD_BYTES", "must be positive")
         check(self.stage_timeout_s > 0, "BGM_GATEWAY_STAGE_TIMEOUT_S", "must be positive")
         check(self.retry_attempts >= 1, "BGM_GATEWAY_RETRY_ATTEMPTS", "must be at least 1")
+        check(self.cache_mb >= 0, "BGM_GATEWAY_CACHE_MB", "must be 0 or more")
         check(self.retry_budget_s >= 0, "BGM_GATEWAY_RETRY_BUDGET_S", "must not be negative")
 
     @property

@@ -250,6 +250,7 @@ def test_cli_project_rerender_and_clean(video, tmp_path):
     doc = json.loads(saved.read_text())
     assert doc["version"] == 1 and all("seed" in s for s in doc["spans"]) and doc["music"]["backend"]
     assert list((project / "cache" / "speech").glob("*.npy")) and list((project / "cache" / "music").glob("*.npy"))
+    assert len(list((project / "cache" / "audio").glob("*.npy"))) == 1
     changed = len(doc["spans"]) // 2
     doc["spans"][changed]["emotion"] = vocab.FEAR if doc["spans"][changed]["emotion"] != vocab.FEAR else vocab.JOY
     (tmp_path / "edited.json").write_text(json.dumps(doc))
@@ -258,7 +259,8 @@ def test_cli_project_rerender_and_clean(video, tmp_path):
     second = bgm("remix", str(video), "-o", str(tmp_path / "two.mp4"), "--project", str(project),
                  "--timeline-in", str(tmp_path / "edited.json"), "--stems", str(tmp_path / "two"), "-q")
     assert second.returncode == 0, second.stderr
-    # Only the changed span was rendered again.
+    # Only the changed span was rendered again; the video's audio was not decoded again.
+    assert len(list((project / "cache" / "audio").glob("*.npy"))) == 1
     assert len(list((project / "cache" / "music").glob("*.npy"))) == rendered + 1
     one, _ = soundfile.read(tmp_path / "one" / "music.wav", dtype="float32")
     two, _ = soundfile.read(tmp_path / "two" / "music.wav", dtype="float32")
@@ -283,3 +285,28 @@ def test_cli_project_rerender_and_clean(video, tmp_path):
     other.mkdir()
     (other / "a.txt").write_text("x")
     assert bgm("clean", str(other)).returncode == 2 and (other / "a.txt").exists()
+
+
+def test_the_uploads_audio_is_decoded_once_per_content(video, tmp_path, monkeypatch):
+    from bgm import media
+    from bgm.client import RetryPolicy
+    from gateway.pipeline import Remix
+
+    def job(path: Path, max_duration_s: float = 3600.0) -> Remix:
+        return Remix(None, gateway_pb2.RemixOptions(), path, tmp_path, None, 60.0, RetryPolicy(),  # type: ignore[arg-type]
+                     max_duration_s, cache.ArrayCache(str(tmp_path / "audio"), memory_bytes=0))
+
+    first = job(video).decoded_audio("LIMIT")
+    assert first.ndim == 1 and abs(first.shape[0] / RATE - 24.0) < 0.1
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(media, "decode_audio", no_decode)
+    assert np.array_equal(job(video).decoded_audio("LIMIT"), first)  # same content: from the cache
+    other = tmp_path / "other.mp4"
+    other.write_bytes(video.read_bytes() + b"\0")  # other content (trailing byte): decoded anew
+    with pytest.raises(AssertionError, match="decoded again"):
+        job(other).decoded_audio("LIMIT")
+    with pytest.raises(AssertionError, match="decoded again"):  # a stricter limit is not bypassed
+        job(video, max_duration_s=10.0).decoded_audio("LIMIT")

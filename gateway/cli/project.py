@@ -3,11 +3,12 @@ video, with an edited timeline, redoes only what changed.
 
     DIR/project.json     marks the folder as bgm's (``bgm clean`` removes nothing else's)
     DIR/timeline.json    the timeline of the last run, to edit and pass to --timeline-in
+    DIR/cache/audio/     the video's decoded audio, by content (the gateway's BGM_GATEWAY_CACHE_DIR)
     DIR/cache/speech/    separated speech, by content (the mixer's BGM_MIXER_CACHE_DIR)
     DIR/cache/music/     rendered spans, by content (the music service's BGM_MUSIC_CACHE_DIR)
 
 The caches belong to the services: in-process they are pointed here; a remote gateway's
-services keep their own (the same two settings), and the folder then holds the timeline.
+services keep their own (the same settings), and the folder then holds the timeline.
 """
 
 from __future__ import annotations
@@ -46,8 +47,14 @@ def prepare(folder: Path, source: Path, in_process: bool) -> None:
     except OSError as exc:
         raise ProjectError(f"--project: cannot write to {folder} ({exc.strerror})") from None
     if in_process:
-        os.environ[f"{vocab.MUSIC.env_prefix}_CACHE_DIR"] = str(folder / CACHE / vocab.MUSIC.name)
-        os.environ[f"{vocab.MIXER.env_prefix}_CACHE_DIR"] = str(folder / CACHE / "speech")
+        os.environ.update(cache_settings(folder))
+
+
+def cache_settings(folder: Path) -> dict[str, str]:
+    """The settings that point in-process services' caches into the project folder."""
+    return {f"{vocab.MUSIC.env_prefix}_CACHE_DIR": str(folder / CACHE / vocab.MUSIC.name),
+            f"{vocab.MIXER.env_prefix}_CACHE_DIR": str(folder / CACHE / "speech"),
+            f"{vocab.GATEWAY.env_prefix}_CACHE_DIR": str(folder / CACHE / "audio")}
 
 
 def timeline_path(folder: Path) -> Path:

@@ -84,9 +84,11 @@ def fades(n: int, fade_in_s: float, fade_out_s: float) -> np.ndarray:
 # Inter-sample peaks rise at most a few dB over the sample peaks around them, so only
 # blocks whose sample peak is within this margin of what matters are oversampled.
 OVERSAMPLE_MARGIN_DB = 3.0
-BLOCK = 4800
+# 10 ms blocks: on a normalised speech mix 20 % of them come near the ceiling, against 44 %
+# of 100 ms blocks, and oversampling is most of what levelling a mix costs.
+BLOCK = 480
 CONTEXT = 64  # samples of filter context at block edges
-RUN = 100  # blocks oversampled in one call (10 s)
+RUN = 1000  # blocks oversampled in one call (10 s)
 
 
 def channel_peak(x: np.ndarray) -> np.ndarray:
@@ -106,9 +108,15 @@ def peak_envelope(x: np.ndarray, near: float) -> np.ndarray:
     n = env.shape[0]
     blocks = -(-n // BLOCK)
     padded = np.pad(env, (0, blocks * BLOCK - n))
-    hot = np.flatnonzero(padded.reshape(blocks, BLOCK).max(axis=1) > near)
-    if hot.size == 0:
+    hot_blocks = padded.reshape(blocks, BLOCK).max(axis=1) > near
+    if not hot_blocks.any():
         return env
+    # A block beside a hot one too: the peaks between its edge sample and the hot block's
+    # first are counted at the edge sample.
+    centre = hot_blocks.copy()
+    hot_blocks[:-1] |= centre[1:]
+    hot_blocks[1:] |= centre[:-1]
+    hot = np.flatnonzero(hot_blocks)
     # Oversample each run of consecutive hot blocks in one go (at most RUN blocks at a time),
     # with filter context either side; the runs are independent, so they share the cores.
     frames = x if x.ndim == 2 else x[:, None]
