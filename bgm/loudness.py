@@ -56,22 +56,53 @@ class LoudnessMeter:
         self.samples += x.shape[0]
 
     def integrated(self) -> float:
-        step = self.step
-        steps = np.concatenate([*self.sums, [self.partial.sum()]])
-        blocks = int(np.round((self.samples / self.rate - 0.4) / 0.1)) + 1
-        if blocks < 1:
-            return SILENT
-        steps = np.pad(steps, (0, max(0, blocks + 3 - steps.shape[0])))
-        z = (steps[:blocks] + steps[1 : blocks + 1] + steps[2 : blocks + 2] + steps[3 : blocks + 3]) / (4 * step)
-        with np.errstate(divide="ignore"):
-            block_lufs = -0.691 + 10 * np.log10(z)
-        gated = z[block_lufs >= ABSOLUTE_GATE]
-        if gated.size == 0:
-            return SILENT
-        relative = -0.691 + 10 * np.log10(gated.mean()) - 10.0
-        final = z[(block_lufs > relative) & (block_lufs > ABSOLUTE_GATE)]
-        value = -0.691 + 10 * np.log10(final.mean()) if final.size else -np.inf
-        return float(value) if np.isfinite(value) else SILENT
+        return gated_loudness(np.concatenate([*self.sums, [self.partial.sum()]]), self.samples, self.rate)
+
+
+def gated_loudness(steps: np.ndarray, samples: int, rate: int) -> float:
+    """BS.1770's gated integrated loudness from K-weighted energy per 100 ms step (summed over
+    channels) of a programme ``samples`` long."""
+    step = rate // 10
+    blocks = int(np.round((samples / rate - 0.4) / 0.1)) + 1
+    if blocks < 1:
+        return SILENT
+    steps = np.pad(steps, (0, max(0, blocks + 3 - steps.shape[0])))
+    z = (steps[:blocks] + steps[1 : blocks + 1] + steps[2 : blocks + 2] + steps[3 : blocks + 3]) / (4 * step)
+    with np.errstate(divide="ignore"):
+        block_lufs = -0.691 + 10 * np.log10(z)
+    gated = z[block_lufs >= ABSOLUTE_GATE]
+    if gated.size == 0:
+        return SILENT
+    relative = -0.691 + 10 * np.log10(gated.mean()) - 10.0
+    final = z[(block_lufs > relative) & (block_lufs > ABSOLUTE_GATE)]
+    value = -0.691 + 10 * np.log10(final.mean()) if final.size else -np.inf
+    return float(value) if np.isfinite(value) else SILENT
+
+
+def energy_steps(x: np.ndarray, step: int, rate: int = vocab.SEPARATION_RATE) -> np.ndarray:
+    """K-weighted energy of ``x`` ((n, channels)), summed over channels, per ``step`` samples
+    (``step`` divides 100 ms). With a gain that is constant over each step, the loudness of
+    the gained programme follows from these without filtering it again (``loudness_of_steps``)."""
+    assert (rate // 10) % step == 0
+    sos = k_weighting(rate)
+    state = np.zeros((sos.shape[0], x.shape[1], 2))
+    piece = 4 * rate
+    out = []
+    for start in range(0, x.shape[0], piece):
+        filtered, state = sosfilt(sos, np.ascontiguousarray(x[start : start + piece].T, dtype=np.float64),
+                                  axis=-1, zi=state)
+        energy = np.square(filtered).sum(axis=0)
+        whole = -(-energy.shape[0] // step) * step
+        out.append(np.pad(energy, (0, whole - energy.shape[0])).reshape(-1, step).sum(axis=1))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def loudness_of_steps(energy: np.ndarray, step: int, samples: int, rate: int = vocab.SEPARATION_RATE) -> float:
+    """Integrated loudness from ``energy_steps`` of a programme ``samples`` long."""
+    per = (rate // 10) // step
+    whole = -(-energy.shape[0] // per) * per
+    steps = np.pad(energy, (0, whole - energy.shape[0])).reshape(-1, per).sum(axis=1)
+    return gated_loudness(steps, max(samples, rate // 2), rate)  # as ``loudness`` pads a short programme
 
 
 def loudness(x: np.ndarray, rate: int = vocab.SEPARATION_RATE) -> float:

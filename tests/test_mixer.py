@@ -359,3 +359,24 @@ def test_true_peak_matches_full_oversampling_and_the_limiter_holds_the_ceiling(m
     exact = 20 * np.log10(np.abs(resample_poly(limited, 4, 1, axis=0)).max())
     print(f"\ntrue peak before {full:.2f} dBTP, after the limiter {exact:.2f} dBTP")
     assert exact <= -1.0
+
+
+@pytest.mark.parametrize(("target", "ceiling"), [(-14.0, -1.0), (-9.0, -1.0), (-23.0, -2.0)])
+def test_levelling_estimates_the_loudness_it_gives_and_holds_the_ceiling(material, target, ceiling):
+    """The levelling finds its make-up gain from one filtering pass (bgm.loudness.energy_steps)
+    and one envelope; what it reports must be what the mix measures."""
+    from scipy.signal import resample_poly
+
+    _, speech, music = material
+    stereo_speech = np.stack([speech, speech], axis=1)
+    stereo_music = np.stack([music, 0.9 * music], axis=1).astype(np.float32)
+    levels = dsp.MixLevels(duck_db=12, loudness_lufs=target, true_peak_dbtp=ceiling, fade_in_s=0.5,
+                           fade_out_s=1.0, attack_ms=80, release_ms=400, bgm_gain_db=-6)
+    outcome = dsp.mix(stereo_speech, stereo_music, levels)
+    measured = dsp.loudness(outcome.mix)
+    print(f"\ntarget {target}: reported {outcome.loudness_lufs:.3f}, measured {measured:.3f} LUFS")
+    assert outcome.loudness_lufs == pytest.approx(measured, abs=1e-6)
+    assert measured == pytest.approx(target, abs=0.3)
+    exact = 20 * np.log10(np.abs(resample_poly(outcome.mix, 4, 1, axis=0)).max())
+    assert exact <= ceiling - dsp.CODEC_HEADROOM_DB + 0.01
+    assert np.allclose(outcome.speech + outcome.bgm, outcome.mix, atol=1e-5)  # the stems still add up

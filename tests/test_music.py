@@ -3,6 +3,8 @@ determinism, bar-line transitions, and bad input."""
 
 from __future__ import annotations
 
+import itertools
+
 import grpc
 import numpy as np
 import pytest
@@ -252,3 +254,22 @@ def test_adding_a_backend_is_one_class_and_one_registry_line(music):
     pcm = b"".join(e.chunk.pcm for e in events if e.WhichOneof("event") == "chunk")
     audio = np.frombuffer(pcm, dtype="<f4").reshape(-1, 2)
     assert audio.shape[0] == 5 * RATE and np.abs(audio).max() > 0.05  # the tone came through, levelled
+
+
+def test_a_long_span_is_made_and_streamed_in_pieces_of_its_own(music, monkeypatch):
+    from services.music import servicer as music_servicer
+
+    assert music_servicer.piece_lengths(25 * RATE, RATE) == [25 * RATE]
+    assert music_servicer.piece_lengths(241 * RATE, RATE) == [round(241 / 3 * RATE)] * 3  # equal, none tiny
+    monkeypatch.setattr(music_servicer, "PIECE_S", 4.0)  # pieces of at most 4 s, as 120 s are made of hours
+    stub, _ = music
+    events = list(stub.Generate(music_pb2.GenerateRequest(spans=timeline(("joy", 0.0, 10.0))), timeout=120))
+    chunks = [e.chunk for e in events[1:]]
+    assert chunks[0].start_sample == 0 and all(c.span_index == 0 for c in chunks)
+    assert sum(len(c.pcm) for c in chunks) // 8 == 10 * RATE
+    assert all(b.start_sample == a.start_sample + len(a.pcm) // 8 for a, b in itertools.pairwise(chunks))
+    pcm = np.frombuffer(b"".join(c.pcm for c in chunks), dtype="<f4").reshape(-1, 2)
+    third = round(10 / 3 * RATE)
+    pieces = [pcm[i * third: (i + 1) * third] for i in range(3)]
+    assert all(np.sqrt(np.mean(p ** 2)) > 0.01 for p in pieces)  # every piece is heard
+    assert not np.allclose(pieces[0], pieces[1], atol=1e-3)  # its own music, not a repeat

@@ -6,7 +6,7 @@ import asyncio
 import math
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from grpc import aio
@@ -228,7 +228,8 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
                        request: music_pb2.GenerateRequest, fmt: common_pb2.AudioFormat
                        ) -> AsyncIterator[music_pb2.GenerateResponse]:
         """Span after span, each rendered (or found in the cache) and streamed before the next:
-        memory holds one span, and the caller starts on the first while the rest are made."""
+        memory holds one piece of a span (see PIECE_S), and the caller starts on the first while
+        the rest are made."""
         rate = fmt.sample_rate_hz
         bounds = [round(start * rate) for _, start, _ in spans] + [round(spans[-1][2] * rate)]
         tempo = backend.span_tempo(spans[0][0], bounds[1] - bounds[0], rate, options.tempo)
@@ -236,12 +237,31 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
             format=fmt, total_samples=bounds[-1], tempo_bpm=tempo, backend=backend.name, seed=options.seed,
             span_seeds=[c.seed for c in controls]))
         for index, ((emotion, _, _), control) in enumerate(zip(spans, controls, strict=True)):
-            frames = bounds[index + 1] - bounds[index]
-            piece = await asyncio.to_thread(self._span, backend, options, emotion, frames, control, rate)
-            if fmt.channels == 1:
-                piece = piece.mean(axis=1, keepdims=True)
-            for message in piece_chunks(piece, index, request.spans[index].emotion, bounds[index], fmt):
-                yield message
+            first = bounds[index]
+            for part, frames in enumerate(piece_lengths(bounds[index + 1] - bounds[index], rate)):
+                seed = control.seed if part == 0 else backends.span_seed(control.seed, part * PIECE_S)
+                piece = await asyncio.to_thread(self._span, backend, options, emotion, frames,
+                                                replace(control, seed=seed), rate)
+                if fmt.channels == 1:
+                    piece = piece.mean(axis=1, keepdims=True)
+                for message in piece_chunks(piece, index, request.spans[index].emotion, first, fmt):
+                    yield message
+                first += frames
+                del piece  # memory holds one piece at a time
+
+
+# A span longer than this is made in equal pieces, each the span's emotion with a seed of its
+# own (the first keeps the span's): memory then holds one piece, however long the span (a
+# 30-minute span was one 690 MB array, and more in its levelling), and a long span does not
+# repeat one composition for its whole length.
+PIECE_S = 120.0
+
+
+def piece_lengths(frames: int, rate: int) -> list[int]:
+    """``frames`` split into the fewest equal pieces of at most PIECE_S."""
+    count = max(1, -(-frames // max(1, int(PIECE_S * rate))))
+    size, extra = divmod(frames, count)
+    return [size + (1 if i < extra else 0) for i in range(count)]
 
 
 def piece_chunks(piece: np.ndarray, index: int, emotion: int, first: int, fmt: common_pb2.AudioFormat
