@@ -33,8 +33,9 @@ def parser() -> argparse.ArgumentParser:
                         help="use this (edited) timeline instead of transcribing and classifying: the JSON "
                              "that --timeline or --project writes; unchanged spans keep their music")
         sp.add_argument("--project", metavar="DIR",
-                        help="keep the work (separated speech, rendered spans, the timeline) in DIR so a "
-                             "re-render of an edited DIR/timeline.json takes seconds; 'bgm clean DIR' removes it")
+                        help="keep the work (decoded audio, separated speech, rendered spans, the timeline) "
+                             "in DIR so a re-render of an edited DIR/timeline.json takes seconds; "
+                             "'bgm clean DIR' removes it")
         sp.add_argument("--timeout", type=float, default=6 * 3600, help="overall deadline in seconds")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
