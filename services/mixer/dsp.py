@@ -357,12 +357,12 @@ def mix_measured(speech: np.ndarray, bgm: np.ndarray, levels: MixLevels, talking
         gain, current = np.ones(n, dtype=np.float32), leveller.loudness
     else:
         gain, estimate = leveller.gain(levels.loudness_lufs)
-        mixed = np.multiply(out, gain[:, None], dtype=np.float32)
-        current = loudness(mixed)
+        out *= gain[:, None]  # in place: on a long programme a copy is hundreds of MB
+        current = loudness(out)
         if abs(current - levels.loudness_lufs) > 0.1:  # missed (hard limiting): aim again, corrected
+            out /= gain[:, None]  # back to the programme the leveller measures (it keeps a reference)
             gain, _ = leveller.gain(levels.loudness_lufs - (current - estimate))
-            mixed = np.multiply(out, gain[:, None], dtype=np.float32)
-            current = loudness(mixed)
-        out = mixed
+            out *= gain[:, None]
+            current = loudness(out)
     peak = true_peak_db(out) if measure_peak else float("nan")
     return MixOutcome(out, placed, speech, gain, current, peak)
