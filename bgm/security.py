@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from bgm.errors import take_first_message
+from bgm.errors import drain_before_refusal
 from bgm.settings import SettingsError
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
@@ -57,7 +57,7 @@ def _refusal(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
         yield  # pragma: no cover - makes this an async generator
 
     async def refuse_upload(requests: AsyncIterator[Any], context: aio.ServicerContext) -> None:
-        await take_first_message(requests)
+        await drain_before_refusal(requests)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     async def refuse_upload_stream(requests: AsyncIterator[Any], context: aio.ServicerContext) -> Any:
