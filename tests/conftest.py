@@ -111,3 +111,33 @@ def stt_server(loop: LoopThread) -> Iterator[Any]:
     running = start(loop, [SpeechToTextServicer(SttSettings(), ServerSettings(max_concurrency=2))])
     yield running
     loop.run(running.stop(1))
+
+
+async def upload_status_counts(address: str, n: int, method: str = "Remix", pieces: int = 0,
+                               timeout: float = 60) -> dict[str, int]:
+    """``n`` calls of the gateway's ``method``, each on a fresh connection (as each CLI run),
+    uploading as the CLI does: the options, the first answer awaited, then ``pieces`` video
+    pieces of 512 KiB. How many ended with each status code."""
+    from grpc import aio
+
+    from bgm.v1 import gateway_pb2, gateway_pb2_grpc
+
+    async def upload(answered: asyncio.Event):  # type: ignore[no-untyped-def]
+        yield gateway_pb2.RemixRequest(options=gateway_pb2.RemixOptions(filename="upload.mp4"))
+        await answered.wait()
+        for _ in range(pieces):
+            yield gateway_pb2.RemixRequest(video=bytes(512 * 1024))
+
+    codes: dict[str, int] = {}
+    for _ in range(n):
+        answered = asyncio.Event()
+        async with aio.insecure_channel(address) as fresh:
+            call = getattr(gateway_pb2_grpc.GatewayStub(fresh), method)
+            try:
+                async for _ in call(upload(answered), timeout=timeout):
+                    answered.set()
+                code = "OK"
+            except aio.AioRpcError as exc:
+                code = exc.code().name
+        codes[code] = codes.get(code, 0) + 1
+    return codes

@@ -27,7 +27,7 @@ from bgm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, mixer_pb2, mixer_p
 from gateway.servicer import GatewayServicer
 from gateway.settings import GatewaySettings
 from services.embedded import EmbeddedServices
-from tests.conftest import bgm_temp_files, channel, start
+from tests.conftest import bgm_temp_files, channel, start, upload_status_counts
 from tests.media_files import ffmpeg
 
 IDLE_S = 3.0
@@ -564,37 +564,12 @@ def test_a_refusal_in_the_middle_of_an_upload_reaches_the_client_as_itself(gatew
     """grpc's asyncio client reported 67 of 100 refusals of an oversize upload as "INTERNAL:
     Internal error from Core" (the refusal overtook a write; grpc/grpc#36066): the server now
     drops what the caller is still sending before it refuses."""
-    import asyncio
-
-    from grpc import aio
-
     _, running = gateway
     servicer = running.servicers[0]
     original = servicer.settings
     servicer.settings = replace(original, max_upload_bytes=2**20)
 
-    async def refusals(n: int) -> dict[str, int]:
-        codes: dict[str, int] = {}
-        for _ in range(n):
-            accepted = asyncio.Event()
-
-            async def requests(accepted: asyncio.Event):  # as the CLI: options, the answer, the video
-                yield gateway_pb2.RemixRequest(options=gateway_pb2.RemixOptions(filename="big.mp4"))
-                await accepted.wait()
-                for _ in range(8):
-                    yield gateway_pb2.RemixRequest(video=bytes(512 * 1024))
-
-            async with aio.insecure_channel(running.address) as fresh:
-                try:
-                    async for _ in gateway_pb2_grpc.GatewayStub(fresh).Remix(requests(accepted), timeout=60):
-                        accepted.set()
-                    code = "OK"
-                except aio.AioRpcError as exc:
-                    code = exc.code().name
-            codes[code] = codes.get(code, 0) + 1
-        return codes
-
     try:
-        assert loop.run(refusals(60)) == {"INVALID_ARGUMENT": 60}
+        assert loop.run(upload_status_counts(running.address, 60, pieces=8)) == {"INVALID_ARGUMENT": 60}
     finally:
         servicer.settings = original

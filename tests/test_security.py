@@ -14,7 +14,7 @@ from bgm.settings import ServerSettings
 from bgm.v1 import common_pb2, emotion_pb2, emotion_pb2_grpc, gateway_pb2_grpc
 from services.emotion.servicer import EmotionServicer
 from services.emotion.settings import EmotionSettings
-from tests.conftest import channel, health_status, start
+from tests.conftest import channel, health_status, start, upload_status_counts
 
 TOKEN = "s3cret-token-for-tests"
 REQUEST = emotion_pb2.ClassifyRequest(segments=[emotion_pb2.TextSegment(
@@ -186,35 +186,13 @@ def test_an_upload_refused_at_once_gets_its_status_every_time(loop, token, expec
     Refused here by the token check, and by a gateway whose services are not reachable."""
     import asyncio
 
-    from grpc import aio
-
-    from bgm.v1 import gateway_pb2
     from gateway.servicer import GatewayServicer
     from gateway.settings import GatewaySettings
 
     running = start(loop, [GatewayServicer(GatewaySettings(), ServerSettings(auth_token=token))],
                     wait=False, auth_token=token)
 
-    async def refusals(n: int) -> dict[str, int]:
-        codes: dict[str, int] = {}
-        for _ in range(n):
-            answered = asyncio.Event()
-
-            async def upload(answered: asyncio.Event):  # as the CLI uploads: options, then wait
-                yield gateway_pb2.RemixRequest(options=gateway_pb2.RemixOptions(filename="a.mp4"))
-                await answered.wait()
-
-            async with aio.insecure_channel(running.address) as fresh:  # a new connection, as each CLI run
-                try:
-                    async for _ in gateway_pb2_grpc.GatewayStub(fresh).Analyze(upload(answered), timeout=10):
-                        answered.set()
-                    code = "OK"
-                except aio.AioRpcError as exc:
-                    code = exc.code().name
-            codes[code] = codes.get(code, 0) + 1
-        return codes
-
     try:
-        assert asyncio.run(refusals(300)) == {expected: 300}  # a caller of its own, as the CLI
+        assert asyncio.run(upload_status_counts(running.address, 100, "Analyze", timeout=10)) == {expected: 100}
     finally:
         loop.run(running.stop(0))
