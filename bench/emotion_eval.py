@@ -7,7 +7,12 @@ error (15 bins on the top probability) and sentences per second through the Emot
 over gRPC. The development split is where the shipped model's biases and temperature were
 chosen (``tools/train_emotion.py``), so these are development figures, not test figures.
 
-    python -m bench.emotion_eval [--backends goemotions nade] [--limit N]
+Then the arc check, end to end through the gateway with the embedded defaults: a generated
+30 s video (espeak-ng speech over a music bed) whose thirds are joyful, sad and angry, two
+sentences each, one of them weaker. Every third must come back as its emotion and every span
+boundary must lie within 1.5 s of a scripted change.
+
+    python -m bench.emotion_eval [--backends goemotions nade] [--limit N] [--no-arc]
 """
 
 from __future__ import annotations
@@ -15,16 +20,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from bgm import vocab
+from bgm.chunks import iter_file_chunks
 from bgm.client import make_channel
 from bgm.server import start_server
 from bgm.settings import ServerSettings
-from bgm.v1 import common_pb2, emotion_pb2, emotion_pb2_grpc
+from bgm.v1 import common_pb2, emotion_pb2, emotion_pb2_grpc, gateway_pb2, gateway_pb2_grpc
+from gateway.example import make_example
+from gateway.servicer import GatewayServicer
+from gateway.settings import GatewaySettings
+from services.embedded import EmbeddedServices
 from services.emotion.linear import plain_text
 from services.emotion.servicer import EmotionServicer
 from services.emotion.settings import EmotionSettings
@@ -96,15 +107,86 @@ async def evaluate(backend: str, texts: list[str], y: np.ndarray) -> None:
     await running.stop(0)
 
 
+# Two sentences per third: one clear, one weaker (on its own it may read as neutral).
+ARC = (
+    (vocab.JOY, "This is the happiest day of my life, I love it so much! The food was pretty good too."),
+    (vocab.SADNESS, "My old dog died last night and I cannot stop crying. Things will not be the same."),
+    (vocab.ANGER, "I am furious with them, this is outrageous and unfair! They should have told us."),
+)
+ARC_SECTION_S = 10.0
+ARC_TOLERANCE_S = 1.5
+
+
+async def analyze(video: Path) -> gateway_pb2.EmotionTimeline:
+    settings = ServerSettings()
+    running = await start_server([GatewayServicer(GatewaySettings(), settings, EmbeddedServices())], settings)
+    try:
+        await running.wait_ready(900)
+        async with make_channel(running.address) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+
+            async def requests():
+                yield gateway_pb2.RemixRequest(options=gateway_pb2.RemixOptions(filename=video.name))
+                for piece in iter_file_chunks(video):
+                    yield gateway_pb2.RemixRequest(video=piece)
+
+            timeline = gateway_pb2.EmotionTimeline()
+            async for event in stub.Analyze(requests(), timeout=900):
+                if event.WhichOneof("event") == "timeline":
+                    timeline = event.timeline
+            return timeline
+    finally:
+        await running.stop(1)
+
+
+def arc_verdict(timeline: gateway_pb2.EmotionTimeline) -> tuple[list[str], list[float], bool]:
+    """Each third's emotion (the one covering most of it), the span boundaries, and whether
+    all thirds are right with every boundary within the tolerance of a scripted change."""
+    found = []
+    for k in range(len(ARC)):
+        start, end = k * ARC_SECTION_S, (k + 1) * ARC_SECTION_S
+        cover: dict[str, float] = {}
+        for span in timeline.spans:
+            overlap = min(end, span.span.end_s) - max(start, span.span.start_s)
+            if overlap > 0:
+                name = vocab.emotion_name(span.emotion) or "none"
+                cover[name] = cover.get(name, 0.0) + overlap
+        found.append(max(cover, key=cover.__getitem__) if cover else "none")
+    boundaries = [span.span.start_s for span in timeline.spans[1:]]
+    changes = [k * ARC_SECTION_S for k in range(1, len(ARC))]
+    close = all(min(abs(b - c) for c in changes) <= ARC_TOLERANCE_S for b in boundaries)
+    right = found == [emotion for emotion, _ in ARC]
+    return found, boundaries, right and close
+
+
+def arc_check() -> bool:
+    with tempfile.TemporaryDirectory(prefix="bgm-arc-") as tmp:
+        video = make_example(Path(tmp) / "arc.mp4", section_s=ARC_SECTION_S, script=ARC)
+        timeline = asyncio.run(analyze(video))
+    print(f"\n== arc check, end to end (embedded defaults, emotion backend {timeline.backend})")
+    for sentence, segment in zip(timeline.sentences, timeline.segments, strict=False):
+        print(f"  {sentence.span.start_s:5.1f}-{sentence.span.end_s:5.1f} s  "
+              f"{vocab.emotion_name(segment.emotion):8s} {sentence.text}")
+    for span in timeline.spans:
+        print(f"  span {span.span.start_s:5.1f}-{span.span.end_s:5.1f} s  {vocab.emotion_name(span.emotion)}")
+    found, boundaries, passed = arc_verdict(timeline)
+    print(f"scripted {[e for e, _ in ARC]}, found {found}; boundaries {[round(b, 2) for b in boundaries]} "
+          f"(scripted changes at 10 and 20 s, tolerance {ARC_TOLERANCE_S} s): {'PASS' if passed else 'FAIL'}")
+    return passed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", nargs="+", default=list(vocab.EMOTION_BACKENDS))
     parser.add_argument("--limit", type=int, help="first N sentences only")
     parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--no-arc", action="store_true", help="skip the end-to-end arc check")
     args = parser.parse_args()
     texts, y = read(args.data, args.limit)
     for backend in args.backends:
         asyncio.run(evaluate(backend, texts, y))
+    if not args.no_arc:
+        arc_check()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import grpc
 import jiwer
 import pytest
 
+from bench.emotion_eval import ARC, ARC_SECTION_S, arc_verdict
 from bgm.chunks import iter_file_chunks
 from bgm.settings import ServerSettings
 from bgm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -103,6 +104,19 @@ def test_remix_end_to_end(gateway, example, tmp_path):
     print(f"WER on the original {original_wer:.3f}, on the remix {wer:.3f}")
     assert wer <= 0.20
     assert "video" not in again or not again["video"]  # Analyze sends no media
+
+
+def test_analyze_follows_a_scripted_arc_with_weaker_sentences(gateway, tmp_path):
+    """Thirds of joyful, sad and angry speech (over a music bed), two sentences each, one of
+    them weaker: each third comes back as its emotion, each boundary within 1.5 s of the
+    scripted change (the arc check of bench.emotion_eval)."""
+    stub, _ = gateway
+    video = make_example(tmp_path / "arc.mp4", section_s=ARC_SECTION_S, script=ARC)
+    timeline = run(stub.Analyze(requests(video), timeout=600))["timeline"]
+    found, boundaries, passed = arc_verdict(timeline)
+    print(f"\nfound {found}, boundaries {boundaries}")
+    assert found == [emotion for emotion, _ in ARC]
+    assert passed
 
 
 def test_remix_keeps_speech_as_intelligible_as_the_clean_recording(gateway, tmp_path):
