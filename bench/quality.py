@@ -12,7 +12,8 @@ with the defaults and measured against the parts it was built from (``bench.meas
 - spans: per span, the new music's loudness in that span's pauses (its own level, where no
   ducking acts) relative to the speech: the lowest and the spread;
 - LUFS / dBTP: the programme's integrated loudness and true peak (the decoded output);
-- WER in -> out: Whisper tiny.en on the input and on the output, against the reference;
+- WER in -> out: Whisper tiny.en on the input and on the output, against the reference
+  (pooled, also on the kept speech alone: what separation costs before any music is added);
 - SI-SDR in -> kept: the input and the kept speech (SPEECH stem) against the clean speech.
 
     python -m bench.quality [--levels 12 6] [--ids jfk_inaugural_1961 ...] [--no-example] [--json F]
@@ -71,6 +72,7 @@ class Row:
     words: int
     errors_in: int
     errors_out: int
+    errors_kept: int  # the SPEECH stem alone: what separation and the gate cost, without the music
     si_sdr_in: float
     si_sdr_kept: float
     video_identical: bool
@@ -159,6 +161,7 @@ def measure(case: realworld.Case, result: Remixed, folder: Path, listen: Transcr
         words=len(measures.normalise_text(case.reference).split()),
         errors_in=measures.word_errors(case.reference, listen(mixture))[0] if listen else -1,
         errors_out=measures.word_errors(case.reference, listen(output))[0] if listen else -1,
+        errors_kept=measures.word_errors(case.reference, listen(kept))[0] if listen else -1,
         si_sdr_in=measures.si_sdr(mixture, speech), si_sdr_kept=measures.si_sdr(kept, speech),
         video_identical=video_md5(out_path) == video_md5(case.video),
         duration_equal=abs(media.probe(out_path).duration_s - media.probe(case.video).duration_s) < 0.05,
@@ -172,7 +175,8 @@ def print_pooled(rows: list[Row]) -> None:
         words = sum(r.words for r in chosen)
         if words:
             print(f"pooled WER at {level}: {100 * sum(r.errors_in for r in chosen) / words:.1f} % -> "
-                  f"{100 * sum(r.errors_out for r in chosen) / words:.1f} % over {words} words")
+                  f"{100 * sum(r.errors_out for r in chosen) / words:.1f} % over {words} words "
+                  f"(the kept speech alone: {100 * sum(r.errors_kept for r in chosen) / words:.1f} %)")
 
 
 def print_table(rows: list[Row]) -> None:

@@ -79,6 +79,16 @@ def whisper_base() -> Path:
 WHISPER_BUNDLED = {"tiny.en": whisper_tiny_en, "base": whisper_base}
 
 
+def nade_word_vectors() -> Path:
+    """nade's fastText model (trained to predict emoji on social media), read as is: its
+    sentence vectors give the offline emotion model the sense of words its training text
+    seldom uses."""
+    path = _package_dir(vocab.EMOTION_NADE, vocab.EMOTION.name) / "data" / "socialmedia_en" / "nade_250k_hp.ftz"
+    if not path.is_file():
+        raise ModelNotFound(f"nade's fastText model missing at {path}")
+    return path
+
+
 def nade_data() -> Path:
     """A writable copy of nade's socialmedia_en model with its boosters unpacked."""
     source = _package_dir(vocab.EMOTION_NADE, vocab.EMOTION.name) / "data" / "socialmedia_en"

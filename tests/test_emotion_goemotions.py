@@ -18,6 +18,8 @@ CLEAR = [
     ("I'm terrified that something bad will happen to her.", vocab.FEAR),
     ("That is disgusting, it makes me sick.", vocab.DISGUST),
     ("The meeting is at three in room four.", vocab.NEUTRAL),
+    ("I am furious with him.", vocab.ANGER),  # "furious": 7 times in the training text
+    ("Yuck, the milk has gone sour.", vocab.DISGUST),
 ]
 
 
@@ -53,3 +55,15 @@ def test_char_ngrams_follow_scikit_learn_char_wb():
 def test_empty_and_odd_text_gets_probabilities(backend):
     probs = backend.classify(["", "   ", "?!", "123"], neutral_threshold=0.3)
     assert np.isfinite(probs).all() and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_the_sentence_vectors_are_part_of_the_model_and_batching_changes_nothing(backend):
+    """The shipped model carries nade's sentence-vector block; a batch scores as its texts
+    one by one, and the vectors move the scores (they are not a zero block)."""
+    model = backend.model
+    assert model.vectors is not None
+    texts = ["I am furious with him.", "what a lovely day", "", "Yuck!"]
+    together = model.logits(texts)
+    alone = np.concatenate([model.logits([t]) for t in texts])
+    assert np.allclose(together, alone, atol=1e-5)
+    assert np.abs(model.vectors.scores(texts)).max() > 0.1
