@@ -21,6 +21,8 @@ from bgm.settings import SettingsError
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                  "/grpc.reflection.v1.ServerReflection/")
+
+
 class TokenInterceptor(aio.ServerInterceptor):
     def __init__(self, token: str) -> None:
         self.expected = token.encode()

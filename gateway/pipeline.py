@@ -148,16 +148,19 @@ class Remix:
     def decoded_audio(self, setting: str) -> np.ndarray:
         """The upload's audio, mono at the separation rate: from the cache when this same file
         was decoded before (and still fits the duration limit)."""
-        found, name = None, ""
-        if self.audio_cache is not None and self.audio_cache.folder is not None:
-            name = cache.key("upload-audio", SEPARATION_RATE, cache.file_digest(self.video))
-            found = self.audio_cache.get(name)
+        store = self.audio_cache
+        if store is None or store.folder is None:
+            return self._decode(setting)
+        name = cache.key("upload-audio", SEPARATION_RATE, cache.file_digest(self.video))
+        found = store.get(name)
         if found is not None and found.shape[0] <= self.max_duration_s * SEPARATION_RATE:
             return found
-        samples = media.decode_audio(self.video, SEPARATION_RATE, 1, "the upload", self.max_duration_s, setting)[:, 0]
-        if name:
-            self.audio_cache.put(name, samples)  # type: ignore[union-attr]
+        samples = self._decode(setting)
+        store.put(name, samples)
         return samples
+
+    def _decode(self, setting: str) -> np.ndarray:
+        return media.decode_audio(self.video, SEPARATION_RATE, 1, "the upload", self.max_duration_s, setting)[:, 0]
 
     async def transcribe(self, samples: np.ndarray | None, duration: float) -> gateway_pb2.Transcript:
         transcript = gateway_pb2.Transcript(duration_s=duration)

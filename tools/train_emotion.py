@@ -53,17 +53,6 @@ def read(path: Path) -> tuple[list[str], np.ndarray]:
     return [r["text"] for r in rows], np.array([vocab.EMOTIONS.index(r["label"]) for r in rows])
 
 
-def sentence_vectors(model: object, texts: list[str]) -> np.ndarray:
-    return np.array([model.get_sentence_vector(linear.vector_text(t)) for t in texts],  # type: ignore[attr-defined]
-                    dtype=np.float32)
-
-
-def standardised(raw: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """As ``linear.VectorBlock`` reads them: standardised, then each row to unit length."""
-    z = (raw - mean) / scale
-    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-6)
-
-
 def softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -134,10 +123,11 @@ def main() -> None:
         import fasttext
 
         model = fasttext.load_model(str(models.nade_word_vectors()))
-        raw = sentence_vectors(model, texts)
+        raw = linear.sentence_vectors(model, texts)
         vectors = (raw.mean(axis=0), raw.std(axis=0) + 1e-6)
-        blocks.append(csr_matrix(args.vector_weight * standardised(raw, *vectors)))
-        dev_blocks.append(csr_matrix(args.vector_weight * standardised(sentence_vectors(model, dev_texts), *vectors)))
+        blocks.append(csr_matrix(args.vector_weight * linear.standardised(raw, *vectors)))
+        dev_raw = linear.sentence_vectors(model, dev_texts)
+        dev_blocks.append(csr_matrix(args.vector_weight * linear.standardised(dev_raw, *vectors)))
     x, dev_x = hstack(blocks).tocsr(), hstack(dev_blocks).tocsr()
     counts = np.bincount(y, minlength=len(vocab.EMOTIONS))
     weights = {k: (y.shape[0] / (len(counts) * c)) ** args.weight_power for k, c in enumerate(counts)}

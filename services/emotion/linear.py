@@ -22,6 +22,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -112,10 +113,20 @@ class VectorBlock:
 
     def scores(self, texts: list[str]) -> np.ndarray:
         """(texts, classes); one matrix product for the batch."""
-        raw = np.array([self.model.get_sentence_vector(vector_text(t)) for t in texts], dtype=np.float32)
-        z = (raw - self.mean) / self.scale
-        z /= np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-6)
+        z = standardised(sentence_vectors(self.model, texts), self.mean, self.scale)
         return np.asarray(z @ self.weights, dtype=np.float32)
+
+
+def sentence_vectors(model: Any, texts: list[str]) -> np.ndarray:
+    """fastText's raw sentence vectors, one row per text (training and serving alike)."""
+    return np.array([model.get_sentence_vector(vector_text(t)) for t in texts], dtype=np.float32)
+
+
+def standardised(raw: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Standardised with the training split's mean and scale, then each row to unit length."""
+    z = (raw - mean) / scale
+    z /= np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-6)
+    return z
 
 
 class LinearModel:
