@@ -51,6 +51,7 @@ class GatewayServicer(ModelServicer, gateway_pb2_grpc.GatewayServicer):
         self.channels: dict[str, aio.Channel] = {}
         self.stubs: Stubs | None = None
         self.watch: asyncio.Task[None] | None = None
+        self.recheck: asyncio.Future[None] | None = None
         self.down: dict[str, str] = {}
         self.reachable = asyncio.Event()
 
@@ -82,19 +83,32 @@ class GatewayServicer(ModelServicer, gateway_pb2_grpc.GatewayServicer):
         """Check the services every WATCH_INTERVAL_S: the gateway is ready only while all
         four are SERVING, and recovers by itself when one comes back."""
         while True:
-            down = await unreachable(self.channels, {n: SERVICES_BY_NAME[n].grpc_name for n in self.channels})
-            if down != self.down:
-                # While starting, services that are still loading are expected, not a warning.
-                level = log.warning if down and self.reachable.is_set() else log.info
-                level("services " + ("unreachable" if down else "all reachable"), extra={"fields": {"down": down}})
-            self.down = down
-            if not down:
-                self.reachable.set()
-            if self.reachable.is_set() and self.ready != (not down):
-                self.ready = not down
-                if self.on_health is not None:
-                    await self.on_health(self.ready)
+            await self._check()
             await asyncio.sleep(WATCH_INTERVAL_S)
+
+    async def _check(self) -> None:
+        down = await unreachable(self.channels, {n: SERVICES_BY_NAME[n].grpc_name for n in self.channels})
+        if down != self.down:
+            # While starting, services that are still loading are expected, not a warning.
+            level = log.warning if down and self.reachable.is_set() else log.info
+            level("services " + ("unreachable" if down else "all reachable"), extra={"fields": {"down": down}})
+        self.down = down
+        if not down:
+            self.reachable.set()
+        if self.reachable.is_set() and self.ready != (not down):
+            self.ready = not down
+            if self.on_health is not None:
+                await self.on_health(self.ready)
+
+    async def confirm_ready(self) -> None:
+        """Refuse a job only on a fresh look: the watch's last verdict may be a check that ran
+        out its deadline while this process was busy (an embedded remix holding the GIL)."""
+        if not self.ready and self.reachable.is_set():
+            # Callers that arrive together share one look (a refusal waits out its deadline).
+            if self.recheck is None or self.recheck.done():
+                self.recheck = asyncio.ensure_future(self._check())
+            await asyncio.shield(self.recheck)
+        self.require_ready()
 
     def require_ready(self) -> None:
         if not self.ready:
@@ -103,9 +117,10 @@ class GatewayServicer(ModelServicer, gateway_pb2_grpc.GatewayServicer):
 
     async def close(self) -> None:
         self.ready = False
-        if self.watch is not None:
-            self.watch.cancel()
-            await asyncio.gather(self.watch, return_exceptions=True)
+        for task in (self.watch, self.recheck):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for channel in self.channels.values():
             await channel.close()
         if self.local is not None and self.settings.embedded:
@@ -126,7 +141,7 @@ class GatewayServicer(ModelServicer, gateway_pb2_grpc.GatewayServicer):
     async def _run(
         self, request_iterator: AsyncIterator[gateway_pb2.RemixRequest], analyze_only: bool
     ) -> AsyncIterator[gateway_pb2.RemixResponse]:
-        self.require_ready()
+        await self.confirm_ready()
         assert self.stubs is not None
         # A busy gateway refuses before the upload; the slot itself is taken once the video is
         # in, so clients that open a stream and idle (or upload slowly) never block the others.
