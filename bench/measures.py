@@ -134,18 +134,41 @@ def ducking_db(music: np.ndarray, speech: np.ndarray, talking: Sequence[tuple[fl
 
 
 def span_loudness(music: np.ndarray, spans: Sequence[tuple[float, float]], speech: np.ndarray,
-                  talking: Sequence[tuple[float, float]]) -> list[float]:
-    """Integrated loudness (LUFS) of ``music`` within each (start, end) span, over the span's
-    pauses (the music's own level, where no ducking acts); a span without a pause is taken whole."""
+                  talking: Sequence[tuple[float, float]], fades_s: tuple[float, float] = (0.0, 0.0)
+                  ) -> list[tuple[float, float]]:
+    """Per (start, end) span, the integrated loudness (LUFS) of ``music`` in the span's pauses
+    (the music's own level) and under its speech (ducked): NaN where the span has less than
+    0.5 s of either. The programme's fade-in and fade-out (``fades_s``) are left out, so a
+    span is compared with another in the same state, never a faded or ducked part with a
+    free one."""
     hop = RATE // 100
-    pause, _ = regions(talking, speech, music.shape[0], hop)
-    in_pause = np.repeat(pause, hop)[: music.shape[0]]
+    n = music.shape[0]
+    pause, voiced = regions(talking, speech, n, hop)
+    steady = np.zeros(n, dtype=bool)
+    steady[int(fades_s[0] * RATE) : n - int(fades_s[1] * RATE)] = True
     out = []
     for a, b in spans:
         lo, hi = int(a * RATE), int(b * RATE)
-        piece = music[lo:hi][in_pause[lo:hi]]
-        out.append(dsp.loudness(piece if piece.shape[0] >= RATE // 2 else music[lo:hi]))
+        levels = []
+        for region in (pause, voiced):
+            inside = np.repeat(region, hop)[:n][lo:hi] & steady[lo:hi]
+            piece = music[lo:hi][inside]
+            levels.append(dsp.loudness(piece) if piece.shape[0] >= RATE // 2 else float("nan"))
+        out.append((levels[0], levels[1]))
     return out
+
+
+def spread_and_lowest(levels: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """From ``span_loudness``: the largest spread between spans in one state (pauses, or under
+    speech), and the lowest span, each span taken at its own level (in its pauses) where it
+    has pauses, else ducked (under its speech)."""
+    spreads = [0.0]
+    for state in zip(*levels, strict=True):
+        known = [x for x in state if not np.isnan(x)]
+        if known:
+            spreads.append(max(known) - min(known))
+    own = [under if np.isnan(pause) else pause for pause, under in levels]
+    return max(spreads), min((x for x in own if not np.isnan(x)), default=float("nan"))
 
 
 def si_sdr(estimate: np.ndarray, reference: np.ndarray) -> float:

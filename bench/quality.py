@@ -9,8 +9,9 @@ with the defaults and measured against the parts it was built from (``bench.meas
   under speech (per-bin least-squares fit onto the known speech, bed and new music);
   rest: everything in the pauses that is not the new music (an upper bound for the bed);
 - duck: the new music's median level in pauses minus under speech (from the BGM stem);
-- spans: per span, the new music's loudness in that span's pauses (its own level, where no
-  ducking acts) relative to the speech: the lowest and the spread;
+- spans: per span, the new music's loudness relative to the speech in that span's pauses
+  (its own level) and under its speech (ducked), the fades left out: the lowest span (at its
+  own level where it has a pause), and the largest spread between spans in the same state;
 - LUFS / dBTP: the programme's integrated loudness and true peak (the decoded output);
 - WER in -> out: Whisper tiny.en on the input and on the output, against the reference
   (pooled, also on the kept speech alone: what separation costs before any music is added);
@@ -47,8 +48,11 @@ from gateway.servicer import GatewayServicer
 from gateway.settings import GatewaySettings
 from services.embedded import EmbeddedServices
 from services.mixer import dsp
+from services.mixer.settings import MixerSettings
 
 RATE = realworld.RATE
+# The mix's default fades, left out of the per-span levels.
+FADES_S = (MixerSettings.fade_in_s, MixerSettings.fade_out_s)
 
 
 @dataclass
@@ -151,12 +155,13 @@ def measure(case: realworld.Case, result: Remixed, folder: Path, listen: Transcr
     levels = measures.bed_levels(output, speech, bed, music, case.talking)
     speech_lufs = dsp.loudness(kept)
     spans = [(a, b) for _, a, b in result.spans] or [(0.0, n / RATE)]
-    relative = [lufs - speech_lufs for lufs in measures.span_loudness(music, spans, speech, case.talking)]
+    levels_by_span = measures.span_loudness(music, spans, speech, case.talking, FADES_S)
+    spread, lowest = measures.spread_and_lowest([(p - speech_lufs, u - speech_lufs) for p, u in levels_by_span])
     mixture = speech + bed
     return Row(
         name=case.name, **levels,
         duck_db=measures.ducking_db(music, speech, case.talking),
-        span_min_db=min(relative), span_spread_db=max(relative) - min(relative),
+        span_min_db=lowest, span_spread_db=spread,
         lufs=dsp.loudness(stereo), dbtp=dsp.true_peak_db(stereo),
         words=len(measures.normalise_text(case.reference).split()),
         errors_in=measures.word_errors(case.reference, listen(mixture))[0] if listen else -1,

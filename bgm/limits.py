@@ -19,6 +19,7 @@ MIX_RANGES: dict[str, tuple[float, float]] = {
     "bgm_gain_db": (-60, 20),
     "duck_sensitivity": (0, 1),
     "hold_ms": (0, 5000),
+    "duck_wide_db": (0, 60),
 }
 # A container's extension, as far as one is used: ".mp4", ".webm".
 _EXTENSION = re.compile(r"^\.[a-z0-9]{1,6}$")

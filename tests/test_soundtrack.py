@@ -10,6 +10,8 @@ with the bounds of the product's promise (the ones ``bench/quality.py`` reports)
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -117,6 +119,37 @@ def test_music_rises_in_a_short_pause():
     assert curve_db[int(2.6 * dsp.SAMPLE_RATE) : int(2.8 * dsp.SAMPLE_RATE)].max() <= -11.5
 
 
+def band_levels_db(x: np.ndarray) -> tuple[float, float]:
+    """Power (dB) inside the speech band and outside it, from the spectrum."""
+    spectrum = np.abs(np.fft.rfft(x)) ** 2
+    hz = np.fft.rfftfreq(x.shape[0], 1 / dsp.SAMPLE_RATE)
+    low, high = dsp.SPEECH_BAND_HZ
+    inside = (hz > low * 1.5) & (hz < high / 1.5)  # clear of the filter's skirts
+    outside = (hz > 40) & ((hz < low / 3) | (hz > high * 2))
+    return 10 * np.log10(spectrum[inside].sum()), 10 * np.log10(spectrum[outside].sum())
+
+
+def test_under_speech_the_music_loses_its_speech_band_and_keeps_its_bass_and_air():
+    """duck_db in the speech band, duck_wide_db outside it; untouched in the pauses."""
+    levels = dsp.MixLevels(duck_db=18, loudness_lufs=-14, true_peak_dbtp=-1, fade_in_s=0, fade_out_s=0,
+                           attack_ms=80, release_ms=400, bgm_gain_db=-6, duck_wide_db=10)
+    rate = dsp.SAMPLE_RATE
+    n = 12 * rate
+    music = np.random.default_rng(0).standard_normal((n, 2)).astype(np.float32) * 0.1
+    talking = np.zeros(activity.frames(n), dtype=bool)
+    talking[400:800] = True  # 4-8 s
+    placed = dsp.place_music(music, talking, levels, 1.0)
+    pause, under = slice(1 * rate, 3 * rate), slice(5 * rate, 7 * rate)
+    np.testing.assert_allclose(placed[pause], music[pause], atol=1e-5)
+    band_free, rest_free = band_levels_db(music[under, 0])
+    band_down, rest_down = band_levels_db(placed[under, 0])
+    assert band_free - band_down == pytest.approx(18.0, abs=1.0)
+    assert rest_free - rest_down == pytest.approx(10.0, abs=1.0)
+    # With the wide depth at duck_db the whole spectrum dips alike (a plain duck).
+    plain = dsp.place_music(music, talking, dataclasses.replace(levels, duck_wide_db=18), 1.0)
+    np.testing.assert_allclose(plain, music * dsp.duck_curve(talking, levels, n)[:, None], atol=1e-6)
+
+
 def test_speech_gate_fades_without_clicks_and_keeps_the_words():
     n = 4 * dsp.SAMPLE_RATE
     talking = np.zeros(activity.frames(n), dtype=bool)
@@ -136,3 +169,19 @@ def test_duck_sensitivity_out_of_range_is_refused_before_any_upload(gateway, tmp
         list(gateway.Remix(iter([gateway_pb2.RemixRequest(options=options)]), timeout=60))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "duck_sensitivity" in err.value.details()
+
+
+def test_cli_duck_options_reach_the_request_and_out_of_range_is_refused(gateway):
+    import grpc
+
+    from gateway.cli.job import build_options
+    from gateway.cli.parser import parser
+
+    args = parser().parse_args(["remix", "clip.mp4", "--duck-db", "20", "--duck-wide-db", "20"])
+    options = build_options(args, "clip.mp4")
+    assert options.mix.duck_db == 20 and options.mix.duck_wide_db == 20
+    options.mix.duck_wide_db = 61
+    with pytest.raises(grpc.RpcError) as err:
+        list(gateway.Remix(iter([gateway_pb2.RemixRequest(options=options)]), timeout=60))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "duck_wide_db" in err.value.details()

@@ -228,8 +228,11 @@ class MixOptions(_message.Message):
     RETURN_STEMS_FIELD_NUMBER: _builtins.int
     DUCK_SENSITIVITY_FIELD_NUMBER: _builtins.int
     HOLD_MS_FIELD_NUMBER: _builtins.int
+    DUCK_WIDE_DB_FIELD_NUMBER: _builtins.int
     duck_db: _builtins.float
-    """How far the music dips below its bed level while someone speaks (positive dB)."""
+    """How far the music dips below its bed level while someone speaks (positive dB), in the
+    speech band (200 Hz to 9 kHz) where it would cover words.
+    """
     loudness_lufs: _builtins.float
     """Integrated loudness target of the result (LUFS, ITU-R BS.1770)."""
     true_peak_dbtp: _builtins.float
@@ -245,6 +248,10 @@ class MixOptions(_message.Message):
     """
     hold_ms: _builtins.float
     """How long the music stays down after speech ends before it rises again (ms)."""
+    duck_wide_db: _builtins.float
+    """How far the rest of the music (its bass and air, outside the speech band) dips while
+    someone speaks (positive dB). At or above duck_db the whole music dips duck_db.
+    """
     @_builtins.property
     def return_stems(self) -> _containers.RepeatedScalarFieldContainer[Global___Stem.ValueType]:
         """Stems to return beside the video, as WAV: SPEECH, BGM, MIX (and MUSIC through the gateway)."""
@@ -263,10 +270,11 @@ class MixOptions(_message.Message):
         return_stems: _abc.Iterable[Global___Stem.ValueType] | None = ...,
         duck_sensitivity: _builtins.float | None = ...,
         hold_ms: _builtins.float | None = ...,
+        duck_wide_db: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_attack_ms", b"_attack_ms", "_bgm_gain_db", b"_bgm_gain_db", "_duck_db", b"_duck_db", "_duck_sensitivity", b"_duck_sensitivity", "_fade_in_s", b"_fade_in_s", "_fade_out_s", b"_fade_out_s", "_hold_ms", b"_hold_ms", "_loudness_lufs", b"_loudness_lufs", "_release_ms", b"_release_ms", "_true_peak_dbtp", b"_true_peak_dbtp", "attack_ms", b"attack_ms", "bgm_gain_db", b"bgm_gain_db", "duck_db", b"duck_db", "duck_sensitivity", b"duck_sensitivity", "fade_in_s", b"fade_in_s", "fade_out_s", b"fade_out_s", "hold_ms", b"hold_ms", "loudness_lufs", b"loudness_lufs", "release_ms", b"release_ms", "true_peak_dbtp", b"true_peak_dbtp"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_attack_ms", b"_attack_ms", "_bgm_gain_db", b"_bgm_gain_db", "_duck_db", b"_duck_db", "_duck_sensitivity", b"_duck_sensitivity", "_duck_wide_db", b"_duck_wide_db", "_fade_in_s", b"_fade_in_s", "_fade_out_s", b"_fade_out_s", "_hold_ms", b"_hold_ms", "_loudness_lufs", b"_loudness_lufs", "_release_ms", b"_release_ms", "_true_peak_dbtp", b"_true_peak_dbtp", "attack_ms", b"attack_ms", "bgm_gain_db", b"bgm_gain_db", "duck_db", b"duck_db", "duck_sensitivity", b"duck_sensitivity", "duck_wide_db", b"duck_wide_db", "fade_in_s", b"fade_in_s", "fade_out_s", b"fade_out_s", "hold_ms", b"hold_ms", "loudness_lufs", b"loudness_lufs", "release_ms", b"release_ms", "true_peak_dbtp", b"true_peak_dbtp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_attack_ms", b"_attack_ms", "_bgm_gain_db", b"_bgm_gain_db", "_duck_db", b"_duck_db", "_duck_sensitivity", b"_duck_sensitivity", "_fade_in_s", b"_fade_in_s", "_fade_out_s", b"_fade_out_s", "_hold_ms", b"_hold_ms", "_loudness_lufs", b"_loudness_lufs", "_release_ms", b"_release_ms", "_true_peak_dbtp", b"_true_peak_dbtp", "attack_ms", b"attack_ms", "bgm_gain_db", b"bgm_gain_db", "duck_db", b"duck_db", "duck_sensitivity", b"duck_sensitivity", "fade_in_s", b"fade_in_s", "fade_out_s", b"fade_out_s", "hold_ms", b"hold_ms", "loudness_lufs", b"loudness_lufs", "release_ms", b"release_ms", "return_stems", b"return_stems", "true_peak_dbtp", b"true_peak_dbtp"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_attack_ms", b"_attack_ms", "_bgm_gain_db", b"_bgm_gain_db", "_duck_db", b"_duck_db", "_duck_sensitivity", b"_duck_sensitivity", "_duck_wide_db", b"_duck_wide_db", "_fade_in_s", b"_fade_in_s", "_fade_out_s", b"_fade_out_s", "_hold_ms", b"_hold_ms", "_loudness_lufs", b"_loudness_lufs", "_release_ms", b"_release_ms", "_true_peak_dbtp", b"_true_peak_dbtp", "attack_ms", b"attack_ms", "bgm_gain_db", b"bgm_gain_db", "duck_db", b"duck_db", "duck_sensitivity", b"duck_sensitivity", "duck_wide_db", b"duck_wide_db", "fade_in_s", b"fade_in_s", "fade_out_s", b"fade_out_s", "hold_ms", b"hold_ms", "loudness_lufs", b"loudness_lufs", "release_ms", b"release_ms", "return_stems", b"return_stems", "true_peak_dbtp", b"true_peak_dbtp"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__attack_ms: _TypeAlias = _typing.Literal["attack_ms"]  # noqa: Y015
     _WhichOneofArgType__attack_ms: _TypeAlias = _typing.Literal["_attack_ms", b"_attack_ms"]  # noqa: Y015
@@ -276,6 +284,8 @@ class MixOptions(_message.Message):
     _WhichOneofArgType__duck_db: _TypeAlias = _typing.Literal["_duck_db", b"_duck_db"]  # noqa: Y015
     _WhichOneofReturnType__duck_sensitivity: _TypeAlias = _typing.Literal["duck_sensitivity"]  # noqa: Y015
     _WhichOneofArgType__duck_sensitivity: _TypeAlias = _typing.Literal["_duck_sensitivity", b"_duck_sensitivity"]  # noqa: Y015
+    _WhichOneofReturnType__duck_wide_db: _TypeAlias = _typing.Literal["duck_wide_db"]  # noqa: Y015
+    _WhichOneofArgType__duck_wide_db: _TypeAlias = _typing.Literal["_duck_wide_db", b"_duck_wide_db"]  # noqa: Y015
     _WhichOneofReturnType__fade_in_s: _TypeAlias = _typing.Literal["fade_in_s"]  # noqa: Y015
     _WhichOneofArgType__fade_in_s: _TypeAlias = _typing.Literal["_fade_in_s", b"_fade_in_s"]  # noqa: Y015
     _WhichOneofReturnType__fade_out_s: _TypeAlias = _typing.Literal["fade_out_s"]  # noqa: Y015
@@ -296,6 +306,8 @@ class MixOptions(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__duck_db) -> _WhichOneofReturnType__duck_db | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__duck_sensitivity) -> _WhichOneofReturnType__duck_sensitivity | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__duck_wide_db) -> _WhichOneofReturnType__duck_wide_db | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__fade_in_s) -> _WhichOneofReturnType__fade_in_s | None: ...
     @_typing.overload

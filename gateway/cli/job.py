@@ -39,6 +39,8 @@ def build_options(args: argparse.Namespace, filename: str) -> gateway_pb2.RemixO
     options.music.CopyFrom(music)
     if getattr(args, "duck_db", None) is not None:
         options.mix.duck_db = args.duck_db
+    if getattr(args, "duck_wide_db", None) is not None:
+        options.mix.duck_wide_db = args.duck_wide_db
     if getattr(args, "duck_sensitivity", None) is not None:
         options.mix.duck_sensitivity = args.duck_sensitivity
     if getattr(args, "loudness", None) is not None:

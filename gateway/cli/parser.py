@@ -45,7 +45,11 @@ def parser() -> argparse.ArgumentParser:
     remix.add_argument("--music-backend", choices=list(vocab.MUSIC_BACKENDS))
     remix.add_argument("--seed", type=int, help="music seed: the same seed gives the same music")
     remix.add_argument("--tempo", type=float, help="force one tempo (BPM)")
-    remix.add_argument("--duck-db", type=float, help="how far the music dips under speech (dB, default 18)")
+    remix.add_argument("--duck-db", type=float,
+                       help="how far the music's speech band (200 Hz-9 kHz) dips under speech (dB, default 18)")
+    remix.add_argument("--duck-wide-db", type=float,
+                       help="how far the rest of the music (bass, air) dips under speech (dB, default 12; "
+                            "set it to --duck-db for a plain full-band duck)")
     remix.add_argument("--duck-sensitivity", type=float, metavar="0..1",
                        help="how readily the music ducks for what may be speech (default 0.5; higher ducks "
                             "for softer speech)")

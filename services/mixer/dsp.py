@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.ndimage import maximum_filter1d
-from scipy.signal import lfilter, resample_poly
+from scipy.signal import butter, lfilter, resample_poly, sosfiltfilt
 
 from bgm import vocab
 from bgm.loudness import LoudnessMeter as LoudnessMeter  # re-exported: the mixer measures through dsp
@@ -38,6 +38,9 @@ class MixLevels:
     bgm_gain_db: float
     duck_sensitivity: float = 0.5
     hold_ms: float = 150.0
+    # How far the whole music dips under speech; only its speech band dips the full duck_db.
+    # At or above duck_db the music simply dips duck_db across the spectrum.
+    duck_wide_db: float = 12.0
 
 
 def db_to_gain(db: float | np.ndarray) -> float | np.ndarray:
@@ -58,16 +61,70 @@ def smooth_gain(target_db: np.ndarray, attack_ms: float, release_ms: float) -> n
     return smoothed
 
 
-def duck_curve(talking: np.ndarray, levels: MixLevels, n: int) -> np.ndarray:
-    """Per-sample gain (linear) for the music from per-frame speech activity: -duck_db while
-    someone talks, between words and for ``hold_ms`` after; 0 dB in the pauses."""
+def duck_curve(talking: np.ndarray, levels: MixLevels, n: int, depth_db: float | None = None) -> np.ndarray:
+    """Per-sample gain (linear) for the music from per-frame speech activity: -``depth_db``
+    (default duck_db) while someone talks, between words and for ``hold_ms`` after; 0 dB in
+    the pauses."""
     down = activity.ducking(talking, levels.hold_ms)
     lead = round(levels.attack_ms / 1000 * SAMPLE_RATE / FRAME)
     # Start dipping a little before speech begins so the first syllable is never masked.
     early = np.concatenate([down[lead:], np.zeros(min(lead, down.shape[0]), dtype=bool)]) | down
-    target_db = np.where(early, -levels.duck_db, 0.0).astype(np.float32)
+    depth = levels.duck_db if depth_db is None else depth_db
+    target_db = np.where(early, -depth, 0.0).astype(np.float32)
     smoothed = smooth_gain(target_db, levels.attack_ms, levels.release_ms)
     return activity.to_samples(np.asarray(db_to_gain(smoothed), dtype=np.float32), n)
+
+
+# Where speech is understood (most of the Speech Intelligibility Index's weight): under speech
+# the music dips duck_db here and only duck_wide_db around it, so its bass and air carry on.
+SPEECH_BAND_HZ = (200.0, 9000.0)
+BAND_BLOCK_S = 10.0
+BAND_MARGIN_S = 0.25  # filter context at block edges; the band filter rings for a few ms
+
+
+@functools.cache
+def _speech_band_sos() -> np.ndarray:
+    return np.asarray(butter(2, SPEECH_BAND_HZ, btype="bandpass", fs=SAMPLE_RATE, output="sos"))
+
+
+def speech_band(x: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
+    """The speech band of ``x`` (n, channels), zero-phase, so ``x - speech_band(x)`` is the
+    rest exactly. Filtered in blocks (flat memory); blocks where ``where`` (per sample) is all
+    False are left at zero."""
+    n = x.shape[0]
+    out = np.zeros_like(x, dtype=np.float32)
+    block, margin = round(BAND_BLOCK_S * SAMPLE_RATE), round(BAND_MARGIN_S * SAMPLE_RATE)
+    spans = [(lo, min(n, lo + block)) for lo in range(0, n, block)
+             if where is None or where[lo : lo + block].any()]
+
+    def filtered(span: tuple[int, int]) -> None:
+        lo, hi = span
+        ctx_lo, ctx_hi = max(0, lo - margin), min(n, hi + margin)
+        if ctx_hi - ctx_lo <= 15:  # too short for filtfilt's padding: no speech band to speak of
+            return
+        band = sosfiltfilt(_speech_band_sos(), x[ctx_lo:ctx_hi], axis=0)
+        out[lo:hi] = band[lo - ctx_lo : hi - ctx_lo]
+
+    list(_workers().map(filtered, spans))
+    return out
+
+
+def place_music(bgm: np.ndarray, talking: np.ndarray, levels: MixLevels, scale: float) -> np.ndarray:
+    """The music ducked under speech (its speech band by duck_db, the rest by duck_wide_db),
+    faded in and out, times ``scale``."""
+    n = bgm.shape[0]
+    wide_db = min(levels.duck_wide_db, levels.duck_db)
+    curve = duck_curve(talking, levels, n, wide_db) * fades(n, levels.fade_in_s, levels.fade_out_s)
+    curve *= np.float32(scale)
+    if wide_db >= levels.duck_db:
+        return np.multiply(bgm, curve[:, None], dtype=np.float32)
+    # The band dips (1 - extra) more: music - (1 - extra) * band, all times the wide curve.
+    cut = 1.0 - duck_curve(talking, levels, n, levels.duck_db - wide_db)
+    band = speech_band(bgm, cut > 1e-3)
+    band *= cut[:, None]
+    placed = np.subtract(bgm, band, dtype=np.float32)
+    placed *= curve[:, None]
+    return placed
 
 
 def fades(n: int, fade_in_s: float, fade_out_s: float) -> np.ndarray:
@@ -348,9 +405,7 @@ def mix_measured(speech: np.ndarray, bgm: np.ndarray, levels: MixLevels, talking
     speech_lufs = loudness(speech) if talking.any() else None
     speech_level = -23.0 if speech_lufs is None or speech_lufs <= -70 else speech_lufs
     bed_gain = np.float32(db_to_gain(speech_level + levels.bgm_gain_db - bgm_lufs) if bgm_lufs > -70 else 1.0)
-    curve = duck_curve(talking, levels, n) * fades(n, levels.fade_in_s, levels.fade_out_s)
-    curve *= bed_gain
-    placed = np.multiply(bgm, curve[:, None], dtype=np.float32)
+    placed = place_music(bgm, talking, levels, float(bed_gain))
     out = speech + placed
     leveller = Leveller(out, levels)
     if leveller.loudness <= -70:
