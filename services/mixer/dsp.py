@@ -78,7 +78,7 @@ def duck_curve(talking: np.ndarray, levels: MixLevels, n: int, depth_db: float |
 # Where speech is understood (most of the Speech Intelligibility Index's weight): under speech
 # the music dips duck_db here and only duck_wide_db around it, so its bass and air carry on.
 SPEECH_BAND_HZ = (200.0, 9000.0)
-BAND_BLOCK_S = 10.0
+BAND_BLOCK_S = 10.0  # the music is placed in blocks this long
 BAND_MARGIN_S = 0.25  # filter context at block edges; the band filter rings for a few ms
 
 
@@ -87,55 +87,55 @@ def _speech_band_sos() -> np.ndarray:
     return np.asarray(butter(2, SPEECH_BAND_HZ, btype="bandpass", fs=SAMPLE_RATE, output="sos"))
 
 
-def speech_band(x: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
-    """The speech band of ``x`` (n, channels), zero-phase, so ``x - speech_band(x)`` is the
-    rest exactly. Filtered in blocks (flat memory); blocks where ``where`` (per sample) is all
-    False are left at zero."""
-    n = x.shape[0]
-    out = np.zeros_like(x, dtype=np.float32)
-    block, margin = round(BAND_BLOCK_S * SAMPLE_RATE), round(BAND_MARGIN_S * SAMPLE_RATE)
-    spans = [(lo, min(n, lo + block)) for lo in range(0, n, block)
-             if where is None or where[lo : lo + block].any()]
-
-    def filtered(span: tuple[int, int]) -> None:
-        lo, hi = span
-        ctx_lo, ctx_hi = max(0, lo - margin), min(n, hi + margin)
-        if ctx_hi - ctx_lo <= 15:  # too short for filtfilt's padding: no speech band to speak of
-            return
-        band = sosfiltfilt(_speech_band_sos(), x[ctx_lo:ctx_hi], axis=0)
-        out[lo:hi] = band[lo - ctx_lo : hi - ctx_lo]
-
-    list(_workers().map(filtered, spans))
-    return out
+def _band_of(x: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """The speech band of ``x[lo:hi]`` (zero-phase, filtered with context either side), so
+    ``x - band`` is the rest exactly."""
+    n, margin = x.shape[0], round(BAND_MARGIN_S * SAMPLE_RATE)
+    ctx_lo, ctx_hi = max(0, lo - margin), min(n, hi + margin)
+    if ctx_hi - ctx_lo <= 15:  # too short for filtfilt's padding: no band to speak of
+        return np.zeros_like(x[lo:hi])
+    band = sosfiltfilt(_speech_band_sos(), x[ctx_lo:ctx_hi], axis=0)
+    return np.asarray(band[lo - ctx_lo : hi - ctx_lo], dtype=np.float32)
 
 
 def place_music(bgm: np.ndarray, talking: np.ndarray, levels: MixLevels, scale: float) -> np.ndarray:
     """The music ducked under speech (its speech band by duck_db, the rest by duck_wide_db),
-    faded in and out, times ``scale``."""
+    faded in and out, times ``scale``. One pass in blocks shared by the cores, with no
+    whole-programme temporaries: 1.5 s on 10 minutes, against 3.4 s in whole-array steps."""
     n = bgm.shape[0]
     wide_db = min(levels.duck_wide_db, levels.duck_db)
-    curve = duck_curve(talking, levels, n, wide_db) * fades(n, levels.fade_in_s, levels.fade_out_s)
+    curve = duck_curve(talking, levels, n, wide_db)
+    apply_fades(curve, levels.fade_in_s, levels.fade_out_s)
     curve *= np.float32(scale)
-    if wide_db >= levels.duck_db:
-        return np.multiply(bgm, curve[:, None], dtype=np.float32)
-    # The band dips (1 - extra) more: music - (1 - extra) * band, all times the wide curve.
-    cut = 1.0 - duck_curve(talking, levels, n, levels.duck_db - wide_db)
-    band = speech_band(bgm, cut > 1e-3)
-    band *= cut[:, None]
-    placed = np.subtract(bgm, band, dtype=np.float32)
-    placed *= curve[:, None]
+    # Where cut > 0 the band dips that much more: music - cut * band, all times the curve.
+    cut = None if wide_db >= levels.duck_db else 1.0 - duck_curve(talking, levels, n, levels.duck_db - wide_db)
+    placed = np.empty((n, bgm.shape[1]), dtype=np.float32)
+    block = round(BAND_BLOCK_S * SAMPLE_RATE)
+
+    def work(lo: int) -> None:
+        hi = min(n, lo + block)
+        out = placed[lo:hi]
+        if cut is not None and float(cut[lo:hi].max()) > 1e-3:
+            band = _band_of(bgm, lo, hi)
+            band *= cut[lo:hi, None]
+            np.subtract(bgm[lo:hi], band, out=out)
+            out *= curve[lo:hi, None]
+        else:
+            np.multiply(bgm[lo:hi], curve[lo:hi, None], out=out)
+
+    list(_workers().map(work, range(0, n, block)))
     return placed
 
 
-def fades(n: int, fade_in_s: float, fade_out_s: float) -> np.ndarray:
-    curve = np.ones(n, dtype=np.float32)
+def apply_fades(curve: np.ndarray, fade_in_s: float, fade_out_s: float) -> None:
+    """Fade a per-sample gain curve in and out, in place (squared ramps)."""
+    n = curve.shape[0]
     fin = min(n, int(fade_in_s * SAMPLE_RATE))
     fout = min(n - fin, int(fade_out_s * SAMPLE_RATE))
     if fin:
-        curve[:fin] = np.linspace(0.0, 1.0, fin, dtype=np.float32) ** 2
+        curve[:fin] *= np.linspace(0.0, 1.0, fin, dtype=np.float32) ** 2
     if fout:
-        curve[n - fout :] = np.linspace(1.0, 0.0, fout, dtype=np.float32) ** 2
-    return curve
+        curve[n - fout :] *= np.linspace(1.0, 0.0, fout, dtype=np.float32) ** 2
 
 
 # Inter-sample peaks rise at most a few dB over the sample peaks around them, so only
