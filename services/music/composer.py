@@ -14,7 +14,7 @@ import functools
 import io
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +30,8 @@ log = logs.get("bgm.music")
 
 SOUNDFONTS = ("/usr/share/sounds/sf2/FluidR3_GM.sf2", "/usr/share/sounds/sf2/default-GM.sf2")
 BEATS_PER_BAR = 4
-DRUM_KICK, DRUM_SNARE, DRUM_HAT, DRUM_RIDE = 36, 38, 42, 51
+DRUM_KICK, DRUM_SNARE, DRUM_HAT, DRUM_RIDE, DRUM_CRASH = 36, 38, 42, 51, 49
+DRUM_TOM_HIGH, DRUM_TOM_LOW = 48, 45
 FADE_IN_S = 0.005  # no click at a span's first sample
 FADE_OUT_S = 0.3  # the last notes' release, faded so the next span starts clean
 
@@ -79,8 +80,57 @@ def _chord(style: Style, degree: int) -> list[int]:
     return notes
 
 
+PHRASE_BARS = 4
+# Section B's comping: another texture over the same instruments.
+B_COMPING = {"block": "arpeggio", "arpeggio": "pulse", "pulse": "block"}
+
+
+def b_progression(style: Style) -> tuple[int, ...]:
+    """Section B's chords: A's turned half-way round, ending on the dominant (a half cadence
+    that leads back to A), so a bar never repeats the chord four bars before it."""
+    turned = style.progression[2:] + style.progression[:2]
+    return (*turned[:-1], 4)
+
+
+def _voicing(triad: list[int], inversion: int) -> list[int]:
+    """The triad inverted ``inversion`` times (lowest note up an octave each time)."""
+    notes = sorted(triad)
+    for _ in range(inversion % 3):
+        notes = [*notes[1:], notes[0] + 12]
+    return notes
+
+
+@dataclass(frozen=True)
+class BarRole:
+    """Where a bar sits in the span's form."""
+
+    section: str  # "intro", "A", "B" or "end"
+    phrase: int  # which 4-bar phrase (0-based)
+    fill: bool  # the last bar of a phrase that another follows: a drum fill leads on
+
+
+def form(bars: int) -> list[BarRole]:
+    """Phrases of four bars alternating A and B; a one-bar intro where the span has room
+    (six bars or more); the last bar resolves."""
+    roles = []
+    intro = 1 if bars >= 6 else 0
+    for bar in range(bars):
+        if bar < intro:
+            roles.append(BarRole("intro", 0, False))
+            continue
+        if bar == bars - 1 and bars > 1:
+            roles.append(BarRole("end", (bar - intro) // PHRASE_BARS, False))
+            continue
+        phrase, within = divmod(bar - intro, PHRASE_BARS)
+        roles.append(BarRole("A" if phrase % 2 == 0 else "B", phrase, within == PHRASE_BARS - 1 and bar < bars - 2))
+    return roles
+
+
 def compose(plans: Sequence[SpanPlan], seed: int) -> object:
-    """The MIDI score (a pretty_midi.PrettyMIDI) for the whole timeline."""
+    """The MIDI score (a pretty_midi.PrettyMIDI) for the whole timeline: per span an intro
+    bar, 4-bar phrases alternating sections A and B (B with other chords and another
+    texture, each repeat of a section in another voicing), drum fills into each phrase, a
+    bass that walks to the next chord, and a last bar on the tonic."""
     import pretty_midi
 
     rng = np.random.default_rng(seed)
@@ -107,72 +157,137 @@ def compose(plans: Sequence[SpanPlan], seed: int) -> object:
                                 for program in (style.chord_program, style.melody_program, style.bass_program))
         drums = track(0, drum=True)
         previous = style.tonic + 12
-        for bar in range(p.bars):
+        roles = form(p.bars)
+        progressions = {"A": style.progression, "B": b_progression(style)}
+        for bar, role in enumerate(roles):
             bar_start = p.start_s + bar * BEATS_PER_BAR * beat
-            degree = style.progression[bar % len(style.progression)]
+            in_phrase = (bar - (1 if roles[0].section == "intro" else 0)) % PHRASE_BARS
+            progression = progressions.get(role.section, style.progression)
+            degree = 0 if role.section in ("intro", "end") else progression[in_phrase % len(progression)]
             triad = _chord(style, degree)
-            last_bar = bar == p.bars - 1
-            # Comping
-            if style.comping == "block":
-                for pitch in triad:
-                    note(chords, pitch, bar_start, bar_start + BEATS_PER_BAR * beat * 0.98, style.velocity - 10)
-            elif style.comping == "arpeggio":
-                pattern = [*triad, triad[1] + 0, triad[2], triad[0] + 12, triad[2], triad[1]]
-                for k in range(BEATS_PER_BAR * 2):
-                    t = bar_start + k * beat / 2
-                    note(chords, pattern[k % len(pattern)], t, t + beat / 2 * 0.95, style.velocity - 14)
-            else:  # pulse
-                for k in range(BEATS_PER_BAR * 2):
-                    t = bar_start + k * beat / 2
-                    for pitch in triad:
-                        note(chords, pitch, t, t + beat / 2 * 0.6, style.velocity - (8 if k % 2 == 0 else 20))
-            # Bass: root on beats 1 and 3
-            root = triad[0] - 24
-            for k in (0, 2):
-                t = bar_start + k * beat
-                note(bass, root, t, t + beat * 1.9, style.velocity - 6)
-            # Melody: chord tones on strong beats, scale steps between, seeded
-            steps = max(1, round(BEATS_PER_BAR * style.density))
-            step_s = BEATS_PER_BAR * beat / steps
-            scale = [style.tonic + 12 + o + 12 * octave for octave in (0, 1) for o in style.mode]
-            for k in range(steps if not last_bar else max(1, steps // 2)):
-                t = bar_start + k * step_s
-                if k == 0 or (k * step_s) % (2 * beat) < 1e-9:
-                    target = min((n + 12 for n in triad), key=lambda n: abs(n - previous))
-                else:
-                    idx = min(range(len(scale)), key=lambda i: abs(scale[i] - previous))
-                    idx = int(np.clip(idx + rng.choice([-2, -1, -1, 1, 1, 2]), 0, len(scale) - 1))
-                    target = scale[idx]
-                length = step_s * (2.0 if last_bar else 0.9)
-                note(melody, target, t, t + length, style.velocity)
-                previous = target
-            # Drums
-            _drums(drums, style, bar_start, beat, note)
+            next_role = roles[bar + 1] if bar + 1 < len(roles) else None
+            next_degree = 0
+            if next_role is not None and next_role.section in progressions:
+                next_degree = progressions[next_role.section][((in_phrase + 1) % PHRASE_BARS) % len(progression)]
+            # Louder in B, softer in the intro; each repeat of a section in another voicing.
+            lift = {"intro": -12, "A": 0, "B": 6, "end": -4}[role.section]
+            voiced = _voicing(triad, role.phrase // 2)
+            comping = B_COMPING[style.comping] if role.section == "B" else style.comping
+            if role.section == "end":
+                comping = "block"
+            _comp(chords, comping, voiced, bar_start, beat, style.velocity + lift, note)
+            _bass(bass, style, triad, _chord(style, next_degree)[0], bar_start, beat, role, style.velocity + lift,
+                  note)
+            if role.section != "intro":
+                previous = _melody(melody, style, triad, previous, bar_start, beat, role, style.velocity + lift,
+                                   rng, note)
+            _drums(drums, style, bar_start, beat, note, role)
     return pm
 
 
-def _drums(drums: object, style: Style, bar_start: float, beat: float, note: object) -> None:
-    hit = note  # (instrument, pitch, start, end, velocity)
+def _comp(chords: object, comping: str, triad: list[int], bar_start: float, beat: float, velocity: int,
+          note: Callable[..., None]) -> None:
+    if comping == "block":
+        for pitch in triad:
+            note(chords, pitch, bar_start, bar_start + BEATS_PER_BAR * beat * 0.98, velocity - 10)
+    elif comping == "arpeggio":
+        pattern = [*triad, triad[1], triad[2], triad[0] + 12, triad[2], triad[1]]
+        for k in range(BEATS_PER_BAR * 2):
+            t = bar_start + k * beat / 2
+            note(chords, pattern[k % len(pattern)], t, t + beat / 2 * 0.95, velocity - 14)
+    else:  # pulse
+        for k in range(BEATS_PER_BAR * 2):
+            t = bar_start + k * beat / 2
+            for pitch in triad:
+                note(chords, pitch, t, t + beat / 2 * 0.6, velocity - (8 if k % 2 == 0 else 20))
+
+
+def _bass(bass: object, style: Style, triad: list[int], next_root: int, bar_start: float, beat: float,
+          role: BarRole, velocity: int, note: Callable[..., None]) -> None:
+    """Root on beat 1; in the intro and the last bar only that, held; otherwise the fifth on
+    beat 3 and, in B, a step into the next chord's root on beat 4."""
+    root = triad[0] - 24
+    if role.section in ("intro", "end"):
+        note(bass, root, bar_start, bar_start + BEATS_PER_BAR * beat * 0.95, velocity - 6)
+        return
+    note(bass, root, bar_start, bar_start + beat * 1.9, velocity - 6)
+    fifth = triad[2] - 24
+    if role.section == "B":
+        note(bass, fifth, bar_start + 2 * beat, bar_start + 2.9 * beat, velocity - 8)
+        target = next_root - 24
+        approach = target - 1 if target > root else target + 2
+        note(bass, approach, bar_start + 3 * beat, bar_start + 3.9 * beat, velocity - 10)
+    else:
+        note(bass, root if style.drums == "driving" else fifth, bar_start + 2 * beat, bar_start + 3.9 * beat,
+             velocity - 6)
+
+
+def _melody(melody: object, style: Style, triad: list[int], previous: int, bar_start: float, beat: float,
+            role: BarRole, velocity: int, rng: np.random.Generator, note: Callable[..., None]) -> int:
+    """Chord tones on strong beats, seeded scale steps between; busier in B; the last bar
+    lands on the tonic and holds it."""
+    scale = [style.tonic + 12 + o + 12 * octave for octave in (0, 1) for o in style.mode]
+    if role.section == "end":
+        tonic = min((n for n in scale if (n - style.tonic) % 12 == 0), key=lambda n: abs(n - previous))
+        note(melody, tonic, bar_start, bar_start + BEATS_PER_BAR * beat * 0.95, velocity - 6)
+        return tonic
+    density = min(2.0, style.density * (1.5 if role.section == "B" else 1.0))
+    steps = max(1, round(BEATS_PER_BAR * density))
+    step_s = BEATS_PER_BAR * beat / steps
+    for k in range(steps):
+        t = bar_start + k * step_s
+        if k == 0 or (k * step_s) % (2 * beat) < 1e-9:
+            target = min((n + 12 for n in triad), key=lambda n: abs(n - previous))
+        else:
+            idx = min(range(len(scale)), key=lambda i: abs(scale[i] - previous))
+            idx = int(np.clip(idx + rng.choice([-2, -1, -1, 1, 1, 2]), 0, len(scale) - 1))
+            target = scale[idx]
+        note(melody, target, t, t + step_s * 0.9, velocity)
+        previous = target
+    return previous
+
+
+def _drums(drums: object, style: Style, bar_start: float, beat: float, note: Callable[..., None],
+           role: BarRole | None = None) -> None:
     v = style.velocity
+    if role is not None and role.section == "intro":
+        return
+    if role is not None and role.section == "end":
+        note(drums, DRUM_KICK, bar_start, bar_start + 0.1, v - 10)
+        note(drums, DRUM_CRASH, bar_start, bar_start + 0.5, v - 20)
+        return
+    fill = role is not None and role.fill
+    beats = BEATS_PER_BAR - 1 if fill else BEATS_PER_BAR  # a fill takes the last beat
     if style.drums == "straight":
-        for k in range(BEATS_PER_BAR):
+        for k in range(beats):
             t = bar_start + k * beat
-            hit(drums, DRUM_KICK if k % 2 == 0 else DRUM_SNARE, t, t + 0.1, v)  # type: ignore[operator]
-        for k in range(BEATS_PER_BAR * 2):
+            note(drums, DRUM_KICK if k % 2 == 0 else DRUM_SNARE, t, t + 0.1, v)
+        for k in range(beats * 2):
             t = bar_start + k * beat / 2
-            hit(drums, DRUM_HAT, t, t + 0.05, v - 30)  # type: ignore[operator]
+            note(drums, DRUM_HAT, t, t + 0.05, v - 30)
     elif style.drums == "driving":
-        for k in range(BEATS_PER_BAR * 2):
+        for k in range(beats * 2):
             t = bar_start + k * beat / 2
-            hit(drums, DRUM_KICK, t, t + 0.1, v)  # type: ignore[operator]
-            hit(drums, DRUM_HAT, t, t + 0.05, v - 25)  # type: ignore[operator]
+            note(drums, DRUM_KICK, t, t + 0.1, v)
+            note(drums, DRUM_HAT, t, t + 0.05, v - 25)
         for k in (1, 3):
-            t = bar_start + k * beat
-            hit(drums, DRUM_SNARE, t, t + 0.1, v)  # type: ignore[operator]
+            if k < beats:
+                t = bar_start + k * beat
+                note(drums, DRUM_SNARE, t, t + 0.1, v)
     else:  # soft
-        for k in range(BEATS_PER_BAR):
+        for k in range(beats):
             t = bar_start + k * beat
-            hit(drums, DRUM_KICK if k % 2 == 0 else DRUM_RIDE, t, t + 0.1, v - 20)  # type: ignore[operator]
+            note(drums, DRUM_KICK if k % 2 == 0 else DRUM_RIDE, t, t + 0.1, v - 20)
+    if fill:
+        last = bar_start + (BEATS_PER_BAR - 1) * beat
+        if style.drums == "soft":
+            for k, tom in enumerate((DRUM_TOM_HIGH, DRUM_TOM_LOW)):
+                note(drums, tom, last + k * beat / 2, last + k * beat / 2 + 0.1, v - 24 + 6 * k)
+        else:
+            for k in range(4):
+                t = last + k * beat / 4
+                note(drums, DRUM_SNARE if k < 2 else (DRUM_TOM_HIGH if k == 2 else DRUM_TOM_LOW), t, t + 0.08,
+                     v - 16 + 5 * k)
 
 
 @functools.cache
@@ -203,7 +318,7 @@ def fade_edges(audio: np.ndarray, sample_rate: int) -> np.ndarray:
 class ComposerBackend:
     name = vocab.MUSIC_COMPOSER
     # Bump when a change alters what a span sounds like: cached renders are keyed by it.
-    version = "span-2"
+    version = "span-3"
 
     def __init__(self) -> None:
         synthesizer()  # fail at load, not at the first request
