@@ -71,7 +71,7 @@ def main() -> None:
     print(f"riffusion path with a tiny UNet, 30 steps: {tiny_rate:.3f} s of compute per s of music")
 
     per_step = unet_seconds_per_step(args.unet_steps, args.device)
-    clips_per_second = len(plan_clips(spans, 0.5)) / args.seconds
+    clips_per_second = len(plan_clips(spans, 0.5, riffusion.span_tempos(spans, None))) / args.seconds
     steps = round(30 * 0.75)  # 30 steps at denoising strength 0.75
     full_rate = tiny_rate + clips_per_second * steps * per_step
     print(f"estimated full Riffusion on {args.device}: {full_rate:.1f} s of compute per s of music "

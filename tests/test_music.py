@@ -183,6 +183,9 @@ def test_generated_audio_fits_the_timeline_to_the_sample_and_is_tagged(music):
     header = events[0].header
     assert header.format.sample_rate_hz == RATE and header.format.channels == 2
     assert header.total_samples == 12 * RATE
+    fitted = [p.tempo for p in plan([("joy", 0.0, 7.25), ("sadness", 0.0, 4.75)])]
+    assert list(header.span_tempos_bpm) == pytest.approx(fitted, rel=1e-5)
+    assert header.tempo_bpm == pytest.approx(fitted[0], rel=1e-5)
     chunks = [e.chunk for e in events[1:]]
     assert all(len(c.pcm) <= 512 * 1024 for c in chunks)
     position = 0

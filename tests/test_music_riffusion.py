@@ -16,7 +16,8 @@ pytest.importorskip("diffusers")
 from bgm.settings import ServerSettings
 from bgm.v1 import common_pb2, music_pb2, music_pb2_grpc
 from services.music import spectrogram
-from services.music.riffusion import CLIP_SECONDS, plan_clips
+from services.music.composer import plan
+from services.music.riffusion import CLIP_SECONDS, hop_beats, plan_clips
 from services.music.servicer import MusicServicer
 from services.music.settings import MusicSettings
 from tests.conftest import channel, start
@@ -45,14 +46,22 @@ def test_spectrogram_round_trip_keeps_the_spectral_envelope_of_real_music():
     assert correlation >= 0.9
 
 
-def test_clips_cover_the_timeline_and_blend_across_a_change_of_emotion():
+def test_clips_start_on_beats_of_their_own_span_and_cover_the_timeline():
     spans = [("joy", 0.0, 7.0), ("sadness", 7.0, 12.0)]
-    clips = plan_clips(spans, overlap_s=0.5)
-    assert clips[0].start_s == 0.0
-    assert clips[-1].start_s + CLIP_SECONDS >= 12.0
-    across = [c for c in clips if c.start_s < 7.0 < c.start_s + CLIP_SECONDS]
-    assert across and all((c.emotion_from, c.emotion_to) == ("joy", "sadness") and 0 < c.blend < 1 for c in across)
-    assert all(c.emotion_from == c.emotion_to == "joy" for c in clips if c.start_s + CLIP_SECONDS <= 7.0)
+    tempos = [120.0, 72.0]
+    clips = plan_clips(spans, 0.5, tempos)
+    assert clips[0].start_s == 0.0 and clips[-1].start_s + CLIP_SECONDS >= 12.0
+    for index, (emotion, begin, end) in enumerate(spans):
+        own = [c for c in clips if c.span == index]
+        beat = 60.0 / tempos[index]
+        assert own[0].start_s == begin and all(c.emotion == emotion and c.tempo == tempos[index] for c in own)
+        for c in own:
+            beats = (c.start_s - begin) / beat
+            assert abs(beats - round(beats)) < 1e-9  # a whole number of the span's beats
+        # The span's last clip runs past its end by the next span's crossfade (one beat).
+        fade = 60.0 / tempos[index + 1] if index + 1 < len(spans) else 0.0
+        assert own[-1].start_s + CLIP_SECONDS >= end + fade - 1e-9
+    assert hop_beats(0.5, 0.5) == 9 and hop_beats(1.5, 0.5) == 2  # a slow beat still leaves one to fade over
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +88,23 @@ def test_tiny_riffusion_fills_a_12_s_timeline_exactly_without_clicks(riffusion):
         expected = 0 if c.start_sample < 7 * RATE else 1
         assert c.span_index == expected and c.emotion == spans[expected].emotion
 
+    # Each span at its own tempo, reported per span.
+    assert len(header.span_tempos_bpm) == 2 and header.tempo_bpm == header.span_tempos_bpm[0]
+    fitted = [p.tempo for p in plan([("joy", 0.0, 7.0), ("sadness", 0.0, 5.0)])]  # whole bars per span
+    assert list(header.span_tempos_bpm) == pytest.approx(fitted, rel=1e-5)
+    assert fitted[0] != fitted[1]  # two beats, not one score tempo
+
     # No clicks: the biggest sample-to-sample jump near a join is no bigger than elsewhere.
     mono = audio[:, 0]
     jumps = np.abs(np.diff(mono))
-    hop = round((CLIP_SECONDS - 0.5) * RATE)
-    clip_len = round(CLIP_SECONDS * RATE)
-    joins = [7 * RATE]
-    for k in range(1, 4):
-        joins += [k * hop, (k - 1) * hop + clip_len]
+    clips = plan_clips([(s, a, b) for s, a, b in (("joy", 0.0, 7.0), ("sadness", 7.0, 12.0))], 0.5,
+                       list(header.span_tempos_bpm))
+    joins = []
+    for k, clip in enumerate(clips[1:], start=1):
+        start = round(clip.start_s * RATE)
+        joins += [start, start + round(clip.beat_s * RATE)]  # where a crossfade begins and ends
+        assert clips[k - 1].start_s + CLIP_SECONDS >= clip.start_s + clip.beat_s - 1e-9
+    assert 7 * RATE in joins  # the change of emotion is a clip's first beat
     near = np.zeros_like(jumps, dtype=bool)
     for j in joins:
         if 0 < j < jumps.shape[0]:

@@ -116,6 +116,7 @@ class MusicHeader(_message.Message):
     BACKEND_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     SPAN_SEEDS_FIELD_NUMBER: _builtins.int
+    SPAN_TEMPOS_BPM_FIELD_NUMBER: _builtins.int
     total_samples: _builtins.int
     tempo_bpm: _builtins.float
     backend: _builtins.str
@@ -128,6 +129,12 @@ class MusicHeader(_message.Message):
         keep a span's music).
         """
 
+    @_builtins.property
+    def span_tempos_bpm(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Each span's tempo (BPM), in span order: the music's beat in that span. tempo_bpm is the
+        first span's.
+        """
+
     def __init__(
         self,
         *,
@@ -137,10 +144,11 @@ class MusicHeader(_message.Message):
         backend: _builtins.str = ...,
         seed: _builtins.int = ...,
         span_seeds: _abc.Iterable[_builtins.int] | None = ...,
+        span_tempos_bpm: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["format", b"format"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "format", b"format", "seed", b"seed", "span_seeds", b"span_seeds", "tempo_bpm", b"tempo_bpm", "total_samples", b"total_samples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "format", b"format", "seed", b"seed", "span_seeds", b"span_seeds", "span_tempos_bpm", b"span_tempos_bpm", "tempo_bpm", b"tempo_bpm", "total_samples", b"total_samples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

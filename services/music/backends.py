@@ -51,6 +51,13 @@ class SpanRenderer(Protocol):
                     variant: str = "", intensity: float | None = None) -> np.ndarray: ...
 
 
+def span_tempos(backend: object, spans: Spans, tempo: float | None, reported: float) -> list[float]:
+    """Each span's tempo, where the backend tells them apart (``span_tempos``); else the one
+    tempo it reported, for every span."""
+    tell = getattr(backend, "span_tempos", None)
+    return list(tell(spans, tempo)) if callable(tell) else [reported] * len(spans)
+
+
 def renders_spans(backend: object) -> bool:
     return callable(getattr(backend, "render_span", None))
 

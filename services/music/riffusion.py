@@ -1,11 +1,13 @@
 """The Riffusion backend: Stable Diffusion fine-tuned on spectrograms, through diffusers.
 
-For each 5.12 s clip of the timeline, the clip's emotion becomes the prompt and a composer
-render of that emotion (at the one tempo of the whole score) is the img2img seed image.
-Consecutive clips walk between neighbouring noise seeds of one seed family (slerp), so
-they vary but keep one style; a clip that straddles a change of emotion blends the two
-prompts' text embeddings (and seed images) from one emotion to the next. Clips overlap and
-are joined with equal-power crossfades; the result is trimmed to the timeline to the sample.
+Each span keeps its own beat: its tempo is the composer's for that span (whole bars that
+fill it exactly), its clips start on its downbeat and follow each other a whole number of
+beats apart, and each clip's img2img seed image is a composer render of the span's emotion
+at that tempo, starting on a downbeat. So every join between clips, and every change of
+emotion, falls on a beat of the music that follows it. Consecutive clips walk between
+neighbouring noise seeds of one seed family (slerp), so they vary but keep one style.
+Clips are joined with a one-beat equal-power crossfade that starts on the incoming clip's
+first beat; the result is trimmed to the timeline to the sample.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from bgm import logs, models, vocab
 from bgm.audio import resample
 from bgm.errors import Unsupported
 from services.music import spectrogram
-from services.music.composer import ComposerBackend
-from services.music.styles import PROMPTS, STYLES
+from services.music.composer import BEATS_PER_BAR, ComposerBackend
+from services.music.styles import PROMPTS
 
 log = logs.get("bgm.music.riffusion")
 P = spectrogram.PARAMS
@@ -37,43 +39,68 @@ class Cancelled(RuntimeError):
 
 @dataclass(frozen=True)
 class Clip:
-    start_s: float
-    emotion_from: str
-    emotion_to: str
-    # 0 = all emotion_from, 1 = all emotion_to (for clips across a change of emotion).
-    blend: float
+    start_s: float  # on a beat of its span's grid (the first clip of a span: its downbeat)
+    emotion: str
+    span: int  # which span it belongs to
+    tempo: float  # its span's tempo (BPM)
     # Position in the seed family walk: noise slerps from seed k to seed k+1 by ``walk``.
     seed_index: int
     walk: float
+
+    @property
+    def beat_s(self) -> float:
+        return 60.0 / self.tempo
 
 
 # Griffin-Lim gives (frames - 1) hops of audio for a 512-frame image.
 CLIP_SECONDS = (P.width - 1) * P.hop_length / RATE
 
 
-def plan_clips(spans: Sequence[tuple[str, float, float]], overlap_s: float, walk_steps: int = 4) -> list[Clip]:
-    total = spans[-1][2]
-    hop = CLIP_SECONDS - overlap_s
-    count = max(1, math.ceil((total - overlap_s) / hop))
-    clips = []
-    for k in range(count):
-        start = k * hop
-        middle = start + CLIP_SECONDS / 2
-        here = next((s for s in spans if s[1] <= middle < s[2]), spans[-1])
-        index = spans.index(here)
-        emotion_from, emotion_to, blend = here[0], here[0], 0.0
-        end = start + CLIP_SECONDS
-        # A change of emotion inside this clip: blend towards the side the clip ends in.
-        if index + 1 < len(spans) and spans[index + 1][1] < end:
-            emotion_to = spans[index + 1][0]
-            blend = (end - spans[index + 1][1]) / CLIP_SECONDS
-        elif index > 0 and here[1] > start:
-            emotion_from = spans[index - 1][0]
-            emotion_to = here[0]
-            blend = (end - here[1]) / CLIP_SECONDS
-        clips.append(Clip(start, emotion_from, emotion_to, float(np.clip(blend, 0, 1)),
-                          k // walk_steps, (k % walk_steps) / walk_steps))
+def hop_beats(beat_s: float, overlap_s: float) -> int:
+    """How many whole beats apart a span's clips start: as many as leave at least the overlap
+    and one beat (the crossfade) of each clip for the next to fade in over."""
+    return max(1, math.floor((CLIP_SECONDS - max(overlap_s, beat_s)) / beat_s + 1e-9))
+
+
+def plan_clips(spans: Sequence[tuple[str, float, float]], overlap_s: float, tempos: Sequence[float],
+               walk_steps: int = 4) -> list[Clip]:
+    """Per span, clips from its downbeat, ``hop_beats`` beats apart, until one reaches the
+    span's end plus the next span's crossfade (one of its beats)."""
+    clips: list[Clip] = []
+    for index, (emotion, start, end) in enumerate(spans):
+        beat = 60.0 / tempos[index]
+        hop = hop_beats(beat, overlap_s) * beat
+        fade_next = 60.0 / tempos[index + 1] if index + 1 < len(spans) else 0.0
+        t = start
+        while True:
+            k = len(clips)
+            clips.append(Clip(t, emotion, index, tempos[index], k // walk_steps, (k % walk_steps) / walk_steps))
+            if t + CLIP_SECONDS >= end + fade_next - 1e-9:
+                break
+            t += hop
     return clips
+
+
+def beat_join(pieces: Sequence[np.ndarray], clips: Sequence[Clip], total: int) -> np.ndarray:
+    """Lay each clip at its start, each one fading in over its first beat (equal power) while
+    the one before fades out over the same beat and stops; clip audio runs CLIP_SECONDS."""
+    out = np.zeros(total, dtype=np.float32)
+    for k, (piece, clip) in enumerate(zip(pieces, clips, strict=True)):
+        start = round(clip.start_s * RATE)
+        fade_in = round(clip.beat_s * RATE) if k > 0 else 0
+        stop = total if k + 1 == len(clips) else round(clips[k + 1].start_s * RATE) + round(
+            clips[k + 1].beat_s * RATE)
+        piece = piece[: max(0, min(stop, total) - start)].copy()
+        if fade_in:
+            n = min(fade_in, piece.shape[0])
+            piece[:n] *= np.sin(np.linspace(0, np.pi / 2, fade_in, dtype=np.float32))[:n]
+        if k + 1 < len(clips):
+            fade_out = round(clips[k + 1].beat_s * RATE)
+            begin = round(clips[k + 1].start_s * RATE) - start
+            n = max(0, min(fade_out, piece.shape[0] - begin))
+            piece[begin : begin + n] *= np.cos(np.linspace(0, np.pi / 2, fade_out, dtype=np.float32))[:n]
+        out[start : start + piece.shape[0]] += piece
+    return out
 
 
 def slerp(t: float, a: Any, b: Any) -> Any:
@@ -89,21 +116,6 @@ def slerp(t: float, a: Any, b: Any) -> Any:
     wa = torch.sin((1 - t) * theta) / sin
     wb = torch.sin(t * theta) / sin
     return (wa * a.double() + wb * b.double()).to(a.dtype)
-
-
-def equal_power_join(clips: list[np.ndarray], hop: int, overlap: int, total: int) -> np.ndarray:
-    out = np.zeros(total + len(clips[0]), dtype=np.float32)
-    fade_in = np.sin(np.linspace(0, np.pi / 2, overlap, dtype=np.float32))
-    fade_out = np.cos(np.linspace(0, np.pi / 2, overlap, dtype=np.float32))
-    for k, clip in enumerate(clips):
-        piece = clip.copy()
-        if k > 0 and overlap:
-            piece[:overlap] *= fade_in
-        if k < len(clips) - 1 and overlap:
-            piece[-overlap:] *= fade_out
-        start = k * hop
-        out[start : start + len(piece)] += piece
-    return out[:total]
 
 
 def local_model_available(model: str) -> bool:
@@ -242,13 +254,21 @@ class RiffusionBackend:
         self._seed_images: dict[tuple[str, float, int], tuple[np.ndarray, float]] = {}
 
     def seed_image(self, emotion: str, tempo: float, seed: int) -> tuple[np.ndarray, float]:
-        """A composer render of the emotion at the score's tempo, as a spectrogram image."""
+        """A composer render of the emotion at exactly ``tempo`` from a downbeat (whole bars,
+        cut to a clip), as a spectrogram image."""
         key = (emotion, round(tempo, 3), seed)
         if key not in self._seed_images:
-            audio, _ = self.composer.generate([(emotion, 0.0, P.clip_seconds)], sample_rate=RATE, seed=seed,
+            bar_s = BEATS_PER_BAR * 60.0 / tempo
+            bars = math.ceil(P.clip_seconds / bar_s)
+            audio, _ = self.composer.generate([(emotion, 0.0, bars * bar_s)], sample_rate=RATE, seed=seed,
                                               tempo=tempo)
-            self._seed_images[key] = spectrogram.audio_to_image(audio.mean(axis=1))
+            self._seed_images[key] = spectrogram.audio_to_image(audio[: round(P.clip_seconds * RATE)].mean(axis=1))
         return self._seed_images[key]
+
+    def span_tempos(self, spans: Sequence[tuple[str, float, float]], tempo: float | None) -> list[float]:
+        """Each span's tempo: the composer's (whole bars filling the span)."""
+        return [self.composer.span_tempo(emotion, round((end - start) * RATE), RATE, tempo)
+                for emotion, start, end in spans]
 
     def generate(self, spans: Sequence[tuple[str, float, float]], *, sample_rate: int, seed: int,
                  tempo: float | None, cancel: threading.Event | None = None, steps: int | None = None,
@@ -256,24 +276,20 @@ class RiffusionBackend:
         steps = steps or self.steps
         guidance = self.guidance if guidance is None else guidance
         strength = self.strength if strength is None else strength
-        # One tempo for the whole score: the one asked for, else the first emotion's.
-        score_tempo = tempo or STYLES[spans[0][0]].tempo
+        tempos = self.span_tempos(spans, tempo)
         total = round(spans[-1][2] * RATE)
+        clips = plan_clips(spans, self.overlap_s, tempos)
         rendered = []
-        for clip in plan_clips(spans, self.overlap_s):
+        for clip in clips:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("generation cancelled")
-            image_a, max_a = self.seed_image(clip.emotion_from, score_tempo, seed)
-            image_b, max_b = self.seed_image(clip.emotion_to, score_tempo, seed)
-            image = (1 - clip.blend) * image_a.astype(np.float32) + clip.blend * image_b.astype(np.float32)
-            out_image = self.engine.render(
-                image.round().astype(np.uint8), PROMPTS[clip.emotion_from], PROMPTS[clip.emotion_to], clip.blend,
-                seed + clip.seed_index, seed + clip.seed_index + 1, clip.walk, steps, guidance, strength, cancel)
-            mel = spectrogram.spectrogram_from_image(out_image, (1 - clip.blend) * max_a + clip.blend * max_b)
+            image, max_value = self.seed_image(clip.emotion, clip.tempo, seed)
+            prompt = PROMPTS[clip.emotion]
+            out_image = self.engine.render(image, prompt, prompt, 0.0, seed + clip.seed_index,
+                                           seed + clip.seed_index + 1, clip.walk, steps, guidance, strength, cancel)
+            mel = spectrogram.spectrogram_from_image(out_image, max_value)
             rendered.append(spectrogram.audio_from_spectrogram(mel, seed=seed))
-        clip_len = min(len(c) for c in rendered)
-        hop = round((CLIP_SECONDS - self.overlap_s) * RATE)
-        mono = equal_power_join([c[:clip_len] for c in rendered], hop, clip_len - hop, total)
+        mono = beat_join(rendered, clips, total)
         peak = float(np.abs(mono).max()) or 1.0
         mono = mono * (0.89 / peak)
         fade = min(total, int(0.05 * RATE))  # no click at the very start and end
@@ -287,4 +303,4 @@ class RiffusionBackend:
                 stereo = stereo[:exact]
             else:
                 stereo = np.pad(stereo, ((0, exact - stereo.shape[0]), (0, 0)))
-        return stereo.astype(np.float32), score_tempo
+        return stereo.astype(np.float32), tempos[0]

@@ -203,9 +203,10 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
                 music, used_tempo = await asyncio.to_thread(self._render, backend, options, spans, fmt, cancel)
             finally:
                 cancel.set()  # the RPC ended or was cancelled: a generation still running stops
+            tempos = backends.span_tempos(backend, spans, options.tempo, used_tempo)
             yield music_pb2.GenerateResponse(header=music_pb2.MusicHeader(
                 format=fmt, total_samples=music.shape[0], tempo_bpm=used_tempo, backend=backend.name,
-                seed=options.seed))
+                seed=options.seed, span_tempos_bpm=tempos))
             for message in span_chunks(music, spans, request, fmt):
                 yield message
 
@@ -232,10 +233,11 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
         the rest are made."""
         rate = fmt.sample_rate_hz
         bounds = [round(start * rate) for _, start, _ in spans] + [round(spans[-1][2] * rate)]
-        tempo = backend.span_tempo(spans[0][0], bounds[1] - bounds[0], rate, options.tempo)
+        tempos = [backend.span_tempo(emotion, bounds[i + 1] - bounds[i], rate, options.tempo)
+                  for i, (emotion, _, _) in enumerate(spans)]
         yield music_pb2.GenerateResponse(header=music_pb2.MusicHeader(
-            format=fmt, total_samples=bounds[-1], tempo_bpm=tempo, backend=backend.name, seed=options.seed,
-            span_seeds=[c.seed for c in controls]))
+            format=fmt, total_samples=bounds[-1], tempo_bpm=tempos[0], backend=backend.name, seed=options.seed,
+            span_seeds=[c.seed for c in controls], span_tempos_bpm=tempos))
         for index, ((emotion, _, _), control) in enumerate(zip(spans, controls, strict=True)):
             first = bounds[index]
             for part, frames in enumerate(piece_lengths(bounds[index + 1] - bounds[index], rate)):
