@@ -90,7 +90,7 @@ def test_tiny_riffusion_fills_a_12_s_timeline_exactly_without_clicks(riffusion):
 
     # Each span at its own tempo, reported per span.
     assert len(header.span_tempos_bpm) == 2 and header.tempo_bpm == header.span_tempos_bpm[0]
-    fitted = [p.tempo for p in plan([("joy", 0.0, 7.0), ("sadness", 0.0, 5.0)])]  # whole bars per span
+    fitted = [p.tempo for p in plan([("joy", 0.0, 7.0), ("sadness", 0.0, 5.0)])]  # whole beats per span
     assert list(header.span_tempos_bpm) == pytest.approx(fitted, rel=1e-5)
     assert fitted[0] != fitted[1]  # two beats, not one score tempo
 

@@ -1,8 +1,9 @@
 """The offline composer: rules from ``styles`` become MIDI, FluidSynth renders it.
 
-Each span gets a whole number of bars: its tempo is the style's, nudged so the bars fill
-the span exactly. So every change of emotion falls on a bar line and the audio fits the
-timeline to the sample. Each span is its own piece (``render_span``): it depends only on
+Each span gets a whole number of beats: its tempo is the style's, nudged so the beats fill
+the span exactly (its last bar is shorter where the beats do not divide into fours). So
+every change of emotion falls on the new span's downbeat and the audio fits the timeline to
+the sample. Each span is its own piece (``render_span``): it depends only on
 its emotion, length, seed and controls, so a re-render of an edited timeline reuses every
 span that did not change, sample for sample; it fades out over its last ``FADE_OUT_S``
 and the next starts on its downbeat. The same seed gives the same MIDI and so the same audio.
@@ -52,14 +53,16 @@ class SpanPlan:
 
 
 def plan(spans: Sequence[tuple[str, float, float]], tempo_override: float | None = None) -> list[SpanPlan]:
-    """Whole bars per span, tempo nudged to fit; a span shorter than a bar plays one bar's worth."""
+    """Whole beats per span, tempo nudged to fit (at most half a beat over the span, so a
+    4.75 s sad span plays at 75.8 BPM, not the 50.5 that whole bars forced); the bars are
+    the beats in fours, the last one shorter where they do not divide. A span shorter than a
+    beat plays one beat's worth."""
     plans = []
     for emotion, start, end in spans:
         tempo = tempo_override or STYLES[emotion].tempo
-        bar_s = BEATS_PER_BAR * 60.0 / tempo
-        bars = max(1, round((end - start) / bar_s))
-        fitted = bars * BEATS_PER_BAR * 60.0 / (end - start)
-        plans.append(SpanPlan(emotion, start, end, bars, fitted))
+        beats = max(1, round((end - start) * tempo / 60.0))
+        fitted = beats * 60.0 / (end - start)
+        plans.append(SpanPlan(emotion, start, end, -(-beats // BEATS_PER_BAR), fitted))
     return plans
 
 
@@ -146,11 +149,16 @@ def compose(plans: Sequence[SpanPlan], seed: int) -> object:
             pm.instruments.append(tracks[key])
         return tracks[key]
 
+    section_end = 0.0
+
     def note(inst: pretty_midi.Instrument, pitch: int, start: float, end: float, velocity: int) -> None:
-        velocity = int(np.clip(velocity + rng.integers(-6, 7), 1, 127))
-        inst.notes.append(pretty_midi.Note(velocity=velocity, pitch=int(pitch), start=start, end=end))
+        velocity = int(np.clip(velocity + rng.integers(-6, 7), 1, 127))  # drawn always: same seed, same music
+        if start >= section_end - 1e-9:  # in a last bar the beats do not fill
+            return
+        inst.notes.append(pretty_midi.Note(velocity=velocity, pitch=int(pitch), start=start, end=min(end, section_end)))
 
     for section, p in enumerate(plans):
+        section_end = p.end_s
         style = vary(STYLES[p.emotion], p.variant, p.intensity)
         beat = p.beat_s
         chords, melody, bass = (track(program, section=section)
@@ -318,7 +326,7 @@ def fade_edges(audio: np.ndarray, sample_rate: int) -> np.ndarray:
 class ComposerBackend:
     name = vocab.MUSIC_COMPOSER
     # Bump when a change alters what a span sounds like: cached renders are keyed by it.
-    version = "span-3"
+    version = "span-4"
 
     def __init__(self) -> None:
         synthesizer()  # fail at load, not at the first request
