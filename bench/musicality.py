@@ -1,8 +1,12 @@
-"""Is it a loop? Bar-by-bar repetition of rendered music, on the bar grid the composer used.
+"""Music a listener can tell apart and would not call a loop, measured on composer renders.
 
-Each bar is described by its mean chroma and mean MFCC (librosa, beat-synchronous since the
-bars are whole beats); a bar is *near-identical* to the bar four bars earlier when the two
-descriptions have a cosine similarity above 0.995. A literal 4-bar loop scores 1.0.
+- Loop: each bar is described by its mean chroma and mean MFCC (librosa, on the bar grid the
+  composer used); a bar is *near-identical* to the bar four bars earlier when the two have a
+  cosine similarity above 0.995. A literal 4-bar loop scores 1.0.
+- Emotions apart: per render [tempo (beat tracker), mode (Krumhansl-Schmuckler major minus
+  minor correlation), loudness (LUFS), onset density, spectral centroid]; a nearest-centroid
+  classifier, leave-one-seed-out (standardised on the other seeds), names the emotion.
+- Per emotion: tempo, mode and loudness, and the loudness spread across emotions.
 
     python -m bench.musicality [--seconds 24] [--seeds 1 2 3]
 """
@@ -44,6 +48,84 @@ def repeated_fraction(mono: np.ndarray, sample_rate: int, bar_s: float, lag: int
     return float((cosine > NEAR_IDENTICAL).mean())
 
 
+MAJOR_PROFILE = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
+MINOR_PROFILE = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
+FEATURES = ("tempo", "mode", "loudness", "onsets/s", "centroid")
+
+
+def mode_score(mono: np.ndarray, sample_rate: int) -> float:
+    """Best major-key correlation minus best minor-key correlation (> 0: sounds major)."""
+    import librosa
+
+    chroma = librosa.feature.chroma_stft(y=mono, sr=sample_rate).mean(axis=1)
+    best = {name: max(np.corrcoef(np.roll(profile, k), chroma)[0, 1] for k in range(12))
+            for name, profile in (("major", MAJOR_PROFILE), ("minor", MINOR_PROFILE))}
+    return float(best["major"] - best["minor"])
+
+
+def describe(stereo: np.ndarray, sample_rate: int) -> np.ndarray:
+    """[tempo, mode, loudness, onset density, spectral centroid] of one render."""
+    import librosa
+
+    from bgm.loudness import loudness
+
+    mono = stereo.mean(axis=1)
+    tempo = float(np.atleast_1d(librosa.beat.beat_track(y=mono, sr=sample_rate)[0])[0])
+    onsets = librosa.onset.onset_detect(y=mono, sr=sample_rate, units="time")
+    centroid = float(librosa.feature.spectral_centroid(y=mono, sr=sample_rate).mean())
+    return np.array([tempo, mode_score(mono, sample_rate), loudness(stereo, sample_rate),
+                     len(onsets) / (mono.shape[0] / sample_rate), centroid])
+
+
+def leave_one_seed_out(features: dict[tuple[str, int], np.ndarray]) -> float:
+    """Share of renders a nearest-centroid classifier names right, each seed held out in turn."""
+    emotions = sorted({e for e, _ in features})
+    seeds = sorted({s for _, s in features})
+    right = total = 0
+    for held in seeds:
+        train = {k: v for k, v in features.items() if k[1] != held}
+        stack = np.array(list(train.values()))
+        mean, std = stack.mean(axis=0), stack.std(axis=0) + 1e-9
+        centroids = {e: np.mean([(v - mean) / std for k, v in train.items() if k[0] == e], axis=0)
+                     for e in emotions}
+        for e in emotions:
+            x = (features[(e, held)] - mean) / std
+            guess = min(emotions, key=lambda c: float(np.sum((x - centroids[c]) ** 2)))
+            right += guess == e
+            total += 1
+    return right / total
+
+
+def transitions(rate: int = 22_050, seed: int = 1) -> list[tuple[float, float, float]]:
+    """A 70 s joy -> sadness -> anger timeline as the music service hands it out (each span
+    rendered alone and levelled, ``levels.level_span``): per join, the short-term loudness
+    (3 s) after minus before it (LU), and the largest sample jump within 10 ms of the join
+    over the track's 99.9th-percentile jump."""
+    from bgm.loudness import loudness
+    from services.music.backends import span_seed
+    from services.music.composer import ComposerBackend
+    from services.music.levels import level_span
+
+    spans = [("joy", 0.0, 25.0), ("sadness", 25.0, 47.0), ("anger", 47.0, 70.0)]
+    composer = ComposerBackend()
+    pieces = []
+    for emotion, start, end in spans:
+        frames = round(end * rate) - round(start * rate)
+        piece = composer.render_span(emotion, frames, sample_rate=rate, seed=span_seed(seed, start), tempo=None)
+        pieces.append(level_span(piece, emotion, rate))
+    music = np.concatenate(pieces)
+    jumps = np.abs(np.diff(music.mean(axis=1)))
+    typical = float(np.percentile(jumps, 99.9))
+    out = []
+    for _, start, _ in spans[1:]:
+        join = round(start * rate)
+        before = loudness(music[join - 3 * rate : join], rate)
+        after = loudness(music[join : join + 3 * rate], rate)
+        near = jumps[join - rate // 100 : join + rate // 100]
+        out.append((start, after - before, float(near.max()) / typical))
+    return out
+
+
 def main() -> None:
     from services.music.composer import BEATS_PER_BAR, ComposerBackend
     from services.music.styles import STYLES
@@ -55,12 +137,33 @@ def main() -> None:
     composer, rate = ComposerBackend(), 22_050
     print(f"{'emotion':10s} " + " ".join(f"seed {s:>3d}" for s in args.seeds) + "   (share of bars near-identical "
           f"to the bar {LAG_BARS} earlier; at most 0.5 wanted)")
+    features: dict[tuple[str, int], np.ndarray] = {}
     for emotion in STYLES:
         shares = []
         for seed in args.seeds:
             audio, tempo = composer.generate([(emotion, 0.0, args.seconds)], sample_rate=rate, seed=seed, tempo=None)
             shares.append(repeated_fraction(audio.mean(axis=1), rate, BEATS_PER_BAR * 60.0 / tempo))
+            features[(emotion, seed)] = describe(audio, rate)
         print(f"{emotion:10s} " + " ".join(f"{s:8.2f}" for s in shares))
+    print(f"\n{'emotion':10s} " + " ".join(f"{f:>9s}" for f in FEATURES) + "   (means over seeds)")
+    means = {}
+    for emotion in STYLES:
+        means[emotion] = np.mean([features[(emotion, s)] for s in args.seeds], axis=0)
+        print(f"{emotion:10s} " + " ".join(f"{v:9.2f}" for v in means[emotion]))
+    from bgm.loudness import loudness
+    from services.music.levels import level_span
+
+    raw = [m[2] for m in means.values()]
+    served = [np.mean([loudness(level_span(composer.generate([(e, 0.0, args.seconds)], sample_rate=rate,
+                                                               seed=s, tempo=None)[0], e, rate), rate)
+                       for s in args.seeds]) for e in STYLES]
+    print(f"\nloudness spread across emotions: {max(served) - min(served):.1f} LU as the music service hands "
+          f"the spans out (levelled, at most 6 wanted); {max(raw) - min(raw):.1f} LU as the composer renders them")
+    print(f"emotions told apart (nearest centroid, leave one seed out): {leave_one_seed_out(features):.0%} "
+          "(at least 85 % wanted)")
+    for at, step, click in transitions(rate):
+        print(f"join at {at:4.0f} s: short-term loudness {step:+.1f} LU across it (within 4 wanted), largest jump "
+              f"{click:.2f}x the 99.9th percentile (at most 2 wanted)")
 
 
 if __name__ == "__main__":

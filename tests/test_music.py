@@ -302,3 +302,12 @@ def test_a_span_has_an_intro_phrases_a_and_b_fills_and_an_ending():
     assert [r.section for r in roles] == ["intro", *"AAAA", *"BBBB", "A", "end"]
     assert [i for i, r in enumerate(roles) if r.fill] == [4, 8]  # into each next phrase
     assert [r.section for r in form(2)] == ["A", "end"] and [r.section for r in form(1)] == ["A"]
+
+
+def test_joins_between_emotions_keep_the_loudness_and_do_not_click():
+    """A 70 s joy -> sadness -> anger timeline as the service hands it out (bench.musicality)."""
+    from bench.musicality import transitions
+
+    for at, step, click in transitions():
+        print(f"\njoin at {at} s: {step:+.1f} LU, jump {click:.2f}x the 99.9th percentile")
+        assert abs(step) <= 4.0 and click <= 2.0

@@ -178,7 +178,9 @@ def compose(plans: Sequence[SpanPlan], seed: int) -> object:
             if next_role is not None and next_role.section in progressions:
                 next_degree = progressions[next_role.section][((in_phrase + 1) % PHRASE_BARS) % len(progression)]
             # Louder in B, softer in the intro; each repeat of a section in another voicing.
-            lift = {"intro": -12, "A": 0, "B": 6, "end": -4}[role.section]
+            # The intro only a little softer: the span is levelled as a whole, so a quiet intro
+            # would sit far under what came before the join (7.2 LU at joy -> sadness, 12 softer).
+            lift = {"intro": -3, "A": 0, "B": 6, "end": -4}[role.section]
             voiced = _voicing(triad, role.phrase // 2)
             comping = B_COMPING[style.comping] if role.section == "B" else style.comping
             if role.section == "end":
@@ -258,7 +260,10 @@ def _melody(melody: object, style: Style, triad: list[int], previous: int, bar_s
 def _drums(drums: object, style: Style, bar_start: float, beat: float, note: Callable[..., None],
            role: BarRole | None = None) -> None:
     v = style.velocity
-    if role is not None and role.section == "intro":
+    if role is not None and role.section == "intro":  # time kept on the cymbal alone
+        for k in range(BEATS_PER_BAR * 2):
+            t = bar_start + k * beat / 2
+            note(drums, DRUM_RIDE if style.drums == "soft" else DRUM_HAT, t, t + 0.05, v - (20 if k % 2 == 0 else 32))
         return
     if role is not None and role.section == "end":
         note(drums, DRUM_KICK, bar_start, bar_start + 0.1, v - 10)
@@ -326,7 +331,7 @@ def fade_edges(audio: np.ndarray, sample_rate: int) -> np.ndarray:
 class ComposerBackend:
     name = vocab.MUSIC_COMPOSER
     # Bump when a change alters what a span sounds like: cached renders are keyed by it.
-    version = "span-4"
+    version = "span-5"
 
     def __init__(self) -> None:
         synthesizer()  # fail at load, not at the first request
