@@ -83,7 +83,7 @@ def main() -> None:
             for name, seconds, claimed in cases:
                 path = lying_mkv(work / "lying.mkv", seconds, claimed)
 
-                def requests(p: Path = path):  # type: ignore[no-untyped-def]
+                def requests(p: Path = path):
                     yield gateway_pb2.RemixRequest(options=gateway_pb2.RemixOptions(filename="lying.mkv"))
                     yield from (gateway_pb2.RemixRequest(video=c) for c in iter_file_chunks(p))
 

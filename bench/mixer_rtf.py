@@ -13,6 +13,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +34,7 @@ def full_size_htdemucs(path: Path) -> Path:
     return path
 
 
-def timed(fn, *args) -> tuple[float, object]:
+def timed(fn, *args) -> tuple[float, Any]:
     started = time.perf_counter()
     result = fn(*args)
     return time.perf_counter() - started, result

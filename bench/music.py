@@ -22,7 +22,8 @@ def unet_seconds_per_step(steps: int, device: str) -> float:
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).to(device).eval()
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768,  # type: ignore[attr-defined]
+                                attention_head_dim=8).to(device).eval()
     if device == "cuda":
         unet = unet.half()
     dtype = torch.float16 if device == "cuda" else torch.float32

@@ -47,7 +47,7 @@ async def remix(stub: gateway_pb2_grpc.GatewayStub, video: Path, timeline: gatew
     if timeline is not None:
         options.timeline.CopyFrom(timeline)
 
-    async def requests():  # type: ignore[no-untyped-def]
+    async def requests():
         yield gateway_pb2.RemixRequest(options=options)
         for piece in iter_file_chunks(video):
             yield gateway_pb2.RemixRequest(video=piece)

@@ -19,7 +19,7 @@ fi
 echo "== ruff"
 .venv/bin/ruff check .
 echo "== mypy"
-.venv/bin/mypy bgm services gateway
+.venv/bin/mypy bgm services gateway tools bench
 
 echo "== pytest"
 export HF_HUB_OFFLINE=1

@@ -122,7 +122,7 @@ async def upload_status_counts(address: str, n: int, method: str = "Remix", piec
 
     from bgm.v1 import gateway_pb2, gateway_pb2_grpc
 
-    async def upload(answered: asyncio.Event):  # type: ignore[no-untyped-def]
+    async def upload(answered: asyncio.Event):
         yield gateway_pb2.RemixRequest(options=gateway_pb2.RemixOptions(filename="upload.mp4"))
         await answered.wait()
         for _ in range(pieces):

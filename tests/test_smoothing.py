@@ -71,7 +71,9 @@ def _relabel_neutral(runs: list[Run], min_span_s: float) -> bool:
         left = runs[i - 1].emotion if i > 0 else None
         right = runs[i + 1].emotion if i + 1 < len(runs) else None
         if left is None or right is None or left == right:
-            run.emotion = right if left is None else left
+            kept = right if left is None else left
+            assert kept is not None  # a run has a neighbour unless it is the only one
+            run.emotion = kept
             changed = True
     return changed
 
@@ -93,6 +95,7 @@ def _absorb_shortest(runs: list[Run], min_span_s: float) -> bool:
         return True
     if left is None or right is None:
         target = left or right
+        assert target is not None  # more than one run: one side exists
     else:
         mean = short.mean
         left_sim, right_sim = float(mean @ left.mean), float(mean @ right.mean)

@@ -119,5 +119,5 @@ def tiny_stable_diffusion(directory: Path) -> Path:
     pipe = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                           scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                           requires_safety_checker=False)
-    pipe.save_pretrained(directory / "pipeline")
+    pipe.save_pretrained(directory / "pipeline")  # type: ignore[attr-defined]
     return directory / "pipeline"
