@@ -9,6 +9,7 @@ import grpc
 import numpy as np
 import pytest
 
+from bench.musicality import MAJOR_PROFILE, MINOR_PROFILE
 from bgm.settings import ServerSettings
 from bgm.v1 import common_pb2, music_pb2, music_pb2_grpc
 from services.music.composer import BEATS_PER_BAR, ComposerBackend, plan
@@ -19,8 +20,6 @@ from tests.conftest import channel, health_status, start
 
 RATE = 44_100
 EMOTION_ENUM = {name: common_pb2.Emotion.Value(f"EMOTION_{name.upper()}") for name in STYLES}
-MAJOR_PROFILE = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
-MINOR_PROFILE = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
 
 
 @pytest.fixture(scope="module")

@@ -110,6 +110,12 @@ class BarRole:
     section: str  # "intro", "A", "B" or "end"
     phrase: int  # which 4-bar phrase (0-based)
     fill: bool  # the last bar of a phrase that another follows: a drum fill leads on
+    within: int = 0  # the bar's place in its phrase
+
+    def degree(self, progressions: dict[str, tuple[int, ...]]) -> int:
+        """The bar's chord: its section's progression, the tonic in the intro and the end."""
+        chords = progressions.get(self.section)
+        return chords[self.within % len(chords)] if chords else 0
 
 
 def form(bars: int) -> list[BarRole]:
@@ -125,7 +131,8 @@ def form(bars: int) -> list[BarRole]:
             roles.append(BarRole("end", (bar - intro) // PHRASE_BARS, False))
             continue
         phrase, within = divmod(bar - intro, PHRASE_BARS)
-        roles.append(BarRole("A" if phrase % 2 == 0 else "B", phrase, within == PHRASE_BARS - 1 and bar < bars - 2))
+        roles.append(BarRole("A" if phrase % 2 == 0 else "B", phrase, within == PHRASE_BARS - 1 and bar < bars - 2,
+                             within))
     return roles
 
 
@@ -169,14 +176,8 @@ def compose(plans: Sequence[SpanPlan], seed: int) -> object:
         progressions = {"A": style.progression, "B": b_progression(style)}
         for bar, role in enumerate(roles):
             bar_start = p.start_s + bar * BEATS_PER_BAR * beat
-            in_phrase = (bar - (1 if roles[0].section == "intro" else 0)) % PHRASE_BARS
-            progression = progressions.get(role.section, style.progression)
-            degree = 0 if role.section in ("intro", "end") else progression[in_phrase % len(progression)]
-            triad = _chord(style, degree)
-            next_role = roles[bar + 1] if bar + 1 < len(roles) else None
-            next_degree = 0
-            if next_role is not None and next_role.section in progressions:
-                next_degree = progressions[next_role.section][((in_phrase + 1) % PHRASE_BARS) % len(progression)]
+            triad = _chord(style, role.degree(progressions))
+            next_degree = roles[bar + 1].degree(progressions) if bar + 1 < len(roles) else 0
             # Louder in B, softer in the intro; each repeat of a section in another voicing.
             # The intro only a little softer: the span is levelled as a whole, so a quiet intro
             # would sit far under what came before the join (7.2 LU at joy -> sadness, 12 softer).
@@ -258,18 +259,18 @@ def _melody(melody: object, style: Style, triad: list[int], previous: int, bar_s
 
 
 def _drums(drums: object, style: Style, bar_start: float, beat: float, note: Callable[..., None],
-           role: BarRole | None = None) -> None:
+           role: BarRole) -> None:
     v = style.velocity
-    if role is not None and role.section == "intro":  # time kept on the cymbal alone
+    if role.section == "intro":  # time kept on the cymbal alone
         for k in range(BEATS_PER_BAR * 2):
             t = bar_start + k * beat / 2
             note(drums, DRUM_RIDE if style.drums == "soft" else DRUM_HAT, t, t + 0.05, v - (20 if k % 2 == 0 else 32))
         return
-    if role is not None and role.section == "end":
+    if role.section == "end":
         note(drums, DRUM_KICK, bar_start, bar_start + 0.1, v - 10)
         note(drums, DRUM_CRASH, bar_start, bar_start + 0.5, v - 20)
         return
-    fill = role is not None and role.fill
+    fill = role.fill
     beats = BEATS_PER_BAR - 1 if fill else BEATS_PER_BAR  # a fill takes the last beat
     if style.drums == "straight":
         for k in range(beats):
