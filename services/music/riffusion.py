@@ -1,6 +1,6 @@
 """The Riffusion backend: Stable Diffusion fine-tuned on spectrograms, through diffusers.
 
-Each span keeps its own beat: its tempo is the composer's for that span (whole bars that
+Each span keeps its own beat: its tempo is the composer's for that span (whole beats that
 fill it exactly), its clips start on its downbeat and follow each other a whole number of
 beats apart, and each clip's img2img seed image is a composer render of the span's emotion
 at that tempo, starting on a downbeat. So every join between clips, and every change of
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,23 +84,26 @@ def plan_clips(spans: Sequence[tuple[str, float, float]], overlap_s: float, temp
 def beat_join(pieces: Sequence[np.ndarray], clips: Sequence[Clip], total: int) -> np.ndarray:
     """Lay each clip at its start, each one fading in over its first beat (equal power) while
     the one before fades out over the same beat and stops; clip audio runs CLIP_SECONDS."""
+    starts = [round(c.start_s * RATE) for c in clips]
+    fades = [round(c.beat_s * RATE) for c in clips]  # the crossfade into each clip: one of its beats
     out = np.zeros(total, dtype=np.float32)
-    for k, (piece, clip) in enumerate(zip(pieces, clips, strict=True)):
-        start = round(clip.start_s * RATE)
-        fade_in = round(clip.beat_s * RATE) if k > 0 else 0
-        stop = total if k + 1 == len(clips) else round(clips[k + 1].start_s * RATE) + round(
-            clips[k + 1].beat_s * RATE)
-        piece = piece[: max(0, min(stop, total) - start)].copy()
-        if fade_in:
-            n = min(fade_in, piece.shape[0])
-            piece[:n] *= np.sin(np.linspace(0, np.pi / 2, fade_in, dtype=np.float32))[:n]
-        if k + 1 < len(clips):
-            fade_out = round(clips[k + 1].beat_s * RATE)
-            begin = round(clips[k + 1].start_s * RATE) - start
-            n = max(0, min(fade_out, piece.shape[0] - begin))
-            piece[begin : begin + n] *= np.cos(np.linspace(0, np.pi / 2, fade_out, dtype=np.float32))[:n]
-        out[start : start + piece.shape[0]] += piece
+    for k, piece in enumerate(pieces):
+        last = k + 1 == len(clips)
+        stop = total if last else min(total, starts[k + 1] + fades[k + 1])
+        piece = piece[: max(0, stop - starts[k])].copy()
+        if k > 0:
+            _ramp(piece, 0, fades[k], np.sin)
+        if not last:
+            _ramp(piece, starts[k + 1] - starts[k], fades[k + 1], np.cos)
+        out[starts[k] : starts[k] + piece.shape[0]] += piece
     return out
+
+
+def _ramp(piece: np.ndarray, begin: int, length: int, shape: Callable[[np.ndarray], np.ndarray]) -> None:
+    """Multiply ``length`` samples of ``piece`` from ``begin`` by an equal-power quarter
+    wave (``np.sin`` rises, ``np.cos`` falls), in place, as far as the piece reaches."""
+    n = max(0, min(length, piece.shape[0] - begin))
+    piece[begin : begin + n] *= shape(np.linspace(0, np.pi / 2, length, dtype=np.float32))[:n]
 
 
 def slerp(t: float, a: Any, b: Any) -> Any:
