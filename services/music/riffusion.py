@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,7 +206,8 @@ class DiffusionEngine:
 class TritonEngine:
     """The same ``render``, run by a Triton Inference Server (model ``riffusion``, gRPC)."""
 
-    def __init__(self, url: str, model: str = vocab.MUSIC_RIFFUSION, timeout_s: float = 600.0) -> None:
+    def __init__(self, url: str, model: str = vocab.MUSIC_RIFFUSION, timeout_s: float = 600.0,
+                 wait_s: float = 0.0, concurrency: int = 1) -> None:
         try:
             import tritonclient.grpc as triton
         except ImportError as exc:
@@ -213,8 +216,26 @@ class TritonEngine:
         self.client = triton.InferenceServerClient(url)
         self.model = model
         self.timeout_s = timeout_s
-        if not self.client.is_model_ready(model, client_timeout=timeout_s):
-            raise Unsupported(f"the Triton server at {url} has no ready model {model!r}")
+        # Clips are independent: a request's clips go to the server this many at a time, so
+        # Triton's model instances (config.pbtxt's instance_group) work in parallel.
+        self.concurrency = concurrency
+        self._wait_ready(url, wait_s)
+
+    def _wait_ready(self, url: str, wait_s: float) -> None:
+        """Triton and this service start side by side: wait for the model (the caller stays
+        NOT_SERVING), then give up with what was last seen."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                if self.client.is_model_ready(self.model, client_timeout=min(self.timeout_s, 10.0)):
+                    return
+                seen = f"has no ready model {self.model!r}"
+            except self.triton.InferenceServerException as exc:
+                seen = f"cannot be reached ({exc.message() or exc})"
+            if time.monotonic() >= deadline:
+                waited = f" after waiting {wait_s:.0f} s (BGM_MUSIC_TRITON_WAIT_S)" if wait_s else ""
+                raise Unsupported(f"the Triton server at {url} {seen}{waited}")
+            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
 
     def render(self, image: np.ndarray, prompt_from: str, prompt_to: str, blend: float, seed_a: int, seed_b: int,
                walk: float, steps: int, guidance: float, strength: float,
@@ -282,16 +303,24 @@ class RiffusionBackend:
         tempos = self.span_tempos(spans, tempo)
         total = round(spans[-1][2] * RATE)
         clips = plan_clips(spans, self.overlap_s, tempos)
-        rendered = []
-        for clip in clips:
+        seeds = [self.seed_image(clip.emotion, clip.tempo, seed) for clip in clips]
+
+        def render(index: int) -> np.ndarray:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("generation cancelled")
-            image, max_value = self.seed_image(clip.emotion, clip.tempo, seed)
+            clip, (image, max_value) = clips[index], seeds[index]
             prompt = PROMPTS[clip.emotion]
             out_image = self.engine.render(image, prompt, prompt, 0.0, seed + clip.seed_index,
                                            seed + clip.seed_index + 1, clip.walk, steps, guidance, strength, cancel)
             mel = spectrogram.spectrogram_from_image(out_image, max_value)
-            rendered.append(spectrogram.audio_from_spectrogram(mel, seed=seed))
+            return spectrogram.audio_from_spectrogram(mel, seed=seed)
+
+        workers = min(getattr(self.engine, "concurrency", 1), len(clips))
+        if workers > 1:
+            with ThreadPoolExecutor(workers, thread_name_prefix="triton-clip") as pool:
+                rendered = list(pool.map(render, range(len(clips))))
+        else:
+            rendered = [render(i) for i in range(len(clips))]
         mono = beat_join(rendered, clips, total)
         peak = float(np.abs(mono).max()) or 1.0
         mono = mono * (0.89 / peak)

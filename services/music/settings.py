@@ -17,6 +17,11 @@ class MusicSettings:
     triton_url: str = "localhost:8001"
     triton_model: str = vocab.MUSIC_RIFFUSION  # the model's name in Triton's repository
     triton_timeout_s: float = 600.0
+    # How long loading waits for Triton's model to become ready (the service stays
+    # NOT_SERVING meanwhile), and how many clips of a request are sent to it at once (match
+    # the model's instance count in config.pbtxt).
+    triton_wait_s: float = 900.0
+    triton_concurrency: int = 2
     seed: int = 1234
     # Hub name or local directory of a Stable Diffusion img2img pipeline.
     riffusion_model: str = "riffusion/riffusion-model-v1"
@@ -38,4 +43,6 @@ class MusicSettings:
         check(0 < self.denoising_strength <= 1, "BGM_MUSIC_DENOISING_STRENGTH", "must be in (0, 1]")
         check(self.cache_mb >= 0, "BGM_MUSIC_CACHE_MB", "must be 0 or more")
         check(self.memory_cache_mb >= 0, "BGM_MUSIC_MEMORY_CACHE_MB", "must be 0 or more")
+        check(self.triton_wait_s >= 0, "BGM_MUSIC_TRITON_WAIT_S", "must not be negative")
+        check(1 <= self.triton_concurrency <= 64, "BGM_MUSIC_TRITON_CONCURRENCY", "must be 1..64")
         check(0 <= self.clip_overlap_s <= 2, "BGM_MUSIC_CLIP_OVERLAP_S", "must be 0..2")
