@@ -2,7 +2,9 @@
 
 ``python -m bgm.container`` runs the service that ``BGM_SERVICE`` names, listening on all
 interfaces at its deployment port unless its own ``BGM_<S>_HOST``/``_PORT`` say otherwise;
-``BGM_DEVICE`` (set by the GPU variants) becomes its ``BGM_<S>_DEVICE`` likewise.
+``BGM_DEVICE`` (set by the GPU variants) becomes its ``BGM_<S>_DEVICE`` likewise, and
+``BGM_TLS_CERT``/``_KEY``/``_CLIENT_CA`` and ``BGM_HEALTH_PORT`` its own
+(deploy/k8s/components/tls). ``probe`` asks the health port when one is set.
 ``python -m bgm.container probe`` is the image's health check: exit 0 when the service
 reports SERVING.
 """
@@ -15,6 +17,7 @@ import sys
 
 from bgm import vocab
 
+SHARED = ("DEVICE", "TLS_CERT", "TLS_KEY", "TLS_CLIENT_CA", "HEALTH_PORT")
 MODULES = {**{s.name: f"services.{s.name}.__main__" for s in vocab.BACKEND_SERVICES},
            vocab.GATEWAY.name: "gateway.server"}
 
@@ -33,12 +36,17 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["probe"]:
         from bgm import probe
 
-        return probe.main(["--port", port, "--service", chosen.grpc_name])
+        health_port = os.environ.get(f"{chosen.env_prefix}_HEALTH_PORT") or os.environ.get("BGM_HEALTH_PORT")
+        return probe.main(["--port", health_port or port, "--service", chosen.grpc_name])
     os.environ.setdefault(f"{chosen.env_prefix}_HOST", "0.0.0.0")
     os.environ.setdefault(f"{chosen.env_prefix}_PORT", port)
-    device = os.environ.get("BGM_DEVICE", "")
-    if device and chosen in vocab.BACKEND_SERVICES:
-        os.environ.setdefault(f"{chosen.env_prefix}_DEVICE", device)
+    # Image- or cluster-wide settings under one name (one manifest patch serves every
+    # service) become the service's own; a service's own variable wins.
+    shared = SHARED if chosen in vocab.BACKEND_SERVICES else SHARED[1:]
+    for name in shared:
+        value = os.environ.get(f"BGM_{name}", "")
+        if value:
+            os.environ.setdefault(f"{chosen.env_prefix}_{name}", value)
     importlib.import_module(MODULES[chosen.name]).main()
     return 0
 

@@ -75,6 +75,7 @@ class RunningServer:
     servicers: Sequence[Servicer]
     loading: list[asyncio.Task[None]] = field(default_factory=list)
     load_errors: dict[str, BaseException] = field(default_factory=dict)
+    health_server: aio.Server | None = None  # plaintext, health only (ServerSettings.health_port)
 
     @property
     def address(self) -> str:
@@ -96,12 +97,14 @@ class RunningServer:
         for task in self.loading:
             task.cancel()
         await self.health.enter_graceful_shutdown()
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await self.server.stop(grace)
         for servicer in self.servicers:
             await servicer.close()
 
 
-def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+def server_options(max_message_bytes: int, connection_age_s: float = 300.0) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -111,10 +114,8 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.max_connection_idle_ms", 600_000),
-        # Clients hold one connection per server for as long as it lives, so a replica added
-        # later would get no traffic: after 5 minutes a connection is asked to go (new calls
-        # reconnect, through DNS, to any replica); calls under way get 4 hours to finish.
-        ("grpc.max_connection_age_ms", 300_000),
+        # So that replicas added later get traffic (ServerSettings.connection_age_s).
+        ("grpc.max_connection_age_ms", int(connection_age_s * 1000)),
         ("grpc.max_connection_age_grace_ms", 4 * 3600 * 1000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ]
@@ -136,7 +137,7 @@ async def start_server(
     guards: list[aio.ServerInterceptor] = [TokenInterceptor(settings.auth_token)] if settings.auth_token else []
     server = aio.server(
         interceptors=[*guards, *interceptors, ErrorInterceptor()],
-        options=server_options(settings.max_message_bytes),
+        options=server_options(settings.max_message_bytes, settings.connection_age_s),
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -160,11 +161,26 @@ async def start_server(
     for name in names:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    running = RunningServer(server=server, port=port, health=health_servicer, servicers=servicers)
+    running = RunningServer(server=server, port=port, health=health_servicer, servicers=servicers,
+                            health_server=await _health_server(settings, health_servicer))
     if load_models:
         running.start_loading()
     log.info("listening", extra={"fields": {"address": f"{settings.host}:{port}", "services": names}})
     return running
+
+
+async def _health_server(settings: ServerSettings, health_servicer: health.aio.HealthServicer) -> aio.Server | None:
+    """Kubernetes' gRPC probes speak plaintext only: with TLS (or a token) on the service's
+    port, the same health states are also served alone on ``health_port``."""
+    if not settings.health_port:
+        return None
+    server = aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address = f"{settings.host}:{settings.health_port}"
+    if server.add_insecure_port(address) == 0:
+        raise RuntimeError(f"could not bind the health port {address}")
+    await server.start()
+    return server
 
 
 async def _report(health_servicer: health.aio.HealthServicer, name: str, serving: bool) -> None:

@@ -109,6 +109,13 @@ class ServerSettings:
     upload_timeout_s: float = 3600.0
     max_uploads: int = 16
     grace_s: float = 30.0
+    # A plaintext port serving only the health service (Kubernetes' gRPC probes cannot
+    # speak TLS); 0: none.
+    health_port: int = 0
+    # Clients keep one connection per server for as long as it lives, so a replica added
+    # later would get no traffic: a connection older than this is asked to go (new calls
+    # reconnect through DNS to any replica; calls under way get 4 hours to finish).
+    connection_age_s: float = 300.0
     log_level: str = "INFO"
     tmp_dir: str = ""
     # TLS: certificate and key (PEM paths); with client_ca, clients must present a
@@ -121,6 +128,8 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         check(0 <= self.port <= 65535, "PORT", f"{self.port} is not a TCP port (0..65535)")
+        check(0 <= self.health_port <= 65535, "HEALTH_PORT", f"{self.health_port} is not a TCP port (0..65535)")
+        check(not self.health_port or self.health_port != self.port, "HEALTH_PORT", "must differ from PORT")
         check(self.max_concurrency >= 1, "MAX_CONCURRENCY", "must be at least 1")
         check(self.max_message_bytes >= vocab.MIN_MESSAGE_BYTES, "MAX_MESSAGE_BYTES",
               f"must be at least {vocab.MIN_MESSAGE_BYTES // vocab.MIB} MiB")
@@ -130,6 +139,7 @@ class ServerSettings:
         check(self.upload_timeout_s > 0, "UPLOAD_TIMEOUT_S", "must be positive")
         check(self.max_uploads >= 1, "MAX_UPLOADS", "must be at least 1")
         check(self.grace_s >= 0, "GRACE_S", "must not be negative")
+        check(self.connection_age_s >= 1, "CONNECTION_AGE_S", "must be at least 1 second")
         check(self.log_level.upper() in LOG_LEVELS, "LOG_LEVEL",
               f"{self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
 

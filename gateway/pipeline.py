@@ -62,10 +62,21 @@ def word_spans(transcript: gateway_pb2.Transcript) -> list[common_pb2.TimeSpan]:
     return [common_pb2.TimeSpan(start_s=w.start_s, end_s=w.end_s) for s in transcript.segments for w in s.words]
 
 
+# The service each remote stage calls, so that an unreachable one is named.
+STAGE_SERVICES: dict[int, str] = {
+    common_pb2.STAGE_SEPARATE: vocab.MIXER.name, common_pb2.STAGE_TRANSCRIBE: vocab.STT.name,
+    common_pb2.STAGE_CLASSIFY: vocab.EMOTION.name, common_pb2.STAGE_GENERATE_MUSIC: vocab.MUSIC.name,
+    common_pb2.STAGE_MIX: vocab.MIXER.name,
+}
+
+
 class StageFailed(ServiceError):
-    """A stage's RPC failed; carries the stage's status code and names the stage."""
+    """A stage's RPC failed; carries the stage's status code and names the stage (and, when
+    it cannot be reached, the service)."""
 
     def __init__(self, stage: int, code: grpc.StatusCode, detail: str) -> None:
+        if code == grpc.StatusCode.UNAVAILABLE and stage in STAGE_SERVICES:
+            detail = f"the {STAGE_SERVICES[stage]} service is unavailable (retried, then gave up): {detail}"
         super().__init__(f"stage {STAGE_NAMES.get(stage, stage)} failed: {detail}")
         self.code = code
         self.stage = stage

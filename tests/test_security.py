@@ -115,6 +115,31 @@ def test_mutual_tls_needs_a_client_certificate_from_the_right_ca(loop, pki):
         loop.run(running.stop(0))
 
 
+def test_probes_reach_a_mutual_tls_server_on_its_plaintext_health_port(loop, pki):
+    """Kubernetes' gRPC probes speak plaintext only: with health_port set, a server on mutual
+    TLS with a token still answers health checks there, and nothing else."""
+    import socket
+
+    from bgm import probe
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        health_port = free.getsockname()[1]
+    running = emotion_server(loop, tls_cert=str(pki["server"][0]), tls_key=str(pki["server"][1]),
+                             tls_client_ca=str(pki["ca"]), auth_token=TOKEN, health_port=health_port)
+    try:
+        assert probe.main(["--port", str(health_port), "--service", "bgm.v1.EmotionClassifier"]) == 0
+        assert probe.main(["--port", str(running.port), "--service", "bgm.v1.EmotionClassifier"]) == 1
+        plain = channel(f"127.0.0.1:{health_port}")
+        with pytest.raises(grpc.RpcError) as info:
+            emotion_pb2_grpc.EmotionClassifierStub(plain).Classify(
+                REQUEST, metadata=[("authorization", f"Bearer {TOKEN}")], timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED  # health only
+    finally:
+        loop.run(running.stop(0))
+    assert probe.main(["--port", str(health_port), "--timeout", "1"]) == 1  # closed with the server
+
+
 def test_gateway_reaches_its_services_over_mutual_tls_with_a_token(loop, pki, tmp_path, caplog):
     from dataclasses import replace
 
