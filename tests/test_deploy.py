@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,8 @@ DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 HEALTH = {"stt": "bgm.v1.SpeechToText", "emotion": "bgm.v1.EmotionClassifier", "music": "bgm.v1.MusicGenerator",
           "mixer": "bgm.v1.Mixer", "gateway": "bgm.v1.Gateway"}
 GPU_SERVICES = {"stt", "music", "mixer"}
-KUBERNETES = "1.37.0"
+KUBERNETES = ("1.30.0", "1.33.0", "1.37.0")
+REGISTRY = "registry.example.com/bgm/"  # the placeholder each overlay's images: entries name
 
 
 def tool(name: str) -> str:
@@ -39,7 +41,7 @@ def test_the_one_dockerfile_lints_clean_and_runs_as_a_user():
     assert 'ENTRYPOINT ["python", "-m", "bgm.container"]' in text
     assert 'CMD ["python", "-m", "bgm.container", "probe"]' in text
     assert "USER 10001" in text and "EXPOSE ${PORT}" in text  # never root
-    assert "chown 10001:10001 /models" in text  # a fresh named volume on /models is the user's
+    assert {"/models", "/models/cache"} <= writable_folders_of_the_image()  # a fresh volume there is the user's
     assert not list(ROOT.glob("services/*/Dockerfile*")) and not (ROOT / "gateway" / "Dockerfile").exists()
 
 
@@ -79,9 +81,9 @@ def test_the_build_context_is_only_what_the_images_copy():
                                                           "!gateway/", "!deploy/triton/model_repository/"}
 
 
-def render(overlay: str) -> list[dict]:
-    out = subprocess.run([tool("kubectl"), "kustomize", str(ROOT / "deploy" / "k8s" / "overlays" / overlay)],
-                         capture_output=True, text=True, check=True).stdout
+def render(overlay: str | Path) -> list[dict]:
+    folder = overlay if isinstance(overlay, Path) else ROOT / "deploy" / "k8s" / "overlays" / overlay
+    out = subprocess.run([tool("kubectl"), "kustomize", str(folder)], capture_output=True, text=True, check=True).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
@@ -96,8 +98,9 @@ def test_overlay_renders_and_validates(overlay):
     kinds = sorted({d["kind"] for d in docs})
     assert kinds == ["Deployment", "HorizontalPodAutoscaler", "NetworkPolicy", "PodDisruptionBudget", "Service",
                      "ServiceAccount"]  # no PersistentVolumeClaim: no cloud has to offer ReadWriteMany
-    for doc in docs:
-        kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+    for version in KUBERNETES:
+        for doc in docs:
+            kubernetes_validate.validate(doc, version, strict=True)
 
     deployments = {d["metadata"]["name"].removeprefix("bgm-"): d for d in docs if d["kind"] == "Deployment"}
     assert set(deployments) == set(HEALTH) | ({"triton"} if overlay == "gpu-triton" else set())
@@ -113,14 +116,25 @@ def test_overlay_renders_and_validates(overlay):
         assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
         if name == "triton":  # Triton's own gRPC health service, overall status
             assert container["readinessProbe"]["grpc"] == {"port": 8001}
+            assert container["image"] == f"{REGISTRY}bgm-triton:0.1.0"
             continue
         for probe in ("startupProbe", "readinessProbe"):
             assert container[probe]["grpc"] == {"port": port, "service": HEALTH[name]}
         assert container["livenessProbe"]["grpc"]["port"] == port
         assert container["securityContext"]["readOnlyRootFilesystem"]
-        assert pod["terminationGracePeriodSeconds"] > 3600  # longer than the slowest stage's deadline
+        env = {e["name"]: e for e in container["env"]}
+        drain = float(env[f"BGM_{name.upper()}_GRACE_S"]["value"])
+        assert drain + 10 <= pod["terminationGracePeriodSeconds"] <= 1800  # drains, and a node drain ends
+        # Tokens come from a Secret; without it the variables are simply absent.
+        token = env[f"BGM_{name.upper()}_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert token["name"] == "bgm-auth" and token["optional"] is True
+        image = f"{REGISTRY}bgm-{name}{'-gpu' if gpus else ''}:0.1.0"
+        assert container["image"] == image  # through the overlay's images: entry
         if gpus:
-            assert container["image"].startswith(f"bgm-{name}-gpu")
+            assert env[f"BGM_{name.upper()}_DEVICE"]["value"] == "cuda"
+        else:
+            assert f"BGM_{name.upper()}_DEVICE" not in env and not pod.get("initContainers")
+            assert float(container["resources"]["limits"]["memory"].removesuffix("Gi")) <= 8
         # Every path a container writes is a writable volume (the root file system is read-only).
         mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
         assert "/tmp" in mounts and not mounts["/tmp"].get("readOnly")
@@ -131,6 +145,8 @@ def test_overlay_renders_and_validates(overlay):
             assert written and not written[0].get("readOnly"), name
             assert init["securityContext"]["allowPrivilegeEscalation"] is False
     hpa_targets = {d["spec"]["scaleTargetRef"]["name"] for d in docs if d["kind"] == "HorizontalPodAutoscaler"}
+    # CPU use says nothing about a GPU's load: GPU services have no CPU autoscaler.
+    assert hpa_targets == {f"bgm-{n}" for n in set(HEALTH) - GPU_BY_OVERLAY[overlay]}
     for d in docs:
         if d["kind"] == "Deployment" and d["metadata"]["name"] in hpa_targets:
             assert "replicas" not in d["spec"], d["metadata"]["name"]  # each apply would reset the scale
@@ -142,12 +158,44 @@ def test_overlay_renders_and_validates(overlay):
         assert sources == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "bgm-gateway"}}}]
     if overlay == "gpu-triton":
         music = deployments["music"]["spec"]["template"]["spec"]["containers"][0]
-        music_env = {e["name"]: e["value"] for e in music["env"]}
+        music_env = {e["name"]: e.get("value") for e in music["env"]}
         assert music_env["BGM_MUSIC_BACKEND"] == "triton" and music_env["BGM_MUSIC_TRITON_URL"] == "bgm-triton:8001"
     services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
     for name in HEALTH:
         headless = services[f"bgm-{name}"]["spec"].get("clusterIP") == "None"
         assert headless == (name != "gateway")  # clients balance across service pods
+
+
+def test_the_tls_component_puts_every_hop_on_tls_and_keeps_the_probes(tmp_path):
+    """components/tls added to an overlay: certificates from Secrets on every server, the
+    gateway trusting the services' CA, and probes on the plaintext health-only port."""
+    import kubernetes_validate
+
+    k8s = ROOT / "deploy" / "k8s"
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(k8s / "overlays" / "gpu", tmp_path)],  # kustomize wants them relative
+        "components": [os.path.relpath(k8s / "components" / "tls", tmp_path)]}))
+    docs = render(tmp_path)
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES[-1], strict=True)
+    deployments = {d["metadata"]["name"].removeprefix("bgm-"): d for d in docs if d["kind"] == "Deployment"}
+    for name, deployment in deployments.items():
+        pod = deployment["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+        if name == "gateway":
+            cert = env["BGM_GATEWAY_TLS_CERT"]
+            assert env["BGM_GATEWAY_SERVICES_CA"] == "/etc/bgm/services-ca/ca.crt"
+            assert secrets[mounts["/etc/bgm/services-ca"]] == "bgm-services-tls"
+        else:
+            cert = env["BGM_TLS_CERT"]  # bgm.container makes it the service's own
+            assert secrets[mounts["/etc/bgm/tls"]] == "bgm-services-tls"
+        assert cert.startswith("/etc/bgm/tls/") and secrets[mounts["/etc/bgm/tls"]].startswith("bgm-")
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"]["port"] == int(env["BGM_HEALTH_PORT"]), (name, probe)
 
 
 def test_triton_image_and_model_repository_agree():
@@ -182,11 +230,31 @@ def test_compose_definitions_are_consistent():
     assert compose_services_raw()["x-service"]["stop_grace_period"] == "40s"  # above the 30 s drain
     assert services["gateway"]["ports"] == ["127.0.0.1:50050:50050"]  # no unauthenticated public port
     assert all(c["condition"] == "service_healthy" for c in services["gateway"]["depends_on"].values())
+    assert not any("volumes" in spec for spec in services.values())  # the CPU models are in the images
     gpu = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())["services"]
-    assert set(gpu) == GPU_SERVICES
-    for name, spec in gpu.items():
+    assert set(gpu) == GPU_SERVICES | {f"{name}-models" for name in GPU_SERVICES}
+    owned = writable_folders_of_the_image()
+    for name in GPU_SERVICES:
+        spec, fill = gpu[name], gpu[f"{name}-models"]
         assert spec["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
         assert spec["build"]["args"] == images.VARIANTS[f"{name}-gpu"].args()
+        # Its own cache volume, filled first by its own image, read-only to the service; a
+        # fresh Docker volume takes the owner of the folder it is mounted on.
+        assert fill["image"] == spec["image"] and fill["entrypoint"][-2:] == ["download", name]
+        assert spec["depends_on"] == {f"{name}-models": {"condition": "service_completed_successfully"}}
+        volume, target = fill["volumes"][0].split(":")
+        assert spec["volumes"] == [f"{volume}:{target}:ro"] and target in owned
+        assert fill["environment"]["HF_HOME"].startswith(target) and spec["environment"]["HF_HUB_OFFLINE"] == "1"
+
+
+def writable_folders_of_the_image() -> set[str]:
+    """The folders deploy/Dockerfile creates owned by the runtime user (uid 10001)."""
+    text = DOCKERFILE.read_text()
+    made = re.search(r"mkdir -p ([^&]+?) && chown -R 10001:10001 (\S+)", text)
+    assert made, "the Dockerfile no longer makes the model folders for the runtime user"
+    folders, owned = made.group(1).split(), made.group(2)
+    assert all(folder.startswith(owned) for folder in folders)  # chown -R covers them
+    return {owned, *folders}
 
 
 def test_the_compose_file_wires_a_working_system(tmp_path):
