@@ -9,7 +9,9 @@ fades at speech edges are left out; *under speech* is the voiced part of each ut
 from __future__ import annotations
 
 import re
+import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from scipy.signal import stft
@@ -195,3 +197,9 @@ def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
     ref = normalise_text(reference)
     out = jiwer.process_words(ref, normalise_text(hypothesis) or "<empty>")
     return out.substitutions + out.deletions + out.insertions, len(ref.split())
+
+
+def video_md5(path: Path) -> str:
+    """The MD5 of the picture stream's packets, copied as they are: equal means untouched."""
+    cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(path), "-map", "0:v", "-c", "copy", "-f", "md5", "-"]
+    return subprocess.run(cmd, capture_output=True, check=True).stdout.decode().strip()

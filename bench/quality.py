@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import io
 import json
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -122,11 +121,6 @@ async def remix(stub: gateway_pb2_grpc.GatewayStub, video: Path,
     return collect([event async for event in stub.Remix(sent(), timeout=3600)])
 
 
-def video_md5(path: Path) -> str:
-    cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(path), "-map", "0:v", "-c", "copy", "-f", "md5", "-"]
-    return subprocess.run(cmd, capture_output=True, check=True).stdout.decode().strip()
-
-
 class Transcriber:
     def __init__(self) -> None:
         from faster_whisper import WhisperModel
@@ -168,7 +162,7 @@ def measure(case: realworld.Case, result: Remixed, folder: Path, listen: Transcr
         errors_out=measures.word_errors(case.reference, listen(output))[0] if listen else -1,
         errors_kept=measures.word_errors(case.reference, listen(kept))[0] if listen else -1,
         si_sdr_in=measures.si_sdr(mixture, speech), si_sdr_kept=measures.si_sdr(kept, speech),
-        video_identical=video_md5(out_path) == video_md5(case.video),
+        video_identical=measures.video_md5(out_path) == measures.video_md5(case.video),
         duration_equal=abs(media.probe(out_path).duration_s - media.probe(case.video).duration_s) < 0.05,
         seconds=seconds)
 
