@@ -42,8 +42,11 @@ SEPARATION_DEEPFILTERNET, SEPARATION_DEMUCS = "deepfilternet", "demucs"
 EMOTION_BACKENDS: tuple[str, ...] = (EMOTION_GOEMOTIONS, EMOTION_NADE, EMOTION_TRANSFORMERS)
 MUSIC_BACKENDS: tuple[str, ...] = (MUSIC_COMPOSER, MUSIC_RIFFUSION, MUSIC_TRITON)
 SEPARATION_BACKENDS: tuple[str, ...] = (SEPARATION_DEEPFILTERNET, SEPARATION_DEMUCS)
-# Variations a creator may ask of an emotion's music (SpanControl.style; services/music/styles.py).
-MUSIC_STYLES: tuple[str, ...] = ("piano", "strings", "band", "ambient")
+# Variations a creator may ask of an emotion's music, for one span (SpanControl.style) or the
+# whole video (MusicStyle.style): other instruments and grooves over the emotion's harmony
+# and tempo (services/music/styles.py).
+MUSIC_STYLES: tuple[str, ...] = ("piano", "strings", "band", "ambient", "cinematic", "acoustic", "electronic",
+                                 "lo-fi", "orchestral")
 
 
 def choices(names: tuple[str, ...]) -> str:

@@ -25,6 +25,10 @@ def validate(options: gateway_pb2.RemixOptions) -> None:
         raise InvalidInput(f"unknown music backend {music.backend!r}; use {vocab.choices(vocab.MUSIC_BACKENDS)}")
     if music.HasField("tempo_bpm"):
         check_range("music.tempo_bpm", music.tempo_bpm, *limits.TEMPO_BPM)
+    if music.style and music.style not in vocab.MUSIC_STYLES:
+        raise InvalidInput(f"unknown music style {music.style!r}; use {vocab.choices(vocab.MUSIC_STYLES)}")
+    if music.HasField("intensity"):
+        check_range("music.intensity", music.intensity, 0, 1)
     if music.HasField("steps"):
         check_range("music.steps", music.steps, *limits.DIFFUSION_STEPS)
     if music.HasField("guidance"):

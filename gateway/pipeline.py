@@ -57,6 +57,16 @@ def to_stt_pcm(samples: np.ndarray) -> bytes:
     return audio.float_to_pcm(audio.resample(samples[:, None], SEPARATION_RATE, STT_RATE), audio.PCM_S16LE)
 
 
+def with_music_defaults(timeline: gateway_pb2.EmotionTimeline, music: music_pb2.MusicStyle) -> None:
+    """The whole video's style and intensity, written into each span that sets none: the
+    timeline handed back (and edited) then re-renders the same music."""
+    for span in timeline.spans:
+        if music.style and not span.control.style:
+            span.control.style = music.style
+        if music.HasField("intensity") and not span.control.HasField("intensity"):
+            span.control.intensity = music.intensity
+
+
 def word_spans(transcript: gateway_pb2.Transcript) -> list[common_pb2.TimeSpan]:
     """When each word is said (segments span pauses too, so only word timings are used)."""
     return [common_pb2.TimeSpan(start_s=w.start_s, end_s=w.end_s) for s in transcript.segments for w in s.words]
@@ -305,6 +315,7 @@ class Remix:
             spoken.set_result(word_spans(transcript))
         await self.emit(gateway_pb2.RemixResponse(transcript=transcript))
         timeline = await self.classify(transcript)
+        with_music_defaults(timeline, self.options.music)
         await self.emit(gateway_pb2.RemixResponse(timeline=timeline))
         return timeline
 
@@ -319,6 +330,7 @@ class Remix:
             spoken.set_result(word_spans(transcript))
         await self.emit(gateway_pb2.RemixResponse(transcript=transcript))
         timeline = gateway_pb2.EmotionTimeline(spans=self.options.timeline.spans, backend="edited")
+        with_music_defaults(timeline, self.options.music)
         await self.emit(gateway_pb2.RemixResponse(timeline=timeline))
         return timeline
 

@@ -99,6 +99,8 @@ def cases(files: dict[str, bytes]) -> list[tuple[str, list[gateway_pb2.RemixRequ
         "steps 0": {"music": music_pb2.MusicStyle(steps=0)},
         "strength 2": {"music": music_pb2.MusicStyle(denoising_strength=2)},
         "unknown music backend": {"music": music_pb2.MusicStyle(backend="kazoo")},
+        "unknown music style": {"music": music_pb2.MusicStyle(style="polka")},
+        "intensity 1.5": {"music": music_pb2.MusicStyle(intensity=1.5)},
         "duck 500 dB": {"mix": mixer_pb2.MixOptions(duck_db=500)},
         "loudness +10 LUFS": {"mix": mixer_pb2.MixOptions(loudness_lufs=10)},
         "true peak -100": {"mix": mixer_pb2.MixOptions(true_peak_dbtp=-100)},

@@ -189,11 +189,12 @@ def music(loop):
     loop.run(running.stop(1))
 
 
-def generate(stub, control: common_pb2.SpanControl | None = None) -> np.ndarray:
+def generate(stub, control: common_pb2.SpanControl | None = None,
+             style: music_pb2.MusicStyle | None = None) -> np.ndarray:
     span = common_pb2.EmotionSpan(emotion=common_pb2.EMOTION_JOY, span=common_pb2.TimeSpan(start_s=0, end_s=8))
     if control is not None:
         span.control.CopyFrom(control)
-    request = music_pb2.GenerateRequest(spans=[span], format=common_pb2.AudioFormat(
+    request = music_pb2.GenerateRequest(spans=[span], style=style, format=common_pb2.AudioFormat(
         sample_rate_hz=RATE, channels=2, encoding=common_pb2.ENCODING_PCM_F32LE))
     pcm = b"".join(e.chunk.pcm for e in stub.Generate(request, timeout=120) if e.WhichOneof("event") == "chunk")
     return np.frombuffer(pcm, dtype="<f4").reshape(-1, 2)
@@ -210,6 +211,25 @@ def test_style_and_intensity_change_the_music(music):
     # Intensity moves the level (±6 LU at the ends) as well as what is played.
     assert loudness(loud, RATE) - loudness(quiet, RATE) > 8.0
     assert set(styles.VARIANTS) == set(vocab.MUSIC_STYLES)
+
+
+def test_a_whole_video_style_and_intensity_play_in_every_span_without_its_own(music):
+    whole = music_pb2.MusicStyle(style="lo-fi", intensity=0.3)
+    assert np.array_equal(generate(music, style=whole),
+                          generate(music, common_pb2.SpanControl(style="lo-fi", intensity=0.3)))
+    own = common_pb2.SpanControl(style="strings", intensity=0.9)
+    assert np.array_equal(generate(music, own, style=whole), generate(music, own))  # the span's own wins
+    renders = {name: generate(music, style=music_pb2.MusicStyle(style=name))
+               for name in ("", "cinematic", "acoustic", "electronic", "lo-fi", "orchestral")}
+    names = list(renders)
+    for i, a in enumerate(names):
+        assert np.abs(renders[a]).max() > 0.05, a
+        for b in names[i + 1:]:
+            assert not np.allclose(renders[a], renders[b], atol=1e-3), (a, b)
+    with pytest.raises(grpc.RpcError) as refused:
+        generate(music, style=music_pb2.MusicStyle(style="polka"))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown style 'polka'; use piano, strings" in refused.value.details()
 
 
 @pytest.mark.parametrize("control, fragment", [
@@ -244,11 +264,14 @@ def bgm(*args: str) -> subprocess.CompletedProcess:
 def test_cli_project_rerender_and_clean(video, tmp_path):
     project = tmp_path / "project"
     first = bgm("remix", str(video), "-o", str(tmp_path / "one.mp4"), "--project", str(project),
-                "--stems", str(tmp_path / "one"), "-q")
+                "--stems", str(tmp_path / "one"), "--style", "lo-fi", "--intensity", "0.8", "-q")
     assert first.returncode == 0, first.stderr
     saved = project / "timeline.json"
     doc = json.loads(saved.read_text())
     assert doc["version"] == 1 and all("seed" in s for s in doc["spans"]) and doc["music"]["backend"]
+    # The whole video's style is recorded per span, so the re-render below (without --style)
+    # keeps it: otherwise every span's music would change.
+    assert all(s["style"] == "lo-fi" and s["intensity"] == 0.8 for s in doc["spans"])
     assert list((project / "cache" / "speech").glob("*.npy")) and list((project / "cache" / "music").glob("*.npy"))
     assert len(list((project / "cache" / "audio").glob("*.npy"))) == 1
     changed = len(doc["spans"]) // 2

@@ -158,8 +158,9 @@ class SpanControl(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     LOCK_FIELD_NUMBER: _builtins.int
     style: _builtins.str
-    """A variation of the emotion's music: "" (the emotion's own), "piano", "strings", "band"
-    or "ambient" (MusicGenerator says which it knows when one is unknown).
+    """A variation of the emotion's music: "" (the request's MusicStyle.style, else the
+    emotion's own), "piano", "strings", "band", "ambient", "cinematic", "acoustic",
+    "electronic", "lo-fi" or "orchestral" (MusicGenerator says which it knows when one is unknown).
     """
     intensity: _builtins.float
     """0..1, how much the music does (level, density, drums); the emotion's own when unset."""

@@ -29,6 +29,8 @@ class MusicStyle(_message.Message):
     GUIDANCE_FIELD_NUMBER: _builtins.int
     DENOISING_STRENGTH_FIELD_NUMBER: _builtins.int
     TEMPO_BPM_FIELD_NUMBER: _builtins.int
+    STYLE_FIELD_NUMBER: _builtins.int
+    INTENSITY_FIELD_NUMBER: _builtins.int
     backend: _builtins.str
     """"composer", "riffusion", "triton" or "" for the server's default."""
     seed: _builtins.int
@@ -37,6 +39,12 @@ class MusicStyle(_message.Message):
     denoising_strength: _builtins.float
     tempo_bpm: _builtins.float
     """Overrides the tempo chosen for the whole score."""
+    style: _builtins.str
+    """For every span whose SpanControl sets none: a variation of each emotion's music (see
+    SpanControl.style; "" the emotion's own) and an intensity 0..1 (unset: the emotion's own).
+    The composer plays them; the diffusion backends follow the emotion's prompt only.
+    """
+    intensity: _builtins.float
     def __init__(
         self,
         *,
@@ -46,15 +54,19 @@ class MusicStyle(_message.Message):
         guidance: _builtins.float | None = ...,
         denoising_strength: _builtins.float | None = ...,
         tempo_bpm: _builtins.float | None = ...,
+        style: _builtins.str = ...,
+        intensity: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_denoising_strength", b"_denoising_strength", "_guidance", b"_guidance", "_seed", b"_seed", "_steps", b"_steps", "_tempo_bpm", b"_tempo_bpm", "denoising_strength", b"denoising_strength", "guidance", b"guidance", "seed", b"seed", "steps", b"steps", "tempo_bpm", b"tempo_bpm"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_denoising_strength", b"_denoising_strength", "_guidance", b"_guidance", "_intensity", b"_intensity", "_seed", b"_seed", "_steps", b"_steps", "_tempo_bpm", b"_tempo_bpm", "denoising_strength", b"denoising_strength", "guidance", b"guidance", "intensity", b"intensity", "seed", b"seed", "steps", b"steps", "tempo_bpm", b"tempo_bpm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_denoising_strength", b"_denoising_strength", "_guidance", b"_guidance", "_seed", b"_seed", "_steps", b"_steps", "_tempo_bpm", b"_tempo_bpm", "backend", b"backend", "denoising_strength", b"denoising_strength", "guidance", b"guidance", "seed", b"seed", "steps", b"steps", "tempo_bpm", b"tempo_bpm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_denoising_strength", b"_denoising_strength", "_guidance", b"_guidance", "_intensity", b"_intensity", "_seed", b"_seed", "_steps", b"_steps", "_tempo_bpm", b"_tempo_bpm", "backend", b"backend", "denoising_strength", b"denoising_strength", "guidance", b"guidance", "intensity", b"intensity", "seed", b"seed", "steps", b"steps", "style", b"style", "tempo_bpm", b"tempo_bpm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__denoising_strength: _TypeAlias = _typing.Literal["denoising_strength"]  # noqa: Y015
     _WhichOneofArgType__denoising_strength: _TypeAlias = _typing.Literal["_denoising_strength", b"_denoising_strength"]  # noqa: Y015
     _WhichOneofReturnType__guidance: _TypeAlias = _typing.Literal["guidance"]  # noqa: Y015
     _WhichOneofArgType__guidance: _TypeAlias = _typing.Literal["_guidance", b"_guidance"]  # noqa: Y015
+    _WhichOneofReturnType__intensity: _TypeAlias = _typing.Literal["intensity"]  # noqa: Y015
+    _WhichOneofArgType__intensity: _TypeAlias = _typing.Literal["_intensity", b"_intensity"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
     _WhichOneofReturnType__steps: _TypeAlias = _typing.Literal["steps"]  # noqa: Y015
@@ -65,6 +77,8 @@ class MusicStyle(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__denoising_strength) -> _WhichOneofReturnType__denoising_strength | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__guidance) -> _WhichOneofReturnType__guidance | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__intensity) -> _WhichOneofReturnType__intensity | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
     @_typing.overload

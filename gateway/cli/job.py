@@ -36,6 +36,10 @@ def build_options(args: argparse.Namespace, filename: str) -> gateway_pb2.RemixO
         music.seed = args.seed
     if getattr(args, "tempo", None) is not None:
         music.tempo_bpm = args.tempo
+    if getattr(args, "style", None):
+        music.style = args.style
+    if getattr(args, "intensity", None) is not None:
+        music.intensity = args.intensity
     options.music.CopyFrom(music)
     if getattr(args, "duck_db", None) is not None:
         options.mix.duck_db = args.duck_db

@@ -45,6 +45,12 @@ def parser() -> argparse.ArgumentParser:
     remix.add_argument("--music-backend", choices=list(vocab.MUSIC_BACKENDS))
     remix.add_argument("--seed", type=int, help="music seed: the same seed gives the same music")
     remix.add_argument("--tempo", type=float, help="force one tempo (BPM)")
+    remix.add_argument("--style", choices=list(vocab.MUSIC_STYLES),
+                       help="instruments and groove for the whole video, over each emotion's own harmony and "
+                            "tempo (the composer; an edited timeline's span style wins)")
+    remix.add_argument("--intensity", type=float, metavar="0..1",
+                       help="how much the music does (density, dynamics, drums) for the whole video "
+                            "(default: each emotion's own)")
     remix.add_argument("--duck-db", type=float,
                        help="how far the music's speech band (200 Hz-9 kHz) dips under speech (dB, default 18)")
     remix.add_argument("--duck-wide-db", type=float,

@@ -107,17 +107,25 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
         return spans
 
     def controls(self, request: music_pb2.GenerateRequest, base_seed: int) -> list[SpanControls]:
+        """Each span's style, intensity and seed: its own control's, else the request's."""
+        whole = request.style
+        if whole.style and whole.style not in styles.VARIANTS:
+            raise InvalidInput(f"unknown style {whole.style!r}; use {vocab.choices(tuple(styles.VARIANTS))} "
+                               "or leave it empty")
+        if whole.HasField("intensity"):
+            check_range("intensity", whole.intensity, 0.0, 1.0)
         resolved = []
         for i, span in enumerate(request.spans):
             control = span.control
             if control.style and control.style not in styles.VARIANTS:
                 raise InvalidInput(f"span {i}: unknown style {control.style!r}; use "
                                    f"{vocab.choices(tuple(styles.VARIANTS))} or leave it empty")
-            intensity = control.intensity if control.HasField("intensity") else None
-            if intensity is not None:
-                check_range(f"span {i}: intensity", intensity, 0.0, 1.0)
+            intensity = (control.intensity if control.HasField("intensity")
+                         else whole.intensity if whole.HasField("intensity") else None)
+            if control.HasField("intensity"):
+                check_range(f"span {i}: intensity", control.intensity, 0.0, 1.0)
             seed = control.seed if control.HasField("seed") else backends.span_seed(base_seed, span.span.start_s)
-            resolved.append(SpanControls(control.style, intensity, seed))
+            resolved.append(SpanControls(control.style or whole.style, intensity, seed))
         return resolved
 
     def output_format(self, request: music_pb2.GenerateRequest) -> common_pb2.AudioFormat:

@@ -49,6 +49,16 @@ VARIANTS: dict[str, tuple[int, int, int, str | None]] = {
     "strings": (48, 40, 42, "soft"),
     "band": (25, 26, 33, "straight"),
     "ambient": (89, 88, 38, "soft"),
+    # Strings under a horn lead, cello bass, soft kit.
+    "cinematic": (48, 60, 42, "soft"),
+    # Steel-string guitar, flute, acoustic bass, brushes.
+    "acoustic": (25, 73, 32, "soft"),
+    # Poly-synth pad, square lead, synth bass, driving kick.
+    "electronic": (90, 80, 38, "driving"),
+    # Electric piano, vibraphone, finger bass, laid-back kit.
+    "lo-fi": (4, 11, 33, "soft"),
+    # Strings, oboe, contrabass; the emotion's own drums.
+    "orchestral": (48, 68, 43, None),
 }
 
 
