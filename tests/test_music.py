@@ -310,3 +310,49 @@ def test_joins_between_emotions_keep_the_loudness_and_do_not_click():
     for at, step, click in transitions():
         print(f"\njoin at {at} s: {step:+.1f} LU, jump {click:.2f}x the 99.9th percentile")
         assert abs(step) <= 4.0 and click <= 2.0
+
+
+def test_the_lead_rests_while_someone_speaks_and_nothing_else_changes():
+    """Words in a span: the melody plays only in the pauses (clear of each phrase), every
+    other part and every other note is what the same seed plays without speech."""
+    from services.music.backends import speech_phrases
+    from services.music.composer import LEAD_CLEARANCE_S, SpanPlan, compose
+    from services.music.styles import STYLES as styles
+
+    words = [(4.0, 4.4), (4.6, 5.1), (5.3, 6.0), (9.0, 11.5)]  # two phrases: the gaps under 0.8 s join
+    speech = speech_phrases(words, 0.0, 16.0)
+    assert speech == ((4.0, 6.0), (9.0, 11.5))
+    assert speech_phrases(words, 5.0, 10.0) == ((0.0, 1.0), (4.0, 5.0))  # a piece of the span: its own seconds
+    base = plan([("joy", 0.0, 16.0)])[0]
+    plain = compose([base], seed=5)
+    quiet = compose([SpanPlan("joy", 0.0, base.end_s, base.bars, base.tempo, speech=speech)], seed=5)
+    lead = styles["joy"].melody_program
+    for before, after in zip(plain.instruments, quiet.instruments, strict=True):
+        notes = [(n.pitch, n.start, n.end, n.velocity) for n in after.notes]
+        if after.program == lead and not after.is_drum:
+            kept = [(n.pitch, n.start, n.end, n.velocity) for n in before.notes
+                    if not any(a - LEAD_CLEARANCE_S < n.end and n.start < b + LEAD_CLEARANCE_S for a, b in speech)]
+            assert notes == kept and 0 < len(notes) < len(before.notes)
+            assert any(n.start > 11.5 for n in after.notes) and any(n.end < 4.0 for n in after.notes)
+        else:
+            assert notes == [(n.pitch, n.start, n.end, n.velocity) for n in before.notes]
+
+
+def test_the_service_takes_speech_and_refuses_spans_that_are_not_time(music):
+    stub, _ = music
+    spans = timeline(("joy", 0.0, 8.0))
+
+    def generate(*speech: tuple[float, float]) -> np.ndarray:
+        request = music_pb2.GenerateRequest(spans=spans, speech=[common_pb2.TimeSpan(start_s=a, end_s=b)
+                                                                 for a, b in speech])
+        pcm = b"".join(e.chunk.pcm for e in stub.Generate(request, timeout=120) if e.WhichOneof("event") == "chunk")
+        return np.frombuffer(pcm, dtype="<f4")
+
+    plain, spoken = generate(), generate((1.0, 6.0))
+    assert plain.shape == spoken.shape and not np.allclose(plain, spoken, atol=1e-3)
+    assert np.array_equal(spoken, generate((1.0, 6.0)))  # same words, same music
+    for bad in [(3.0, 1.0), (float("nan"), 1.0), (-1.0, 2.0)]:
+        with pytest.raises(grpc.RpcError) as refused:
+            generate(bad)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "speech[0]" in refused.value.details()
