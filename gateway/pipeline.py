@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -264,15 +264,10 @@ class Remix:
 
         return await self.stage(common_pb2.STAGE_CLASSIFY, attempt)
 
-    async def music(self, timeline: gateway_pb2.EmotionTimeline, speech: Sequence[common_pb2.TimeSpan] = ()
-                    ) -> tuple[bytes, common_pb2.AudioFormat]:
-        # The mixer works at 48 kHz: asking for that avoids resampling the whole score. The
-        # words tell the composer where its lead should rest, unless the creator asked the
-        # music not to make room for speech at all (--duck-db 0).
-        no_room = self.options.mix.HasField("duck_db") and self.options.mix.duck_db == 0
+    async def music(self, timeline: gateway_pb2.EmotionTimeline) -> tuple[bytes, common_pb2.AudioFormat]:
+        # The mixer works at 48 kHz: asking for that avoids resampling the whole score.
         request = music_pb2.GenerateRequest(spans=timeline.spans, style=self.options.music,
-                                            format=audio.audio_format(SEPARATION_RATE, 2),
-                                            speech=() if no_room else speech)
+                                            format=audio.audio_format(SEPARATION_RATE, 2))
 
         async def attempt() -> tuple[bytes, common_pb2.AudioFormat]:
             parts: list[bytes] = []
@@ -349,8 +344,7 @@ class Remix:
         async def compose_edited() -> None:
             # An edited timeline needs only the duration: its music starts while the audio decodes.
             info = await asyncio.shield(probed)
-            timeline = await self.given(info.duration_s, spoken)
-            music.set_result(await self.music(timeline, spoken.result()))
+            music.set_result(await self.music(await self.given(info.duration_s, spoken)))
 
         early = asyncio.ensure_future(compose_edited()) if edited and not analyze_only else None
         try:
@@ -366,8 +360,7 @@ class Remix:
         speech, speech_format = Feed(), loop.create_future()
 
         async def analyse_and_compose() -> None:
-            timeline = await self.analyse(samples, info.duration_s, spoken)
-            music.set_result(await self.music(timeline, spoken.result()))
+            music.set_result(await self.music(await self.analyse(samples, info.duration_s, spoken)))
 
         # Three strands at once: separation feeding the mix as it goes, the mix itself, and
         # transcription -> emotions -> music (or an edited timeline's music), whose result

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from bgm.v1 import common_pb2 as bgm_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x62gm/v1/music.proto\x12\x06\x62gm.v1\x1a\x13\x62gm/v1/common.proto\"\x8e\x02\n\nMusicStyle\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x11\n\x04seed\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\x05steps\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x15\n\x08guidance\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x1f\n\x12\x64\x65noising_strength\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x16\n\ttempo_bpm\x18\x06 \x01(\x02H\x04\x88\x01\x01\x12\r\n\x05style\x18\x07 \x01(\t\x12\x16\n\tintensity\x18\x08 \x01(\x02H\x05\x88\x01\x01\x42\x07\n\x05_seedB\x08\n\x06_stepsB\x0b\n\t_guidanceB\x15\n\x13_denoising_strengthB\x0c\n\n_tempo_bpmB\x0c\n\n_intensity\"\x9f\x01\n\x0fGenerateRequest\x12\"\n\x05spans\x18\x01 \x03(\x0b\x32\x13.bgm.v1.EmotionSpan\x12!\n\x05style\x18\x02 \x01(\x0b\x32\x12.bgm.v1.MusicStyle\x12#\n\x06\x66ormat\x18\x03 \x01(\x0b\x32\x13.bgm.v1.AudioFormat\x12 \n\x06speech\x18\x04 \x03(\x0b\x32\x10.bgm.v1.TimeSpan\"\xa8\x01\n\x0bMusicHeader\x12#\n\x06\x66ormat\x18\x01 \x01(\x0b\x32\x13.bgm.v1.AudioFormat\x12\x15\n\rtotal_samples\x18\x02 \x01(\x03\x12\x11\n\ttempo_bpm\x18\x03 \x01(\x02\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x12\n\nspan_seeds\x18\x06 \x03(\x03\x12\x17\n\x0fspan_tempos_bpm\x18\x07 \x03(\x02\"e\n\nMusicChunk\x12\x12\n\nspan_index\x18\x01 \x01(\x05\x12 \n\x07\x65motion\x18\x02 \x01(\x0e\x32\x0f.bgm.v1.Emotion\x12\x14\n\x0cstart_sample\x18\x03 \x01(\x03\x12\x0b\n\x03pcm\x18\x04 \x01(\x0c\"\x8d\x01\n\x10GenerateResponse\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.bgm.v1.MusicHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.bgm.v1.MusicChunkH\x00\x12$\n\x08progress\x18\x03 \x01(\x0b\x32\x10.bgm.v1.ProgressH\x00\x42\x07\n\x05\x65vent2Q\n\x0eMusicGenerator\x12?\n\x08Generate\x12\x17.bgm.v1.GenerateRequest\x1a\x18.bgm.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x62gm/v1/music.proto\x12\x06\x62gm.v1\x1a\x13\x62gm/v1/common.proto\"\x8e\x02\n\nMusicStyle\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x11\n\x04seed\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\x05steps\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x15\n\x08guidance\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x1f\n\x12\x64\x65noising_strength\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x16\n\ttempo_bpm\x18\x06 \x01(\x02H\x04\x88\x01\x01\x12\r\n\x05style\x18\x07 \x01(\t\x12\x16\n\tintensity\x18\x08 \x01(\x02H\x05\x88\x01\x01\x42\x07\n\x05_seedB\x08\n\x06_stepsB\x0b\n\t_guidanceB\x15\n\x13_denoising_strengthB\x0c\n\n_tempo_bpmB\x0c\n\n_intensity\"}\n\x0fGenerateRequest\x12\"\n\x05spans\x18\x01 \x03(\x0b\x32\x13.bgm.v1.EmotionSpan\x12!\n\x05style\x18\x02 \x01(\x0b\x32\x12.bgm.v1.MusicStyle\x12#\n\x06\x66ormat\x18\x03 \x01(\x0b\x32\x13.bgm.v1.AudioFormat\"\xa8\x01\n\x0bMusicHeader\x12#\n\x06\x66ormat\x18\x01 \x01(\x0b\x32\x13.bgm.v1.AudioFormat\x12\x15\n\rtotal_samples\x18\x02 \x01(\x03\x12\x11\n\ttempo_bpm\x18\x03 \x01(\x02\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x12\n\nspan_seeds\x18\x06 \x03(\x03\x12\x17\n\x0fspan_tempos_bpm\x18\x07 \x03(\x02\"e\n\nMusicChunk\x12\x12\n\nspan_index\x18\x01 \x01(\x05\x12 \n\x07\x65motion\x18\x02 \x01(\x0e\x32\x0f.bgm.v1.Emotion\x12\x14\n\x0cstart_sample\x18\x03 \x01(\x03\x12\x0b\n\x03pcm\x18\x04 \x01(\x0c\"\x8d\x01\n\x10GenerateResponse\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.bgm.v1.MusicHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.bgm.v1.MusicChunkH\x00\x12$\n\x08progress\x18\x03 \x01(\x0b\x32\x10.bgm.v1.ProgressH\x00\x42\x07\n\x05\x65vent2Q\n\x0eMusicGenerator\x12?\n\x08Generate\x12\x17.bgm.v1.GenerateRequest\x1a\x18.bgm.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,14 +34,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MUSICSTYLE']._serialized_start=52
   _globals['_MUSICSTYLE']._serialized_end=322
-  _globals['_GENERATEREQUEST']._serialized_start=325
-  _globals['_GENERATEREQUEST']._serialized_end=484
-  _globals['_MUSICHEADER']._serialized_start=487
-  _globals['_MUSICHEADER']._serialized_end=655
-  _globals['_MUSICCHUNK']._serialized_start=657
-  _globals['_MUSICCHUNK']._serialized_end=758
-  _globals['_GENERATERESPONSE']._serialized_start=761
-  _globals['_GENERATERESPONSE']._serialized_end=902
-  _globals['_MUSICGENERATOR']._serialized_start=904
-  _globals['_MUSICGENERATOR']._serialized_end=985
+  _globals['_GENERATEREQUEST']._serialized_start=324
+  _globals['_GENERATEREQUEST']._serialized_end=449
+  _globals['_MUSICHEADER']._serialized_start=452
+  _globals['_MUSICHEADER']._serialized_end=620
+  _globals['_MUSICCHUNK']._serialized_start=622
+  _globals['_MUSICCHUNK']._serialized_end=723
+  _globals['_GENERATERESPONSE']._serialized_start=726
+  _globals['_GENERATERESPONSE']._serialized_end=867
+  _globals['_MUSICGENERATOR']._serialized_start=869
+  _globals['_MUSICGENERATOR']._serialized_end=950
 # @@protoc_insertion_point(module_scope)

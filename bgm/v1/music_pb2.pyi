@@ -95,7 +95,6 @@ class GenerateRequest(_message.Message):
     SPANS_FIELD_NUMBER: _builtins.int
     STYLE_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
-    SPEECH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def spans(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.EmotionSpan]:
         """Sorted and contiguous, starting at 0."""
@@ -106,23 +105,16 @@ class GenerateRequest(_message.Message):
     def format(self) -> _common_pb2.AudioFormat:
         """Defaults to 44.1 kHz stereo PCM_F32LE."""
 
-    @_builtins.property
-    def speech(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.TimeSpan]:
-        """When someone speaks (seconds on the timeline, e.g. the transcript's words): the
-        composer's lead melody rests there and plays in the pauses, out of the speech's way.
-        """
-
     def __init__(
         self,
         *,
         spans: _abc.Iterable[_common_pb2.EmotionSpan] | None = ...,
         style: Global___MusicStyle | None = ...,
         format: _common_pb2.AudioFormat | None = ...,
-        speech: _abc.Iterable[_common_pb2.TimeSpan] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "style", b"style"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "spans", b"spans", "speech", b"speech", "style", b"style"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "spans", b"spans", "style", b"style"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

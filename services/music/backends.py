@@ -48,28 +48,7 @@ class SpanRenderer(Protocol):
     def span_tempo(self, emotion: str, frames: int, sample_rate: int, tempo: float | None) -> float: ...
 
     def render_span(self, emotion: str, frames: int, *, sample_rate: int, seed: int, tempo: float | None,
-                    variant: str = "", intensity: float | None = None,
-                    speech: Sequence[tuple[float, float]] = ()) -> np.ndarray: ...
-
-
-# Words closer together than this count as one phrase: a lead resting under speech plays
-# no notes between them.
-LEAD_GAP_S = 0.8
-
-
-def speech_phrases(words: Sequence[tuple[float, float]], start: float, end: float) -> tuple[tuple[float, float], ...]:
-    """``words`` (seconds) that fall in [start, end), merged into phrases across gaps under
-    LEAD_GAP_S and shifted to start at 0: what a span's lead must keep clear of."""
-    phrases: list[list[float]] = []
-    for a, b in sorted(words):
-        if b <= start or a >= end:
-            continue
-        a, b = max(a, start) - start, min(b, end) - start
-        if phrases and a - phrases[-1][1] < LEAD_GAP_S:
-            phrases[-1][1] = max(phrases[-1][1], b)
-        else:
-            phrases.append([a, b])
-    return tuple((round(a, 3), round(b, 3)) for a, b in phrases)
+                    variant: str = "", intensity: float | None = None) -> np.ndarray: ...
 
 
 def span_tempos(backend: object, spans: Spans, tempo: float | None, reported: float) -> list[float]:

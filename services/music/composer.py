@@ -46,8 +46,6 @@ class SpanPlan:
     tempo: float
     variant: str = ""
     intensity: float | None = None
-    # When someone speaks, in the score's seconds: the lead rests there.
-    speech: tuple[tuple[float, float], ...] = ()
 
     @property
     def beat_s(self) -> float:
@@ -159,24 +157,19 @@ def compose(plans: Sequence[SpanPlan], seed: int) -> object:
         return tracks[key]
 
     section_end = 0.0
-    leads: set[int] = set()  # the melody instruments (by id): they rest under speech
-    speech: tuple[tuple[float, float], ...] = ()
 
     def note(inst: pretty_midi.Instrument, pitch: int, start: float, end: float, velocity: int) -> None:
         velocity = int(np.clip(velocity + rng.integers(-6, 7), 1, 127))  # drawn always: same seed, same music
         if start >= section_end - 1e-9:  # in a last bar the beats do not fill
             return
-        if id(inst) in leads and speaking(speech, start, end):
-            return
         inst.notes.append(pretty_midi.Note(velocity=velocity, pitch=int(pitch), start=start, end=min(end, section_end)))
 
     for section, p in enumerate(plans):
-        section_end, speech = p.end_s, p.speech
+        section_end = p.end_s
         style = vary(STYLES[p.emotion], p.variant, p.intensity)
         beat = p.beat_s
         chords, melody, bass = (track(program, section=section)
                                 for program in (style.chord_program, style.melody_program, style.bass_program))
-        leads.add(id(melody))
         drums = track(0, drum=True)
         previous = style.tonic + 12
         roles = form(p.bars)
@@ -201,14 +194,6 @@ def compose(plans: Sequence[SpanPlan], seed: int) -> object:
                                    rng, note)
             _drums(drums, style, bar_start, beat, note, role)
     return pm
-
-
-# The lead's register (0.5-2 kHz) is the voice's: it keeps this far from any speech.
-LEAD_CLEARANCE_S = 0.15
-
-
-def speaking(speech: Sequence[tuple[float, float]], start: float, end: float) -> bool:
-    return any(a - LEAD_CLEARANCE_S < end and start < b + LEAD_CLEARANCE_S for a, b in speech)
 
 
 def _comp(chords: object, comping: str, triad: list[int], bar_start: float, beat: float, velocity: int,
@@ -356,13 +341,10 @@ class ComposerBackend:
         return plan([(emotion, 0.0, frames / sample_rate)], tempo)[0].tempo
 
     def render_span(self, emotion: str, frames: int, *, sample_rate: int, seed: int, tempo: float | None,
-                    variant: str = "", intensity: float | None = None,
-                    speech: Sequence[tuple[float, float]] = ()) -> np.ndarray:
-        """One span's music, (frames, 2) float32, from its own content alone; the lead rests
-        where ``speech`` (phrases in the span's seconds, see ``speech_phrases``) says."""
+                    variant: str = "", intensity: float | None = None) -> np.ndarray:
+        """One span's music, (frames, 2) float32, from its own content alone."""
         base = plan([(emotion, 0.0, frames / sample_rate)], tempo)[0]
-        score = compose([SpanPlan(emotion, 0.0, base.end_s, base.bars, base.tempo, variant, intensity,
-                                  tuple(speech))], seed)
+        score = compose([SpanPlan(emotion, 0.0, base.end_s, base.bars, base.tempo, variant, intensity)], seed)
         return fade_edges(render(score, sample_rate, frames), sample_rate)
 
     def generate(self, spans: Sequence[tuple[str, float, float]], *, sample_rate: int, seed: int,

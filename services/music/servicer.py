@@ -106,17 +106,6 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
                                  self.server.max_duration_s, f"{vocab.MUSIC.env_prefix}_MAX_DURATION_S")
         return spans
 
-    @staticmethod
-    def speech(request: music_pb2.GenerateRequest) -> list[tuple[float, float]]:
-        """When someone speaks, as the request says (checked: finite, in order within each)."""
-        words = []
-        for i, span in enumerate(request.speech):
-            start, end = span.start_s, span.end_s
-            if not (math.isfinite(start) and math.isfinite(end) and 0 <= start <= end):
-                raise InvalidInput(f"speech[{i}]: {start:g}..{end:g} s is not a time span (0 <= start <= end)")
-            words.append((start, end))
-        return words
-
     def controls(self, request: music_pb2.GenerateRequest, base_seed: int) -> list[SpanControls]:
         """Each span's style, intensity and seed: its own control's, else the request's."""
         whole = request.style
@@ -213,9 +202,8 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
             options = self.options(request)
             backend = await self.backend(options.backend)
             controls = self.controls(request, options.seed)
-            words = self.speech(request)
             if backends.renders_spans(backend):
-                async for message in self._by_span(backend, options, spans, controls, words, request, fmt):  # type: ignore[arg-type]
+                async for message in self._by_span(backend, options, spans, controls, request, fmt):  # type: ignore[arg-type]
                     yield message
                 return
             cancel = threading.Event()
@@ -231,23 +219,23 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
                 yield message
 
     def _span(self, backend: backends.SpanRenderer, options: GenerateOptions, emotion: str, frames: int,
-              control: SpanControls, rate: int, speech: tuple[tuple[float, float], ...]) -> np.ndarray:
+              control: SpanControls, rate: int) -> np.ndarray:
         """One span's levelled stereo music: from the cache, or rendered and kept there."""
         name = cache.key(backend.name, backend.version, emotion, frames, rate, control.seed, options.tempo,
-                         control.variant, control.intensity, levels.SPAN_LUFS, *(["speech", speech] if speech else []))
+                         control.variant, control.intensity, levels.SPAN_LUFS)
         found = self.cache.get(name)
         if found is not None:
             return found
         piece = backend.render_span(emotion, frames, sample_rate=rate, seed=control.seed, tempo=options.tempo,
-                                    variant=control.variant, intensity=control.intensity, speech=speech)
+                                    variant=control.variant, intensity=control.intensity)
         piece = levels.level_span(piece, emotion, rate, control.intensity)
         self.cache.put(name, piece)
         return piece
 
     async def _by_span(self, backend: backends.SpanRenderer, options: GenerateOptions,
                        spans: Sequence[tuple[str, float, float]], controls: Sequence[SpanControls],
-                       words: Sequence[tuple[float, float]], request: music_pb2.GenerateRequest,
-                       fmt: common_pb2.AudioFormat) -> AsyncIterator[music_pb2.GenerateResponse]:
+                       request: music_pb2.GenerateRequest, fmt: common_pb2.AudioFormat
+                       ) -> AsyncIterator[music_pb2.GenerateResponse]:
         """Span after span, each rendered (or found in the cache) and streamed before the next:
         memory holds one piece of a span (see PIECE_S), and the caller starts on the first while
         the rest are made."""
@@ -262,9 +250,8 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
             first = bounds[index]
             for part, frames in enumerate(piece_lengths(bounds[index + 1] - bounds[index], rate)):
                 seed = control.seed if part == 0 else backends.span_seed(control.seed, part * PIECE_S)
-                speech = backends.speech_phrases(words, first / rate, (first + frames) / rate)
                 piece = await asyncio.to_thread(self._span, backend, options, emotion, frames,
-                                                replace(control, seed=seed), rate, speech)
+                                                replace(control, seed=seed), rate)
                 if fmt.channels == 1:
                     piece = piece.mean(axis=1, keepdims=True)
                 for message in piece_chunks(piece, index, request.spans[index].emotion, first, fmt):
