@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault(f"{chosen.env_prefix}_PORT", port)
     # Image- or cluster-wide settings under one name (one manifest patch serves every
     # service) become the service's own; a service's own variable wins.
-    shared = SHARED if chosen in vocab.BACKEND_SERVICES else SHARED[1:]
+    shared = SHARED if chosen in vocab.BACKEND_SERVICES else tuple(n for n in SHARED if n != "DEVICE")
     for name in shared:
         value = os.environ.get(f"BGM_{name}", "")
         if value:
