@@ -142,6 +142,8 @@ class DiffusionEngine:
     seeds with a walk between them; it is also what the Triton model runs server-side.
     """
 
+    concurrency = 1  # one pipeline in this process: clips one after another
+
     def __init__(self, model: str, device: str = vocab.AUTO) -> None:
         try:
             import torch
@@ -315,7 +317,7 @@ class RiffusionBackend:
             mel = spectrogram.spectrogram_from_image(out_image, max_value)
             return spectrogram.audio_from_spectrogram(mel, seed=seed)
 
-        workers = min(getattr(self.engine, "concurrency", 1), len(clips))
+        workers = min(self.engine.concurrency, len(clips))
         if workers > 1:
             with ThreadPoolExecutor(workers, thread_name_prefix="triton-clip") as pool:
                 rendered = list(pool.map(render, range(len(clips))))
