@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import threading
 import time
 
 from tests.asyncio_guard import SLOW, GcPauses, SlowCallbacks, guard
@@ -53,3 +55,41 @@ def test_a_garbage_collection_pause_is_not_counted_against_the_handler():
     clock[0] = 105.0
     report(0.7)  # no collection during this one
     assert len(slow.take()) == 1
+
+
+def native_work() -> list[int]:
+    """Sorting integers is native code that keeps the interpreter lock throughout (~0.5 s)."""
+    numbers = list(range(1_500_000))
+    random.Random(0).shuffle(numbers)
+    return numbers
+
+
+def test_native_code_on_the_loop_is_reported():
+    numbers = native_work()
+
+    async def native_handler():
+        started = time.perf_counter()
+        sorted(numbers)
+        assert time.perf_counter() - started > 0.3, "this machine sorts too fast for the test"
+
+    reports = run_guarded(native_handler)
+    assert len(reports) == 1 and "native_handler" in reports[0]
+
+
+def test_waiting_while_another_thread_holds_the_interpreter_lock_is_not_counted():
+    numbers = native_work()
+    held = []
+
+    def loader() -> None:  # like fastText reading a model in a loading thread
+        started = time.perf_counter()
+        sorted(numbers)
+        held.append(time.perf_counter() - started)
+
+    async def stalled_handler():
+        worker = threading.Thread(target=loader)
+        worker.start()
+        time.sleep(0.01)  # hands over the lock; the handler then waits to get it back
+        await asyncio.to_thread(worker.join)
+
+    assert run_guarded(stalled_handler) == []
+    assert held[0] > 0.3, "this machine sorts too fast for the test"
