@@ -302,3 +302,43 @@ def test_a_last_word_stretched_over_the_rest_of_the_speech_is_found():
     assert WhisperBackend._stretched_tail(ordinary, 30.0) is None
     at_the_very_end = segment(("goodbye.", 28.0, 29.8))  # a long last word with no time after it
     assert WhisperBackend._stretched_tail(at_the_very_end, 30.0) is None
+
+
+def test_cancelling_stops_whisper_before_its_next_model_call(tmp_path):
+    """A client that cancels mid-window: Whisper finishes the model call it is in, and makes
+    no other (not the alignment for word timestamps, not the next window)."""
+    import threading
+
+    from services.stt.backend import Options, WhisperBackend
+    from services.stt.cancel import MODEL_STEPS
+    from services.stt.settings import SttSettings
+    from tests.media_files import decode
+
+    line = decode(speak(" ".join(SENTENCES[:6]), tmp_path / "talk.wav"), 16_000)[:, 0]
+    backend = WhisperBackend(SttSettings(detect_language=False), 1)
+    cancel = threading.Event()
+    steps: list[tuple[str, bool]] = []  # (model step, whether the cancel came before it)
+    whisper = backend.primary.model  # type: ignore[attr-defined]
+    inner = whisper._model
+
+    class CancelDuringSecondWindow:
+        def __getattr__(self, name):
+            attr = getattr(inner, name)
+            if name not in MODEL_STEPS:
+                return attr
+
+            def step(*args, **kwargs):
+                steps.append((name, cancel.is_set()))
+                if [s for s, _ in steps].count("generate") == 2:
+                    cancel.set()  # the client goes while this window is being decoded
+                return attr(*args, **kwargs)
+            return step
+
+    whisper._model = CancelDuringSecondWindow()
+    try:
+        found = list(backend.transcribe(np.tile(line, 4), Options(language="en"), cancel))
+    finally:
+        whisper._model = inner
+    assert [s for s, _ in steps].count("generate") == 2
+    assert [s for s, after_cancel in steps if after_cancel] == []
+    assert found  # the first window's segments came before the cancel

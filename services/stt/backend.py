@@ -21,6 +21,7 @@ import numpy as np
 
 from bgm import logs, models, vocab
 from bgm.errors import Unsupported
+from services.stt.cancel import CancellableWhisper, Cancelled, cancelled_by
 from services.stt.settings import SttSettings
 
 log = logs.get("bgm.stt")
@@ -168,6 +169,7 @@ class WhisperBackend:
         started = time.monotonic()
         model = WhisperModel(path, device=self.device, compute_type=self.compute_type,
                              cpu_threads=self.settings.cpu_threads, num_workers=self.workers)
+        model.model = CancellableWhisper(model.model)  # stops between steps when cancelled
         log.info("whisper model loaded", extra={"fields": {
             "model": path, "device": self.device, "compute_type": self.compute_type,
             "multilingual": model.model.is_multilingual, "load_s": round(time.monotonic() - started, 2)}})
@@ -212,9 +214,19 @@ class WhisperBackend:
     def transcribe(
         self, audio: np.ndarray, options: Options, cancel: threading.Event
     ) -> Iterator[Detected | Segment]:
-        """Yield the detected language first, then segments as the decoder produces them."""
+        """Yield the detected language first, then segments as the decoder produces them;
+        stop before the model's next step once ``cancel`` is set."""
         if audio.shape[0] < MIN_SAMPLES:
             return
+        with cancelled_by(cancel):
+            try:
+                yield from self._transcribe(audio, options, cancel)
+            except Cancelled:
+                log.info("transcription cancelled")
+
+    def _transcribe(
+        self, audio: np.ndarray, options: Options, cancel: threading.Event
+    ) -> Iterator[Detected | Segment]:
         model, options, detected = self.choose(audio, options)
         # Whisper falls back to sampling at higher temperatures where greedy or beam output
         # looks wrong; a fixed seed makes that reproducible (same audio, same transcript).
