@@ -94,10 +94,10 @@ CALLBACK_CPU = CallbackCpu()
 _run_handle = asyncio.events.Handle._run
 
 
-def _run_handle_timed(handle: asyncio.Handle) -> None:
+def _run_handle_timed(self: asyncio.Handle) -> None:
     started = time.thread_time()
     try:
-        _run_handle(handle)  # type: ignore[arg-type]
+        _run_handle(self)
     finally:
         CALLBACK_CPU.last = time.thread_time() - started
 
