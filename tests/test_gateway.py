@@ -120,13 +120,18 @@ def test_analyze_follows_a_scripted_arc_with_weaker_sentences(gateway, tmp_path)
 
 
 def test_remix_keeps_speech_as_intelligible_as_the_clean_recording(gateway, tmp_path):
-    """Whisper tiny.en on the remix is at most 5 WER points worse than on clean speech."""
+    """Whisper tiny.en on the remix is at most 5 WER points worse than on clean speech.
+
+    Over six lines (about 95 words), so a point is about one word: Whisper tiny.en turns
+    single words over with any small change in the audio (another CPU's int8 arithmetic,
+    a resampler), and on the 40-odd words of three lines one such word is 2.5 points."""
     stub, _ = gateway
-    clean = make_example(tmp_path / "clean.mp4", music=False)
-    noisy = make_example(tmp_path / "noisy.mp4")
+    script = SCRIPT + ARC
+    clean = make_example(tmp_path / "clean.mp4", script=script, music=False)
+    noisy = make_example(tmp_path / "noisy.mp4", script=script)
     remixed = tmp_path / "remixed.mp4"
     remixed.write_bytes(b"".join(run(stub.Remix(requests(noisy), timeout=600))["video"]))
-    reference = normalise(" ".join(text for _, text in SCRIPT))
+    reference = normalise(" ".join(text for _, text in script))
 
     def wer(path):
         transcript = run(stub.Analyze(requests(path), timeout=600))["transcript"]

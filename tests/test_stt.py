@@ -143,7 +143,9 @@ def test_translate_gives_english_text(stt_server, german):
     print(f"\ntranslation: {text}")
     assert events[0].language.language == "de"
     assert all(s.translated and s.language == "de" for s in segs)
-    assert "good morning" in text and "coffee" in text and "sister" in text
+    # English words that are not also German ("Park" is both). Not "sister": on some CPUs
+    # Whisper base hears "Schwester" as "semester" (int8 arithmetic differs by instruction set).
+    assert "good morning" in text and "coffee" in text and "today" in text
 
 
 def test_the_same_audio_gives_the_same_translation(stt_server, german):
