@@ -47,14 +47,17 @@ def pcm_bytes(fmt: common_pb2.AudioFormat, seconds: float) -> int:
     return int(seconds * fmt.sample_rate_hz + 1) * bytes_per_frame(fmt)
 
 
-def pcm_to_float(data: bytes, fmt: common_pb2.AudioFormat) -> np.ndarray:
-    """Raw PCM bytes to float32 frames (n, channels)."""
-    width = bytes_per_frame(fmt)
-    if len(data) % width:
+def check_whole_frames(size: int, fmt: common_pb2.AudioFormat) -> None:
+    if size % bytes_per_frame(fmt):
         raise InvalidInput(
-            f"PCM byte count {len(data)} is not a whole number of {fmt.channels}-channel frames; "
+            f"PCM byte count {size} is not a whole number of {fmt.channels}-channel frames; "
             "the stream was cut or the format is wrong"
         )
+
+
+def pcm_to_float(data: bytes, fmt: common_pb2.AudioFormat) -> np.ndarray:
+    """Raw PCM bytes to float32 frames (n, channels)."""
+    check_whole_frames(len(data), fmt)
     if fmt.encoding == PCM_S16LE:
         samples = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
     else:
@@ -87,9 +90,25 @@ def load_audio(path: Path, fmt: common_pb2.AudioFormat, sample_rate: int, channe
         return media.decode_audio(path, sample_rate, channels, "audio", max_duration_s, setting)
     if max_duration_s is not None and path.stat().st_size > pcm_bytes(fmt, max_duration_s):
         raise media.too_long("audio", max_duration_s, setting)
-    frames = pcm_to_float(path.read_bytes(), fmt)
-    frames = mix_channels(frames, channels)
+    frames = mix_channels(pcm_file_to_float(path, fmt), channels)
     return resample(frames, fmt.sample_rate_hz, sample_rate)
+
+
+def pcm_file_to_float(path: Path, fmt: common_pb2.AudioFormat, piece_bytes: int = 4 * 2**20) -> np.ndarray:
+    """``pcm_to_float`` of a file's bytes, read a few MB at a time into the result: a long
+    track is held once, as floats, never also as bytes."""
+    size, width = path.stat().st_size, bytes_per_frame(fmt)
+    check_whole_frames(size, fmt)
+    frames = np.empty((size // width, fmt.channels), dtype=np.float32)
+    flat = frames.reshape(-1)
+    piece_bytes -= piece_bytes % width
+    done = 0
+    with open(path, "rb") as f:
+        while piece := f.read(piece_bytes):
+            part = pcm_to_float(piece, fmt).reshape(-1)
+            flat[done : done + part.shape[0]] = part
+            done += part.shape[0]
+    return frames
 
 
 def convert_pcm(data: bytes, fmt: common_pb2.AudioFormat, sample_rate: int, channels: int) -> bytes:

@@ -380,3 +380,23 @@ def test_levelling_estimates_the_loudness_it_gives_and_holds_the_ceiling(materia
     exact = 20 * np.log10(np.abs(resample_poly(outcome.mix, 4, 1, axis=0)).max())
     assert exact <= ceiling - dsp.CODEC_HEADROOM_DB + 0.01
     assert np.allclose(outcome.speech + outcome.bgm, outcome.mix, atol=1e-5)  # the stems still add up
+
+
+def test_a_mix_made_without_its_parts_is_the_same_mix(material):
+    """Without stems asked for, the mixer gates its own speech in place and lets the placed
+    music become the mix (two whole-length arrays fewer); the mix must not change."""
+    _, speech, music = material
+    stereo_speech = np.stack([speech, speech], axis=1)
+    stereo_music = np.stack([music, 0.9 * music], axis=1).astype(np.float32)
+    levels = dsp.MixLevels(duck_db=12, loudness_lufs=-14, true_peak_dbtp=-1, fade_in_s=0.5,
+                           fade_out_s=1.0, attack_ms=80, release_ms=400, bgm_gain_db=-6)
+    threshold = dsp.activity.threshold_for(levels.duck_sensitivity)
+    talking = dsp.activity.detect(dsp.activity.speech_probability(speech), threshold, speech.shape[0])
+    bgm_lufs = dsp.loudness(stereo_music)
+    kept = dsp.mix_measured(stereo_speech, stereo_music, levels, talking, bgm_lufs)
+    lean = dsp.mix_measured(stereo_speech.copy(), stereo_music, levels, talking, bgm_lufs,
+                            consume=True, keep_parts=False)
+    assert np.array_equal(lean.mix, kept.mix)
+    assert lean.loudness_lufs == kept.loudness_lufs
+    with pytest.raises(ValueError, match="without keeping its parts"):
+        lean.bgm  # noqa: B018 - the property is the check

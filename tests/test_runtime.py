@@ -265,3 +265,25 @@ def test_pcm_in_another_format_converts_to_float_stereo_at_the_mixer_rate():
     assert abs(np.sqrt((out[1000:-1000, 0] ** 2).mean()) - 0.5 / np.sqrt(2)) < 0.01
     with pytest.raises(InvalidInput, match="expected raw PCM"):
         audio.convert_pcm(b"RIFF", audio.audio_format(48_000, 2, audio.CONTAINER), 48_000, 2)
+
+
+@pytest.mark.parametrize("encoding", ["s16", "f32"])
+def test_a_pcm_file_read_in_pieces_equals_the_whole_converted_at_once(tmp_path, encoding):
+    """The mixer reads long tracks a few MB at a time (never holding the bytes and the floats);
+    pieces that do not line up with frames must not shift a sample."""
+    import numpy as np
+
+    from bgm import audio
+    from bgm.errors import InvalidInput
+
+    kind = audio.PCM_S16LE if encoding == "s16" else audio.PCM_F32LE
+    fmt = audio.audio_format(48_000, 2, kind)
+    frames = np.random.default_rng(0).uniform(-0.9, 0.9, (100_003, 2)).astype(np.float32)
+    path = tmp_path / "track.pcm"
+    path.write_bytes(audio.float_to_pcm(frames, kind))
+    whole = audio.pcm_to_float(path.read_bytes(), fmt)
+    for piece_bytes in (4 * 2**20, 1000, 4099):
+        assert np.array_equal(audio.pcm_file_to_float(path, fmt, piece_bytes), whole)
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(InvalidInput, match="not a whole number"):
+        audio.pcm_file_to_float(path, fmt)

@@ -273,8 +273,9 @@ class MixOutcome:
     stems are worked out only when asked for (on a long programme each costs a pass)."""
 
     mix: np.ndarray
-    placed: np.ndarray  # the music as placed (ducked, faded, at the bed's level), before ``gain``
-    voice: np.ndarray  # the speech as gated, before ``gain``
+    # The parts (None where the mix was made without keeping them: no stems wanted).
+    placed: np.ndarray | None  # the music as placed (ducked, faded, at the bed's level), before ``gain``
+    voice: np.ndarray | None  # the speech as gated, before ``gain``
     gain: np.ndarray  # per sample: loudness, limiter and codec dips together
     loudness_lufs: float
     true_peak_dbtp: float
@@ -283,18 +284,26 @@ class MixOutcome:
     @property
     def bgm(self) -> np.ndarray:
         """The music as it sits in the mix (ducked, faded, gained, limited)."""
-        return np.multiply(self.placed, self.gain[:, None], dtype=np.float32)
+        return np.multiply(self._part(self.placed), self.gain[:, None], dtype=np.float32)
 
     @property
     def speech(self) -> np.ndarray:
         """The speech as it sits in the mix (gated, gained, limited)."""
-        return np.multiply(self.voice, self.gain[:, None], dtype=np.float32)
+        return np.multiply(self._part(self.voice), self.gain[:, None], dtype=np.float32)
 
-    def scaled(self, gain: float | np.ndarray) -> MixOutcome:
-        """The same mix with ``gain`` applied (a number, or one per sample); the stems likewise."""
+    @staticmethod
+    def _part(part: np.ndarray | None) -> np.ndarray:
+        if part is None:
+            raise ValueError("this mix was made without keeping its parts (keep_parts=False)")
+        return part
+
+    def scaled(self, gain: float | np.ndarray, in_place: bool = False) -> MixOutcome:
+        """The same mix with ``gain`` applied (a number, or one per sample); the stems likewise.
+        ``in_place``: this outcome's mix is overwritten (no second whole-length copy)."""
         g = np.asarray(gain, dtype=np.float32)
-        mix = np.multiply(self.mix, g[:, None] if g.ndim else g, dtype=np.float32)
-        return replace(self, mix=mix, gain=np.multiply(self.gain, g, dtype=np.float32))
+        g = g[:, None] if g.ndim else g
+        mix = np.multiply(self.mix, g, out=self.mix) if in_place else np.multiply(self.mix, g, dtype=np.float32)
+        return replace(self, mix=mix, gain=np.multiply(self.gain, gain, dtype=np.float32))
 
 
 DIP_WIDTH_S = 0.05  # wide enough to cover the codec's delay and its transform blocks
@@ -393,21 +402,29 @@ def mix(speech: np.ndarray, bgm: np.ndarray, levels: MixLevels) -> MixOutcome:
 
 
 def mix_measured(speech: np.ndarray, bgm: np.ndarray, levels: MixLevels, talking: np.ndarray,
-                 bgm_lufs: float, measure_peak: bool = True) -> MixOutcome:
+                 bgm_lufs: float, measure_peak: bool = True, *, consume: bool = False,
+                 keep_parts: bool = True) -> MixOutcome:
     """``mix`` with the speech activity (per 10 ms frame) and the music's loudness already known
     (the mixer takes them as tracks arrive).
 
     The speech is gated to where someone talks, so what separation left of the old music is
     gone from the pauses. ``measure_peak=False`` leaves the true peak as NaN, for a caller
     that measures the encoded file.
+
+    On a long programme each whole-length stereo array is hundreds of MB, so a caller that
+    owns ``speech`` lets it be gated in place (``consume``), and one that wants no stems
+    lets the placed music become the mix (``keep_parts=False``: the outcome has no parts).
     """
     n = speech.shape[0]
-    speech = np.multiply(speech, activity.gate(talking, n)[:, None], dtype=np.float32)
+    gate = activity.gate(talking, n)[:, None]
+    speech = np.multiply(speech, gate, out=speech) if consume else np.multiply(speech, gate, dtype=np.float32)
     speech_lufs = loudness(speech) if talking.any() else None
     speech_level = -23.0 if speech_lufs is None or speech_lufs <= -70 else speech_lufs
     bed_gain = np.float32(db_to_gain(speech_level + levels.bgm_gain_db - bgm_lufs) if bgm_lufs > -70 else 1.0)
-    placed = place_music(bgm, talking, levels, float(bed_gain))
-    out = speech + placed
+    music = place_music(bgm, talking, levels, float(bed_gain))
+    out = speech + music if keep_parts else np.add(music, speech, out=music)
+    placed, voice = (music, speech) if keep_parts else (None, None)
+    del music, speech  # without parts, only the mix is held from here
     leveller = Leveller(out, levels)
     if leveller.loudness <= -70:
         gain, current = np.ones(n, dtype=np.float32), leveller.loudness
@@ -421,4 +438,4 @@ def mix_measured(speech: np.ndarray, bgm: np.ndarray, levels: MixLevels, talking
             out *= gain[:, None]
             current = loudness(out)
     peak = true_peak_db(out) if measure_peak else float("nan")
-    return MixOutcome(out, placed, speech, gain, current, peak)
+    return MixOutcome(out, placed, voice, gain, current, peak)

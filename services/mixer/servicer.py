@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -208,8 +208,12 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
         talking = activity.detect(speech.probability, activity.threshold_for(levels.duck_sensitivity),
                                   speech.frames.shape[0])
         talking = activity.add_words(talking, words, speech.probability)
+        # The tracks are this call's own: gated in place, and the parts kept only for stems.
         outcome = dsp.mix_measured(speech.frames, music.frames, levels, talking, music.level_lufs,
-                                   measure_peak=False)
+                                   measure_peak=False, consume=True,
+                                   keep_parts=bool(set(config.options.return_stems) - {mixer_pb2.STEM_MIX}))
+        speech.release()
+        music.release()
         spent = {"mix_s": time.monotonic() - clock, "encode_s": 0.0, "check_s": 0.0}
         out = mux.output_for(config.original_name, original.info)
         target = tmp / f"remixed{out.suffix}"
@@ -226,15 +230,18 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
             peak = dsp.true_peak_db(encoded)
             spent["check_s"] += time.monotonic() - clock
             if peak <= levels.true_peak_dbtp or attempt == 4:
+                loudness_lufs = dsp.loudness(encoded)
                 break
             if attempt < 2:
-                outcome = outcome.scaled(dsp.codec_dips(encoded, levels.true_peak_dbtp, outcome.mix.shape[0]))
+                outcome = outcome.scaled(dsp.codec_dips(encoded, levels.true_peak_dbtp, outcome.mix.shape[0]),
+                                         in_place=True)
             else:
-                outcome = outcome.scaled(float(dsp.db_to_gain(levels.true_peak_dbtp - peak - 0.1)))
+                outcome = outcome.scaled(float(dsp.db_to_gain(levels.true_peak_dbtp - peak - 0.1)), in_place=True)
+            del encoded  # measured: let it go before the next encode decodes the file again
         if peak > levels.true_peak_dbtp:
             log.warning("true peak over the ceiling after five encodes",
                         extra={"fields": {"true_peak_dbtp": round(peak, 2), "ceiling": levels.true_peak_dbtp}})
-        outcome = dataclasses.replace(outcome, loudness_lufs=dsp.loudness(encoded), true_peak_dbtp=peak,
+        outcome = dataclasses.replace(outcome, loudness_lufs=loudness_lufs, true_peak_dbtp=peak,
                                       encodes=attempt + 1)
         log.info("mix stages", extra={"fields": {k: round(v, 3) for k, v in spent.items()}})
         return outcome, target, out
@@ -256,12 +263,14 @@ def stem_pcm(blocks: Iterator[np.ndarray], mono: np.ndarray,
 
 def write_stems(wanted: Sequence[int], outcome: dsp.MixOutcome, tmp: Path) -> list[tuple[int, Path]]:
     """The stems asked for, written as WAV files (whole-length: in a worker thread)."""
-    sources: dict[int, np.ndarray] = {mixer_pb2.STEM_BGM: outcome.bgm, mixer_pb2.STEM_MIX: outcome.mix,
-                                      mixer_pb2.STEM_SPEECH: outcome.speech}
+    # Each made only when asked for: on a long programme each is hundreds of MB.
+    sources: dict[int, Callable[[], np.ndarray]] = {
+        mixer_pb2.STEM_BGM: lambda: outcome.bgm, mixer_pb2.STEM_MIX: lambda: outcome.mix,
+        mixer_pb2.STEM_SPEECH: lambda: outcome.speech}
     written = []
     for stem in dict.fromkeys(wanted):
         path = tmp / f"stem-{stem}.wav"
-        soundfile.write(str(path), sources[stem], RATE, subtype="PCM_16")
+        soundfile.write(str(path), sources[stem](), RATE, subtype="PCM_16")
         written.append((stem, path))
     return written
 

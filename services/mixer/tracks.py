@@ -34,16 +34,28 @@ class Original:
     samples: int  # the mix's length at 48 kHz
 
 
-@dataclass(frozen=True)
+def _released() -> np.ndarray:
+    return np.zeros((0, 2), dtype=np.float32)
+
+
+@dataclass
 class Speech:
-    frames: np.ndarray  # (n, 2)
+    frames: np.ndarray  # (n, 2); empty once released
     probability: np.ndarray  # the VAD's speech probability per 32 ms window
 
+    def release(self) -> None:
+        """Let go of the samples once the mix is made: hundreds of MB on a long programme."""
+        self.frames = _released()
 
-@dataclass(frozen=True)
+
+@dataclass
 class Music:
-    frames: np.ndarray  # (n, 2)
+    frames: np.ndarray  # (n, 2); empty once released
     level_lufs: float
+
+    def release(self) -> None:
+        """As ``Speech.release``."""
+        self.frames = _released()
 
 
 def fit(spool: Spool, fmt: common_pb2.AudioFormat, n: int, what: str, max_duration_s: float) -> np.ndarray:
