@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -15,10 +16,18 @@ class Feed:
     Writes are placed by offset, so a retried producer that starts over from zero adds
     only what was not there yet; every reader starts from the beginning, so a retried
     consumer replays everything.
+
+    With a ``path`` the bytes are kept in that file rather than in memory, so an hour of
+    separated speech costs disk, not memory; readers then get pieces of at most
+    ``READ_BYTES``.
     """
 
-    def __init__(self) -> None:
+    READ_BYTES = 1 << 20
+
+    def __init__(self, path: Path | None = None) -> None:
         self.pieces: list[bytes] = []
+        self.path = path
+        self._file = open(path, "w+b") if path is not None else None  # noqa: SIM115 - closed by close()
         self.size = 0
         self.closed = False
         self.error: BaseException | None = None
@@ -31,7 +40,12 @@ class Feed:
             raise ValueError(f"gap in the feed: write at {offset}, only {self.size} bytes so far")
         new = data[self.size - offset :]
         if new:
-            self.pieces.append(new)
+            if self._file is not None:
+                self._file.seek(self.size)
+                self._file.write(new)
+                self._file.flush()
+            else:
+                self.pieces.append(new)
             self.size += len(new)
             async with self._changed:
                 self._changed.notify_all()
@@ -42,18 +56,40 @@ class Feed:
         async with self._changed:
             self._changed.notify_all()
 
+    def discard(self) -> None:
+        """Drop what the feed holds (its file too); nothing can be read after this."""
+        self.pieces = []
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            assert self.path is not None
+            self.path.unlink(missing_ok=True)
+
+    def _read_from(self, position: int) -> bytes:
+        with open(self.path, "rb") as f:  # type: ignore[arg-type]
+            f.seek(position)
+            return f.read(min(self.READ_BYTES, self.size - position))
+
     async def read(self) -> AsyncIterator[bytes]:
         """Every piece from the start, as it arrives; raises the producer's error if it failed."""
-        index = 0
+        index = 0  # pieces (in memory) or bytes (in a file) handed out so far
 
         def ready() -> bool:
-            return index < len(self.pieces) or self.closed
+            return index < (self.size if self.path is not None else len(self.pieces)) or self.closed
 
         while True:
             async with self._changed:
                 await self._changed.wait_for(ready)
             if self.error is not None:
                 raise self.error
+            if self.path is not None:
+                while index < self.size:
+                    piece = self._read_from(index)
+                    index += len(piece)
+                    yield piece
+                if self.closed and index == self.size:
+                    return
+                continue
             while index < len(self.pieces):
                 index += 1
                 yield self.pieces[index - 1]

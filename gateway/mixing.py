@@ -18,7 +18,7 @@ from bgm.v1 import common_pb2, gateway_pb2, mixer_pb2
 from gateway.feed import Feed, merge
 
 BGM_FORMAT = audio.audio_format(vocab.SEPARATION_RATE, 2)
-Music = tuple[bytes, common_pb2.AudioFormat]
+Music = tuple[Path, common_pb2.AudioFormat]  # the score's raw PCM file, and its format
 Progress = Callable[[float, str], Awaitable[None]]
 
 
@@ -61,10 +61,13 @@ async def music_track(spoken: asyncio.Future[list[common_pb2.TimeSpan]],
     words = await asyncio.shield(spoken)
     if words:
         yield mixer_pb2.MixRequest(speech_spans=mixer_pb2.SpeechSpans(spans=words))
-    pcm, fmt = await asyncio.shield(music)
+    path, fmt = await asyncio.shield(music)
     if fmt != BGM_FORMAT:  # another music service may answer in its own format
-        pcm = await asyncio.to_thread(audio.convert_pcm, pcm, fmt, vocab.SEPARATION_RATE, 2)
-    for request in track(mixer_pb2.TRACK_BGM, iter_chunks(pcm)):
+        pcm = await asyncio.to_thread(lambda: audio.convert_pcm(path.read_bytes(), fmt, vocab.SEPARATION_RATE, 2))
+        for request in track(mixer_pb2.TRACK_BGM, iter_chunks(pcm)):
+            yield request
+        return
+    for request in track(mixer_pb2.TRACK_BGM, iter_file_chunks(path)):
         yield request
 
 
@@ -115,7 +118,7 @@ def music_stem(music: Music, work: Path) -> Iterator[gateway_pb2.RemixResponse]:
 
     pcm, fmt = music
     path = work / "music.wav"
-    soundfile.write(path, audio.pcm_to_float(pcm, fmt), fmt.sample_rate_hz, subtype="FLOAT")
+    soundfile.write(path, audio.pcm_file_to_float(pcm, fmt), fmt.sample_rate_hz, subtype="FLOAT")
     for piece in iter_file_chunks(path):
         yield gateway_pb2.RemixResponse(stem=mixer_pb2.StemChunk(stem=mixer_pb2.STEM_MUSIC, data=piece))
 

@@ -264,27 +264,30 @@ class Remix:
 
         return await self.stage(common_pb2.STAGE_CLASSIFY, attempt)
 
-    async def music(self, timeline: gateway_pb2.EmotionTimeline) -> tuple[bytes, common_pb2.AudioFormat]:
+    async def music(self, timeline: gateway_pb2.EmotionTimeline) -> mixing.Music:
+        """The score, written to a file in the job's folder as it streams in (an hour of
+        48 kHz stereo is 1.3 GB: disk, not memory)."""
         # The mixer works at 48 kHz: asking for that avoids resampling the whole score.
         request = music_pb2.GenerateRequest(spans=timeline.spans, style=self.options.music,
                                             format=audio.audio_format(SEPARATION_RATE, 2))
+        path = self.work / "music.pcm"
 
-        async def attempt() -> tuple[bytes, common_pb2.AudioFormat]:
-            parts: list[bytes] = []
+        async def attempt() -> mixing.Music:
             fmt = common_pb2.AudioFormat()
             total = 0
-            async for event in self.stubs.music.Generate(request, timeout=self.timeout_s):
-                kind = event.WhichOneof("event")
-                if kind == "header":
-                    fmt.CopyFrom(event.header.format)
-                    total = event.header.total_samples
-                    await self.emit(gateway_pb2.RemixResponse(score=event.header))
-                elif kind == "chunk":
-                    parts.append(event.chunk.pcm)
-                    if total:
-                        done = (event.chunk.start_sample + len(event.chunk.pcm) // audio.bytes_per_frame(fmt))
-                        await self.progress(common_pb2.STAGE_GENERATE_MUSIC, min(0.99, done / total))
-            return b"".join(parts), fmt
+            with open(path, "wb") as score:  # a retry starts the file over
+                async for event in self.stubs.music.Generate(request, timeout=self.timeout_s):
+                    kind = event.WhichOneof("event")
+                    if kind == "header":
+                        fmt.CopyFrom(event.header.format)
+                        total = event.header.total_samples
+                        await self.emit(gateway_pb2.RemixResponse(score=event.header))
+                    elif kind == "chunk":
+                        score.write(event.chunk.pcm)
+                        if total:
+                            done = (event.chunk.start_sample + len(event.chunk.pcm) // audio.bytes_per_frame(fmt))
+                            await self.progress(common_pb2.STAGE_GENERATE_MUSIC, min(0.99, done / total))
+            return path, fmt
 
         return await self.stage(common_pb2.STAGE_GENERATE_MUSIC, attempt)
 
@@ -338,7 +341,7 @@ class Remix:
         edited = self.options.HasField("timeline")
         loop = asyncio.get_running_loop()
         probed: asyncio.Future[media.MediaInfo] = loop.create_future()
-        music: asyncio.Future[tuple[bytes, common_pb2.AudioFormat]] = loop.create_future()
+        music: asyncio.Future[mixing.Music] = loop.create_future()
         spoken: asyncio.Future[list[common_pb2.TimeSpan]] = loop.create_future()
 
         async def compose_edited() -> None:
@@ -357,10 +360,13 @@ class Remix:
         if analyze_only:
             await (self.given(info.duration_s) if edited else self.analyse(samples, info.duration_s))
             return
-        speech, speech_format = Feed(), loop.create_future()
+        # The separated speech goes to disk as it comes (the mix reads it, a retried mix again).
+        speech, speech_format = Feed(self.work / "speech.pcm"), loop.create_future()
 
-        async def analyse_and_compose() -> None:
-            music.set_result(await self.music(await self.analyse(samples, info.duration_s, spoken)))
+        async def analyse_and_compose(samples: np.ndarray | None) -> None:
+            timeline = await self.analyse(samples, info.duration_s, spoken)
+            del samples  # the decoded audio is done with here; on an hour it is 690 MB
+            music.set_result(await self.music(timeline))
 
         # Three strands at once: separation feeding the mix as it goes, the mix itself, and
         # transcription -> emotions -> music (or an edited timeline's music), whose result
@@ -369,13 +375,15 @@ class Remix:
                    asyncio.ensure_future(self.mix(mixing.MixInputs(
                        self.video, self.options, speech, speech_format, 0 if samples is None else samples.shape[0],
                        music, spoken))),
-                   early if early is not None else asyncio.ensure_future(analyse_and_compose())]
+                   early if early is not None else asyncio.ensure_future(analyse_and_compose(samples))]
+        del samples  # held by the strands that use it, and let go as each is done with it
         try:
             await first_failure(strands)
         finally:
             for strand in strands:
                 strand.cancel()
             await asyncio.gather(*strands, return_exceptions=True)
+            speech.discard()
         log.info("remix done", extra={"fields": {
             "duration_s": info.duration_s, "wall_s": round(time.monotonic() - self.started, 2),
             "stages_s": {k: round(v, 2) for k, v in self.stage_seconds.items()}}})

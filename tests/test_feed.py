@@ -29,6 +29,32 @@ def test_readers_follow_the_writer_and_a_retried_writer_adds_only_what_is_new():
     assert early == replay == again == b"abcdefgh"
 
 
+def test_a_feed_kept_on_disk_reads_the_same_and_removes_its_file(tmp_path, monkeypatch):
+    """An hour of separated speech goes to disk: readers still follow the writer, retries
+    still replay everything, in pieces of at most READ_BYTES."""
+    monkeypatch.setattr(Feed, "READ_BYTES", 4)
+    path = tmp_path / "speech.pcm"
+
+    async def scenario() -> tuple[bytes, bytes, list[bytes]]:
+        feed = Feed(path)
+        early = asyncio.ensure_future(collect(feed))
+        await feed.write_at(0, b"abc")
+        await asyncio.sleep(0)
+        await feed.write_at(3, b"def")
+        await feed.write_at(0, b"abcdefghij")  # a retried producer: only "ghij" is new
+        await feed.close()
+        pieces = [piece async for piece in feed.read()]
+        replay, first = await collect(feed), await early
+        assert feed.pieces == [] and path.stat().st_size == 10  # on disk, not in memory
+        feed.discard()
+        return first, replay, pieces
+
+    early, replay, pieces = asyncio.run(scenario())
+    assert early == replay == b"abcdefghij"
+    assert pieces == [b"abcd", b"efgh", b"ij"]
+    assert not path.exists()
+
+
 def test_a_gap_and_a_producer_failure_reach_the_reader():
     async def scenario() -> None:
         feed = Feed()
