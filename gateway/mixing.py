@@ -116,9 +116,9 @@ def music_stem(music: Music, work: Path) -> Iterator[gateway_pb2.RemixResponse]:
     """The music as generated, as a WAV file in chunks (STEM_MUSIC)."""
     import soundfile
 
-    pcm, fmt = music
+    score, fmt = music
     path = work / "music.wav"
-    soundfile.write(path, audio.pcm_file_to_float(pcm, fmt), fmt.sample_rate_hz, subtype="FLOAT")
+    soundfile.write(path, audio.pcm_file_to_float(score, fmt), fmt.sample_rate_hz, subtype="FLOAT")
     for piece in iter_file_chunks(path):
         yield gateway_pb2.RemixResponse(stem=mixer_pb2.StemChunk(stem=mixer_pb2.STEM_MUSIC, data=piece))
 

@@ -301,9 +301,10 @@ class MixOutcome:
         """The same mix with ``gain`` applied (a number, or one per sample); the stems likewise.
         ``in_place``: this outcome's mix is overwritten (no second whole-length copy)."""
         g = np.asarray(gain, dtype=np.float32)
-        g = g[:, None] if g.ndim else g
-        mix = np.multiply(self.mix, g, out=self.mix) if in_place else np.multiply(self.mix, g, dtype=np.float32)
-        return replace(self, mix=mix, gain=np.multiply(self.gain, gain, dtype=np.float32))
+        frames = g[:, None] if g.ndim else g
+        mix = np.multiply(self.mix, frames, out=self.mix) if in_place else np.multiply(self.mix, frames,
+                                                                                          dtype=np.float32)
+        return replace(self, mix=mix, gain=np.multiply(self.gain, g, dtype=np.float32))
 
 
 DIP_WIDTH_S = 0.05  # wide enough to cover the codec's delay and its transform blocks
