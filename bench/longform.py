@@ -229,7 +229,7 @@ def disk_mib(folder: Path) -> float:
         for name in files:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(root, name)).st_blocks * 512
-    return total / 2**20
+    return total / vocab.MIB
 
 
 @dataclass
@@ -285,7 +285,7 @@ def remix(address: str, video: Path, out: Path) -> tuple[float, dict[str, tuple[
     began: dict[str, float] = {}
     ended: dict[str, float] = {}
     stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(address, options=[
-        ("grpc.max_receive_message_length", 64 * 2**20)]))
+        ("grpc.max_receive_message_length", 64 * vocab.MIB)]))
     started = time.perf_counter()
     with open(out, "wb") as sink:
         for event in stub.Remix(requests(), timeout=4 * 3600):
@@ -329,8 +329,8 @@ def run(mode: str, video: Path, seconds: float, work: Path, trace: bool) -> None
         sampler.stop()
         stop(servers)
     left = disk_mib(tmp)
-    input_mib = video.stat().st_size / 2**20
-    decoded_mib = seconds * RATE * 4 / 2**20  # the mono float32 audio at the separation rate
+    input_mib = video.stat().st_size / vocab.MIB
+    decoded_mib = seconds * RATE * 4 / vocab.MIB  # the mono float32 audio at the separation rate
     print(f"\n== {seconds / 60:g} min, {mode}: wall {wall:.1f} s, real-time factor {wall / seconds:.3f}")
     for name, (began, ended) in stages.items():
         print(f"  stage {name:15s} {ended - began:7.1f} s")

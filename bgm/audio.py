@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bgm import media
+from bgm import media, vocab
 from bgm.chunks import Spool
 from bgm.errors import InvalidInput
 from bgm.v1 import common_pb2
@@ -94,7 +94,7 @@ def load_audio(path: Path, fmt: common_pb2.AudioFormat, sample_rate: int, channe
     return resample(frames, fmt.sample_rate_hz, sample_rate)
 
 
-def pcm_file_to_float(path: Path, fmt: common_pb2.AudioFormat, piece_bytes: int = 4 * 2**20) -> np.ndarray:
+def pcm_file_to_float(path: Path, fmt: common_pb2.AudioFormat, piece_bytes: int = 4 * vocab.MIB) -> np.ndarray:
     """``pcm_to_float`` of a file's bytes, read a few MB at a time into the result: a long
     track is held once, as floats, never also as bytes."""
     size, width = path.stat().st_size, bytes_per_frame(fmt)

@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bgm import vocab
+
 T = TypeVar("T")
 
 
@@ -22,7 +24,7 @@ class Feed:
     ``READ_BYTES``.
     """
 
-    READ_BYTES = 1 << 20
+    READ_BYTES = vocab.MIB
 
     def __init__(self, path: Path | None = None) -> None:
         self.pieces: list[bytes] = []
