@@ -29,7 +29,7 @@ class Feed:
     def __init__(self, path: Path | None = None) -> None:
         self.pieces: list[bytes] = []
         self.path = path
-        self._file = open(path, "w+b") if path is not None else None  # noqa: SIM115 - closed by close()
+        self._file = open(path, "w+b") if path is not None else None  # noqa: SIM115 - closed by discard()
         self.size = 0
         self.closed = False
         self.error: BaseException | None = None

@@ -3,8 +3,8 @@ which reports any callback that holds the loop longer than SLOW_CALLBACK_S, and 
 session fails when one is reported.
 
 A callback can also be slow without being at fault: when another thread holds the
-interpreter lock in native code (fastText reading a model in a loading thread holds it for
-about 0.3 s) or the garbage collector stops every thread, the loop waits for its turn. Such
+interpreter lock in native code (as a model load in a worker thread can) or the garbage
+collector stops every thread, the loop waits for its turn. Such
 time is not counted: it is time the loop's thread spent off the CPU while a watcher thread
 also found the interpreter lock taken (GilStalls), or time the collector ran (GcPauses).
 
@@ -24,6 +24,11 @@ import time
 from collections import deque
 
 SLOW_CALLBACK_S = 0.25
+
+
+def overlap(intervals: deque[tuple[float, float]], start: float, end: float) -> float:
+    """Seconds of ``intervals`` inside [start, end] (copied first: another thread appends)."""
+    return sum(max(0.0, min(end, b) - max(start, a)) for a, b in list(intervals))
 
 
 class GcPauses:
@@ -46,7 +51,7 @@ class GcPauses:
 
     def within(self, start: float, end: float) -> float:
         """Seconds of collection inside [start, end]."""
-        return sum(max(0.0, min(end, b) - max(start, a)) for a, b in list(self.pauses))
+        return overlap(self.pauses, start, end)
 
 
 GC_PAUSES = GcPauses()
@@ -80,7 +85,7 @@ class GilStalls:
 
     def within(self, start: float, end: float) -> float:
         """Seconds of stall inside [start, end]."""
-        return sum(max(0.0, min(end, b) - max(start, a)) for a, b in list(self.stalls))
+        return overlap(self.stalls, start, end)
 
 
 class CallbackCpu(threading.local):

@@ -80,7 +80,7 @@ def test_waiting_while_another_thread_holds_the_interpreter_lock_is_not_counted(
     numbers = native_work()
     held = []
 
-    def loader() -> None:  # like fastText reading a model in a loading thread
+    def loader() -> None:  # like native code loading a model in a worker thread
         started = time.perf_counter()
         sorted(numbers)
         held.append(time.perf_counter() - started)
