@@ -45,6 +45,8 @@ SEPARATION_BACKENDS: tuple[str, ...] = (SEPARATION_DEEPFILTERNET, SEPARATION_DEM
 # Variations a creator may ask of an emotion's music, for one span (SpanControl.style) or the
 # whole video (MusicStyle.style): other instruments and grooves over the emotion's harmony
 # and tempo (services/music/styles.py).
+# The tag that names a track's or a clip's emotion in training datasets (sidecars, metadata.jsonl).
+EMOTION_TAG = "emotion"
 MUSIC_STYLES: tuple[str, ...] = ("piano", "strings", "band", "ambient", "cinematic", "acoustic", "electronic",
                                  "lo-fi", "orchestral")
 

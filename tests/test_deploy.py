@@ -309,3 +309,56 @@ def test_the_gateway_server_imports_no_service_and_no_model_library():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert extras["gateway"] == []
     assert images.VARIANTS["gateway"].args()["EXTRAS"] == "gateway"
+
+
+def test_the_training_overlay_adds_a_gpu_job_whose_adapter_the_music_service_loads():
+    """overlays/gpu-train: the gpu overlay plus a LoRA training Job that reads the dataset
+    volume and writes the adapter the music pods mount read-only and load (BGM_MUSIC_LORA)."""
+    import kubernetes_validate
+
+    from bgm.settings import load
+    from services.music.settings import MusicSettings
+    from services.music.train import main as train_main
+
+    docs = render("gpu-train")
+    for version in KUBERNETES:
+        for doc in docs:
+            kubernetes_validate.validate(doc, version, strict=True)
+    claims = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    assert set(claims) == {"bgm-music-datasets", "bgm-music-adapters"}
+    (job,) = [d for d in docs if d["kind"] == "Job"]
+    pod = job["spec"]["template"]["spec"]
+    (train,) = pod["containers"]
+    assert train["image"] == f"{REGISTRY}bgm-music-gpu:0.1.0" and train["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert train["command"] == ["python", "-m", "services.music.train"]
+    assert pod["restartPolicy"] == "Never" and pod["securityContext"]["runAsNonRoot"]
+    assert train["securityContext"]["readOnlyRootFilesystem"] and train["securityContext"]["capabilities"]["drop"] == [
+        "ALL"]
+    args = train["args"]
+    option = {args[i]: args[i + 1] for i in range(1, len(args) - 1) if args[i].startswith("-")}
+    assert option["--resume"] == "latest" and option["--mixed-precision"] == "fp16"
+    with pytest.raises(SystemExit) as parsed:  # the arguments are ones the command accepts
+        train_main([*args, "--help"])
+    assert parsed.value.code == 0
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m for m in train["volumeMounts"]}
+
+    def claim_under(path: str, mounts: dict, volumes: dict) -> tuple[str, bool]:
+        mount = max((m for p, m in mounts.items() if path.startswith(p + "/")), key=lambda m: len(m["mountPath"]))
+        return volumes[mount["name"]]["persistentVolumeClaim"]["claimName"], bool(mount.get("readOnly"))
+
+    assert claim_under(args[0], mounts, volumes) == ("bgm-music-datasets", True)
+    assert claim_under(option["-o"], mounts, volumes) == ("bgm-music-adapters", False)
+    assert "/tmp" in mounts and not mounts["/tmp"].get("readOnly")
+    (fetch,) = pod["initContainers"]
+    assert fetch["image"] == train["image"]
+
+    music = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "bgm-music")
+    music_pod = music["spec"]["template"]["spec"]
+    container = music_pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    settings = load(MusicSettings, "BGM_MUSIC", {k: v for k, v in env.items() if v is not None})
+    assert settings.lora == option["-o"] and settings.lora_scale == 1.0 and settings.backend == "riffusion"
+    music_mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    music_volumes = {v["name"]: v for v in music_pod["volumes"]}
+    assert claim_under(settings.lora, music_mounts, music_volumes) == ("bgm-music-adapters", True)

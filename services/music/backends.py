@@ -96,7 +96,8 @@ def _diffusion(context: Context, triton: bool) -> MusicBackend:
     engine = TritonEngine(s.triton_url, s.triton_model, s.triton_timeout_s, wait_s=s.triton_wait_s,
                           concurrency=s.triton_concurrency) if triton else None
     return RiffusionBackend(s.riffusion_model, s.device, s.steps, s.guidance, s.denoising_strength,
-                            s.clip_overlap_s, composer=composer, engine=engine)  # type: ignore[arg-type]
+                            s.clip_overlap_s, composer=composer, engine=engine,  # type: ignore[arg-type]
+                            lora=s.lora, lora_scale=s.lora_scale)
 
 
 REGISTRY: dict[str, Entry] = {

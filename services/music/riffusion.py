@@ -26,6 +26,7 @@ import numpy as np
 from bgm import logs, models, vocab
 from bgm.audio import resample
 from bgm.errors import Unsupported
+from services.music import lora as lora_adapter
 from services.music import spectrogram
 from services.music.composer import BEATS_PER_BAR, ComposerBackend
 from services.music.styles import PROMPTS
@@ -144,7 +145,7 @@ class DiffusionEngine:
 
     concurrency = 1  # one pipeline in this process: clips one after another
 
-    def __init__(self, model: str, device: str = vocab.AUTO) -> None:
+    def __init__(self, model: str, device: str = vocab.AUTO, lora: str = "", lora_scale: float = 1.0) -> None:
         try:
             import torch
             from diffusers import StableDiffusionImg2ImgPipeline
@@ -158,8 +159,21 @@ class DiffusionEngine:
         self.pipe = pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self._lock = threading.Lock()
+        # A LoRA adapter on top of the base model (services.music.train), and its prompts.
+        self.adapter = lora_adapter.apply(self.pipe, lora, lora_scale) if lora else None
         log.info("diffusion pipeline loaded", extra={"fields": {"model": model, "device": self.device,
                                                                 "dtype": str(self.dtype)}})
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any) -> DiffusionEngine:
+        """An engine over a pipeline already in memory (training renders its checkpoints)."""
+        import torch
+
+        engine = cls.__new__(cls)
+        engine.torch, engine.pipe, engine.adapter = torch, pipe, None
+        engine.device, engine.dtype = str(pipe.unet.device), pipe.unet.dtype
+        engine._lock = threading.Lock()
+        return engine
 
     def _embed(self, prompts: list[str]) -> Any:
         tok = self.pipe.tokenizer
@@ -272,9 +286,13 @@ class RiffusionBackend:
 
     def __init__(self, model: str, device: str = vocab.AUTO, steps: int = 30, guidance: float = 7.0,
                  strength: float = 0.75, overlap_s: float = 0.5, composer: ComposerBackend | None = None,
-                 engine: DiffusionEngine | TritonEngine | None = None) -> None:
-        self.engine = engine if engine is not None else DiffusionEngine(model, device)
+                 engine: DiffusionEngine | TritonEngine | None = None, lora: str = "", lora_scale: float = 1.0) -> None:
+        self.engine = engine if engine is not None else DiffusionEngine(model, device, lora, lora_scale)
         self.name = vocab.MUSIC_TRITON if isinstance(self.engine, TritonEngine) else vocab.MUSIC_RIFFUSION
+        # With an adapter, prompts use its captions' words. Triton loads the weights itself
+        # (the same path, BGM_MUSIC_LORA in its environment); the prompts are built here.
+        local = getattr(self.engine, "adapter", None)
+        self.adapter = local if local is not None else (lora_adapter.read_info(lora) if lora else None)
         self.steps, self.guidance, self.strength, self.overlap_s = steps, guidance, strength, overlap_s
         self.composer = composer or ComposerBackend()
         self._seed_images: dict[tuple[str, float, int], tuple[np.ndarray, float]] = {}
@@ -311,7 +329,7 @@ class RiffusionBackend:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("generation cancelled")
             clip, (image, max_value) = clips[index], seeds[index]
-            prompt = PROMPTS[clip.emotion]
+            prompt = self.adapter.prompt(clip.emotion, clip.tempo) if self.adapter else PROMPTS[clip.emotion]
             out_image = self.engine.render(image, prompt, prompt, 0.0, seed + clip.seed_index,
                                            seed + clip.seed_index + 1, clip.walk, steps, guidance, strength, cancel)
             mel = spectrogram.spectrogram_from_image(out_image, max_value)

@@ -30,6 +30,10 @@ class MusicSettings:
     guidance: float = 7.0
     denoising_strength: float = 0.75
     clip_overlap_s: float = 0.5
+    # A LoRA adapter folder (python -m services.music.train) loaded on top of the model, and
+    # how strongly it applies (0 = the base model alone; above 1 exaggerates it).
+    lora: str = ""
+    lora_scale: float = 1.0
     # Rendered spans are kept by content (bgm.cache): in memory, and in this folder when set,
     # up to cache_mb there, so a re-render of an edited timeline reuses every unchanged span.
     cache_dir: str = ""
@@ -46,3 +50,4 @@ class MusicSettings:
         check(self.triton_wait_s >= 0, "BGM_MUSIC_TRITON_WAIT_S", "must not be negative")
         check(1 <= self.triton_concurrency <= 64, "BGM_MUSIC_TRITON_CONCURRENCY", "must be 1..64")
         check(0 <= self.clip_overlap_s <= 2, "BGM_MUSIC_CLIP_OVERLAP_S", "must be 0..2")
+        check(0 <= self.lora_scale <= 2, "BGM_MUSIC_LORA_SCALE", "must be 0..2")

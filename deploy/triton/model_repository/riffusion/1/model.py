@@ -5,6 +5,7 @@ the Triton server's Python environment (see deploy/README.md)."""
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,12 @@ class TritonPythonModel:
         if device == "auto" and args.get("model_instance_kind") == "GPU":
             # Triton places each instance on a GPU of its own: use that one, not the first.
             device = f"cuda:{args.get('model_instance_device_id', '0')}"
-        self.engine = DiffusionEngine(model, device)
+        # A LoRA adapter (services.music.train) on top of the model: the LORA parameter, else
+        # BGM_MUSIC_LORA in the server's environment (the music service names the same folder
+        # so that its prompts use the adapter's words).
+        lora = parameters.get("LORA", {}).get("string_value", "") or os.environ.get("BGM_MUSIC_LORA", "")
+        scale = parameters.get("LORA_SCALE", {}).get("string_value", "") or os.environ.get("BGM_MUSIC_LORA_SCALE", "1")
+        self.engine = DiffusionEngine(model, device, lora, float(scale))
 
     def execute(self, requests: list[Any]) -> list[Any]:
         responses = []
