@@ -207,3 +207,28 @@ def test_an_adapter_that_is_not_one_is_refused_with_what_to_do(tmp_path, base):
         lora.apply(pipe, tmp_path, 1.0)
     with pytest.raises(ValueError, match="BGM_MUSIC_LORA_SCALE"):
         MusicSettings(lora_scale=3.0)
+
+
+def test_tritons_model_loads_the_adapter_and_the_triton_backend_prompts_in_its_words(trained, base):
+    """The Triton model (model.py, LORA parameter) renders with the adapter; the music
+    service's triton backend, given the same folder, builds the adapter's prompts."""
+    from services.music import backends
+    from tests import triton_server
+
+    plain = triton_server.load_model(base)
+    adapted = triton_server.load_model(base, LORA=str(trained.adapter), LORA_SCALE="1.0")
+    assert plain.engine.adapter is None and adapted.engine.adapter is not None
+    image = np.full((512, 512, 3), 200, dtype=np.uint8)
+    prompt = lora.read_info(trained.adapter).prompt(vocab.JOY, 110)
+    renders = [m.engine.render(image, prompt, prompt, 0.0, 3, 4, 0.0, 3, 7.0, 0.75) for m in (plain, adapted)]
+    assert float(np.abs(renders[0] - renders[1]).mean()) > 1.0  # pixel values 0..255
+
+    server = triton_server.start(adapted)
+    try:
+        settings = MusicSettings(backend=vocab.MUSIC_TRITON, triton_url=server.address, lora=str(trained.adapter))
+        backend = backends.create(vocab.MUSIC_TRITON, backends.Context(settings, {}))
+        assert backend.adapter is not None  # type: ignore[attr-defined]
+        assert backend.adapter.prompt(vocab.SADNESS, 78) == (  # type: ignore[attr-defined]
+            "sadness music, nostalgic mood, acoustic, 78 bpm, A minor")
+    finally:
+        server.stop(0)

@@ -149,14 +149,15 @@ def check_request(config: ModelConfig, request: Any) -> str | None:
     return None
 
 
-def load_model(pipeline: Path, device: str = "cpu") -> Any:
+def load_model(pipeline: Path, device: str = "cpu", **parameters: str) -> Any:
     sys.modules["triton_python_backend_utils"] = backend_utils()
     spec = importlib.util.spec_from_file_location("riffusion_triton_model", MODEL_DIR / "1" / "model.py")
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     spec.loader.exec_module(module)
     model = module.TritonPythonModel()
-    config = {"parameters": {"MODEL": {"string_value": str(pipeline)}, "DEVICE": {"string_value": device}}}
+    values = {"MODEL": str(pipeline), "DEVICE": device, **parameters}
+    config = {"parameters": {k: {"string_value": v} for k, v in values.items()}}
     model.initialize({"model_config": json.dumps(config)})
     return model
 
