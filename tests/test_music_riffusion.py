@@ -46,6 +46,44 @@ def test_spectrogram_round_trip_keeps_the_spectral_envelope_of_real_music():
     assert correlation >= 0.9
 
 
+def test_the_torch_phase_recovery_a_gpu_runs_matches_librosas_on_real_music():
+    """The Griffin-Lim that runs on the diffusion model's GPU, run here on the CPU (same
+    code): as faithful as librosa's, as long, and the same for the same seed."""
+    pytest.importorskip("torch")
+    import immich_memories_music
+
+    from bgm import media
+
+    p = spectrogram.PARAMS
+    track = sorted(Path(immich_memories_music.__file__).parent.glob("tracks/calm/*.opus"))[0]
+    audio = media.decode_audio(track, RATE, 1)[:, 0][20 * RATE : 20 * RATE + p.clip_samples]
+    image, max_value = spectrogram.audio_to_image(audio)
+    linear = spectrogram.invert_mel(spectrogram.spectrogram_from_image(image, max_value))
+    back = spectrogram.griffin_lim_torch(linear, seed=5)
+    correlation = spectrogram.log_mel_correlation(audio, back)
+    print(f"\ntorch Griffin-Lim on {track.name}: log-mel correlation {correlation:.3f}")
+    assert correlation >= 0.9
+    assert back.shape == ((p.width - 1) * p.hop_length,) and back.dtype == np.float32  # as librosa's
+    assert np.array_equal(back, spectrogram.griffin_lim_torch(linear, seed=5))
+
+
+def test_the_sparse_mel_inversion_gives_what_the_dense_updates_give():
+    """invert_mel works on the filters' non-zeros only; the plain dense multiplicative
+    updates over the whole basis must give the same magnitudes."""
+    p = spectrogram.SpectrogramParams(hop_length=256, win_length=1024, n_fft=2048, n_mels=64, width=40)
+    rng = np.random.default_rng(3)
+    mel = spectrogram.mel_spectrogram(rng.standard_normal(40 * 256).astype(np.float32), p)
+    basis = spectrogram._mel_basis(p).astype(np.float64)
+    linear = (basis / np.maximum(basis.sum(axis=0), 1e-8)[None, :]).T @ mel
+    norm = np.maximum(basis.T @ np.ones_like(mel), 1e-9)
+    for _ in range(40):
+        linear *= (basis.T @ (mel / np.maximum(basis @ linear, 1e-9))) / norm
+    fast = spectrogram.invert_mel(mel, p)
+    assert fast.shape == linear.shape == (p.n_fft // 2 + 1, mel.shape[1])
+    assert np.abs(fast - linear).max() <= 1e-4 * linear.max()
+    assert not fast[basis.sum(axis=0) == 0].any()  # above f_max: silent
+
+
 def test_clips_start_on_beats_of_their_own_span_and_cover_the_timeline():
     spans = [("joy", 0.0, 7.0), ("sadness", 7.0, 12.0)]
     tempos = [120.0, 72.0]

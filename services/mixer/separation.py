@@ -84,30 +84,36 @@ class DeepFilterNet:
         the mixer can start on the first seconds while the rest is still being cleaned."""
         n = self.frame
         total = mono.shape[0]
-        padded_len = -(-(total + self.LATENCY) // n) * n
-        src = np.zeros(padded_len, dtype=np.float32)
-        src[:total] = mono
-        out = np.zeros(padded_len, dtype=np.float32)
+        frames = -(-(total + self.LATENCY) // n)
         frames_per_block = max(1, int(block_s * SAMPLE_RATE) // n)
-        sent = 0  # output samples handed out so far (after the latency is skipped)
+        # Only a block of input and output at a time (a whole programme of each is 0.7 GB an
+        # hour); the output lags by LATENCY, so each block's first samples finish the last.
+        frame_in = np.zeros(n, dtype=np.float32)
+        block_out = np.zeros(frames_per_block * n, dtype=np.float32)
+        skip = self.LATENCY  # output samples still owed to the latency
+        left = total  # output samples still to hand out
         state = self._create()  # one state per call: the model is stateful across frames
         try:
-            for start in range(0, padded_len, n):
-                frame_in = src[start : start + n]
-                frame_out = out[start : start + n]
-                self.lib.df_process_frame(state, frame_in.ctypes.data_as(_FloatPtr),
-                                          frame_out.ctypes.data_as(_FloatPtr))
-                if (start // n + 1) % frames_per_block == 0:
-                    if cancel is not None and cancel.is_set():
-                        raise CancelledWork()
-                    ready = min(total, start + n - self.LATENCY)
-                    if ready > sent:
-                        yield out[self.LATENCY + sent : self.LATENCY + ready].copy()
-                        sent = ready
+            for first in range(0, frames, frames_per_block):
+                count = min(frames_per_block, frames - first)
+                for k in range(count):
+                    start = (first + k) * n
+                    piece = mono[start : start + n]
+                    frame_in[: piece.shape[0]] = piece
+                    frame_in[piece.shape[0] :] = 0.0
+                    self.lib.df_process_frame(state, frame_in.ctypes.data_as(_FloatPtr),
+                                              block_out[k * n :].ctypes.data_as(_FloatPtr))
+                if cancel is not None and cancel.is_set():
+                    raise CancelledWork()
+                made = block_out[: count * n]
+                dropped = min(skip, made.shape[0])
+                skip -= dropped
+                ready = made[dropped : dropped + left]
+                left -= ready.shape[0]
+                if ready.shape[0]:
+                    yield ready.copy()
         finally:
             self.lib.df_free(state)
-        if sent < total:
-            yield out[self.LATENCY + sent : self.LATENCY + total].copy()
 
 
 class Demucs:

@@ -295,6 +295,8 @@ class RiffusionBackend:
         self.adapter = local if local is not None else (lora_adapter.read_info(lora) if lora else None)
         self.steps, self.guidance, self.strength, self.overlap_s = steps, guidance, strength, overlap_s
         self.composer = composer or ComposerBackend()
+        # Phase recovery runs on the diffusion model's GPU when it has one (Triton's is remote).
+        self.phase_device = str(getattr(self.engine, "device", ""))
         self._seed_images: dict[tuple[str, float, int], tuple[np.ndarray, float]] = {}
 
     def seed_image(self, emotion: str, tempo: float, seed: int) -> tuple[np.ndarray, float]:
@@ -333,7 +335,7 @@ class RiffusionBackend:
             out_image = self.engine.render(image, prompt, prompt, 0.0, seed + clip.seed_index,
                                            seed + clip.seed_index + 1, clip.walk, steps, guidance, strength, cancel)
             mel = spectrogram.spectrogram_from_image(out_image, max_value)
-            return spectrogram.audio_from_spectrogram(mel, seed=seed)
+            return spectrogram.audio_from_spectrogram(mel, seed=seed, device=self.phase_device)
 
         workers = min(self.engine.concurrency, len(clips))
         if workers > 1:

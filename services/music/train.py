@@ -311,7 +311,7 @@ class Trainer:
                                   self.config.seed + 1, 0.0, self.config.validation_steps, 7.0, 1.0)
             pixels = np.clip(image, 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(folder / f"{emotion}.png")
-            audio = spectrogram.image_to_audio(pixels, max_value)
+            audio = spectrogram.image_to_audio(pixels, max_value, device=self.device)
             peak = float(np.abs(audio).max()) or 1.0
             soundfile.write(folder / f"{emotion}.wav", audio * (0.9 / peak), spectrogram.PARAMS.sample_rate)
             written.append(folder / f"{emotion}.wav")
