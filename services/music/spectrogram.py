@@ -135,8 +135,8 @@ def griffin_lim_torch(linear: np.ndarray, seed: int = 0, p: SpectrogramParams = 
     generator = torch.Generator().manual_seed(seed)
     phase = (2 * np.pi * torch.rand(magnitude.shape, generator=generator)).to(device)
     angles = torch.polar(torch.ones_like(magnitude), phase)
-    transform = {"n_fft": p.n_fft, "hop_length": p.hop_length, "win_length": p.win_length,
-                 "window": torch.hann_window(p.win_length, device=device), "center": True}
+    transform: dict[str, Any] = {"n_fft": p.n_fft, "hop_length": p.hop_length, "win_length": p.win_length,
+                                 "window": torch.hann_window(p.win_length, device=device), "center": True}
     length = (magnitude.shape[1] - 1) * p.hop_length
     rebuilt = torch.zeros_like(angles)
     for _ in range(p.griffin_lim_iters):
