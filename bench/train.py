@@ -52,7 +52,7 @@ def full_size(steps: int, device: str) -> dict[str, float]:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig
 
-    from services.music.train import TARGET_MODULES
+    from services.music.train import TARGET_MODULES, apply_gradients
 
     torch.manual_seed(0)
     unet: Any = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
@@ -76,15 +76,7 @@ def full_size(steps: int, device: str) -> dict[str, float]:
             predicted = unet(scheduler.add_noise(latents, noise, t), t, context).sample
         loss = torch.nn.functional.mse_loss(predicted.float(), noise)
         (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        apply_gradients(params, optimizer, scaler, 1.0)
 
     def sync() -> None:
         if half:

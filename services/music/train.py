@@ -204,17 +204,9 @@ class Trainer:
             loss = self._loss(*self._draw(generator, c.batch_size)) / c.gradient_accumulation
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += float(loss.detach())
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
         for group in self.optimizer.param_groups:
             group["lr"] = c.learning_rate * min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps else c.learning_rate
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        apply_gradients(self.params, self.optimizer, self.scaler, c.max_grad_norm)
         return total
 
     def lora_state(self) -> dict[str, Any]:
@@ -316,6 +308,22 @@ class Trainer:
             soundfile.write(folder / f"{emotion}.wav", audio * (0.9 / peak), spectrogram.PARAMS.sample_rate)
             written.append(folder / f"{emotion}.wav")
         return written
+
+
+def apply_gradients(params: list[Any], optimizer: Any, scaler: Any, max_grad_norm: float) -> None:
+    """Clip the accumulated gradients and take the optimiser's step (through the fp16 scaler
+    when there is one), then clear them."""
+    import torch
+
+    if scaler:
+        scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _names(value: object) -> tuple[str, ...]:
