@@ -127,12 +127,14 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
             for begin in range(0, found.shape[0], CACHED_BLOCK):
                 yield found[begin:begin + CACHED_BLOCK]
             return
-        blocks = []
+        whole = np.empty(mono.shape[0], dtype=np.float32)  # one copy for the cache, not blocks + their join
+        done = 0
         for block in separator.speech_blocks(mono, cancel):
-            blocks.append(block)
+            whole[done : done + block.shape[0]] = block
+            done += block.shape[0]
             yield block
-        if not cancel.is_set():
-            self.cache.put(name, np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32))
+        if not cancel.is_set() and done == whole.shape[0]:
+            self.cache.put(name, whole)
 
     def speech_probability(self, mono: np.ndarray) -> np.ndarray:
         """The VAD's verdict on the speech track, from the cache when this speech was seen
