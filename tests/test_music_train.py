@@ -156,6 +156,7 @@ def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(trained, moods, bas
     second = train(config(moods, base, tmp_path / "resumed", resume="latest"))
     assert second.losses[:6] == first.losses and len(second.losses) == 12
     assert second.losses == pytest.approx(trained.losses, rel=1e-5)
+    assert second.eval_loss_start == first.eval_loss_start  # before any training, not at the resume
     from safetensors.torch import load_file
 
     whole = load_file(str(trained.adapter / lora.WEIGHTS))

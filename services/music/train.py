@@ -214,7 +214,7 @@ class Trainer:
 
         return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(self.unet).items()}
 
-    def save_checkpoint(self, step: int, losses: list[float]) -> Path:
+    def save_checkpoint(self, step: int, losses: list[float], eval_loss_start: float) -> Path:
         from safetensors.torch import save_file
 
         folder = self.config.out / CHECKPOINTS / f"step-{step:06d}"
@@ -225,8 +225,9 @@ class Trainer:
         state = {"optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict() if self.scaler else None}
         self.torch.save(state, partial / "optimizer.pt")
-        (partial / "state.json").write_text(json.dumps({"step": step, "losses": losses,
-                                                        "config": _jsonable(asdict(self.config))}, indent=1))
+        state_json = {"step": step, "losses": losses, "eval_loss_start": eval_loss_start,
+                      "config": _jsonable(asdict(self.config))}
+        (partial / "state.json").write_text(json.dumps(state_json, indent=1))
         shutil.rmtree(folder, ignore_errors=True)
         partial.rename(folder)  # a checkpoint is whole or absent, even if training is killed while saving
         self._prune()
@@ -239,7 +240,7 @@ class Trainer:
         for old in checkpoints(self.config.out)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def load_checkpoint(self, folder: Path) -> tuple[int, list[float]]:
+    def load_checkpoint(self, folder: Path) -> tuple[int, list[float], float | None]:
         from peft.utils import set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -252,7 +253,8 @@ class Trainer:
         self.optimizer.load_state_dict(saved["optimizer"])
         if self.scaler and saved.get("scaler"):
             self.scaler.load_state_dict(saved["scaler"])
-        return int(state["step"]), [float(x) for x in state["losses"]]
+        start = state.get("eval_loss_start")
+        return int(state["step"]), [float(x) for x in state["losses"]], None if start is None else float(start)
 
     # --- the adapter -----------------------------------------------------------------------
 
@@ -366,10 +368,12 @@ def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = No
     """Trains, checkpoints, validates and saves the adapter in ``config.out``."""
     resume = resume_from(config)
     trainer = Trainer(config)
-    start, losses = trainer.load_checkpoint(resume) if resume else (0, [])
+    start, losses, first_eval = trainer.load_checkpoint(resume) if resume else (0, [], None)
     if start > config.steps:
         raise ValueError(f"the checkpoint is at step {start}, past --steps {config.steps}")
-    outcome = Outcome(config.out, config.steps, losses, eval_loss_start=trainer.eval_loss())
+    # The evaluation loss before any training, also when this run resumes another.
+    outcome = Outcome(config.out, config.steps, losses,
+                      eval_loss_start=first_eval if first_eval is not None else trainer.eval_loss())
     progress = _progress(config, start)
     interrupted = False
 
@@ -378,10 +382,12 @@ def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = No
         interrupted = True
 
     previous = signal.signal(signal.SIGINT, stop) if _main_thread() else None
-    began, done = time.perf_counter(), 0
+    stepping, done = 0.0, 0  # time in the steps themselves, not in checkpoints and renders
     try:
         for step in range(start, config.steps):
+            began = time.perf_counter()
             loss = trainer.step(step)
+            stepping += time.perf_counter() - began
             losses.append(loss)
             done += 1
             if progress is not None:
@@ -391,7 +397,7 @@ def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = No
                 on_step(step + 1, loss)
             at_checkpoint = config.checkpoint_every and (step + 1) % config.checkpoint_every == 0
             if at_checkpoint or interrupted or step + 1 == config.steps:
-                folder = trainer.save_checkpoint(step + 1, losses)
+                folder = trainer.save_checkpoint(step + 1, losses, outcome.eval_loss_start)
                 outcome.checkpoints.append(folder)
                 if config.validation and not interrupted:
                     trainer.validate(folder)
@@ -405,7 +411,7 @@ def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = No
             progress.close()
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-    outcome.seconds_per_step = (time.perf_counter() - began) / max(1, done)
+    outcome.seconds_per_step = stepping / max(1, done)
     outcome.eval_loss_end = trainer.eval_loss()
     outcome.losses = losses
     trainer.save_adapter(config.out, config.steps, {
