@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bgm import audio, vocab
 from bgm.chunks import iter_chunks, iter_file_chunks
@@ -18,6 +19,8 @@ from bgm.v1 import common_pb2, gateway_pb2, mixer_pb2
 from gateway.feed import Feed, merge
 
 BGM_FORMAT = audio.audio_format(vocab.SEPARATION_RATE, 2)
+# Inside any idle timeout an operator would set (the default is 60 s): the messages are tiny.
+KEEP_ALIVE_S = 2.0
 Music = tuple[Path, common_pb2.AudioFormat]  # the score's raw PCM file, and its format
 Progress = Callable[[float, str], Awaitable[None]]
 
@@ -53,15 +56,30 @@ async def speech_track(speech: Feed, total_bytes: int, progress: Progress) -> As
     yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=mixer_pb2.TRACK_SPEECH, last=True))
 
 
+async def keep_alive(result: asyncio.Future[Any]) -> AsyncIterator[mixer_pb2.MixRequest]:
+    """Empty SpeechSpans (no words: nothing to the mix) every KEEP_ALIVE_S until ``result``
+    is done: the mixer drops a stream silent for its idle timeout (60 s), and slow music
+    (Riffusion on a CPU, a long programme) or a long transcription can take longer than
+    that after the speech has all been sent. Waiting does not cancel ``result``, which a
+    retry shares."""
+    while not result.done():
+        await asyncio.wait({result}, timeout=KEEP_ALIVE_S)
+        if not result.done():
+            yield mixer_pb2.MixRequest(speech_spans=mixer_pb2.SpeechSpans())
+
+
 async def music_track(spoken: asyncio.Future[list[common_pb2.TimeSpan]],
                       music: asyncio.Future[Music]) -> AsyncIterator[mixer_pb2.MixRequest]:
     """The words' times (speech the mixer's voice-activity detector may miss still ducks the
     music), then the music in the mix's format."""
-    # shield: a cancelled attempt must not cancel the shared results a retry needs.
-    words = await asyncio.shield(spoken)
+    async for request in keep_alive(spoken):
+        yield request
+    words = spoken.result()
     if words:
         yield mixer_pb2.MixRequest(speech_spans=mixer_pb2.SpeechSpans(spans=words))
-    path, fmt = await asyncio.shield(music)
+    async for request in keep_alive(music):
+        yield request
+    path, fmt = music.result()
     if fmt != BGM_FORMAT:  # another music service may answer in its own format
         pcm = await asyncio.to_thread(lambda: audio.convert_pcm(path.read_bytes(), fmt, vocab.SEPARATION_RATE, 2))
         for request in track(mixer_pb2.TRACK_BGM, iter_chunks(pcm)):

@@ -233,3 +233,26 @@ def test_tritons_model_loads_the_adapter_and_the_triton_backend_prompts_in_its_w
             "sadness music, nostalgic mood, acoustic, 78 bpm, A minor")
     finally:
         server.stop(0)
+
+
+def test_bgm_remix_with_riffusion_and_the_adapter_outlasts_the_mixers_idle_timeout(trained, base, tmp_path):
+    """The README's third step, on the tiny model: `bgm remix` with Riffusion and the adapter.
+    A clip takes about 10 s to decode on a CPU, far past the 3 s idle timeout the mixer gets
+    here: the gateway keeps the mix stream alive while the music is made."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.media_files import colour_video, duration
+
+    speech = tmp_path / "speech.wav"
+    subprocess.run(["espeak-ng", "-w", str(speech), "What a lovely morning this is."], check=True)
+    video = colour_video(tmp_path / "talk.mp4", 4.0, speech)
+    out = tmp_path / "talk.scored.mp4"
+    env = os.environ | {"BGM_MUSIC_BACKEND": vocab.MUSIC_RIFFUSION, "BGM_MUSIC_DEVICE": "cpu", "BGM_MUSIC_STEPS": "1",
+                        "BGM_MUSIC_RIFFUSION_MODEL": str(base), "BGM_MUSIC_LORA": str(trained.adapter),
+                        "BGM_MIXER_IDLE_TIMEOUT_S": "3", "BGM_GATEWAY_IDLE_TIMEOUT_S": "3", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "gateway.cli", "remix", str(video), "-o", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert abs(duration(out) - 4.0) < 0.1
