@@ -14,7 +14,7 @@ from bgm.audio import audio_format, float_to_pcm
 from bgm.chunks import iter_chunks
 from bgm.settings import ServerSettings
 from bgm.v1 import mixer_pb2, mixer_pb2_grpc
-from services.mixer import dsp
+from services.mixer import dsp, residue
 from services.mixer.separation import DeepFilterNet
 from services.mixer.servicer import MixerServicer
 from services.mixer.settings import MixerSettings
@@ -294,7 +294,9 @@ def test_separation_streams_speech_while_it_works(mixer, material):
     assert len(fractions) >= 3 and fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
     assert any(kind == "progress" and f < 1.0 for kind, f in events[first_chunk:])
     streamed = np.frombuffer(b"".join(parts), dtype="<f4")
-    whole = DeepFilterNet(MixerSettings().attenuation_limit_db).speech(mix)
+    settings = MixerSettings()
+    separated = DeepFilterNet(settings.attenuation_limit_db).speech_blocks(mix)
+    whole = np.concatenate(list(residue.expand(mix, separated, settings.residue_power, settings.residue_knee)))
     assert np.array_equal(streamed, whole)
 
 

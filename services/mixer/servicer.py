@@ -21,7 +21,7 @@ from bgm.server import ModelServicer, Servicer
 from bgm.settings import ServerSettings
 from bgm.threads import iterate_in_thread
 from bgm.v1 import common_pb2, mixer_pb2, mixer_pb2_grpc
-from services.mixer import activity, dsp, mux, separation
+from services.mixer import activity, dsp, mux, residue, separation
 from services.mixer.settings import MixerSettings
 from services.mixer.tracks import DURATION_SETTING, Music, Original, Speech, TrackSet
 
@@ -117,11 +117,12 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
                       cancel: threading.Event) -> Iterator[np.ndarray]:
         """The separated speech block by block: from the cache when this audio was separated
         the same way before, else from the separator (and kept, once complete)."""
+        power, knee = self.settings.residue_power, self.settings.residue_knee
         if self.cache.folder is None:
-            yield from separator.speech_blocks(mono, cancel)
+            yield from residue.expand(mono, separator.speech_blocks(mono, cancel), power, knee)
             return
         name = cache.key("speech", separator.name, self.settings.demucs_model, self.settings.attenuation_limit_db,
-                         RATE, mono)
+                         power, knee, RATE, mono)
         found = self.cache.get(name)
         if found is not None:
             for begin in range(0, found.shape[0], CACHED_BLOCK):
@@ -129,7 +130,7 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
             return
         whole = np.empty(mono.shape[0], dtype=np.float32)  # one copy for the cache, not blocks + their join
         done = 0
-        for block in separator.speech_blocks(mono, cancel):
+        for block in residue.expand(mono, separator.speech_blocks(mono, cancel), power, knee):
             whole[done : done + block.shape[0]] = block
             done += block.shape[0]
             yield block

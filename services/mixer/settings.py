@@ -18,6 +18,11 @@ class MixerSettings:
     # also damages the speech: on a 161-word test with a music bed, Whisper tiny.en's WER
     # was 21.7 % at 100 dB, 13.7 % at 24 dB, 11.8 % at 18 dB, 16.1 % at 6 dB.
     attenuation_limit_db: float = 18.0
+    # Then what separation only half kept goes further down (services/mixer/residue.py): a
+    # time-frequency cell kept at gain g under residue_knee gets (g / knee) ** (power - 1)
+    # more; 1 turns it off. Chosen on bench.quality (see the README's soundtrack section).
+    residue_power: float = 2.0
+    residue_knee: float = 0.8
     device: str = vocab.AUTO
     # Whisper tiny.en on remixes of real speech (bench.quality, 12 LU beds): at 12 dB the new
     # music under speech cost 1.9 WER points pooled (3.9 % on the kept speech alone, 5.8 % with
@@ -50,6 +55,8 @@ class MixerSettings:
         check(self.separation_backend in vocab.SEPARATION_BACKENDS, "BGM_MIXER_SEPARATION_BACKEND",
               f"{self.separation_backend!r} is not {vocab.choices(vocab.SEPARATION_BACKENDS)}")
         check(0 < self.attenuation_limit_db <= 100, "BGM_MIXER_ATTENUATION_LIMIT_DB", "must be in (0, 100]")
+        check(1 <= self.residue_power <= 8, "BGM_MIXER_RESIDUE_POWER", "must be 1..8 (1: off)")
+        check(0 < self.residue_knee <= 1, "BGM_MIXER_RESIDUE_KNEE", "must be in (0, 1]")
         check(0 <= self.duck_db <= 60, "BGM_MIXER_DUCK_DB", "must be 0..60")
         check(-60 <= self.loudness_lufs <= 0, "BGM_MIXER_LOUDNESS_LUFS", "must be -60..0")
         check(-20 <= self.true_peak_dbtp <= 0, "BGM_MIXER_TRUE_PEAK_DBTP", "must be -20..0")
