@@ -1,6 +1,6 @@
 """Memory the separator itself adds while it cleans a programme: DeepFilterNet (the default)
-on N minutes of noise-like audio at 48 kHz, in a fresh process per length, the blocks
-consumed as the mixer's Separate consumes them. Reports the peak resident memory over what
+then the residue expander, on N minutes of noise-like audio at 48 kHz, in a fresh process
+per length, the blocks consumed as the mixer's Separate consumes them. Reports the peak resident memory over what
 the process held with the input already decoded (the input itself is the caller's).
 
     python -m bench.separation_memory [--minutes 10 20]
@@ -20,14 +20,17 @@ def child(minutes: float) -> dict[str, float]:
     import numpy as np
 
     from bgm import vocab
-    from services.mixer import separation
+    from services.mixer import residue, separation
+    from services.mixer.settings import MixerSettings
 
+    settings = MixerSettings()
     separator = separation.create(vocab.SEPARATION_DEEPFILTERNET)
     mono = np.random.default_rng(0).standard_normal(int(minutes * 60 * separation.SAMPLE_RATE), dtype=np.float32)
     mono *= 0.05
     ready_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     began, samples = time.perf_counter(), 0
-    for block in separator.speech_blocks(mono):
+    blocks = separator.speech_blocks(mono)
+    for block in residue.expand(mono, blocks, settings.residue_power, settings.residue_knee):
         samples += block.shape[0]
     assert samples == mono.shape[0]
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -32,6 +32,15 @@ def _frames(x: np.ndarray, count: int, n: int, hop: int) -> np.ndarray:
     return np.lib.stride_tricks.sliding_window_view(x, n)[: count * hop : hop]
 
 
+def _stretch(x: np.ndarray, start: int, length: int) -> np.ndarray:
+    """``x[start:start + length]`` as float32, zeros where that runs off either end."""
+    out = np.zeros(length, dtype=np.float32)
+    lo, hi = max(0, start), min(x.shape[0], start + length)
+    if hi > lo:
+        out[lo - start : hi - start] = x[lo:hi]
+    return out
+
+
 def expand(mixture: np.ndarray, kept: Iterable[np.ndarray], power: float, knee: float,
            frame: int = FRAME) -> Iterator[np.ndarray]:
     """``kept`` (the separated speech of ``mixture``, in consecutive blocks) with the cells the
@@ -43,9 +52,8 @@ def expand(mixture: np.ndarray, kept: Iterable[np.ndarray], power: float, knee: 
     n, hop = frame, frame // 2
     total = mixture.shape[0]
     window = _window(n)
-    # Both signals get ``hop`` zeros in front, so the first samples have two frames too.
-    padded_mix = np.concatenate([np.zeros(hop, dtype=np.float32), mixture.astype(np.float32, copy=False),
-                                 np.zeros(n, dtype=np.float32)])
+    # Both signals get ``hop`` zeros in front, so the first samples have two frames too; the
+    # mixture is read a stretch at a time (a padded copy of an hour would be 0.7 GB).
     pending = np.zeros(hop, dtype=np.float32)  # kept speech from the next frame's start on
     at = 0  # where the next frame starts (padded)
     tail = np.zeros(hop, dtype=np.float32)  # the last frame's second half, still to overlap
@@ -54,7 +62,7 @@ def expand(mixture: np.ndarray, kept: Iterable[np.ndarray], power: float, knee: 
     def run(count: int) -> np.ndarray:
         nonlocal pending, at, tail
         spec = np.fft.rfft(_frames(pending, count, n, hop) * window, axis=1)
-        mix = np.fft.rfft(_frames(padded_mix[at:], count, n, hop) * window, axis=1)
+        mix = np.fft.rfft(_frames(_stretch(mixture, at - hop, (count + 1) * hop), count, n, hop) * window, axis=1)
         kept_gain = np.abs(spec) / (np.abs(mix) + 1e-9)
         extra = np.minimum(1.0, kept_gain / knee) ** (power - 1.0)
         out = (np.fft.irfft(spec * extra, n, axis=1) * window).astype(np.float32)
