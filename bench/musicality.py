@@ -63,6 +63,34 @@ def mode_score(mono: np.ndarray, sample_rate: int) -> float:
     return float(best["major"] - best["minor"])
 
 
+def estimate_key(mono: np.ndarray, sample_rate: int) -> tuple[int, bool]:
+    """Krumhansl-Schmuckler on constant-Q chroma: (tonic pitch class, major?)."""
+    import librosa
+
+    chroma = librosa.feature.chroma_cqt(y=mono, sr=sample_rate).mean(axis=1)
+    _, tonic, major = max((np.corrcoef(np.roll(profile, k), chroma)[0, 1], k, major)
+                          for profile, major in ((MAJOR_PROFILE, True), (MINOR_PROFILE, False)) for k in range(12))
+    return tonic, major
+
+
+def fifths_apart(a: tuple[int, bool], b: tuple[int, bool]) -> int:
+    """Steps between two keys' signatures on the circle of fifths (a key and its relative
+    minor are 0 apart; C major and D major 2; D major and F minor 6, the most there is)."""
+    def position(key: tuple[int, bool]) -> int:
+        tonic, major = key
+        return ((tonic if major else tonic + 3) * 7) % 12
+
+    step = abs(position(a) - position(b))
+    return min(step, 12 - step)
+
+
+def key_name(key: tuple[int, bool]) -> str:
+    return f"{PITCH_NAMES[key[0]]} {'major' if key[1] else 'minor'}"
+
+
+PITCH_NAMES = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
+
+
 def describe(stereo: np.ndarray, sample_rate: int) -> np.ndarray:
     """[tempo, mode, loudness, onset density, spectral centroid] of one render."""
     import librosa
@@ -138,12 +166,14 @@ def main() -> None:
     print(f"{'emotion':10s} " + " ".join(f"seed {s:>3d}" for s in args.seeds) + "   (share of bars near-identical "
           f"to the bar {LAG_BARS} earlier; at most 0.5 wanted)")
     features: dict[tuple[str, int], np.ndarray] = {}
+    keys: dict[str, list[tuple[int, bool]]] = {}
     for emotion in STYLES:
         shares = []
         for seed in args.seeds:
             audio, tempo = composer.generate([(emotion, 0.0, args.seconds)], sample_rate=rate, seed=seed, tempo=None)
             shares.append(repeated_fraction(audio.mean(axis=1), rate, BEATS_PER_BAR * 60.0 / tempo))
             features[(emotion, seed)] = describe(audio, rate)
+            keys.setdefault(emotion, []).append(estimate_key(audio.mean(axis=1), rate))
         print(f"{emotion:10s} " + " ".join(f"{s:8.2f}" for s in shares))
     print(f"\n{'emotion':10s} " + " ".join(f"{f:>9s}" for f in FEATURES) + "   (means over seeds)")
     means = {}
@@ -161,6 +191,12 @@ def main() -> None:
           f"the spans out (levelled, at most 6 wanted); {max(raw) - min(raw):.1f} LU as the composer renders them")
     print(f"emotions told apart (nearest centroid, leave one seed out): {leave_one_seed_out(features):.0%} "
           "(at least 85 % wanted)")
+    print("\nkey found per emotion (each seed): " + "; ".join(
+        f"{e} {', '.join(sorted({key_name(k) for k in found}))}" for e, found in keys.items()))
+    found = [k for ks in keys.values() for k in ks]
+    apart = max(fifths_apart(a, b) for a in found for b in found)
+    print(f"keys at most {apart} steps apart on the circle of fifths, over every pair of renders "
+          "(a change of emotion moves to a related key: at most 2 wanted; relative keys are 0 apart)")
     for at, step, click in transitions(rate):
         print(f"join at {at:4.0f} s: short-term loudness {step:+.1f} LU across it (within 4 wanted), largest jump "
               f"{click:.2f}x the 99.9th percentile (at most 2 wanted)")

@@ -9,13 +9,13 @@ import grpc
 import numpy as np
 import pytest
 
-from bench.musicality import MAJOR_PROFILE, MINOR_PROFILE
+from bench.musicality import estimate_key, fifths_apart
 from bgm.settings import ServerSettings
 from bgm.v1 import common_pb2, music_pb2, music_pb2_grpc
 from services.music.composer import BEATS_PER_BAR, ComposerBackend, plan
 from services.music.servicer import MusicServicer
 from services.music.settings import MusicSettings
-from services.music.styles import STYLES
+from services.music.styles import MAJOR, STYLES
 from tests.conftest import channel, health_status, start
 
 RATE = 44_100
@@ -27,15 +27,11 @@ def composer():
     return ComposerBackend()
 
 
-def key_mode(mono: np.ndarray) -> str:
-    """Krumhansl-Schmuckler key estimate on librosa's chroma: 'major' or 'minor'."""
+def key_of(mono: np.ndarray) -> tuple[int, bool]:
+    """Krumhansl-Schmuckler key estimate on librosa's chroma (bench.musicality)."""
     import librosa
 
-    y = librosa.resample(mono, orig_sr=RATE, target_sr=22_050)
-    chroma = librosa.feature.chroma_cqt(y=y, sr=22_050).mean(axis=1)
-    best = max((np.corrcoef(np.roll(profile, k), chroma)[0, 1], mode)
-               for profile, mode in ((MAJOR_PROFILE, "major"), (MINOR_PROFILE, "minor")) for k in range(12))
-    return best[1]
+    return estimate_key(librosa.resample(mono, orig_sr=RATE, target_sr=22_050), 22_050)
 
 
 @pytest.mark.parametrize("emotion", list(STYLES))
@@ -53,10 +49,21 @@ def test_each_emotion_renders_real_music_at_its_tempo(composer, emotion):
     print(f"\n{emotion}: intended {tempo:.1f} BPM, beat tracker {found:.1f} BPM, rms {rms:.3f}")
     assert abs(found - tempo) / tempo <= 0.05
     assert abs(tempo - STYLES[emotion].tempo) / STYLES[emotion].tempo <= 0.05
+    style = STYLES[emotion]
+    intended, heard = (style.tonic % 12, style.mode == MAJOR), key_of(mono)
+    # The key the style names, or its relative; anger's power chords (no thirds) pass for
+    # E major as well as E minor, so the tonic alone counts there.
+    assert fifths_apart(heard, intended) == 0 or heard[0] == intended[0], (heard, intended)
     if emotion == "joy":
-        assert key_mode(mono) == "major"
+        assert heard[1]
     if emotion == "sadness":
-        assert key_mode(mono) == "minor"
+        assert not heard[1]
+
+
+def test_every_change_of_emotion_moves_to_a_related_key():
+    keys = [(style.tonic % 12, style.mode == MAJOR) for style in STYLES.values()]
+    assert max(fifths_apart(a, b) for a in keys for b in keys) <= 2
+    assert fifths_apart((2, True), (5, False)) == 6 and fifths_apart((0, True), (9, False)) == 0  # the measure
 
 
 def test_same_seed_same_audio_other_seed_other_audio(composer):

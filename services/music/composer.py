@@ -332,7 +332,7 @@ def fade_edges(audio: np.ndarray, sample_rate: int) -> np.ndarray:
 class ComposerBackend:
     name = vocab.MUSIC_COMPOSER
     # Bump when a change alters what a span sounds like: cached renders are keyed by it.
-    version = "span-5"
+    version = "span-6"
 
     def __init__(self) -> None:
         synthesizer()  # fail at load, not at the first request

@@ -32,14 +32,17 @@ class Style:
     comping: str
 
 
+# The keys sit within two steps of each other on the circle of fifths (C, F and G major;
+# their relative minors A, D and E), so a change of emotion always moves to a related key:
+# neutral was D major and disgust F minor, six steps apart (bench.musicality reports it).
 STYLES: dict[str, Style] = {
     vocab.JOY: Style(120, MAJOR, 60, (0, 4, 5, 3), 0, 73, 33, 96, 1.0, "straight", "arpeggio"),
     vocab.SADNESS: Style(72, MINOR, 57, (0, 5, 2, 6), 48, 0, 32, 64, 0.5, "soft", "block"),
     vocab.ANGER: Style(140, MINOR, 52, (0, 0, 5, 6), 30, 29, 34, 112, 1.0, "driving", "pulse"),
     vocab.FEAR: Style(84, MINOR, 50, (0, 1, 0, 6), 44, 41, 43, 70, 0.5, "soft", "pulse"),
     vocab.SURPRISE: Style(132, MAJOR, 65, (0, 1, 4, 5), 45, 9, 33, 92, 1.0, "straight", "arpeggio"),
-    vocab.DISGUST: Style(92, MINOR, 53, (0, 1, 3, 1), 70, 68, 38, 80, 0.5, "soft", "pulse"),
-    vocab.NEUTRAL: Style(100, MAJOR, 62, (0, 5, 3, 4), 4, 11, 33, 76, 0.5, "soft", "arpeggio"),
+    vocab.DISGUST: Style(92, MINOR, 52, (0, 1, 3, 1), 70, 68, 38, 80, 0.5, "soft", "pulse"),
+    vocab.NEUTRAL: Style(100, MAJOR, 55, (0, 5, 3, 4), 4, 11, 33, 76, 0.5, "soft", "arpeggio"),
 }
 
 # A creator's variations on an emotion's music (SpanControl.style): other instruments, the
