@@ -52,7 +52,7 @@ def test_real_speech_over_a_real_bed_loses_the_bed_and_the_music_breathes(gatewa
     row = remix_and_measure(gateway, case, tmp_path)
     assert row.bed_pause_db <= -30.0  # the old music is gone from the pauses
     assert row.pause_rest_db <= -25.0  # and so is anything else that is not the new music
-    assert row.bed_under_speech_db <= -18.0
+    assert row.bed_under_speech_db <= -20.0  # the goal itself (measured -24.2 dB on 2026-12-06)
     assert row.duck_db >= 5.0  # the new music rises when nobody talks
     assert row.span_min_db >= -25.0
     assert abs(row.lufs + 14.0) <= 0.5

@@ -35,6 +35,8 @@ class Style:
 # The keys sit within two steps of each other on the circle of fifths (C, F and G major;
 # their relative minors A, D and E), so a change of emotion always moves to a related key:
 # neutral was D major and disgust F minor, six steps apart (bench.musicality reports it).
+# Neutral's G sits above its old D, not under it: a G a fifth lower put its melody into the
+# voice's range, and Whisper heard JFK's "so my" as "so am I" (bench.quality).
 STYLES: dict[str, Style] = {
     vocab.JOY: Style(120, MAJOR, 60, (0, 4, 5, 3), 0, 73, 33, 96, 1.0, "straight", "arpeggio"),
     vocab.SADNESS: Style(72, MINOR, 57, (0, 5, 2, 6), 48, 0, 32, 64, 0.5, "soft", "block"),
@@ -42,7 +44,7 @@ STYLES: dict[str, Style] = {
     vocab.FEAR: Style(84, MINOR, 50, (0, 1, 0, 6), 44, 41, 43, 70, 0.5, "soft", "pulse"),
     vocab.SURPRISE: Style(132, MAJOR, 65, (0, 1, 4, 5), 45, 9, 33, 92, 1.0, "straight", "arpeggio"),
     vocab.DISGUST: Style(92, MINOR, 52, (0, 1, 3, 1), 70, 68, 38, 80, 0.5, "soft", "pulse"),
-    vocab.NEUTRAL: Style(100, MAJOR, 55, (0, 5, 3, 4), 4, 11, 33, 76, 0.5, "soft", "arpeggio"),
+    vocab.NEUTRAL: Style(100, MAJOR, 67, (0, 5, 3, 4), 4, 11, 33, 76, 0.5, "soft", "arpeggio"),
 }
 
 # A creator's variations on an emotion's music (SpanControl.style): other instruments, the
