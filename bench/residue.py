@@ -62,8 +62,8 @@ def main() -> None:
             print(f"{case.name:38s} {f'{power:g}/{knee:g}':>10s} {levels['bed_pause_db']:9.1f} "
                   f"{levels['bed_under_speech_db']:6.1f} {measures.si_sdr(kept, case.speech):6.1f}  "
                   + ", ".join(f"{100 * e / words:.1f}" for e in errors), flush=True)
-    for (power, knee), (errors, words) in pooled.items():
-        print(f"pooled WER at {power:g}/{knee:g}: {100 * errors / max(1, words):.1f} % over {words} words")
+    for (power, knee), (wrong, words) in pooled.items():
+        print(f"pooled WER at {power:g}/{knee:g}: {100 * wrong / max(1, words):.1f} % over {words} words")
 
 
 if __name__ == "__main__":
