@@ -1,7 +1,8 @@
-"""Memory the separator itself adds while it cleans a programme: DeepFilterNet (the default)
-then the residue expander, on N minutes of noise-like audio at 48 kHz, in a fresh process
-per length, the blocks consumed as the mixer's Separate consumes them. Reports the peak resident memory over what
-the process held with the input already decoded (the input itself is the caller's).
+"""Memory the separator itself adds while it cleans a programme: DeepFilterNet (the default),
+then the residue expander where ``BGM_MIXER_RESIDUE_POWER`` turns it on, on N minutes of
+noise-like audio at 48 kHz, in a fresh process per length, the blocks consumed as the
+mixer's Separate consumes them. Reports the peak resident memory over what the process held
+with the input already decoded (the input itself is the caller's).
 
     python -m bench.separation_memory [--minutes 10 20]
 """
@@ -19,11 +20,12 @@ import time
 def child(minutes: float) -> dict[str, float]:
     import numpy as np
 
+    from bgm import settings as settings_module
     from bgm import vocab
     from services.mixer import residue, separation
     from services.mixer.settings import MixerSettings
 
-    settings = MixerSettings()
+    settings = settings_module.load(MixerSettings, vocab.MIXER.env_prefix)  # BGM_MIXER_RESIDUE_POWER=2: with it
     separator = separation.create(vocab.SEPARATION_DEEPFILTERNET)
     mono = np.random.default_rng(0).standard_normal(int(minutes * 60 * separation.SAMPLE_RATE), dtype=np.float32)
     mono *= 0.05

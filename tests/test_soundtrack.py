@@ -52,7 +52,7 @@ def test_real_speech_over_a_real_bed_loses_the_bed_and_the_music_breathes(gatewa
     row = remix_and_measure(gateway, case, tmp_path)
     assert row.bed_pause_db <= -30.0  # the old music is gone from the pauses
     assert row.pause_rest_db <= -25.0  # and so is anything else that is not the new music
-    assert row.bed_under_speech_db <= -20.0  # the goal itself (measured -24.2 dB on 2026-12-06)
+    assert row.bed_under_speech_db <= -20.0  # the goal itself (measured -21.7 dB on 2026-12-06)
     assert row.duck_db >= 5.0  # the new music rises when nobody talks
     assert row.span_min_db >= -25.0
     assert abs(row.lufs + 14.0) <= 0.5
@@ -72,7 +72,10 @@ def test_duck_options_reach_the_mix(gateway, tmp_path):
     assert row.bed_pause_db <= -30.0  # the gate does not depend on the ducking
 
 
-SHORT_OF_GOAL: dict[str, str] = {}  # recording id -> what it misses, measured (none since the residue expander)
+SHORT_OF_GOAL = {  # measured with the defaults, and open in #14
+    "librispeech_dev_1272-128104-0000": "its bed stays 18.5 dB under the speech; the goal is 20 "
+                                        "(met with BGM_MIXER_RESIDUE_POWER=2, tested below)",
+}
 
 
 def recordings() -> list:
@@ -183,3 +186,22 @@ def test_cli_duck_options_reach_the_request_and_out_of_range_is_refused(gateway)
         list(gateway.Remix(iter([gateway_pb2.RemixRequest(options=options)]), timeout=60))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "duck_wide_db" in err.value.details()
+
+
+@pytest.mark.slow
+def test_the_residue_expander_takes_librispeech_bed_past_the_goal(loop, monkeypatch, tmp_path):
+    """BGM_MIXER_RESIDUE_POWER=2 (opt-in): the one recording whose bed stays 18.5 dB under the
+    speech with the defaults goes past 20 dB, and nothing else in the bounds gives way."""
+    monkeypatch.setenv("BGM_MIXER_RESIDUE_POWER", "2")
+    running = start(loop, [GatewayServicer(GatewaySettings(), ServerSettings(), EmbeddedServices())])
+    try:
+        stub = gateway_pb2_grpc.GatewayStub(channel(running.address))
+        case = realworld.build(entry("librispeech_dev_1272-128104-0000"), 12.0, tmp_path)
+        row = remix_and_measure(stub, case, tmp_path)
+    finally:
+        loop.run(running.stop(1))
+    assert row.bed_under_speech_db <= -20.0
+    assert row.bed_pause_db <= -35.0
+    assert row.span_min_db >= -25.0
+    assert abs(row.lufs + 14.0) <= 0.5 and row.dbtp <= -1.0
+    assert row.video_identical and row.duration_equal
