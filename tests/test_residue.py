@@ -58,3 +58,38 @@ def test_what_was_half_kept_goes_down_and_what_was_kept_stays():
     voice_error = 10 * np.log10(np.mean((out[loud] - voice[loud]) ** 2) / np.mean(voice[loud] ** 2))
     assert voice_error <= -20.0  # the tone's own cells were kept near 1: the voice is intact
     assert out.shape == kept.shape
+
+
+def test_the_mixer_keeps_the_expanded_speech_in_its_cache_under_the_setting(tmp_path):
+    """Separate's speech with the expander on is what the cache hands back on the next run,
+    and another setting is another cache entry (not the first one's speech)."""
+    import threading
+
+    from bgm.settings import ServerSettings
+    from services.mixer.separation import DeepFilterNet
+    from services.mixer.servicer import MixerServicer
+    from services.mixer.settings import MixerSettings
+
+    voice, noise = signals(seconds=3.0, seed=2)
+    mono = voice + noise
+    separator = DeepFilterNet(MixerSettings().attenuation_limit_db)
+
+    class Unavailable:  # what the second run must not need: the separator itself
+        name = separator.name
+
+        def speech_blocks(self, mono, cancel=None):
+            raise AssertionError("separated again instead of read from the cache")
+            yield
+
+    def separate(power: float, with_separator=separator) -> np.ndarray:
+        servicer = MixerServicer(MixerSettings(residue_power=power, cache_dir=str(tmp_path)), ServerSettings())
+        return np.concatenate(list(servicer.speech_blocks(with_separator, mono, threading.Event())))
+
+    expected = np.concatenate(list(residue.expand(mono, separator.speech_blocks(mono), 2.0, 0.8)))
+    first = separate(2.0)
+    np.testing.assert_array_equal(first, expected)
+    assert len(list(tmp_path.rglob("*.npy"))) == 1
+    np.testing.assert_array_equal(separate(2.0, Unavailable()), first)  # from the cache
+    plain = separate(1.0)
+    np.testing.assert_array_equal(plain, np.concatenate(list(separator.speech_blocks(mono))))
+    assert len(list(tmp_path.rglob("*.npy"))) == 2 and not np.array_equal(plain, first)

@@ -118,8 +118,9 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
         """The separated speech block by block: from the cache when this audio was separated
         the same way before, else from the separator (and kept, once complete)."""
         power, knee = self.settings.residue_power, self.settings.residue_knee
+        separated = residue.expand(mono, separator.speech_blocks(mono, cancel), power, knee)  # lazy: starts when read
         if self.cache.folder is None:
-            yield from residue.expand(mono, separator.speech_blocks(mono, cancel), power, knee)
+            yield from separated
             return
         name = cache.key("speech", separator.name, self.settings.demucs_model, self.settings.attenuation_limit_db,
                          power, knee, RATE, mono)
@@ -130,7 +131,7 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
             return
         whole = np.empty(mono.shape[0], dtype=np.float32)  # one copy for the cache, not blocks + their join
         done = 0
-        for block in residue.expand(mono, separator.speech_blocks(mono, cancel), power, knee):
+        for block in separated:
             whole[done : done + block.shape[0]] = block
             done += block.shape[0]
             yield block
