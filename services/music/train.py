@@ -383,6 +383,7 @@ def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = No
 
     previous = signal.signal(signal.SIGINT, stop) if _main_thread() else None
     stepping, done = 0.0, 0  # time in the steps themselves, not in checkpoints and renders
+    eval_loss, evaluated_at = float("nan"), -1  # the last checkpoint's, and its step
     try:
         for step in range(start, config.steps):
             began = time.perf_counter()
@@ -401,8 +402,9 @@ def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = No
                 outcome.checkpoints.append(folder)
                 if config.validation and not interrupted:
                     trainer.validate(folder)
+                eval_loss, evaluated_at = trainer.eval_loss(), step + 1
                 log.info("checkpoint", extra={"fields": {"step": step + 1, "loss": round(loss, 5),
-                                                         "eval_loss": round(trainer.eval_loss(), 5),
+                                                         "eval_loss": round(eval_loss, 5),
                                                          "folder": str(folder)}})
             if interrupted:
                 raise KeyboardInterrupt(f"stopped at step {step + 1}; resume with --resume latest")
@@ -412,7 +414,8 @@ def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = No
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     outcome.seconds_per_step = stepping / max(1, done)
-    outcome.eval_loss_end = trainer.eval_loss()
+    # The last step always checkpoints and measures: a forward pass over the clips, not taken twice.
+    outcome.eval_loss_end = eval_loss if evaluated_at == config.steps else trainer.eval_loss()
     outcome.losses = losses
     trainer.save_adapter(config.out, config.steps, {
         "eval_loss_start": outcome.eval_loss_start, "eval_loss_end": outcome.eval_loss_end,
