@@ -53,23 +53,25 @@ MINOR_PROFILE = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 
 FEATURES = ("tempo", "mode", "loudness", "onsets/s", "centroid")
 
 
+def key_correlations(chroma: np.ndarray) -> list[tuple[float, int, bool]]:
+    """Krumhansl-Schmuckler: (correlation, tonic pitch class, major?) for all 24 keys."""
+    return [(float(np.corrcoef(np.roll(profile, k), chroma)[0, 1]), k, major)
+            for profile, major in ((MAJOR_PROFILE, True), (MINOR_PROFILE, False)) for k in range(12)]
+
+
 def mode_score(mono: np.ndarray, sample_rate: int) -> float:
     """Best major-key correlation minus best minor-key correlation (> 0: sounds major)."""
     import librosa
 
-    chroma = librosa.feature.chroma_stft(y=mono, sr=sample_rate).mean(axis=1)
-    best = {name: max(np.corrcoef(np.roll(profile, k), chroma)[0, 1] for k in range(12))
-            for name, profile in (("major", MAJOR_PROFILE), ("minor", MINOR_PROFILE))}
-    return float(best["major"] - best["minor"])
+    keys = key_correlations(librosa.feature.chroma_stft(y=mono, sr=sample_rate).mean(axis=1))
+    return max(c for c, _, major in keys if major) - max(c for c, _, major in keys if not major)
 
 
 def estimate_key(mono: np.ndarray, sample_rate: int) -> tuple[int, bool]:
-    """Krumhansl-Schmuckler on constant-Q chroma: (tonic pitch class, major?)."""
+    """The best-correlated key on constant-Q chroma: (tonic pitch class, major?)."""
     import librosa
 
-    chroma = librosa.feature.chroma_cqt(y=mono, sr=sample_rate).mean(axis=1)
-    _, tonic, major = max((np.corrcoef(np.roll(profile, k), chroma)[0, 1], k, major)
-                          for profile, major in ((MAJOR_PROFILE, True), (MINOR_PROFILE, False)) for k in range(12))
+    _, tonic, major = max(key_correlations(librosa.feature.chroma_cqt(y=mono, sr=sample_rate).mean(axis=1)))
     return tonic, major
 
 
