@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from gateway.example import make_example
-from services.mixer import dsp, mux
+from services.mixer import dsp, mux, render
 from services.mixer.separation import DeepFilterNet, Demucs
 
 
@@ -62,9 +62,9 @@ def main() -> None:
         levels = dsp.MixLevels(12, -14, -1, 1.5, 3, 80, 400, -6)
 
         def mix_and_mux() -> None:
-            outcome = dsp.mix(stereo_speech, bgm, levels)
+            outcome = render.mix(stereo_speech, bgm, levels)
             info = media.probe(video)
-            mux.mux(video, info, outcome.mix, mux.output_for(video.name, info), tmp / "out.mp4", "192k")
+            mux.mux(video, info, outcome.blocks(), mux.output_for(video.name, info), tmp / "out.mp4", "192k")
 
         results["mix + mux"], _ = timed(mix_and_mux)
     print(f"audio: {seconds:.0f} s")

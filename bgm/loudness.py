@@ -8,6 +8,7 @@ the filter state and one energy sum per 100 ms step.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
 import numpy as np
 from scipy.signal import sosfilt
@@ -56,6 +57,8 @@ class LoudnessMeter:
         self.samples += x.shape[0]
 
     def integrated(self) -> float:
+        if self.samples < self.rate // 2:  # BS.1770 gating needs one 400 ms block: as ``loudness`` pads
+            self.feed(np.zeros((self.rate // 2 - self.samples, self.state.shape[1]), dtype=np.float32))
         return gated_loudness(np.concatenate([*self.sums, [self.partial.sum()]]), self.samples, self.rate)
 
 
@@ -79,22 +82,33 @@ def gated_loudness(steps: np.ndarray, samples: int, rate: int) -> float:
     return float(value) if np.isfinite(value) else SILENT
 
 
+class StepEnergy:
+    """K-weighted energy summed over channels per ``step`` samples (``step`` divides 100 ms),
+    fed in pieces that are whole steps but the last. With a gain that is constant over each
+    step, the loudness of the gained programme follows from these without filtering it again
+    (``loudness_of_steps``)."""
+
+    def __init__(self, channels: int, step: int, rate: int = vocab.SEPARATION_RATE) -> None:
+        assert (rate // 10) % step == 0
+        self.sos = k_weighting(rate)
+        self.step, self.rate = step, rate
+        self.state = np.zeros((self.sos.shape[0], channels, 2))
+
+    def feed(self, x: np.ndarray) -> np.ndarray:
+        out = []
+        piece = 4 * self.rate  # a few seconds: temporaries stay small
+        for start in range(0, x.shape[0], piece):
+            filtered, self.state = sosfilt(self.sos, np.ascontiguousarray(x[start : start + piece].T,
+                                                                          dtype=np.float64), axis=-1, zi=self.state)
+            energy = np.square(filtered).sum(axis=0)
+            whole = -(-energy.shape[0] // self.step) * self.step
+            out.append(np.pad(energy, (0, whole - energy.shape[0])).reshape(-1, self.step).sum(axis=1))
+        return np.concatenate(out) if out else np.zeros(0)
+
+
 def energy_steps(x: np.ndarray, step: int, rate: int = vocab.SEPARATION_RATE) -> np.ndarray:
-    """K-weighted energy of ``x`` ((n, channels)), summed over channels, per ``step`` samples
-    (``step`` divides 100 ms). With a gain that is constant over each step, the loudness of
-    the gained programme follows from these without filtering it again (``loudness_of_steps``)."""
-    assert (rate // 10) % step == 0
-    sos = k_weighting(rate)
-    state = np.zeros((sos.shape[0], x.shape[1], 2))
-    piece = 4 * rate
-    out = []
-    for start in range(0, x.shape[0], piece):
-        filtered, state = sosfilt(sos, np.ascontiguousarray(x[start : start + piece].T, dtype=np.float64),
-                                  axis=-1, zi=state)
-        energy = np.square(filtered).sum(axis=0)
-        whole = -(-energy.shape[0] // step) * step
-        out.append(np.pad(energy, (0, whole - energy.shape[0])).reshape(-1, step).sum(axis=1))
-    return np.concatenate(out) if out else np.zeros(0)
+    """``StepEnergy`` of a whole programme ``x`` ((n, channels))."""
+    return StepEnergy(x.shape[1], step, rate).feed(x)
 
 
 def loudness_of_steps(energy: np.ndarray, step: int, samples: int, rate: int = vocab.SEPARATION_RATE) -> float:
@@ -103,6 +117,14 @@ def loudness_of_steps(energy: np.ndarray, step: int, samples: int, rate: int = v
     whole = -(-energy.shape[0] // per) * per
     steps = np.pad(energy, (0, whole - energy.shape[0])).reshape(-1, per).sum(axis=1)
     return gated_loudness(steps, max(samples, rate // 2), rate)  # as ``loudness`` pads a short programme
+
+
+def loudness_of_blocks(blocks: Iterable[np.ndarray], channels: int, rate: int = vocab.SEPARATION_RATE) -> float:
+    """``loudness`` of a programme fed in blocks ((m, channels) each)."""
+    meter = LoudnessMeter(channels, rate)
+    for block in blocks:
+        meter.feed(block)
+    return meter.integrated()
 
 
 def loudness(x: np.ndarray, rate: int = vocab.SEPARATION_RATE) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -128,6 +129,34 @@ def _probe_header(path: str | Path, what: str) -> MediaInfo:
         video_codec=str(video[0].get("codec_name", "")) if video else "",
         audio_codec=str(audio[0].get("codec_name", "")) if audio else "",
     )
+
+
+def decode_audio_blocks(path: str | Path, sample_rate: int, channels: int, block: int,
+                        what: str = "input") -> Iterator[np.ndarray]:
+    """The first audio stream as float32 blocks of ``block`` frames (the last shorter), for a
+    pass over a long file that never holds all of it."""
+    cmd = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", *INPUT_GUARD, "-i", str(path),
+           "-map", "0:a:0", "-vn", "-ac", str(channels), "-ar", str(sample_rate), "-f", "f32le", "pipe:1"]
+    want = block * 4 * channels
+    with tempfile.TemporaryFile() as errors, processes.child(cmd, stdout=subprocess.PIPE, stderr=errors) as proc:
+        assert proc.stdout is not None
+        try:
+            while True:
+                data = proc.stdout.read(want)
+                usable = len(data) - len(data) % (4 * channels)
+                if usable:
+                    yield np.frombuffer(data[:usable], dtype="<f4").reshape(-1, channels)
+                if len(data) < want:
+                    break
+            returncode = proc.wait(timeout=3600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        errors.seek(0)
+        stderr = errors.read(1 << 16)
+    if returncode != 0:
+        raise InvalidInput(f"could not decode the audio of {what} ({_short(stderr, path, what)})")
 
 
 def decode_audio(path: str | Path, sample_rate: int, channels: int, what: str = "input",

@@ -14,7 +14,7 @@ from bgm.audio import audio_format, float_to_pcm
 from bgm.chunks import iter_chunks
 from bgm.settings import ServerSettings
 from bgm.v1 import mixer_pb2, mixer_pb2_grpc
-from services.mixer import dsp, residue
+from services.mixer import dsp, render, residue
 from services.mixer.separation import DeepFilterNet
 from services.mixer.servicer import MixerServicer
 from services.mixer.settings import MixerSettings
@@ -374,7 +374,7 @@ def test_levelling_estimates_the_loudness_it_gives_and_holds_the_ceiling(materia
     stereo_music = np.stack([music, 0.9 * music], axis=1).astype(np.float32)
     levels = dsp.MixLevels(duck_db=12, loudness_lufs=target, true_peak_dbtp=ceiling, fade_in_s=0.5,
                            fade_out_s=1.0, attack_ms=80, release_ms=400, bgm_gain_db=-6)
-    outcome = dsp.mix(stereo_speech, stereo_music, levels)
+    outcome = render.mix(stereo_speech, stereo_music, levels)
     measured = dsp.loudness(outcome.mix)
     print(f"\ntarget {target}: reported {outcome.loudness_lufs:.3f}, measured {measured:.3f} LUFS")
     assert outcome.loudness_lufs == pytest.approx(measured, abs=1e-6)
@@ -384,21 +384,38 @@ def test_levelling_estimates_the_loudness_it_gives_and_holds_the_ceiling(materia
     assert np.allclose(outcome.speech + outcome.bgm, outcome.mix, atol=1e-5)  # the stems still add up
 
 
-def test_a_mix_made_without_its_parts_is_the_same_mix(material):
-    """Without stems asked for, the mixer gates its own speech in place and lets the placed
-    music become the mix (two whole-length arrays fewer); the mix must not change."""
+def test_the_mix_made_in_blocks_is_the_mix_made_whole(material, monkeypatch):
+    """The mixer never holds a whole programme: it reads its tracks, and renders, measures and
+    encodes the mix, a block at a time, and makes the limiter's gain a chunk at a time.
+    Blocks and chunks of a fraction of a second and of the whole clip must give the same
+    mix, the same loudness and the same stems, and the VAD read in blocks the same verdict
+    as on the whole track."""
+    from services.mixer import activity, render, sources
+
     _, speech, music = material
     stereo_speech = np.stack([speech, speech], axis=1)
     stereo_music = np.stack([music, 0.9 * music], axis=1).astype(np.float32)
     levels = dsp.MixLevels(duck_db=12, loudness_lufs=-14, true_peak_dbtp=-1, fade_in_s=0.5,
                            fade_out_s=1.0, attack_ms=80, release_ms=400, bgm_gain_db=-6)
-    threshold = dsp.activity.threshold_for(levels.duck_sensitivity)
-    talking = dsp.activity.detect(dsp.activity.speech_probability(speech), threshold, speech.shape[0])
+    whole_vad = activity.speech_probability(speech)
+    monkeypatch.setattr(activity, "VAD_RUN_WINDOWS", 7)
+    assert np.array_equal(activity.speech_probability_of(sources.ArraySource(speech)), whole_vad)
+    talking = activity.detect(whole_vad, activity.threshold_for(levels.duck_sensitivity), speech.shape[0])
     bgm_lufs = dsp.loudness(stereo_music)
-    kept = dsp.mix_measured(stereo_speech, stereo_music, levels, talking, bgm_lufs)
-    lean = dsp.mix_measured(stereo_speech.copy(), stereo_music, levels, talking, bgm_lufs,
-                            consume=True, keep_parts=False)
-    assert np.array_equal(lean.mix, kept.mix)
-    assert lean.loudness_lufs == kept.loudness_lufs
-    with pytest.raises(ValueError, match="without keeping its parts"):
-        lean.bgm  # noqa: B018 - the property is the check
+
+    def made(block: int, chunk_steps: int) -> tuple[render.MixOutcome, int, np.ndarray, np.ndarray]:
+        monkeypatch.setattr(render, "BLOCK", block)
+        monkeypatch.setattr(render, "CHUNK_STEPS", chunk_steps)
+        outcome = render.mix_measured(sources.ArraySource(stereo_speech), sources.ArraySource(stereo_music),
+                                      levels, talking, bgm_lufs)
+        return outcome, len(outcome.plan.ranges()), outcome.mix, outcome.speech + outcome.bgm
+
+    whole, whole_blocks, whole_mix, _ = made(speech.shape[0] + 1, 10**9)
+    # 0.37 s: whole frames and limiter steps; the limiter's gain made 1,800 steps (0.3 s) at a time
+    small, small_blocks, small_mix, small_stems = made(17_760, 1800)
+    assert whole_blocks == 1 and small_blocks > 30
+    assert whole.gain.limiter is not None and small.gain.limiter is not None  # the limiter works here
+    np.testing.assert_allclose(small_mix, whole_mix, atol=2e-5)
+    assert small.loudness_lufs == pytest.approx(whole.loudness_lufs, abs=1e-3)
+    assert small.true_peak_dbtp == pytest.approx(whole.true_peak_dbtp, abs=0.01)
+    np.testing.assert_allclose(small_stems, small_mix, atol=1e-5)  # the stems add up

@@ -21,7 +21,7 @@ from bgm.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.servicer import GatewayServicer
 from gateway.settings import GatewaySettings
 from services.embedded import EmbeddedServices
-from services.mixer import activity, dsp
+from services.mixer import activity, dsp, render
 from tests.conftest import channel, start
 
 pytestmark = pytest.mark.skipif(not realworld.available(),
@@ -139,7 +139,7 @@ def test_under_speech_the_music_loses_its_speech_band_and_keeps_its_bass_and_air
     music = np.random.default_rng(0).standard_normal((n, 2)).astype(np.float32) * 0.1
     talking = np.zeros(activity.frames(n), dtype=bool)
     talking[400:800] = True  # 4-8 s
-    placed = dsp.place_music(music, talking, levels, 1.0)
+    placed = render.place_music(music, talking, levels, 1.0)
     pause, under = slice(1 * rate, 3 * rate), slice(5 * rate, 7 * rate)
     np.testing.assert_allclose(placed[pause], music[pause], atol=1e-5)
     band_free, rest_free = band_levels_db(music[under, 0])
@@ -147,7 +147,7 @@ def test_under_speech_the_music_loses_its_speech_band_and_keeps_its_bass_and_air
     assert band_free - band_down == pytest.approx(18.0, abs=1.0)
     assert rest_free - rest_down == pytest.approx(10.0, abs=1.0)
     # With the wide depth at duck_db the whole spectrum dips alike (a plain duck).
-    plain = dsp.place_music(music, talking, dataclasses.replace(levels, duck_wide_db=18), 1.0)
+    plain = render.place_music(music, talking, dataclasses.replace(levels, duck_wide_db=18), 1.0)
     np.testing.assert_allclose(plain, music * dsp.duck_curve(talking, levels, n)[:, None], atol=1e-6)
 
 

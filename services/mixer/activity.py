@@ -15,7 +15,8 @@ words Whisper heard are added where it was unsure. Two curves follow from the ac
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -64,6 +65,57 @@ def speech_probability(mono: np.ndarray) -> np.ndarray:
         return np.zeros(0, dtype=np.float32)
     padded = np.pad(x, (0, -x.shape[0] % WINDOW))
     return np.asarray(_vad_model()(padded), dtype=np.float32).reshape(-1)  # type: ignore[operator]
+
+
+class Reader(Protocol):
+    length: int
+
+    def read(self, lo: int, hi: int) -> np.ndarray: ...
+
+
+VAD_RUN_WINDOWS = 1000  # windows per model run when streaming (32 s of audio)
+CONTEXT = 64  # samples of the previous window Silero sees with each window (faster-whisper's)
+RESAMPLE_MARGIN = 600  # 48 kHz samples read either side of a block for the resampler (a multiple of 3)
+
+
+def streamed_speech_probability(read: Callable[[int, int], np.ndarray], n_samples: int) -> np.ndarray:
+    """``speech_probability`` of a long track read in blocks (``read(lo, hi)`` gives samples
+    [lo, hi) as (hi - lo, channels), silence outside the track): the same windows, model and
+    state as one call on the whole track, holding 32 s at a time. faster-whisper's own call
+    holds the whole track and its batch (1.5 GB on an hour of speech)."""
+    from scipy.signal import resample_poly
+
+    model = _vad_model()
+    session = model.session  # type: ignore[attr-defined]
+    total16 = -(-n_samples * VAD_RATE // RATE)  # the whole track's length at 16 kHz
+    windows = -(-total16 // WINDOW)
+    step48 = VAD_RUN_WINDOWS * WINDOW * (RATE // VAD_RATE)
+    h = np.zeros((1, 1, 128), dtype=np.float32)
+    c = np.zeros((1, 1, 128), dtype=np.float32)
+    before = np.zeros(CONTEXT, dtype=np.float32)
+    out = np.empty(windows, dtype=np.float32)
+    done = 0
+    for lo in range(0, windows * WINDOW * (RATE // VAD_RATE), step48):
+        hi = lo + step48
+        mono = read(lo - RESAMPLE_MARGIN, hi + RESAMPLE_MARGIN).mean(axis=1)
+        x = resample_poly(mono, 1, RATE // VAD_RATE).astype(np.float32)
+        margin16 = RESAMPLE_MARGIN * VAD_RATE // RATE
+        first16 = lo * VAD_RATE // RATE
+        x = x[margin16 : margin16 + min(step48 * VAD_RATE // RATE, windows * WINDOW - first16)]
+        x[max(0, total16 - first16):] = 0.0  # past the track: silence, as the whole call pads it
+        batch = x.reshape(-1, WINDOW)
+        context = np.concatenate([before[None], batch[:-1, -CONTEXT:]])
+        before = batch[-1, -CONTEXT:].copy()
+        output, h, c = session.run(None, {"input": np.concatenate([context, batch], axis=1), "h": h, "c": c})
+        got = np.asarray(output, dtype=np.float32).reshape(-1)
+        out[done : done + got.shape[0]] = got
+        done += got.shape[0]
+    return out[:done]
+
+
+def speech_probability_of(source: Reader) -> np.ndarray:
+    """``speech_probability`` of a track read in blocks (``sources.Source``)."""
+    return streamed_speech_probability(source.read, source.length)
 
 
 def threshold_for(sensitivity: float) -> float:
@@ -165,19 +217,40 @@ def regular_interp(values: np.ndarray, step: int, first: int, n_samples: int) ->
     return out
 
 
+def interp_block(values: np.ndarray, step: int, first: int, lo: int, hi: int) -> np.ndarray:
+    """``regular_interp(values, step, first, n)[lo:hi]`` without the rest of the programme."""
+    m = values.shape[0]
+    k0 = min(max(0, (lo - first) // step), max(0, m - 1))
+    k1 = max(k0 + 1, min(m, (hi - first) // step + 2))
+    start = first + k0 * step
+    if start <= lo:
+        skip = lo - start
+        return regular_interp(values[k0:k1], step, 0, skip + hi - lo)[skip:]
+    return regular_interp(values[k0:k1], step, start - lo, hi - lo)
+
+
 def to_samples(per_frame: np.ndarray, n_samples: int) -> np.ndarray:
     """A per-frame curve interpolated to samples (values at frame centres)."""
     return regular_interp(per_frame, FRAME, FRAME // 2, n_samples)
 
 
-def gate(active: np.ndarray, n_samples: int) -> np.ndarray:
-    """Per-sample gain for the speech stem: 1 while someone talks, 0 between, with raised-
-    cosine ramps of GATE_RAMP_S that lie outside the kept speech (no clicks, no lost onsets)."""
+def frames_to_block(per_frame: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """``to_samples(per_frame, n)[lo:hi]``."""
+    return interp_block(per_frame, FRAME, FRAME // 2, lo, hi)
+
+
+def gate_frames(active: np.ndarray) -> np.ndarray:
+    """Per frame, the speech stem's gain: 1 while someone talks, 0 between, with raised-cosine
+    ramps of GATE_RAMP_S that lie outside the kept speech (no clicks, no lost onsets)."""
     open_ = _widened(_closed(active, GATE_BRIDGE_S), GATE_LEAD_S + GATE_RAMP_S / 2, GATE_TAIL_S + GATE_RAMP_S / 2)
     ramp = max(1, round(GATE_RAMP_S / FRAME_S))
     soft = np.convolve(open_.astype(np.float32), np.ones(ramp, dtype=np.float32) / ramp, mode="same")
-    shaped = 0.5 - 0.5 * np.cos(np.pi * np.clip(soft, 0.0, 1.0))
-    return to_samples(shaped, n_samples)
+    return np.asarray(0.5 - 0.5 * np.cos(np.pi * np.clip(soft, 0.0, 1.0)), dtype=np.float32)
+
+
+def gate(active: np.ndarray, n_samples: int) -> np.ndarray:
+    """``gate_frames`` per sample."""
+    return to_samples(gate_frames(active), n_samples)
 
 
 def ducking(active: np.ndarray, hold_ms: float) -> np.ndarray:

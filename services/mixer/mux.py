@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,13 +43,13 @@ def output_for(original_name: str, info: media.MediaInfo) -> Output:
     return Output(fmt, codec, mime, suffix if suffix in CONTAINERS and suffix != ".avi" else ".mkv")
 
 
-def mux(original: Path, info: media.MediaInfo, samples: np.ndarray, out: Output, target: Path,
-        bitrate: str, rate: int = vocab.SEPARATION_RATE) -> None:
-    """Copy the original's video streams, add the new audio (float (n, 2), piped in), keep
-    container metadata."""
+def mux(original: Path, info: media.MediaInfo, blocks: Iterable[np.ndarray], out: Output, target: Path,
+        bitrate: str, rate: int = vocab.SEPARATION_RATE, channels: int = 2) -> None:
+    """Copy the original's video streams, add the new audio (float (m, channels) blocks,
+    piped in as they are made), keep container metadata."""
     guard = {"protocol_whitelist": "file,pipe", "format_whitelist": media.DEMUXER_WHITELIST}
     source = ffmpeg.input(str(original), **guard)
-    new_audio = ffmpeg.input("pipe:0", format="f32le", ar=rate, ac=samples.shape[1])
+    new_audio = ffmpeg.input("pipe:0", format="f32le", ar=rate, ac=channels)
     streams = [new_audio.audio]
     if info.has_video:
         streams.insert(0, source["v"])
@@ -65,11 +68,22 @@ def mux(original: Path, info: media.MediaInfo, samples: np.ndarray, out: Output,
     if out.format in ("mp4", "mov", "ipod"):
         kwargs["movflags"] = "+faststart"
     cmd = ffmpeg.output(*streams, str(target), **kwargs).overwrite_output().compile()
-    cmd = [cmd[0], "-hide_banner", "-loglevel", "error", *cmd[1:]]
-    pcm = np.ascontiguousarray(samples, dtype="<f4").tobytes()
-    proc = processes.run(cmd, timeout=3600, input=pcm)
-    if proc.returncode != 0:
-        detail = proc.stderr.decode(errors="replace").strip().splitlines()
+    cmd = [cmd[0], "-nostats", "-hide_banner", "-loglevel", "error", *cmd[1:]]
+    # stderr goes to a file: nobody reads a pipe while the audio is being written.
+    with tempfile.TemporaryFile() as errors, processes.child(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                                             stderr=errors) as proc:
+        assert proc.stdin is not None
+        try:
+            for block in blocks:
+                proc.stdin.write(np.ascontiguousarray(block, dtype="<f4").tobytes())
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass  # ffmpeg stopped early: its exit status and message say why
+        returncode = proc.wait(timeout=3600)
+        errors.seek(0)
+        stderr = errors.read(1 << 16)
+    if returncode != 0:
+        detail = stderr.decode(errors="replace").strip().splitlines()
         last = detail[-1].replace(str(target), "the remixed file").replace(str(original), "the original")[:300] \
             if detail else "ffmpeg failed"
         raise InvalidInput(f"could not write the remixed file ({last})")

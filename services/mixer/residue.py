@@ -19,6 +19,8 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from services.mixer.separation import Recording
+
 # 20 ms at 48 kHz, the separator's own frame.
 FRAME = 960
 
@@ -32,7 +34,7 @@ def _frames(x: np.ndarray, count: int, n: int, hop: int) -> np.ndarray:
     return np.lib.stride_tricks.sliding_window_view(x, n)[: count * hop : hop]
 
 
-def _stretch(x: np.ndarray, start: int, length: int) -> np.ndarray:
+def _stretch(x: Recording, start: int, length: int) -> np.ndarray:
     """``x[start:start + length]`` as float32, zeros where that runs off either end."""
     out = np.zeros(length, dtype=np.float32)
     lo, hi = max(0, start), min(x.shape[0], start + length)
@@ -41,7 +43,7 @@ def _stretch(x: np.ndarray, start: int, length: int) -> np.ndarray:
     return out
 
 
-def expand(mixture: np.ndarray, kept: Iterable[np.ndarray], power: float, knee: float,
+def expand(mixture: Recording, kept: Iterable[np.ndarray], power: float, knee: float,
            frame: int = FRAME) -> Iterator[np.ndarray]:
     """``kept`` (the separated speech of ``mixture``, in consecutive blocks) with the cells the
     separator only half kept pulled further down; yields blocks that together have

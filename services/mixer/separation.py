@@ -22,12 +22,21 @@ log = logs.get("bgm.mixer")
 SAMPLE_RATE = vocab.SEPARATION_RATE
 
 
+class Recording(Protocol):
+    """Mono float32 at 48 kHz: an array, or a file read a window at a time (``sources.MonoFile``)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def __getitem__(self, key: slice, /) -> np.ndarray: ...
+
+
 class Separator(Protocol):
     name: str
 
-    def speech(self, mono: np.ndarray, cancel: threading.Event | None = None) -> np.ndarray: ...
+    def speech(self, mono: Recording, cancel: threading.Event | None = None) -> np.ndarray: ...
 
-    def speech_blocks(self, mono: np.ndarray, cancel: threading.Event | None = None) -> Iterator[np.ndarray]:
+    def speech_blocks(self, mono: Recording, cancel: threading.Event | None = None) -> Iterator[np.ndarray]:
         """The speech in consecutive pieces, as soon as each is ready; together they are ``speech``."""
         ...
 
@@ -74,11 +83,11 @@ class DeepFilterNet:
             raise RuntimeError("DeepFilterNet failed to load its model")
         return int(state)
 
-    def speech(self, mono: np.ndarray, cancel: threading.Event | None = None) -> np.ndarray:
+    def speech(self, mono: Recording, cancel: threading.Event | None = None) -> np.ndarray:
         """Enhanced speech, time-aligned with the input and of the same length."""
         return np.concatenate([np.zeros(0, dtype=np.float32), *self.speech_blocks(mono, cancel)])
 
-    def speech_blocks(self, mono: np.ndarray, cancel: threading.Event | None = None,
+    def speech_blocks(self, mono: Recording, cancel: threading.Event | None = None,
                       block_s: float = 2.0) -> Iterator[np.ndarray]:
         """The enhanced speech about ``block_s`` at a time: the model runs frame by frame, so
         the mixer can start on the first seconds while the rest is still being cleaned."""
@@ -152,11 +161,12 @@ class Demucs:
         log.info("demucs loaded", extra={"fields": {"model": model, "device": self.device,
                                                     "sources": list(net.sources), "rate": self.rate}})
 
-    def speech(self, mono: np.ndarray, cancel: threading.Event | None = None) -> np.ndarray:
+    def speech(self, recording: Recording, cancel: threading.Event | None = None) -> np.ndarray:
         from demucs.apply import apply_model
 
         from bgm.audio import resample
 
+        mono = np.asarray(recording[0 : recording.shape[0]])  # demucs takes the whole file at once
         x = resample(mono[:, None], SAMPLE_RATE, self.rate)
         x = np.repeat(x, self.channels, axis=1).T  # (channels, n)
         # demucs normalises by the mix's statistics, as its own CLI does.
@@ -177,7 +187,7 @@ class Demucs:
             out = np.pad(out, (0, mono.shape[0] - out.shape[0]))
         return out[: mono.shape[0]].astype(np.float32)
 
-    def speech_blocks(self, mono: np.ndarray, cancel: threading.Event | None = None) -> Iterator[np.ndarray]:
+    def speech_blocks(self, mono: Recording, cancel: threading.Event | None = None) -> Iterator[np.ndarray]:
         # Demucs works on overlapping windows over the whole file, so all of it comes at the end.
         yield self.speech(mono, cancel)
 

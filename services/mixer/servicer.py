@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from bgm.server import ModelServicer, Servicer
 from bgm.settings import ServerSettings
 from bgm.threads import iterate_in_thread
 from bgm.v1 import common_pb2, mixer_pb2, mixer_pb2_grpc
-from services.mixer import activity, dsp, mux, residue, separation
+from services.mixer import activity, dsp, mux, render, residue, separation, sources
 from services.mixer.settings import MixerSettings
 from services.mixer.tracks import DURATION_SETTING, Music, Original, Speech, TrackSet
 
@@ -81,39 +81,43 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
         self.require_ready()
         self.limiter.check()
         started = time.monotonic()
-        with self.uploads, Spool(self.server.max_input_bytes, "audio", self.server.tmp_dir) as spool:
-            config, rest = await read_config(request_iterator, "config", "audio", self.stream)
-            audio.check_format(config.format, "config.format")
-            stems = list(config.stems) or [mixer_pb2.STEM_SPEECH]
-            if any(s not in (mixer_pb2.STEM_SPEECH, mixer_pb2.STEM_REST) for s in stems):
-                raise InvalidInput("Separate returns SPEECH and REST stems only")
-            separator = await self.separator(config.backend)
-            audio.cap_spool(spool, config.format, self.server.max_duration_s, DURATION_SETTING)
-            await spool_payload(rest, spool, "config", "audio")
-            if spool.size == 0:
-                raise InvalidInput("no audio was sent after the config message")
-            mono = (await asyncio.to_thread(audio.load_audio, spool.finish(), config.format, RATE, 1,
-                                            self.server.max_duration_s, DURATION_SETTING))[:, 0]
-        with self.limiter:
-            fmt = audio.audio_format(RATE, 1)
-            yield mixer_pb2.SeparateResponse(header=mixer_pb2.StemsHeader(
-                format=fmt, stems=stems, total_samples=mono.shape[0], backend=separator.name))
-            # Stems go out as the separator produces them, so the caller can start on the
-            # first seconds (the gateway feeds them straight into MixAndMux).
-            done = 0
-            def produce(cancel: threading.Event) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:
-                return stem_pcm(self.speech_blocks(separator, mono, cancel), mono, stems)
+        # The recording stays in its spool and is read a window at a time (``sources.MonoFile``).
+        with scratch.workdir("separate", self.server.tmp_dir) as tmp, \
+                Spool(self.server.max_input_bytes, "audio", tmp) as spool:
+            with self.uploads:
+                config, rest = await read_config(request_iterator, "config", "audio", self.stream)
+                audio.check_format(config.format, "config.format")
+                stems = list(config.stems) or [mixer_pb2.STEM_SPEECH]
+                if any(s not in (mixer_pb2.STEM_SPEECH, mixer_pb2.STEM_REST) for s in stems):
+                    raise InvalidInput("Separate returns SPEECH and REST stems only")
+                separator = await self.separator(config.backend)
+                audio.cap_spool(spool, config.format, self.server.max_duration_s, DURATION_SETTING)
+                await spool_payload(rest, spool, "config", "audio")
+                if spool.size == 0:
+                    raise InvalidInput("no audio was sent after the config message")
+                mono = await asyncio.to_thread(sources.mono_file, spool.finish(), config.format,
+                                               self.server.max_duration_s, DURATION_SETTING, Path(tmp))
+            with self.limiter:
+                fmt = audio.audio_format(RATE, 1)
+                yield mixer_pb2.SeparateResponse(header=mixer_pb2.StemsHeader(
+                    format=fmt, stems=stems, total_samples=mono.shape[0], backend=separator.name))
+                # Stems go out as the separator produces them, so the caller can start on the
+                # first seconds (the gateway feeds them straight into MixAndMux).
+                done = 0
 
-            async for size, encoded in iterate_in_thread(produce):
-                for stem, pcm in encoded:
-                    for piece in iter_chunks(pcm, CHUNK_BYTES):
-                        yield mixer_pb2.SeparateResponse(chunk=mixer_pb2.StemChunk(stem=stem, data=piece))  # type: ignore[arg-type]
-                done += size
-                yield mixer_pb2.SeparateResponse(progress=_progress(
-                    common_pb2.STAGE_SEPARATE, done / max(1, mono.shape[0]), started,
-                    f"separating with {separator.name}"))
+                def produce(cancel: threading.Event) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:
+                    return stem_pcm(self.speech_blocks(separator, mono, cancel), mono, stems)
 
-    def speech_blocks(self, separator: separation.Separator, mono: np.ndarray,
+                async for size, encoded in iterate_in_thread(produce):
+                    for stem, pcm in encoded:
+                        for piece in iter_chunks(pcm, CHUNK_BYTES):
+                            yield mixer_pb2.SeparateResponse(chunk=mixer_pb2.StemChunk(stem=stem, data=piece))  # type: ignore[arg-type]
+                    done += size
+                    yield mixer_pb2.SeparateResponse(progress=_progress(
+                        common_pb2.STAGE_SEPARATE, done / max(1, mono.shape[0]), started,
+                        f"separating with {separator.name}"))
+
+    def speech_blocks(self, separator: separation.Separator, mono: separation.Recording,
                       cancel: threading.Event) -> Iterator[np.ndarray]:
         """The separated speech block by block: from the cache when this audio was separated
         the same way before, else from the separator (and kept, once complete)."""
@@ -123,7 +127,7 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
             yield from separated
             return
         name = cache.key("speech", separator.name, self.settings.demucs_model, self.settings.attenuation_limit_db,
-                         power, knee, RATE, mono)
+                         power, knee, RATE, mono.digest() if isinstance(mono, sources.MonoFile) else mono)
         found = self.cache.get(name)
         if found is not None:
             for begin in range(0, found.shape[0], CACHED_BLOCK):
@@ -138,15 +142,15 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
         if not cancel.is_set() and done == whole.shape[0]:
             self.cache.put(name, whole)
 
-    def speech_probability(self, mono: np.ndarray) -> np.ndarray:
+    def speech_probability(self, speech: sources.Source) -> np.ndarray:
         """The VAD's verdict on the speech track, from the cache when this speech was seen
         before (a re-render mixes the same speech under new music)."""
         if self.cache.folder is None:
-            return activity.speech_probability(mono)
-        name = cache.key("vad", RATE, mono)
+            return activity.speech_probability_of(speech)
+        name = cache.key("vad", RATE, sources.digest(speech))
         found = self.cache.get(name)
         if found is None:
-            found = activity.speech_probability(mono)
+            found = activity.speech_probability_of(speech)
             self.cache.put(name, found)
         return found
 
@@ -184,40 +188,38 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
                     tracks.close()
                     raise
             received = time.monotonic()
+            # The tracks stay on disk until the stems are written: the mix is read from them.
             try:
                 with self.mix_limiter:
                     outcome, out_path, out = await asyncio.to_thread(
                         self._mix, config, levels, tracks.original_path, original, speech, music, tracks.words,
                         Path(tmp))
+                log.info("mixed", extra={"fields": {"tracks_in_s": round(received - started, 3),
+                                                    "mix_and_encode_s": round(time.monotonic() - received, 3),
+                                                    "encodes": outcome.encodes}})
+                yield mixer_pb2.MixResponse(progress=_progress(common_pb2.STAGE_MIX, 1.0, started,
+                                                               "mixed and muxed"))
+                yield mixer_pb2.MixResponse(result=mixer_pb2.MixResult(
+                    container=out.format, mime_type=out.mime_type, duration_s=original.info.duration_s,
+                    loudness_lufs=outcome.loudness_lufs, true_peak_dbtp=outcome.true_peak_dbtp,
+                    video_copied=original.info.has_video))
+                for piece in iter_file_chunks(out_path):
+                    yield mixer_pb2.MixResponse(media=piece)
+                written = await asyncio.to_thread(write_stems, config.options.return_stems, outcome, Path(tmp))
             finally:
                 tracks.close()
-            log.info("mixed", extra={"fields": {"tracks_in_s": round(received - started, 3),
-                                                "mix_and_encode_s": round(time.monotonic() - received, 3),
-                                                "encodes": outcome.encodes}})
-            yield mixer_pb2.MixResponse(progress=_progress(common_pb2.STAGE_MIX, 1.0, started, "mixed and muxed"))
-            yield mixer_pb2.MixResponse(result=mixer_pb2.MixResult(
-                container=out.format, mime_type=out.mime_type, duration_s=original.info.duration_s,
-                loudness_lufs=outcome.loudness_lufs, true_peak_dbtp=outcome.true_peak_dbtp,
-                video_copied=original.info.has_video))
-            for piece in iter_file_chunks(out_path):
-                yield mixer_pb2.MixResponse(media=piece)
-            written = await asyncio.to_thread(write_stems, config.options.return_stems, outcome, Path(tmp))
             for message in stem_messages(written):
                 yield message
 
     def _mix(self, config: mixer_pb2.MixConfig, levels: dsp.MixLevels, original_path: Path, original: Original,
              speech: Speech, music: Music, words: Sequence[tuple[float, float]], tmp: Path
-             ) -> tuple[dsp.MixOutcome, Path, mux.Output]:
+             ) -> tuple[render.MixOutcome, Path, mux.Output]:
         clock = time.monotonic()
-        talking = activity.detect(speech.probability, activity.threshold_for(levels.duck_sensitivity),
-                                  speech.frames.shape[0])
+        n = original.samples
+        talking = activity.detect(speech.probability, activity.threshold_for(levels.duck_sensitivity), n)
         talking = activity.add_words(talking, words, speech.probability)
-        # The tracks are this call's own: gated in place, and the parts kept only for stems.
-        outcome = dsp.mix_measured(speech.frames, music.frames, levels, talking, music.level_lufs,
-                                   measure_peak=False, consume=True,
-                                   keep_parts=bool(set(config.options.return_stems) - {mixer_pb2.STEM_MIX}))
-        speech.release()
-        music.release()
+        outcome = render.mix_measured(speech.source, music.source, levels, talking, music.level_lufs,
+                                      measure_peak=False, folder=str(tmp))
         spent = {"mix_s": time.monotonic() - clock, "encode_s": 0.0, "check_s": 0.0}
         out = mux.output_for(config.original_name, original.info)
         target = tmp / f"remixed{out.suffix}"
@@ -227,21 +229,25 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
         # as the last resort, which always holds the ceiling.
         for attempt in range(5):
             clock = time.monotonic()
-            mux.mux(original_path, original.info, outcome.mix, out, target, self.settings.audio_bitrate)
+            mux.mux(original_path, original.info, outcome.blocks(), out, target, self.settings.audio_bitrate)
             spent["encode_s"] += time.monotonic() - clock
             clock = time.monotonic()
-            encoded = media.decode_audio(target, RATE, 2, "the remixed file")
-            peak = dsp.true_peak_db(encoded)
+            peaks = dsp.PeakMeter(float(dsp.db_to_gain(levels.true_peak_dbtp)))
+            meter = dsp.LoudnessMeter(2)
+            for block in media.decode_audio_blocks(target, RATE, 2, render.BLOCK, "the remixed file"):
+                peaks.feed(block)
+                meter.feed(block)
+            peaks.finish()
+            peak = peaks.true_peak_db
             spent["check_s"] += time.monotonic() - clock
             if peak <= levels.true_peak_dbtp or attempt == 4:
-                loudness_lufs = dsp.loudness(encoded)
+                loudness_lufs = meter.integrated()
                 break
             if attempt < 2:
-                outcome = outcome.scaled(dsp.codec_dips(encoded, levels.true_peak_dbtp, outcome.mix.shape[0]),
-                                         in_place=True)
+                frame_peaks = peaks.frame_peaks(activity.frames(n))
+                outcome = outcome.scaled(dips=dsp.codec_dip_frames(frame_peaks, levels.true_peak_dbtp))
             else:
-                outcome = outcome.scaled(float(dsp.db_to_gain(levels.true_peak_dbtp - peak - 0.1)), in_place=True)
-            del encoded  # measured: let it go before the next encode decodes the file again
+                outcome = outcome.scaled(float(dsp.db_to_gain(levels.true_peak_dbtp - peak - 0.1)))
         if peak > levels.true_peak_dbtp:
             log.warning("true peak over the ceiling after five encodes",
                         extra={"fields": {"true_peak_dbtp": round(peak, 2), "ceiling": levels.true_peak_dbtp}})
@@ -251,7 +257,7 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
         return outcome, target, out
 
 
-def stem_pcm(blocks: Iterator[np.ndarray], mono: np.ndarray,
+def stem_pcm(blocks: Iterator[np.ndarray], mono: separation.Recording,
              stems: Sequence[int]) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:
     """Each block of separated speech as PCM per stem asked for, with its length in samples
     (in the worker thread: a demucs block is the whole file)."""
@@ -265,16 +271,15 @@ def stem_pcm(blocks: Iterator[np.ndarray], mono: np.ndarray,
         yield block.shape[0], encoded
 
 
-def write_stems(wanted: Sequence[int], outcome: dsp.MixOutcome, tmp: Path) -> list[tuple[int, Path]]:
-    """The stems asked for, written as WAV files (whole-length: in a worker thread)."""
-    # Each made only when asked for: on a long programme each is hundreds of MB.
-    sources: dict[int, Callable[[], np.ndarray]] = {
-        mixer_pb2.STEM_BGM: lambda: outcome.bgm, mixer_pb2.STEM_MIX: lambda: outcome.mix,
-        mixer_pb2.STEM_SPEECH: lambda: outcome.speech}
+def write_stems(wanted: Sequence[int], outcome: render.MixOutcome, tmp: Path) -> list[tuple[int, Path]]:
+    """The stems asked for, written as WAV files a block at a time (in a worker thread)."""
+    parts: dict[int, str] = {mixer_pb2.STEM_BGM: "bgm", mixer_pb2.STEM_MIX: "mix", mixer_pb2.STEM_SPEECH: "speech"}
     written = []
     for stem in dict.fromkeys(wanted):
         path = tmp / f"stem-{stem}.wav"
-        soundfile.write(str(path), sources[stem](), RATE, subtype="PCM_16")
+        with soundfile.SoundFile(str(path), "w", RATE, 2, subtype="PCM_16") as f:
+            for block in outcome.blocks(parts[stem]):
+                f.write(block)
         written.append((stem, path))
     return written
 

@@ -16,13 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from bgm import audio, limits, media, vocab
+from bgm import limits, media, vocab
 from bgm.chunks import Spool
 from bgm.errors import InvalidInput
+from bgm.loudness import loudness_of_blocks
 from bgm.v1 import common_pb2, mixer_pb2
-from services.mixer import activity, dsp
+from services.mixer import activity, render, sources
 
-RATE = dsp.SAMPLE_RATE
+RATE = sources.RATE
 DURATION_SETTING = f"{vocab.MIXER.env_prefix}_MAX_DURATION_S"
 TRACK_NAMES: dict[int, str] = {
     mixer_pb2.TRACK_ORIGINAL: "original", mixer_pb2.TRACK_SPEECH: "speech", mixer_pb2.TRACK_BGM: "bgm"}
@@ -34,50 +35,26 @@ class Original:
     samples: int  # the mix's length at 48 kHz
 
 
-def _released() -> np.ndarray:
-    return np.zeros((0, 2), dtype=np.float32)
-
-
-@dataclass
+@dataclass(frozen=True)
 class Speech:
-    frames: np.ndarray  # (n, 2); empty once released
+    source: sources.Source
     probability: np.ndarray  # the VAD's speech probability per 32 ms window
 
-    def release(self) -> None:
-        """Let go of the samples once the mix is made: hundreds of MB on a long programme."""
-        self.frames = _released()
 
-
-@dataclass
+@dataclass(frozen=True)
 class Music:
-    frames: np.ndarray  # (n, 2); empty once released
+    source: sources.Source
     level_lufs: float
-
-    def release(self) -> None:
-        """As ``Speech.release``."""
-        self.frames = _released()
-
-
-def fit(spool: Spool, fmt: common_pb2.AudioFormat, n: int, what: str, max_duration_s: float) -> np.ndarray:
-    """A streamed track as (n, 2) at 48 kHz: silence if absent, cut or padded to n."""
-    if spool.size == 0:
-        return np.zeros((n, 2), dtype=np.float32)
-    if fmt.encoding == common_pb2.ENCODING_UNSPECIFIED:
-        raise InvalidInput(f"{what} audio was sent without {what}_format in the config")
-    # A track may run a little past the original (it is cut to it); never far past the limit.
-    frames = audio.load_audio(spool.finish(), fmt, RATE, 2, max_duration_s + 60.0, DURATION_SETTING)
-    if frames.shape[0] >= n:
-        return frames[:n]
-    return np.pad(frames, ((0, n - frames.shape[0]), (0, 0)))
 
 
 class TrackSet:
     def __init__(self, config: mixer_pb2.MixConfig, limit: int, tmp: str, max_duration_s: float,
-                 vad: Callable[[np.ndarray], np.ndarray] = activity.speech_probability) -> None:
+                 vad: Callable[[sources.Source], np.ndarray] = activity.speech_probability_of) -> None:
         suffix = limits.file_suffix(config.original_name, "original_name")
         self.config = config
         self.limit = limit
         self.max_duration_s = max_duration_s
+        self.scratch = Path(tmp)
         self.vad = vad
         self.spools = {track: Spool(limit, name, tmp, suffix if name == "original" else "")
                        for track, name in TRACK_NAMES.items()}
@@ -157,13 +134,17 @@ class TrackSet:
             raise InvalidInput("the original has zero length")
         return Original(info, round(info.duration_s * RATE))
 
+    def _source(self, track: int, fmt: common_pb2.AudioFormat, n: int) -> sources.Source:
+        spool = self.spools[track]
+        return sources.open_track(spool.path, spool.size, fmt, n, TRACK_NAMES[track], self.max_duration_s,
+                                  DURATION_SETTING, self.scratch)
+
     async def _speech(self) -> Speech:
         n = (await asyncio.shield(self.original)).samples
 
         def work() -> Speech:
-            frames = fit(self.spools[mixer_pb2.TRACK_SPEECH], self.config.speech_format, n, "speech",
-                         self.max_duration_s)
-            return Speech(frames, self.vad(frames.mean(axis=1)))
+            source = self._source(mixer_pb2.TRACK_SPEECH, self.config.speech_format, n)
+            return Speech(source, self.vad(source))
 
         return await asyncio.to_thread(work)
 
@@ -171,8 +152,9 @@ class TrackSet:
         n = (await asyncio.shield(self.original)).samples
 
         def work() -> Music:
-            frames = fit(self.spools[mixer_pb2.TRACK_BGM], self.config.bgm_format, n, "bgm", self.max_duration_s)
-            return Music(frames, dsp.loudness(frames))
+            source = self._source(mixer_pb2.TRACK_BGM, self.config.bgm_format, n)
+            blocks = (source.read(lo, min(n, lo + render.BLOCK)) for lo in range(0, n, render.BLOCK))
+            return Music(source, loudness_of_blocks(blocks, sources.CHANNELS))
 
         return await asyncio.to_thread(work)
 

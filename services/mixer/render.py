@@ -1,0 +1,376 @@
+"""The mix of a whole programme, made a block at a time: music ducked under speech, faded,
+then brought to a loudness with its true peak under the ceiling.
+
+Nothing here holds a whole-programme signal. The speech and the music are read from their
+tracks in blocks (``sources``); what is known of the whole programme is kept per 10 ms
+frame (speech activity, the gate, the duck, codec dips) or per limiter step of 8 samples
+(K-weighted energy and peaks for the levelling). The mix is rendered again for each pass
+that needs it (measure, envelope, check, encode) rather than kept: rendering is cheap
+next to holding an hour of stereo (1.4 GB per copy).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+import numpy as np
+from scipy.ndimage import maximum_filter1d
+from scipy.signal import lfilter
+
+from bgm.loudness import LoudnessMeter, StepEnergy, gated_loudness, loudness_of_blocks
+from services.mixer import activity, dsp
+from services.mixer.dsp import LIMITER_STEP, MixLevels, db_to_gain
+from services.mixer.sources import ArraySource, Silence, Source
+from services.mixer.steps import StepFile
+
+RATE = dsp.SAMPLE_RATE
+BLOCK = 10 * RATE  # a whole number of frames, limiter steps and loudness steps
+BAND_MARGIN = round(dsp.BAND_MARGIN_S * RATE)
+T = TypeVar("T")
+
+
+@functools.cache
+def _block_workers() -> ThreadPoolExecutor:
+    # Its own pool: a block's work uses dsp's pool (oversampling), and waiting on the same
+    # pool from inside it would deadlock.
+    return ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="bgm-mix")
+
+
+def in_order(work: Callable[[int, int], T], ranges: Iterable[tuple[int, int]], ahead: int = 2) -> Iterator[T]:
+    """``work(lo, hi)`` of each range, shared by the cores, handed back in order with at most
+    ``ahead`` blocks made and waiting."""
+    pending: deque[Future[T]] = deque()
+    for lo, hi in ranges:
+        pending.append(_block_workers().submit(work, lo, hi))
+        if len(pending) > ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How each block of the mix is made, before the levelling gain: the speech gated to
+    where someone talks, and the music ducked under it (its speech band ``duck_db``, the
+    rest ``duck_wide_db``), faded in and out, at the bed's level."""
+
+    speech: Source
+    music: Source
+    length: int
+    levels: MixLevels
+    gate: np.ndarray  # per frame: the speech's gain
+    duck: np.ndarray  # per frame: the whole music's gain (duck_wide_db under speech)
+    band_duck: np.ndarray | None  # per frame: the speech band's further gain (None: no further dip)
+    bed_gain: float
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return [(lo, min(self.length, lo + BLOCK)) for lo in range(0, self.length, BLOCK)]
+
+    def voice(self, lo: int, hi: int) -> np.ndarray:
+        speech = self.speech.read(lo, hi)
+        speech *= activity.frames_to_block(self.gate, lo, hi)[:, None]
+        return speech
+
+    def placed(self, lo: int, hi: int) -> np.ndarray:
+        curve = activity.frames_to_block(self.duck, lo, hi)
+        fade = dsp.fades(self.length, self.levels.fade_in_s, self.levels.fade_out_s, lo, hi)
+        if fade is not None:
+            curve *= fade
+        curve *= np.float32(self.bed_gain)
+        cut = None if self.band_duck is None else 1.0 - activity.frames_to_block(self.band_duck, lo, hi)
+        if cut is not None and float(cut.max()) > 1e-3:
+            # Where cut > 0 the band dips that much more: music - cut * band, all times the curve.
+            ctx_lo, ctx_hi = max(0, lo - BAND_MARGIN), min(self.length, hi + BAND_MARGIN)
+            wide = self.music.read(ctx_lo, ctx_hi)
+            band = dsp.band_of(wide, lo - ctx_lo, hi - ctx_lo)
+            band *= cut[:, None]
+            music = wide[lo - ctx_lo : hi - ctx_lo] - band
+        else:
+            music = self.music.read(lo, hi)
+        music *= curve[:, None]
+        return music
+
+    def mixed(self, lo: int, hi: int) -> np.ndarray:
+        """The mix before the levelling gain."""
+        out = self.placed(lo, hi)
+        out += self.voice(lo, hi)
+        return out
+
+
+def plan(speech: Source, music: Source, levels: MixLevels, talking: np.ndarray, bgm_lufs: float) -> Plan:
+    n = speech.length
+    unplaced = Plan(speech, music, n, levels, activity.gate_frames(talking), *_ducks(talking, levels), 1.0)
+    speech_lufs = (loudness_of_blocks((unplaced.voice(lo, hi) for lo, hi in unplaced.ranges()), 2)
+                   if talking.any() else None)
+    speech_level = -23.0 if speech_lufs is None or speech_lufs <= -70 else speech_lufs
+    bed_gain = float(db_to_gain(speech_level + levels.bgm_gain_db - bgm_lufs)) if bgm_lufs > -70 else 1.0
+    return replace(unplaced, bed_gain=bed_gain)
+
+
+@dataclass(frozen=True)
+class Gain:
+    """The levelling gain per sample, as a number times the limiter's curve (per step of
+    LIMITER_STEP samples) times dips where the encoder overshot (per 10 ms frame)."""
+
+    length: int
+    scale: float
+    limiter: StepFile | None = None
+    dips: np.ndarray | None = None
+
+    def block(self, lo: int, hi: int) -> np.ndarray:
+        gain = (dsp.limiter_block(self.limiter.read, self.limiter.length, lo, hi) if self.limiter is not None
+                else np.ones(hi - lo, dtype=np.float32))
+        if self.dips is not None:
+            gain *= activity.frames_to_block(self.dips, lo, hi)
+        gain *= np.float32(self.scale)
+        return gain
+
+    def times(self, scale: float = 1.0, dips: np.ndarray | None = None) -> Gain:
+        both = dips if self.dips is None or dips is None else self.dips * dips
+        return replace(self, scale=self.scale * scale, dips=self.dips if dips is None else both)
+
+
+# The envelope is measured near enough to the ceiling for make-up gains up to this much above
+# the gain it was first needed for (limiting costs loudness, which the make-up gives back); a
+# programme that needs more is measured again, up to MAX_MAKEUP_DB of make-up.
+MAKEUP_RANGE_DB = 3.0
+MAX_MAKEUP_DB = 24.0
+
+
+CHUNK_STEPS = 2000 * (RATE // 10 // LIMITER_STEP)  # steps the search reads at a time (200 s)
+HOLD = dsp.LOOKAHEAD_STEPS
+
+
+class Leveller:
+    """Finds the gain that brings a programme to a loudness with its true peak under the
+    ceiling, without rendering the programme again for each candidate gain.
+
+    One filtering pass and one envelope serve every candidate: the envelope of a scaled
+    programme is the scaled envelope, and with a gain that is constant over each limiter step
+    the K-weighted energy per step simply scales by its square. The estimate is close where
+    the limiter works little (0.01-0.05 LU) and reads low where it works hard (0.3 LU at 8 dB
+    of limiting: a fast-changing gain moves energy up to where K-weighting lifts it), so
+    ``mix_measured`` measures the result once and aims again if it missed. The per-step
+    energy and envelope wait on disk (``steps``) and each candidate reads them a chunk at a
+    time: the limiter's gain is made chunk by chunk with the state of its release carried on.
+    """
+
+    def __init__(self, plan: Plan, levels: MixLevels, folder: str | None = None) -> None:
+        self.plan, self.n, self.folder = plan, plan.length, folder
+        meter = StepEnergy(2, LIMITER_STEP)
+        self.energy = StepFile(folder)
+        for block in in_order(plan.mixed, plan.ranges()):
+            self.energy.append(meter.feed(block))
+        self.tenths = self._tenths(lambda a, b: self.energy.read(a, b))
+        self.loudness = gated_loudness(self.tenths, max(self.n, RATE // 2), RATE)
+        self.ceiling = float(db_to_gain(levels.true_peak_dbtp - dsp.CODEC_HEADROOM_DB - 0.1))
+        self.peaks: StepFile | None = None  # the envelope's peak per step (before the look-ahead hold)
+        self.loudest = 0.0
+        self.covered = 0.0  # the highest gain the envelope was measured for
+
+    def _tenths(self, weighted: Callable[[int, int], np.ndarray]) -> np.ndarray:
+        """Energy per 100 ms from energy per step, chunk by chunk (``weighted(a, b)``)."""
+        per = RATE // 10 // LIMITER_STEP
+        out = [np.add.reduceat(part, np.arange(0, part.shape[0], per)) if part.size else part
+               for part in (weighted(a, min(self.energy.length, a + CHUNK_STEPS)).astype(np.float64)
+                            for a in range(0, self.energy.length, CHUNK_STEPS))]
+        return np.concatenate([np.zeros(0), *out])
+
+    def _envelope(self, near: float) -> StepFile:
+        """The mix's true-peak envelope (oversampled where over ``near``), its peak per step."""
+        def work(lo: int, hi: int) -> np.ndarray:
+            ctx_lo, ctx_hi = max(0, lo - dsp.CONTEXT), min(self.n, hi + dsp.CONTEXT)
+            env = dsp.peak_envelope(self.plan.mixed(ctx_lo, ctx_hi), near)[lo - ctx_lo : hi - ctx_lo]
+            steps = -(-env.shape[0] // LIMITER_STEP)
+            return np.pad(env, (0, steps * LIMITER_STEP - env.shape[0])).reshape(steps, LIMITER_STEP).max(axis=1)
+
+        peaks = StepFile(self.folder)
+        for part in in_order(work, self.plan.ranges()):
+            peaks.append(part)
+            self.loudest = max(self.loudest, float(part.max(initial=0.0)))
+        return peaks
+
+    def _peaks_for(self, scale: float) -> StepFile:
+        if self.peaks is None or scale > self.covered:
+            self.covered = scale * float(db_to_gain(MAKEUP_RANGE_DB))
+            near = self.ceiling / self.covered * float(db_to_gain(-dsp.OVERSAMPLE_MARGIN_DB))
+            if self.peaks is not None:
+                self.peaks.close()
+            self.peaks = self._envelope(near)
+        return self.peaks
+
+    def _held(self, peaks: StepFile, a: int, b: int) -> np.ndarray:
+        """``dsp.hold_steps`` of the whole envelope, steps [a, b)."""
+        lo = max(0, a - HOLD)
+        return dsp.hold_steps(peaks.read(lo, b + HOLD))[a - lo : b - lo]
+
+    def _limiter(self, peaks: StepFile, scale: float) -> Iterator[tuple[int, np.ndarray]]:
+        """``dsp.limiter_release`` of the envelope at ``scale``, as (first step, gains) in order."""
+        coeff = float(np.exp(-1.0 / (dsp.LIMITER_RELEASE_MS / 1000 * RATE / LIMITER_STEP)))
+        state: np.ndarray | None = None
+        tail = np.zeros(0, dtype=np.float32)  # the last 2 * HOLD released gains, for the spread
+        count = peaks.length
+        for a in range(0, count, CHUNK_STEPS):
+            b = min(count, a + CHUNK_STEPS)
+            gain = np.minimum(np.float32(1.0), self.ceiling / np.maximum(self._held(peaks, a, b) * np.float32(scale),
+                                                                          np.float32(1e-9)))
+            if state is None:
+                state = np.array([gain[0] * coeff])
+            recovered, state = lfilter([1 - coeff], [1, -coeff], gain, zi=state)
+            released = np.minimum(gain, recovered).astype(np.float32)
+            buffer = np.concatenate([tail, released])
+            start = a - tail.shape[0]  # the step buffer[0] is
+            spread = -maximum_filter1d(-buffer, size=2 * HOLD + 1)  # reductions spread both ways
+            out_lo, out_hi = (0 if a == 0 else a - HOLD), (count if b == count else b - HOLD)
+            yield out_lo, spread[out_lo - start : out_hi - start]
+            tail = buffer[-2 * HOLD :]
+
+    def estimate(self, scale: float, keep: StepFile | None = None) -> tuple[bool, float]:
+        """Whether the limiter works at this gain, and the loudness it gives; its gain per
+        step goes to ``keep``."""
+        peaks = self._peaks_for(scale)
+        if self.loudest * scale <= self.ceiling:
+            return False, self.loudness + 20 * np.log10(scale)
+        tenths = np.zeros_like(self.tenths)
+        per = RATE // 10 // LIMITER_STEP
+        for first, gains in self._limiter(peaks, scale):
+            if gains.size == 0:
+                continue
+            if keep is not None:
+                keep.append(gains)
+            last = first + gains.shape[0]
+            weighted = self.energy.read(first, last).astype(np.float64) * np.square(gains, dtype=np.float64)
+            bins = np.arange(first, last) // per
+            tenths[bins[0] : bins[-1] + 1] += np.bincount(bins - bins[0], weights=weighted)
+        return True, gated_loudness(tenths * (scale * scale), max(self.n, RATE // 2), RATE)
+
+    def gain(self, aim: float) -> tuple[Gain, float]:
+        """The gain aimed at ``aim`` LUFS, and its estimated loudness."""
+        x = aim - self.loudness  # the gain in dB: a secant search on its estimated loudness
+        limit = x + MAX_MAKEUP_DB
+        current = self.estimate(float(db_to_gain(x)))[1]
+        previous: tuple[float, float] | None = None
+        for _ in range(12):
+            if abs(current - aim) < 0.01 or x >= limit:
+                break
+            slope = 1.0 if previous is None else (current - previous[1]) / (x - previous[0])
+            previous = (x, current)
+            x = min(limit, x + (aim - current) / min(1.0, max(0.05, slope)))
+            current = self.estimate(float(db_to_gain(x)))[1]
+        kept = StepFile(self.folder)
+        limiting, current = self.estimate(float(db_to_gain(x)), kept)
+        if not limiting:
+            kept.close()
+        return Gain(self.n, float(db_to_gain(x)), kept if limiting else None), current
+
+
+PARTS = ("mix", "bgm", "speech")
+
+
+@dataclass(frozen=True)
+class MixOutcome:
+    """A levelled mix, as the plan and the gain that make it: ``mix == (voice + placed) *
+    gain``. Rendered block by block (``blocks``) for each pass that needs it."""
+
+    plan: Plan
+    gain: Gain
+    loudness_lufs: float
+    true_peak_dbtp: float
+    encodes: int = 0  # how many encodes the true-peak ceiling took (the mixer fills it in)
+
+    def block(self, part: str, lo: int, hi: int) -> np.ndarray:
+        made = {"mix": self.plan.mixed, "bgm": self.plan.placed, "speech": self.plan.voice}[part](lo, hi)
+        made *= self.gain.block(lo, hi)[:, None]
+        return made
+
+    def blocks(self, part: str = "mix") -> Iterator[np.ndarray]:
+        """The part ("mix", or as it sits in the mix: "bgm", "speech") a block at a time."""
+        return in_order(lambda lo, hi: self.block(part, lo, hi), self.plan.ranges())
+
+    def whole(self, part: str = "mix") -> np.ndarray:
+        """The part as one array (tests and short clips: a long programme is rendered in blocks)."""
+        return np.concatenate([np.zeros((0, 2), dtype=np.float32), *self.blocks(part)])
+
+    @property
+    def mix(self) -> np.ndarray:
+        return self.whole("mix")
+
+    @property
+    def bgm(self) -> np.ndarray:
+        return self.whole("bgm")
+
+    @property
+    def speech(self) -> np.ndarray:
+        return self.whole("speech")
+
+    def scaled(self, scale: float = 1.0, dips: np.ndarray | None = None) -> MixOutcome:
+        """The same mix times ``scale`` and the per-frame ``dips``; the parts likewise."""
+        return replace(self, gain=self.gain.times(scale, dips))
+
+
+def measure(outcome: MixOutcome, true_peak: bool) -> tuple[float, float]:
+    """The rendered mix's loudness and (where asked) true peak, in one pass."""
+    meter = LoudnessMeter(2)
+    peaks = dsp.PeakMeter()
+    for block in outcome.blocks():
+        meter.feed(block)
+        if true_peak:
+            peaks.feed(block)
+    peaks.finish()
+    return meter.integrated(), peaks.true_peak_db if true_peak else float("nan")
+
+
+def mix_measured(speech: Source, music: Source, levels: MixLevels, talking: np.ndarray, bgm_lufs: float,
+                 measure_peak: bool = True, folder: str | None = None) -> MixOutcome:
+    """The mix of ``speech`` and ``music`` (sources of the same length) with the speech
+    activity (per 10 ms frame) and the music's loudness already known (the mixer takes them
+    as tracks arrive).
+
+    The speech is gated to where someone talks, so what separation left of the old music is
+    gone from the pauses. ``measure_peak=False`` leaves the true peak as NaN, for a caller
+    that measures the encoded file. The levelling's per-step arrays wait in ``folder``.
+    """
+    made = plan(speech, music, levels, talking, bgm_lufs)
+    leveller = Leveller(made, levels, folder)
+    if leveller.loudness <= -70:
+        outcome = MixOutcome(made, Gain(made.length, 1.0), leveller.loudness, float("nan"))
+        if measure_peak:
+            outcome = replace(outcome, true_peak_dbtp=measure(outcome, True)[1])
+        return outcome
+    gain, estimate = leveller.gain(levels.loudness_lufs)
+    outcome = MixOutcome(made, gain, estimate, float("nan"))
+    current, peak = measure(outcome, measure_peak)
+    if abs(current - levels.loudness_lufs) > 0.1:  # missed (hard limiting): aim again, corrected
+        gain, _ = leveller.gain(levels.loudness_lufs - (current - estimate))
+        outcome = MixOutcome(made, gain, estimate, float("nan"))
+        current, peak = measure(outcome, measure_peak)
+    return replace(outcome, loudness_lufs=current, true_peak_dbtp=peak)
+
+
+def mix(speech: np.ndarray, bgm: np.ndarray, levels: MixLevels) -> MixOutcome:
+    """speech (n, 2), bgm (n, 2), same length, 48 kHz -> the final stereo mix."""
+    threshold = activity.threshold_for(levels.duck_sensitivity)
+    talking = activity.detect(activity.speech_probability(speech.mean(axis=1)), threshold, speech.shape[0])
+    return mix_measured(ArraySource(speech), ArraySource(bgm, speech.shape[0]), levels, talking,
+                        dsp.loudness(bgm))
+
+
+def _ducks(talking: np.ndarray, levels: MixLevels) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per frame, the whole music's duck and the speech band's further duck (None: none)."""
+    wide_db = min(levels.duck_wide_db, levels.duck_db)
+    duck = dsp.duck_frames(talking, levels, wide_db)
+    return duck, None if wide_db >= levels.duck_db else dsp.duck_frames(talking, levels, levels.duck_db - wide_db)
+
+
+def place_music(bgm: np.ndarray, talking: np.ndarray, levels: MixLevels, scale: float) -> np.ndarray:
+    """The music as the mix places it (ducked, faded, times ``scale``), as one array."""
+    n = bgm.shape[0]
+    made = Plan(Silence(n), ArraySource(bgm), n, levels, activity.gate_frames(talking), *_ducks(talking, levels),
+                scale)
+    return np.concatenate([np.zeros((0, 2), dtype=np.float32), *in_order(made.placed, made.ranges())])

@@ -1,0 +1,190 @@
+"""A track of the mix read in windows, so no pass over a long programme holds all of it.
+
+The mix reads its speech and music a block at a time, more than once (measure, level,
+encode), and reads a little either side of a block for filter context. A track is a file
+of raw PCM at the mix's rate read at offsets (what the gateway sends), or an array (tests,
+benchmarks). Every read gives 48 kHz stereo float32, silence outside the track, cut at the
+mix's length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from bgm import audio, media
+from bgm.errors import InvalidInput
+from bgm.v1 import common_pb2
+from services.mixer import dsp
+
+RATE = dsp.SAMPLE_RATE
+CHANNELS = 2
+CONVERT_BLOCK = 60 * RATE  # a track in another format is rewritten this much at a time
+
+
+class Source(Protocol):
+    length: int  # samples the mix runs for
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """Samples [lo, hi) as (hi - lo, 2) float32, the caller's own (free to change in
+        place); silence outside the track."""
+        ...
+
+
+def _stereo(frames: np.ndarray) -> np.ndarray:
+    if frames.ndim == 1:
+        frames = frames[:, None]
+    if frames.shape[1] != CHANNELS:  # as ``audio.mix_channels``: the mean of the channels on both
+        frames = np.repeat(frames.mean(axis=1, keepdims=True), CHANNELS, axis=1)
+    return frames.astype(np.float32, copy=False)
+
+
+def _padded(frames: np.ndarray, lo: int, hi: int, available: int) -> np.ndarray:
+    """``frames`` (the samples from max(lo, 0) to min(hi, available)) placed in [lo, hi)."""
+    if lo >= 0 and frames.shape[0] == hi - lo:
+        return frames
+    out = np.zeros((hi - lo, CHANNELS), dtype=np.float32)
+    start = max(0, -lo)
+    out[start : start + frames.shape[0]] = frames
+    return out
+
+
+class ArraySource:
+    """A track held as an array ((m,), (m, channels)), cut or padded to ``length``."""
+
+    def __init__(self, frames: np.ndarray, length: int | None = None) -> None:
+        self.frames = frames if frames.ndim == 2 else frames[:, None]
+        self.length = self.frames.shape[0] if length is None else length
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        available = min(self.frames.shape[0], self.length)
+        part = _stereo(self.frames[max(lo, 0) : max(0, min(hi, available))])
+        if np.shares_memory(part, self.frames):  # the caller's to change: never the track itself
+            part = part.copy()
+        return _padded(part, lo, hi, available)
+
+
+class Silence:
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        return np.zeros((hi - lo, CHANNELS), dtype=np.float32)
+
+
+class PcmFile:
+    """Raw PCM at the mix's rate in a file, read at offsets."""
+
+    def __init__(self, path: Path, fmt: common_pb2.AudioFormat, length: int) -> None:
+        audio.check_whole_frames(path.stat().st_size, fmt)
+        self.path, self.fmt, self.length = path, fmt, length
+        self.dtype = np.dtype("<i2" if fmt.encoding == audio.PCM_S16LE else "<f4")
+        self.available = path.stat().st_size // audio.bytes_per_frame(fmt)
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        available = min(self.available, self.length)
+        first, last = max(lo, 0), max(0, min(hi, available))
+        channels = self.fmt.channels
+        if last > first:
+            raw = np.fromfile(self.path, dtype=self.dtype, count=(last - first) * channels,
+                              offset=first * channels * self.dtype.itemsize).reshape(-1, channels)
+            frames = raw.astype(np.float32) / 32768.0 if self.dtype.kind == "i" else raw.astype(np.float32)
+            if not np.all(np.isfinite(frames)):
+                raise InvalidInput("PCM_F32LE audio contains NaN or infinite samples")
+        else:
+            frames = np.zeros((0, channels), dtype=np.float32)
+        return _padded(_stereo(frames), lo, hi, available)
+
+
+def open_track(path: Path, size: int, fmt: common_pb2.AudioFormat, length: int, what: str,
+               max_duration_s: float, setting: str, scratch: Path) -> Source:
+    """A streamed-in track as a Source ``length`` samples long: silence if nothing was sent.
+
+    Raw PCM at 48 kHz (what the gateway sends) is read where it lies. Another rate, or a
+    container, is decoded once and rewritten as such a file in ``scratch`` (that decode holds
+    the whole track: a caller sending long tracks sends them at 48 kHz)."""
+    if size == 0:
+        return Silence(length)
+    if fmt.encoding == common_pb2.ENCODING_UNSPECIFIED:
+        raise InvalidInput(f"{what} audio was sent without {what}_format in the config")
+    # A track may run a little past the original (it is cut to it); never far past the limit.
+    limit_s = max_duration_s + 60.0
+    if fmt.encoding != audio.CONTAINER and fmt.sample_rate_hz == RATE:
+        if size > audio.pcm_bytes(fmt, limit_s):
+            raise media.too_long(what, limit_s, setting)
+        return PcmFile(path, fmt, length)
+    frames = audio.load_audio(path, fmt, RATE, CHANNELS, limit_s, setting)
+    converted = scratch / f"{what}-48k.f32"
+    with open(converted, "wb") as f:
+        for start in range(0, frames.shape[0], CONVERT_BLOCK):
+            f.write(np.ascontiguousarray(frames[start : start + CONVERT_BLOCK], dtype="<f4").tobytes())
+    del frames
+    return PcmFile(converted, audio.audio_format(RATE, CHANNELS), length)
+
+
+def digest(source: Source, block: int = CONVERT_BLOCK) -> str:
+    """A fingerprint of the track's samples, read a block at a time (a cache key part)."""
+    made = hashlib.sha256(f"{source.length}".encode())
+    for lo in range(0, source.length, block):
+        made.update(source.read(lo, min(source.length, lo + block)).tobytes())
+    return made.hexdigest()
+
+
+class MonoFile:
+    """Mono float32 PCM at the mix's rate in a file, as a read-only 1-D array (``x.shape``,
+    ``x[a:b]``) that holds a window of it at a time: the separator, the residue expander and
+    the REST stem walk through it in order, so a long recording is never held whole."""
+
+    WINDOW = 10 * RATE
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.shape = (path.stat().st_size // 4,)
+        self.dtype = np.dtype(np.float32)
+        self.ndim = 1
+        self._lo = 0
+        self._window = np.zeros(0, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice):
+            raise TypeError("MonoFile takes slices")
+        start, stop, step = key.indices(self.shape[0])
+        if step != 1:
+            raise TypeError("MonoFile takes contiguous slices")
+        stop = max(start, stop)
+        if start < self._lo or stop > self._lo + self._window.shape[0]:
+            end = min(self.shape[0], max(stop, start + self.WINDOW))
+            window = np.fromfile(self.path, dtype="<f4", count=end - start, offset=start * 4)
+            if not np.all(np.isfinite(window)):
+                raise InvalidInput("PCM_F32LE audio contains NaN or infinite samples")
+            self._lo, self._window = start, window.astype(np.float32, copy=False)
+        return self._window[start - self._lo : stop - self._lo]
+
+    def digest(self) -> str:
+        """A fingerprint of the samples (a cache key part), read a window at a time."""
+        made = hashlib.sha256(f"<f4({self.shape[0]},)".encode())
+        with open(self.path, "rb") as f:
+            while piece := f.read(self.WINDOW * 4):
+                made.update(piece)
+        return made.hexdigest()
+
+
+def mono_file(path: Path, fmt: common_pb2.AudioFormat, max_duration_s: float, setting: str,
+              scratch: Path) -> MonoFile:
+    """Streamed-in audio as a MonoFile: float32 mono PCM at 48 kHz (what the gateway sends)
+    where it lies; anything else decoded once and rewritten so (that decode holds it whole)."""
+    if fmt.encoding == audio.PCM_F32LE and fmt.sample_rate_hz == RATE and fmt.channels == 1:
+        if path.stat().st_size > audio.pcm_bytes(fmt, max_duration_s):
+            raise media.too_long("audio", max_duration_s, setting)
+        audio.check_whole_frames(path.stat().st_size, fmt)
+        return MonoFile(path)
+    mono = audio.load_audio(path, fmt, RATE, 1, max_duration_s, setting)[:, 0]
+    converted = scratch / "mono-48k.f32"
+    mono.astype("<f4").tofile(converted)
+    return MonoFile(converted)
