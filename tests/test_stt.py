@@ -4,6 +4,7 @@ language detection and translation, music rejection, and bad input."""
 from __future__ import annotations
 
 import difflib
+import itertools
 import re
 import subprocess
 from pathlib import Path
@@ -286,6 +287,53 @@ def test_lines_said_over_and_over_are_decoded_once(tmp_path):
     found = [s for s in backend.transcribe(np.tile(once, 8), options, threading.Event()) if hasattr(s, "words")]
     assert len(" ".join(s.text for s in found).split()) >= 8 * 20  # every repetition is there
     assert [s.temperature for s in found] == [0.0] * len(found)
+
+
+def test_a_long_recording_is_decoded_in_windows_cut_in_pauses(tmp_path, monkeypatch):
+    """faster-whisper computes the features of all it is given at once (0.6 GB for an hour),
+    so a long recording goes through it in windows that end in a pause. With 12 s windows
+    a 40 s recording must give the words one call gives, in the recording's time, numbered
+    in order, with no word across a cut and the language said once."""
+    import threading
+
+    from services.stt import backend as stt_backend
+    from services.stt.backend import Detected, Loudness, Options, WhisperBackend
+    from services.stt.settings import SttSettings
+    from tests.media_files import decode
+
+    rate = 16_000
+    texts = ("The harbour was quiet this morning.", "The boats came home early with their nets full.",
+             "In the afternoon the wind turned and the rain began.", "By evening the streets were empty.",
+             "Tomorrow the market opens again at dawn.")
+    lines = [decode(speak(text, tmp_path / f"line{i}.wav"), rate)[:, 0] for i, text in enumerate(texts)]
+    gap = np.zeros(int(1.2 * rate), dtype=np.float32)
+    audio = np.concatenate([part for line in lines for part in (line, gap)] * 2)
+    rng = np.random.default_rng(3)
+    audio = audio + rng.standard_normal(audio.shape[0]).astype(np.float32) * 1e-3
+    backend = WhisperBackend(SttSettings(detect_language=False), 1)
+    options = Options("transcribe", "en", True, True, 5)
+
+    def run() -> tuple[list, list]:
+        out = list(backend.transcribe(audio, options, threading.Event()))
+        return [o for o in out if isinstance(o, Detected)], [o for o in out if not isinstance(o, Detected)]
+
+    _, whole = run()
+    monkeypatch.setattr(stt_backend, "WINDOW_S", 12.0)
+    monkeypatch.setattr(stt_backend, "CUT_SEARCH_S", 4.0)
+    cuts = [hi / rate for _, hi in Loudness(audio).windows(audio.shape[0])[:-1]]
+    assert len(cuts) >= 3 and all(0 < b - a <= 12.0 for a, b in zip([0.0, *cuts], cuts, strict=False))
+    detected, windowed = run()
+    assert len(detected) == 1
+    assert [s.id for s in windowed] == list(range(1, len(windowed) + 1))
+    words = [w for s in windowed for w in s.words]
+    assert all(a.start_s <= b.start_s for a, b in itertools.pairwise(words))
+    assert all(not (w.start_s < cut < w.end_s) for w in words for cut in cuts)
+    assert words[-1].end_s <= audio.shape[0] / rate
+    truth = normalise(" ".join(texts * 2))
+    whole_wer = jiwer.wer(truth, normalise(" ".join(s.text for s in whole)))
+    windowed_wer = jiwer.wer(truth, normalise(" ".join(s.text for s in windowed)))
+    print(f"\ncuts at {[round(c, 1) for c in cuts]} s; WER whole {whole_wer:.3f}, in windows {windowed_wer:.3f}")
+    assert windowed_wer <= max(0.1, whole_wer + 0.05)
 
 
 def test_a_last_word_stretched_over_the_rest_of_the_speech_is_found():

@@ -105,9 +105,9 @@ class DeepFilterNet:
         try:
             for first in range(0, frames, frames_per_block):
                 count = min(frames_per_block, frames - first)
+                block_in = mono[first * n : (first + count) * n]  # one read per block, not per frame
                 for k in range(count):
-                    start = (first + k) * n
-                    piece = mono[start : start + n]
+                    piece = block_in[k * n : (k + 1) * n]
                     frame_in[: piece.shape[0]] = piece
                     frame_in[piece.shape[0] :] = 0.0
                     self.lib.df_process_frame(state, frame_in.ctypes.data_as(_FloatPtr),

@@ -8,10 +8,11 @@ unless language detection is on, in which case it loads at start.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,12 @@ SAMPLING_SEED = 0
 COMPRESSION_RATIO_THRESHOLD: float | None = None
 # No spoken word lasts this long; a last word that does hides text Whisper skipped.
 STRETCHED_WORD_S = 2.5
+# A long recording is decoded this much at a time: faster-whisper computes the features of
+# all it is given at once (its spectrogram of an hour is 0.6 GB). Each window ends in the
+# quietest CUT_PAUSE_S of its last CUT_SEARCH_S, so no word is cut in two.
+WINDOW_S = 300.0
+CUT_SEARCH_S = 30.0
+CUT_PAUSE_S = 0.3
 
 
 def cuda_available() -> bool:
@@ -123,9 +130,26 @@ class Loudness:
     def __init__(self, audio: np.ndarray) -> None:
         frames = audio.shape[0] // self.FRAME
         power = (audio[: frames * self.FRAME].reshape(frames, self.FRAME) ** 2).mean(axis=1) if frames else np.zeros(1)
+        self.power = power
         levels = 10 * np.log10(power + 1e-12)
         threshold = max(float(np.percentile(levels, 95)) - 35.0, -60.0)
         self.audible = levels > threshold
+
+    def windows(self, samples: int) -> list[tuple[int, int]]:
+        """Consecutive sample ranges of at most WINDOW_S covering ``samples``, each cut in the
+        middle of the quietest CUT_PAUSE_S of its last CUT_SEARCH_S."""
+        size = int(WINDOW_S * SAMPLE_RATE)
+        search, pause = round(CUT_SEARCH_S * 100), max(1, round(CUT_PAUSE_S * 100))
+        out, lo = [], 0
+        while samples - lo > size:
+            end = (lo + size) // self.FRAME  # in frames
+            first = max(lo // self.FRAME + 1, end - search)
+            quiet = np.convolve(self.power[first:end], np.ones(pause), mode="valid")
+            cut = (first + int(np.argmin(quiet)) + pause // 2) * self.FRAME if quiet.size else lo + size
+            out.append((lo, cut))
+            lo = cut
+        out.append((lo, samples))
+        return out
 
     def trim(self, start: float, end: float) -> tuple[float, float]:
         first, last = int(start * 100), int(np.ceil(end * 100))
@@ -227,7 +251,10 @@ class WhisperBackend:
     def _transcribe(
         self, audio: np.ndarray, options: Options, cancel: threading.Event
     ) -> Iterator[Detected | Segment]:
-        model, options, detected = self.choose(audio, options)
+        loudness = Loudness(audio)
+        windows = loudness.windows(audio.shape[0])
+        first_lo, first_hi = windows[0]
+        model, options, detected = self.choose(audio[first_lo:first_hi], options)
         # Whisper falls back to sampling at higher temperatures where greedy or beam output
         # looks wrong; a fixed seed makes that reproducible (same audio, same transcript).
         ctranslate2.set_random_seed(SAMPLING_SEED)
@@ -240,13 +267,25 @@ class WhisperBackend:
             condition_on_previous_text=False,  # keeps one bad segment from poisoning the rest
             compression_ratio_threshold=COMPRESSION_RATIO_THRESHOLD,
         )
-        segments, info = decode(audio, language=options.language)
-        language = info.language
-        yield detected if detected is not None else Detected(language, float(info.language_probability))
-        translated = options.task == "translate" and language != "en"
-        loudness = Loudness(audio)
+        language = options.language
+        numbered = 0  # faster-whisper numbers each window's segments from 1
+        for lo, hi in windows:
+            if cancel.is_set():
+                return
+            segments, info = decode(audio[lo:hi], language=language)
+            if lo == 0:  # the language is the first window's, and said once
+                language = info.language
+                yield detected if detected is not None else Detected(language, float(info.language_probability))
+            assert language is not None
+            translated = options.task == "translate" and language != "en"
+            for seg in self._window(segments, decode, audio, lo, hi, language, translated, loudness, cancel):
+                numbered += 1
+                yield dataclasses.replace(seg, id=numbered)
 
-        def made(seg: Any, offset: float = 0.0) -> Segment | None:
+    def _window(self, segments: Iterable[Any], decode: Callable[..., Any], audio: np.ndarray, lo: int, hi: int,
+                language: str, translated: bool, loudness: Loudness, cancel: threading.Event) -> Iterator[Segment]:
+        """The segments of one window (``audio[lo:hi]``), in the recording's time."""
+        def made(seg: Any, offset: float) -> Segment | None:
             text = seg.text.strip()
             if not text:
                 return None
@@ -270,7 +309,7 @@ class WhisperBackend:
         for seg in segments:
             if cancel.is_set():
                 return
-            current = made(seg)
+            current = made(seg, lo / SAMPLE_RATE)
             if current is None:
                 continue
             if held is not None:
@@ -278,11 +317,11 @@ class WhisperBackend:
             held = current
         if held is None:
             return
-        tail = self._stretched_tail(held, audio.shape[0] / SAMPLE_RATE)
+        tail = self._stretched_tail(held, hi / SAMPLE_RATE)
         if tail is None or cancel.is_set():
             yield held
             return
-        again, _ = decode(audio[int(tail * SAMPLE_RATE):], language=language)
+        again, _ = decode(audio[int(tail * SAMPLE_RATE) : hi], language=language)
         recovered = [r for r in (made(seg, tail) for seg in again) if r is not None]
         if not recovered:
             yield held
