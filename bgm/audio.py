@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -136,3 +139,79 @@ def resample(frames: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
 
     g = gcd(rate_in, rate_out)
     return resample_poly(frames, rate_out // g, rate_in // g, axis=0).astype(np.float32)
+
+
+class Recording(Protocol):
+    """Mono float32 samples: an array, or a file read a window at a time (``MonoPcmFile``)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def __getitem__(self, key: slice, /) -> np.ndarray: ...
+
+
+class MonoPcmFile:
+    """Mono raw PCM in a file as a read-only 1-D float32 array (``x.shape``, ``x[a:b]``) that
+    holds a window of it at a time: the services walk through a recording in order, so a
+    long one is never held whole (an hour at 48 kHz is 0.7 GB as floats)."""
+
+    WINDOW_S = 10.0
+
+    def __init__(self, path: Path, fmt: common_pb2.AudioFormat) -> None:
+        check_whole_frames(path.stat().st_size, fmt)
+        if fmt.channels != 1 or fmt.encoding not in (PCM_S16LE, PCM_F32LE):
+            raise ValueError("MonoPcmFile reads mono raw PCM")
+        self.path, self.fmt = path, fmt
+        self.width = bytes_per_frame(fmt)
+        self.shape = (path.stat().st_size // self.width,)
+        self.window = max(1, int(self.WINDOW_S * fmt.sample_rate_hz))
+        self._lo = 0
+        self._held = np.zeros(0, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice):
+            raise TypeError("MonoPcmFile takes slices")
+        start, stop, step = key.indices(self.shape[0])
+        if step != 1:
+            raise TypeError("MonoPcmFile takes contiguous slices")
+        stop = max(start, stop)
+        if start < self._lo or stop > self._lo + self._held.shape[0]:
+            end = min(self.shape[0], max(stop, start + self.window))
+            with open(self.path, "rb") as f:
+                f.seek(start * self.width)
+                self._lo, self._held = start, pcm_to_float(f.read((end - start) * self.width), self.fmt)[:, 0]
+        return self._held[start - self._lo : stop - self._lo]
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """The whole recording, a window at a time."""
+        for start in range(0, self.shape[0], self.window):
+            yield self[start : start + self.window]
+
+    def digest(self) -> str:
+        """A fingerprint of the samples as floats (a cache key part), read a window at a time."""
+        made = hashlib.sha256(f"<f4({self.shape[0]},)".encode())
+        for block in self.blocks():
+            made.update(np.ascontiguousarray(block).data)
+        return made.hexdigest()
+
+
+def open_mono(path: Path, fmt: common_pb2.AudioFormat, sample_rate: int, max_duration_s: float, setting: str,
+              scratch: Path) -> MonoPcmFile:
+    """Streamed-in audio as mono at ``sample_rate`` read a window at a time: raw mono PCM at
+    that rate (what the gateway sends each service) where it lies; anything else decoded
+    once and rewritten so into ``scratch`` (that decode holds it whole)."""
+    if fmt.encoding in (PCM_S16LE, PCM_F32LE) and fmt.sample_rate_hz == sample_rate and fmt.channels == 1:
+        if path.stat().st_size > pcm_bytes(fmt, max_duration_s):
+            raise media.too_long("audio", max_duration_s, setting)
+        recording = MonoPcmFile(path, fmt)
+        if fmt.encoding == PCM_F32LE:
+            for _ in recording.blocks():  # NaN or infinity is refused now, before any work starts
+                pass
+        return recording
+    mono = load_audio(path, fmt, sample_rate, 1, max_duration_s, setting)[:, 0]
+    converted = scratch / f"mono-{sample_rate}.f32"
+    mono.astype("<f4").tofile(converted)
+    return MonoPcmFile(converted, audio_format(sample_rate, 1))

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from services.mixer.separation import Recording
+from bgm.audio import Recording
 
 # 20 ms at 48 kHz, the separator's own frame.
 FRAME = 960

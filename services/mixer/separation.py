@@ -16,19 +16,11 @@ from typing import Protocol
 import numpy as np
 
 from bgm import logs, models, vocab
+from bgm.audio import Recording
 from bgm.errors import Unsupported
 
 log = logs.get("bgm.mixer")
 SAMPLE_RATE = vocab.SEPARATION_RATE
-
-
-class Recording(Protocol):
-    """Mono float32 at 48 kHz: an array, or a file read a window at a time (``sources.MonoFile``)."""
-
-    @property
-    def shape(self) -> tuple[int, ...]: ...
-
-    def __getitem__(self, key: slice, /) -> np.ndarray: ...
 
 
 class Separator(Protocol):

@@ -81,7 +81,7 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
         self.require_ready()
         self.limiter.check()
         started = time.monotonic()
-        # The recording stays in its spool and is read a window at a time (``sources.MonoFile``).
+        # The recording stays in its spool and is read a window at a time (``audio.MonoPcmFile``).
         with scratch.workdir("separate", self.server.tmp_dir) as tmp, \
                 Spool(self.server.max_input_bytes, "audio", tmp) as spool:
             with self.uploads:
@@ -117,7 +117,7 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
                         common_pb2.STAGE_SEPARATE, done / max(1, mono.shape[0]), started,
                         f"separating with {separator.name}"))
 
-    def speech_blocks(self, separator: separation.Separator, mono: separation.Recording,
+    def speech_blocks(self, separator: separation.Separator, mono: audio.Recording,
                       cancel: threading.Event) -> Iterator[np.ndarray]:
         """The separated speech block by block: from the cache when this audio was separated
         the same way before, else from the separator (and kept, once complete)."""
@@ -127,7 +127,7 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
             yield from separated
             return
         name = cache.key("speech", separator.name, self.settings.demucs_model, self.settings.attenuation_limit_db,
-                         power, knee, RATE, mono.digest() if isinstance(mono, sources.MonoFile) else mono)
+                         power, knee, RATE, mono.digest() if isinstance(mono, audio.MonoPcmFile) else mono)
         found = self.cache.get(name)
         if found is not None:
             for begin in range(0, found.shape[0], CACHED_BLOCK):
@@ -257,7 +257,7 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
         return outcome, target, out
 
 
-def stem_pcm(blocks: Iterator[np.ndarray], mono: separation.Recording,
+def stem_pcm(blocks: Iterator[np.ndarray], mono: audio.Recording,
              stems: Sequence[int]) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:
     """Each block of separated speech as PCM per stem asked for, with its length in samples
     (in the worker thread: a demucs block is the whole file)."""

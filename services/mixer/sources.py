@@ -133,58 +133,7 @@ def digest(source: Source, block: int = CONVERT_BLOCK) -> str:
     return made.hexdigest()
 
 
-class MonoFile:
-    """Mono float32 PCM at the mix's rate in a file, as a read-only 1-D array (``x.shape``,
-    ``x[a:b]``) that holds a window of it at a time: the separator, the residue expander and
-    the REST stem walk through it in order, so a long recording is never held whole."""
-
-    WINDOW = 10 * RATE
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.shape = (path.stat().st_size // 4,)
-        self.dtype = np.dtype(np.float32)
-        self.ndim = 1
-        self._lo = 0
-        self._window = np.zeros(0, dtype=np.float32)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, key: slice) -> np.ndarray:
-        if not isinstance(key, slice):
-            raise TypeError("MonoFile takes slices")
-        start, stop, step = key.indices(self.shape[0])
-        if step != 1:
-            raise TypeError("MonoFile takes contiguous slices")
-        stop = max(start, stop)
-        if start < self._lo or stop > self._lo + self._window.shape[0]:
-            end = min(self.shape[0], max(stop, start + self.WINDOW))
-            window = np.fromfile(self.path, dtype="<f4", count=end - start, offset=start * 4)
-            if not np.all(np.isfinite(window)):
-                raise InvalidInput("PCM_F32LE audio contains NaN or infinite samples")
-            self._lo, self._window = start, window.astype(np.float32, copy=False)
-        return self._window[start - self._lo : stop - self._lo]
-
-    def digest(self) -> str:
-        """A fingerprint of the samples (a cache key part), read a window at a time."""
-        made = hashlib.sha256(f"<f4({self.shape[0]},)".encode())
-        with open(self.path, "rb") as f:
-            while piece := f.read(self.WINDOW * 4):
-                made.update(piece)
-        return made.hexdigest()
-
-
 def mono_file(path: Path, fmt: common_pb2.AudioFormat, max_duration_s: float, setting: str,
-              scratch: Path) -> MonoFile:
-    """Streamed-in audio as a MonoFile: float32 mono PCM at 48 kHz (what the gateway sends)
-    where it lies; anything else decoded once and rewritten so (that decode holds it whole)."""
-    if fmt.encoding == audio.PCM_F32LE and fmt.sample_rate_hz == RATE and fmt.channels == 1:
-        if path.stat().st_size > audio.pcm_bytes(fmt, max_duration_s):
-            raise media.too_long("audio", max_duration_s, setting)
-        audio.check_whole_frames(path.stat().st_size, fmt)
-        return MonoFile(path)
-    mono = audio.load_audio(path, fmt, RATE, 1, max_duration_s, setting)[:, 0]
-    converted = scratch / "mono-48k.f32"
-    mono.astype("<f4").tofile(converted)
-    return MonoFile(converted)
+              scratch: Path) -> audio.MonoPcmFile:
+    """Streamed-in audio as mono at 48 kHz read a window at a time (``audio.open_mono``)."""
+    return audio.open_mono(path, fmt, RATE, max_duration_s, setting, scratch)

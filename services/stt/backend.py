@@ -21,6 +21,7 @@ import ctranslate2
 import numpy as np
 
 from bgm import logs, models, vocab
+from bgm.audio import Recording
 from bgm.errors import Unsupported
 from services.stt.cancel import CancellableWhisper, Cancelled, cancelled_by
 from services.stt.settings import SttSettings
@@ -127,9 +128,12 @@ class Loudness:
 
     FRAME = SAMPLE_RATE // 100
 
-    def __init__(self, audio: np.ndarray) -> None:
+    def __init__(self, audio: Recording) -> None:
         frames = audio.shape[0] // self.FRAME
-        power = (audio[: frames * self.FRAME].reshape(frames, self.FRAME) ** 2).mean(axis=1) if frames else np.zeros(1)
+        piece = 60 * SAMPLE_RATE  # a minute at a time: the recording may be a file read in windows
+        parts = [np.square(audio[start : min(start + piece, frames * self.FRAME)], dtype=np.float32)
+                 .reshape(-1, self.FRAME).mean(axis=1) for start in range(0, frames * self.FRAME, piece)]
+        power = np.concatenate(parts) if parts else np.zeros(1)
         self.power = power
         levels = 10 * np.log10(power + 1e-12)
         threshold = max(float(np.percentile(levels, 95)) - 35.0, -60.0)
@@ -220,7 +224,7 @@ class WhisperBackend:
                 return f"whisper-{bundled}"
         return self.primary_path
 
-    def choose(self, audio: np.ndarray, options: Options) -> tuple[object, Options, Detected | None]:
+    def choose(self, audio: Recording, options: Options) -> tuple[object, Options, Detected | None]:
         """Pick the model for a request and, if needed, the language."""
         needs_multilingual = options.task == "translate" or (
             options.language not in (None, "en"))
@@ -236,7 +240,7 @@ class WhisperBackend:
         return self.multilingual(), Options(**{**options.__dict__, "language": language}), detected
 
     def transcribe(
-        self, audio: np.ndarray, options: Options, cancel: threading.Event
+        self, audio: Recording, options: Options, cancel: threading.Event
     ) -> Iterator[Detected | Segment]:
         """Yield the detected language first, then segments as the decoder produces them;
         stop before the model's next step once ``cancel`` is set."""
@@ -249,7 +253,7 @@ class WhisperBackend:
                 log.info("transcription cancelled")
 
     def _transcribe(
-        self, audio: np.ndarray, options: Options, cancel: threading.Event
+        self, audio: Recording, options: Options, cancel: threading.Event
     ) -> Iterator[Detected | Segment]:
         loudness = Loudness(audio)
         windows = loudness.windows(audio.shape[0])
@@ -282,7 +286,7 @@ class WhisperBackend:
                 numbered += 1
                 yield dataclasses.replace(seg, id=numbered)
 
-    def _window(self, segments: Iterable[Any], decode: Callable[..., Any], audio: np.ndarray, lo: int, hi: int,
+    def _window(self, segments: Iterable[Any], decode: Callable[..., Any], audio: Recording, lo: int, hi: int,
                 language: str, translated: bool, loudness: Loudness, cancel: threading.Event) -> Iterator[Segment]:
         """The segments of one window (``audio[lo:hi]``), in the recording's time."""
         def made(seg: Any, offset: float) -> Segment | None:

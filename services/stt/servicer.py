@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 from grpc import aio
 
-from bgm import audio, settings, vocab
+from bgm import audio, scratch, settings, vocab
 from bgm.chunks import Spool, StreamLimits, read_config, spool_payload
 from bgm.errors import ConcurrencyLimiter, InvalidInput
 from bgm.limits import LANGUAGE_CODE
@@ -63,29 +64,31 @@ class SpeechToTextServicer(ModelServicer, stt_pb2_grpc.SpeechToTextServicer):
         self.limiter.check()
         started = time.monotonic()
         setting = f"{vocab.STT.env_prefix}_MAX_DURATION_S"
-        with self.uploads, Spool(self.server.max_input_bytes, "audio", self.server.tmp_dir) as spool:
-            config, rest = await read_config(request_iterator, "config", "audio", self.stream)
-            options = self.options(config)
-            audio.cap_spool(spool, config.format, self.server.max_duration_s, setting)
-            await spool_payload(rest, spool, "config", "audio")
-            if spool.size == 0:
-                raise InvalidInput("no audio was sent after the config message")
-            samples = await asyncio.to_thread(
-                audio.load_audio, spool.finish(), config.format, SAMPLE_RATE, 1, self.server.max_duration_s, setting)
-        with self.limiter:
-            mono = samples[:, 0]
-            backend = self.backend
-            count = 0
-            async for item in iterate_in_thread(lambda cancel: backend.transcribe(mono, options, cancel)):
-                if isinstance(item, Detected):
-                    yield stt_pb2.TranscribeResponse(
-                        language=stt_pb2.LanguageInfo(language=item.language, probability=item.probability))
-                else:
-                    count += 1
-                    yield stt_pb2.TranscribeResponse(segment=segment_message(item))
-            yield stt_pb2.TranscribeResponse(summary=stt_pb2.TranscribeSummary(
-                duration_s=mono.shape[0] / SAMPLE_RATE, segment_count=count, model=backend.name,
-                processing_s=time.monotonic() - started))
+        # The recording stays in its spool and is read a window at a time (``audio.MonoPcmFile``).
+        with scratch.workdir("stt", self.server.tmp_dir) as tmp, \
+                Spool(self.server.max_input_bytes, "audio", tmp) as spool:
+            with self.uploads:
+                config, rest = await read_config(request_iterator, "config", "audio", self.stream)
+                options = self.options(config)
+                audio.cap_spool(spool, config.format, self.server.max_duration_s, setting)
+                await spool_payload(rest, spool, "config", "audio")
+                if spool.size == 0:
+                    raise InvalidInput("no audio was sent after the config message")
+                mono = await asyncio.to_thread(audio.open_mono, spool.finish(), config.format, SAMPLE_RATE,
+                                               self.server.max_duration_s, setting, Path(tmp))
+            with self.limiter:
+                backend = self.backend
+                count = 0
+                async for item in iterate_in_thread(lambda cancel: backend.transcribe(mono, options, cancel)):
+                    if isinstance(item, Detected):
+                        yield stt_pb2.TranscribeResponse(
+                            language=stt_pb2.LanguageInfo(language=item.language, probability=item.probability))
+                    else:
+                        count += 1
+                        yield stt_pb2.TranscribeResponse(segment=segment_message(item))
+                yield stt_pb2.TranscribeResponse(summary=stt_pb2.TranscribeSummary(
+                    duration_s=mono.shape[0] / SAMPLE_RATE, segment_count=count, model=backend.name,
+                    processing_s=time.monotonic() - started))
 
 
 def segment_message(seg: Segment) -> stt_pb2.Segment:
