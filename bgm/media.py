@@ -7,10 +7,11 @@ ffmpeg open another file or the network: such formats are refused before they ar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -132,12 +133,14 @@ def _probe_header(path: str | Path, what: str) -> MediaInfo:
 
 
 def decode_audio_blocks(path: str | Path, sample_rate: int, channels: int, block: int,
-                        what: str = "input") -> Iterator[np.ndarray]:
+                        what: str = "input") -> Generator[np.ndarray, None, None]:
     """The first audio stream as float32 blocks of ``block`` frames (the last shorter), for a
     pass over a long file that never holds all of it."""
     cmd = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", *INPUT_GUARD, "-i", str(path),
            "-map", "0:a:0", "-vn", "-ac", str(channels), "-ar", str(sample_rate), "-f", "f32le", "pipe:1"]
     want = block * 4 * channels
+    # stderr goes to a file: a corrupt stream can log more than a pipe holds, and nobody
+    # would read the pipe while stdout is being drained.
     with tempfile.TemporaryFile() as errors, processes.child(cmd, stdout=subprocess.PIPE, stderr=errors) as proc:
         assert proc.stdout is not None
         try:
@@ -166,32 +169,16 @@ def decode_audio(path: str | Path, sample_rate: int, channels: int, what: str = 
     With ``max_duration_s``, samples are counted as they are decoded and ffmpeg is stopped
     the moment they pass the limit (InvalidInput): memory never holds more than the limit.
     """
-    cmd = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", *INPUT_GUARD, "-i", str(path),
-           "-map", "0:a:0", "-vn", "-ac", str(channels), "-ar", str(sample_rate), "-f", "f32le", "pipe:1"]
-    frame_bytes = 4 * channels
-    limit = None if max_duration_s is None else int(max_duration_s * sample_rate + 1) * frame_bytes
+    limit = None if max_duration_s is None else int(max_duration_s * sample_rate + 1)
     data = bytearray()
-    # stderr goes to a file: a corrupt stream can log more than a pipe holds, and nobody
-    # would read the pipe while stdout is being drained.
-    with tempfile.TemporaryFile() as errors, processes.child(cmd, stdout=subprocess.PIPE, stderr=errors) as proc:
-        assert proc.stdout is not None
-        try:
-            while piece := proc.stdout.read(1 << 20):
-                data += piece
-                if limit is not None and len(data) > limit:
-                    assert max_duration_s is not None
-                    raise too_long(what, max_duration_s, setting)
-            returncode = proc.wait(timeout=3600)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        errors.seek(0)
-        stderr = errors.read(1 << 16)
-    if returncode != 0:
-        raise InvalidInput(f"could not decode the audio of {what} ({_short(stderr, path, what)})")
-    usable = len(data) - len(data) % frame_bytes
-    if usable == 0:
+    # Closed on the way out, so ffmpeg is stopped the moment the limit is passed.
+    with contextlib.closing(decode_audio_blocks(path, sample_rate, channels, (1 << 20) // (4 * channels),
+                                                what)) as blocks:
+        for block in blocks:
+            data += block.tobytes()
+            if limit is not None and len(data) > limit * 4 * channels:
+                assert max_duration_s is not None
+                raise too_long(what, max_duration_s, setting)
+    if not data:
         raise InvalidInput(f"{what} has no audio samples")
-    del data[usable:]
     return np.frombuffer(data, dtype="<f4").reshape(-1, channels)
