@@ -318,7 +318,7 @@ def print_trace(sampler: Sampler, stages: dict[str, tuple[float, float]], every_
 def run(mode: str, video: Path, seconds: float, work: Path, trace: bool) -> None:
     tmp = work / f"tmp-{mode}"
     tmp.mkdir()
-    logs = work / f"logs-{mode}"
+    logs = work / f"logs-{mode}-{seconds:g}s"  # one folder per run: several lengths run in one call
     logs.mkdir()
     servers = start_servers(mode, {"TMPDIR": str(tmp)}, logs)
     ready = {s.name: rss_mib(s.popen.pid) for s in servers}
@@ -361,7 +361,8 @@ def main() -> None:
             for mode in args.modes:
                 run(mode, video, minutes * 60, work, args.trace)
                 if args.logs:
-                    shutil.copytree(work / f"logs-{mode}", args.logs / f"{minutes:g}min-{mode}", dirs_exist_ok=True)
+                    shutil.copytree(work / f"logs-{mode}-{minutes * 60:g}s", args.logs / f"{minutes:g}min-{mode}",
+                                    dirs_exist_ok=True)
             video.unlink()
 
 
