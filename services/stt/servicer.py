@@ -65,7 +65,7 @@ class SpeechToTextServicer(ModelServicer, stt_pb2_grpc.SpeechToTextServicer):
         started = time.monotonic()
         setting = f"{vocab.STT.env_prefix}_MAX_DURATION_S"
         # The recording stays in its spool and is read a window at a time (``audio.MonoPcmFile``).
-        with scratch.workdir("stt", self.server.tmp_dir) as tmp, \
+        with scratch.workdir(vocab.STT.name, self.server.tmp_dir) as tmp, \
                 Spool(self.server.max_input_bytes, "audio", tmp) as spool:
             with self.uploads:
                 config, rest = await read_config(request_iterator, "config", "audio", self.stream)
