@@ -95,7 +95,7 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
                 await spool_payload(rest, spool, "config", "audio")
                 if spool.size == 0:
                     raise InvalidInput("no audio was sent after the config message")
-                mono = await asyncio.to_thread(sources.mono_file, spool.finish(), config.format,
+                mono = await asyncio.to_thread(audio.open_mono, spool.finish(), config.format, RATE,
                                                self.server.max_duration_s, DURATION_SETTING, Path(tmp))
             with self.limiter:
                 fmt = audio.audio_format(RATE, 1)

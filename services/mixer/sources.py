@@ -132,8 +132,3 @@ def digest(source: Source, block: int = CONVERT_BLOCK) -> str:
         made.update(source.read(lo, min(source.length, lo + block)).tobytes())
     return made.hexdigest()
 
-
-def mono_file(path: Path, fmt: common_pb2.AudioFormat, max_duration_s: float, setting: str,
-              scratch: Path) -> audio.MonoPcmFile:
-    """Streamed-in audio as mono at 48 kHz read a window at a time (``audio.open_mono``)."""
-    return audio.open_mono(path, fmt, RATE, max_duration_s, setting, scratch)
