@@ -114,12 +114,13 @@ def pcm_file_to_float(path: Path, fmt: common_pb2.AudioFormat, piece_bytes: int 
     return frames
 
 
-def convert_pcm(data: bytes, fmt: common_pb2.AudioFormat, sample_rate: int, channels: int) -> bytes:
-    """Raw PCM in ``fmt`` as float32 PCM (``audio_format(sample_rate, channels)``)."""
+def convert_pcm(data: bytes, fmt: common_pb2.AudioFormat, sample_rate: int, channels: int,
+                encoding: int = PCM_F32LE) -> bytes:
+    """Raw PCM in ``fmt`` as ``audio_format(sample_rate, channels, encoding)``."""
     if fmt.encoding not in (PCM_S16LE, PCM_F32LE):
         raise InvalidInput(f"expected raw PCM audio, got encoding {fmt.encoding}")
     frames = mix_channels(pcm_to_float(data, fmt), channels)
-    return float_to_pcm(resample(frames, fmt.sample_rate_hz, sample_rate))
+    return float_to_pcm(resample(frames, fmt.sample_rate_hz, sample_rate), encoding)
 
 
 def mix_channels(frames: np.ndarray, channels: int) -> np.ndarray:

@@ -13,10 +13,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -24,6 +27,7 @@ from bgm import logs, vocab
 
 log = logs.get("bgm.cache")
 SUFFIX = ".npy"
+FILE_SUFFIX = ".raw"  # a file kept as it is (``put_file``): never loaded into memory
 
 
 def file_digest(path: str | Path) -> str:
@@ -88,6 +92,37 @@ class ArrayCache:
                 log.warning("cannot write to the cache", extra={"fields": {"folder": str(self.folder),
                                                                           "error": str(exc)}})
 
+    def get_file(self, name: str, into: Path) -> bool:
+        """The file kept under ``name`` put at ``into`` (linked where the folders share a disk,
+        else copied); False when none is kept."""
+        if self.folder is None:
+            return False
+        kept = self.folder / f"{name}{FILE_SUFFIX}"
+        try:
+            try:
+                os.link(kept, into)
+            except OSError:
+                shutil.copyfile(kept, into)
+            os.utime(kept)
+        except OSError:
+            into.unlink(missing_ok=True)
+            return False
+        return True
+
+    def put_file(self, name: str, path: Path) -> None:
+        """Keep a copy of the file at ``path`` under ``name`` (no memory level: files are big)."""
+        if self.folder is None:
+            return
+        def copy(f: BinaryIO) -> None:
+            with open(path, "rb") as source:
+                shutil.copyfileobj(source, f)
+
+        try:
+            self._store(name, FILE_SUFFIX, copy)
+        except OSError as exc:
+            log.warning("cannot write to the cache", extra={"fields": {"folder": str(self.folder),
+                                                                      "error": str(exc)}})
+
     def _remember(self, name: str, array: np.ndarray) -> None:
         if array.nbytes > self.memory_bytes:
             return
@@ -101,12 +136,15 @@ class ArrayCache:
                 self._held -= old.nbytes
 
     def _write(self, name: str, array: np.ndarray) -> None:
+        self._store(name, SUFFIX, lambda f: np.save(f, array, allow_pickle=False))
+
+    def _store(self, name: str, suffix: str, write: Callable[[BinaryIO], object]) -> None:
         assert self.folder is not None
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=self.folder)
         try:
             with os.fdopen(fd, "wb") as f:
-                np.save(f, array, allow_pickle=False)
-            os.replace(tmp, self._path(name))
+                write(f)
+            os.replace(tmp, self.folder / f"{name}{suffix}")
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -115,7 +153,7 @@ class ArrayCache:
     def _evict(self) -> None:
         assert self.folder is not None
         entries = []
-        for path in self.folder.glob(f"*{SUFFIX}"):
+        for path in [*self.folder.glob(f"*{SUFFIX}"), *self.folder.glob(f"*{FILE_SUFFIX}")]:
             with contextlib.suppress(OSError):
                 stat = path.stat()
                 entries.append((stat.st_mtime, stat.st_size, path))

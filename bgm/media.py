@@ -11,7 +11,7 @@ import contextlib
 import json
 import subprocess
 import tempfile
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -160,6 +160,37 @@ def decode_audio_blocks(path: str | Path, sample_rate: int, channels: int, block
         stderr = errors.read(1 << 16)
     if returncode != 0:
         raise InvalidInput(f"could not decode the audio of {what} ({_short(stderr, path, what)})")
+
+
+def decode_audio_to_files(path: str | Path, outputs: Sequence[tuple[Path, int]], what: str = "input",
+                          max_duration_s: float | None = None, setting: str = "MAX_DURATION_S") -> int:
+    """The first audio stream decoded once (one ffmpeg reads the file) into mono 16-bit files,
+    one per ``(path, sample_rate)``; returns the frames in the first. Memory holds none of it.
+
+    With ``max_duration_s``, ffmpeg stops a second past it, and audio longer than it (a
+    header can lie) is refused (InvalidInput) with the files removed.
+    """
+    cmd = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", *INPUT_GUARD, "-i", str(path)]
+    for target, rate in outputs:
+        cmd += ["-map", "0:a:0", "-vn", "-ac", "1", "-ar", str(rate)]
+        if max_duration_s is not None:
+            cmd += ["-t", f"{max_duration_s + 1.0:.3f}"]
+        cmd += ["-f", "s16le", "-y", str(target)]
+    try:
+        done = processes.run(cmd, timeout=4 * 3600)
+        if done.returncode != 0:
+            raise InvalidInput(f"could not decode the audio of {what} ({_short(done.stderr, path, what)})")
+        first, rate = outputs[0]
+        frames = first.stat().st_size // 2
+        if not frames:
+            raise InvalidInput(f"{what} has no audio samples")
+        if max_duration_s is not None and frames > int(max_duration_s * rate + 1):
+            raise too_long(what, max_duration_s, setting)
+        return frames
+    except BaseException:
+        for target, _ in outputs:
+            target.unlink(missing_ok=True)
+        raise
 
 
 def decode_audio(path: str | Path, sample_rate: int, channels: int, what: str = "input",

@@ -15,6 +15,7 @@ the mix of the whole, its loudness pass and the encode, once the last input is i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import numpy as np
 from grpc import aio
 
 from bgm import audio, cache, logs, media, vocab
-from bgm.chunks import CHUNK_BYTES, iter_chunks
+from bgm.chunks import CHUNK_BYTES, iter_file_chunks
 from bgm.client import RetryPolicy, call_with_retry
 from bgm.errors import InvalidInput, ServiceError
 from bgm.v1 import (
@@ -52,9 +53,23 @@ STT_RATE = vocab.STT_RATE
 STAGE_NAMES: dict[int, str] = {int(v): k.removeprefix("STAGE_") for k, v in common_pb2.Stage.items()}
 
 
-def to_stt_pcm(samples: np.ndarray) -> bytes:
-    """The upload's audio as the STT service takes it: 16 kHz 16-bit (whole-file work: in a thread)."""
-    return audio.float_to_pcm(audio.resample(samples[:, None], SEPARATION_RATE, STT_RATE), audio.PCM_S16LE)
+# What Separate and Transcribe are sent: mono 16-bit, half the bytes of floats on disk and
+# on the wire, and far below anything a listener or Whisper could tell apart.
+SEPARATION_FORMAT = audio.audio_format(SEPARATION_RATE, 1, audio.PCM_S16LE)
+STT_FORMAT = audio.audio_format(STT_RATE, 1, audio.PCM_S16LE)
+
+
+@dataclass(frozen=True)
+class UploadAudio:
+    """The upload's audio, decoded once into files in the job's folder (an hour is 345 MB
+    at the separation rate: disk, never memory), each removed once its stage is done."""
+
+    separation: Path  # SEPARATION_FORMAT
+    speech_to_text: Path  # STT_FORMAT
+    samples: int  # at the separation rate
+
+    def files(self) -> list[tuple[Path, int]]:
+        return [(self.separation, SEPARATION_RATE), (self.speech_to_text, STT_RATE)]
 
 
 def with_music_defaults(timeline: gateway_pb2.EmotionTimeline, music: music_pb2.MusicStyle) -> None:
@@ -146,7 +161,7 @@ class Remix:
 
     # ----- stages -----------------------------------------------------------------
     async def extract(self, probed: asyncio.Future[media.MediaInfo] | None = None
-                      ) -> tuple[media.MediaInfo, np.ndarray | None]:
+                      ) -> tuple[media.MediaInfo, UploadAudio | None]:
         """The upload's duration (handed to ``probed`` as soon as it is measured, and an edited
         timeline checked against it before anything else), then its audio."""
         await self.progress(common_pb2.STAGE_EXTRACT_AUDIO, 0.0)
@@ -159,42 +174,41 @@ class Remix:
             edited_timeline.fit_to_duration(self.options.timeline.spans, info.duration_s)
         if probed is not None:
             probed.set_result(info)
-        samples = None
+        upload = None
         if info.has_audio:
-            samples = await asyncio.to_thread(self.decoded_audio, setting)
+            upload = await asyncio.to_thread(self.decoded_audio, setting)
         self.stage_seconds["extract_audio"] = time.monotonic() - began
         await self.progress(common_pb2.STAGE_EXTRACT_AUDIO, 1.0)
-        return info, samples
+        return info, upload
 
-    def decoded_audio(self, setting: str) -> np.ndarray:
-        """The upload's audio, mono at the separation rate: from the cache when this same file
-        was decoded before (and still fits the duration limit)."""
+    def decoded_audio(self, setting: str) -> UploadAudio:
+        """The upload's audio in files: from the cache when this same file was decoded before
+        (and still fits the duration limit), else decoded (one ffmpeg for both rates)."""
+        upload = UploadAudio(self.work / "upload-separation.s16", self.work / "upload-stt.s16", 0)
         store = self.audio_cache
-        if store is None or store.folder is None:
-            return self._decode(setting)
-        name = cache.key("upload-audio", SEPARATION_RATE, cache.file_digest(self.video))
-        found = store.get(name)
-        if found is not None and found.shape[0] <= self.max_duration_s * SEPARATION_RATE:
-            return found
-        samples = self._decode(setting)
-        store.put(name, samples)
-        return samples
+        names: list[str] = []
+        if store is not None and store.folder is not None:
+            digest = cache.file_digest(self.video)
+            names = [cache.key("upload-audio", "s16", rate, digest) for _, rate in upload.files()]
+            if all(store.get_file(name, path) for name, (path, _) in zip(names, upload.files(), strict=True)):
+                samples = upload.separation.stat().st_size // audio.bytes_per_frame(SEPARATION_FORMAT)
+                if samples <= self.max_duration_s * SEPARATION_RATE:
+                    return dataclasses.replace(upload, samples=samples)
+        samples = media.decode_audio_to_files(self.video, upload.files(), "the upload", self.max_duration_s, setting)
+        if store is not None and names:
+            for name, (path, _) in zip(names, upload.files(), strict=True):
+                store.put_file(name, path)
+        return dataclasses.replace(upload, samples=samples)
 
-    def _decode(self, setting: str) -> np.ndarray:
-        return media.decode_audio(self.video, SEPARATION_RATE, 1, "the upload", self.max_duration_s, setting)[:, 0]
-
-    async def transcribe(self, samples: np.ndarray | None, duration: float) -> gateway_pb2.Transcript:
+    async def transcribe(self, upload: UploadAudio | None, duration: float) -> gateway_pb2.Transcript:
         transcript = gateway_pb2.Transcript(duration_s=duration)
-        if samples is None:
+        if upload is None:
             return transcript
-        pcm16 = await asyncio.to_thread(to_stt_pcm, samples)
-        config = stt_pb2.TranscribeConfig(
-            format=audio.audio_format(STT_RATE, 1, audio.PCM_S16LE),
-            task=self.options.task, language=self.options.language)
+        config = stt_pb2.TranscribeConfig(format=STT_FORMAT, task=self.options.task, language=self.options.language)
 
         async def requests() -> AsyncIterator[stt_pb2.TranscribeRequest]:
             yield stt_pb2.TranscribeRequest(config=config)
-            for piece in iter_chunks(pcm16, CHUNK_BYTES):
+            for piece in iter_file_chunks(upload.speech_to_text, CHUNK_BYTES):
                 yield stt_pb2.TranscribeRequest(audio=piece)
 
         async def attempt() -> gateway_pb2.Transcript:
@@ -210,22 +224,22 @@ class Remix:
                                         event.segment.text[:80])
             return result
 
-        return await self.stage(common_pb2.STAGE_TRANSCRIBE, attempt)
+        transcript = await self.stage(common_pb2.STAGE_TRANSCRIBE, attempt)
+        upload.speech_to_text.unlink(missing_ok=True)
+        return transcript
 
-    async def separate(self, samples: np.ndarray | None, speech: Feed,
+    async def separate(self, upload: UploadAudio | None, speech: Feed,
                        speech_format: asyncio.Future[common_pb2.AudioFormat]) -> None:
         """Separate the speech, handing it to ``speech`` as the mixer streams it back."""
-        if samples is None:
+        if upload is None:
             await speech.close()
             return
-        pcm = await asyncio.to_thread(audio.float_to_pcm, samples)
-        config = mixer_pb2.SeparateConfig(format=audio.audio_format(SEPARATION_RATE, 1),
-                                          backend=self.options.separation_backend,
+        config = mixer_pb2.SeparateConfig(format=SEPARATION_FORMAT, backend=self.options.separation_backend,
                                           stems=[mixer_pb2.STEM_SPEECH])
 
         async def requests() -> AsyncIterator[mixer_pb2.SeparateRequest]:
             yield mixer_pb2.SeparateRequest(config=config)
-            for piece in iter_chunks(pcm, CHUNK_BYTES):
+            for piece in iter_file_chunks(upload.separation, CHUNK_BYTES):
                 yield mixer_pb2.SeparateRequest(audio=piece)
 
         async def attempt() -> None:
@@ -247,6 +261,7 @@ class Remix:
         except BaseException as exc:
             await speech.close(exc)
             raise
+        upload.separation.unlink(missing_ok=True)
         await speech.close()
 
     async def classify(self, transcript: gateway_pb2.Transcript) -> gateway_pb2.EmotionTimeline:
@@ -265,11 +280,10 @@ class Remix:
         return await self.stage(common_pb2.STAGE_CLASSIFY, attempt)
 
     async def music(self, timeline: gateway_pb2.EmotionTimeline) -> mixing.Music:
-        """The score, written to a file in the job's folder as it streams in (an hour of
-        48 kHz stereo is 1.3 GB: disk, not memory)."""
-        # The mixer works at 48 kHz: asking for that avoids resampling the whole score.
+        """The score, written to a file in the job's folder as it streams in (an hour of it
+        is 0.7 GB: disk, not memory), in the mix's format."""
         request = music_pb2.GenerateRequest(spans=timeline.spans, style=self.options.music,
-                                            format=audio.audio_format(SEPARATION_RATE, 2))
+                                            format=mixing.BGM_FORMAT)
         path = self.work / "music.pcm"
 
         async def attempt() -> mixing.Music:
@@ -311,9 +325,9 @@ class Remix:
                 await self.emit(message)
 
     # ----- the whole job -----------------------------------------------------------
-    async def analyse(self, samples: np.ndarray | None, duration: float,
+    async def analyse(self, upload: UploadAudio | None, duration: float,
                       spoken: asyncio.Future[list[common_pb2.TimeSpan]] | None = None) -> gateway_pb2.EmotionTimeline:
-        transcript = await self.transcribe(samples, duration)
+        transcript = await self.transcribe(upload, duration)
         if spoken is not None:
             spoken.set_result(word_spans(transcript))
         await self.emit(gateway_pb2.RemixResponse(transcript=transcript))
@@ -351,32 +365,29 @@ class Remix:
 
         early = asyncio.ensure_future(compose_edited()) if edited and not analyze_only else None
         try:
-            info, samples = await self.extract(probed)
+            info, upload = await self.extract(probed)
         except BaseException:
             if early is not None:
                 early.cancel()
                 await asyncio.gather(early, return_exceptions=True)
             raise
         if analyze_only:
-            await (self.given(info.duration_s) if edited else self.analyse(samples, info.duration_s))
+            await (self.given(info.duration_s) if edited else self.analyse(upload, info.duration_s))
             return
         # The separated speech goes to disk as it comes (the mix reads it, a retried mix again).
         speech, speech_format = Feed(self.work / "speech.pcm"), loop.create_future()
 
-        async def analyse_and_compose(samples: np.ndarray | None) -> None:
-            timeline = await self.analyse(samples, info.duration_s, spoken)
-            del samples  # the decoded audio is done with here; on an hour it is 690 MB
-            music.set_result(await self.music(timeline))
+        async def analyse_and_compose() -> None:
+            music.set_result(await self.music(await self.analyse(upload, info.duration_s, spoken)))
 
         # Three strands at once: separation feeding the mix as it goes, the mix itself, and
         # transcription -> emotions -> music (or an edited timeline's music), whose result
         # the mix picks up when it is ready.
-        strands = [asyncio.ensure_future(self.separate(samples, speech, speech_format)),
+        strands = [asyncio.ensure_future(self.separate(upload, speech, speech_format)),
                    asyncio.ensure_future(self.mix(mixing.MixInputs(
-                       self.video, self.options, speech, speech_format, 0 if samples is None else samples.shape[0],
+                       self.video, self.options, speech, speech_format, 0 if upload is None else upload.samples,
                        music, spoken))),
-                   early if early is not None else asyncio.ensure_future(analyse_and_compose(samples))]
-        del samples  # held by the strands that use it, and let go as each is done with it
+                   early if early is not None else asyncio.ensure_future(analyse_and_compose())]
         try:
             await first_failure(strands)
         finally:

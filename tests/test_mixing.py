@@ -61,14 +61,15 @@ def test_music_comes_after_the_words_and_in_the_mix_format(loop, tmp_path: Path)
         music.set_result((score, fmt))
         return await collected(mixing.music_track(spoken, music))
 
-    stereo = audio.float_to_pcm(np.zeros((48_000, 2), dtype=np.float32))
+    stereo = audio.float_to_pcm(np.zeros((48_000, 2), dtype=np.float32), mixing.BGM_FORMAT.encoding)
     requests = loop.run(go(mixing.BGM_FORMAT, stereo))
     assert kinds(requests)[0] == "speech_spans" and kinds(requests)[-1] == "bgm last"
     assert b"".join(r.chunk.data for r in requests[1:]) == stereo
     # Music in another format is converted: one second of 24 kHz mono is one second at 48 kHz stereo.
     mono = audio.float_to_pcm(np.zeros((24_000, 1), dtype=np.float32), audio.PCM_S16LE)
     converted = loop.run(go(audio.audio_format(24_000, 1, audio.PCM_S16LE), mono))
-    assert len(b"".join(r.chunk.data for r in converted[1:])) == 48_000 * 2 * 4
+    sent = b"".join(r.chunk.data for r in converted[1:])
+    assert len(sent) == 48_000 * audio.bytes_per_frame(mixing.BGM_FORMAT)
 
 
 def test_the_stream_opens_with_config_and_the_whole_original(loop, tmp_path: Path):

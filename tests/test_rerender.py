@@ -273,7 +273,7 @@ def test_cli_project_rerender_and_clean(video, tmp_path):
     # keeps it: otherwise every span's music would change.
     assert all(s["style"] == "lo-fi" and s["intensity"] == 0.8 for s in doc["spans"])
     assert list((project / "cache" / "speech").glob("*.npy")) and list((project / "cache" / "music").glob("*.npy"))
-    assert len(list((project / "cache" / "audio").glob("*.npy"))) == 1
+    assert len(list((project / "cache" / "audio").glob("*.raw"))) == 2  # the upload decoded for each stage
     changed = len(doc["spans"]) // 2
     doc["spans"][changed]["emotion"] = vocab.FEAR if doc["spans"][changed]["emotion"] != vocab.FEAR else vocab.JOY
     (tmp_path / "edited.json").write_text(json.dumps(doc))
@@ -283,7 +283,7 @@ def test_cli_project_rerender_and_clean(video, tmp_path):
                  "--timeline-in", str(tmp_path / "edited.json"), "--stems", str(tmp_path / "two"), "-q")
     assert second.returncode == 0, second.stderr
     # Only the changed span was rendered again; the video's audio was not decoded again.
-    assert len(list((project / "cache" / "audio").glob("*.npy"))) == 1
+    assert len(list((project / "cache" / "audio").glob("*.raw"))) == 2  # the upload decoded for each stage
     assert len(list((project / "cache" / "music").glob("*.npy"))) == rendered + 1
     one, _ = soundfile.read(tmp_path / "one" / "music.wav", dtype="float32")
     two, _ = soundfile.read(tmp_path / "two" / "music.wav", dtype="float32")
@@ -315,18 +315,26 @@ def test_the_uploads_audio_is_decoded_once_per_content(video, tmp_path, monkeypa
     from bgm.client import RetryPolicy
     from gateway.pipeline import Remix
 
-    def job(path: Path, max_duration_s: float = 3600.0) -> Remix:
-        return Remix(None, gateway_pb2.RemixOptions(), path, tmp_path, None, 60.0, RetryPolicy(),  # type: ignore[arg-type]
+    def job(path: Path, max_duration_s: float = 3600.0, work: Path = tmp_path) -> Remix:
+        return Remix(None, gateway_pb2.RemixOptions(), path, work, None, 60.0, RetryPolicy(),  # type: ignore[arg-type]
                      max_duration_s, cache.ArrayCache(str(tmp_path / "audio"), memory_bytes=0))
 
-    first = job(video).decoded_audio("LIMIT")
-    assert first.ndim == 1 and abs(first.shape[0] / RATE - 24.0) < 0.1
+    work = tmp_path / "one"
+    work.mkdir()
+    first = job(video, work=work).decoded_audio("LIMIT")
+    assert abs(first.samples / RATE - 24.0) < 0.1 and first.separation.stat().st_size == 2 * first.samples
+    assert abs(first.speech_to_text.stat().st_size / 2 / 16_000 - 24.0) < 0.1
+    heard = np.fromfile(first.separation, dtype="<i2")
+    assert np.abs(heard).max() > 1000  # the audio itself, not silence
 
     def no_decode(*args, **kwargs):
         raise AssertionError("decoded again")
 
-    monkeypatch.setattr(media, "decode_audio", no_decode)
-    assert np.array_equal(job(video).decoded_audio("LIMIT"), first)  # same content: from the cache
+    monkeypatch.setattr(media, "decode_audio_to_files", no_decode)
+    again = job(video).decoded_audio("LIMIT")  # same content: from the cache, into this job's folder
+    assert again.separation.parent == tmp_path and again.samples == first.samples
+    assert again.separation.read_bytes() == first.separation.read_bytes()
+    assert again.speech_to_text.read_bytes() == first.speech_to_text.read_bytes()
     other = tmp_path / "other.mp4"
     other.write_bytes(video.read_bytes() + b"\0")  # other content (trailing byte): decoded anew
     with pytest.raises(AssertionError, match="decoded again"):

@@ -36,9 +36,11 @@ class MusicSettings:
     lora_scale: float = 1.0
     # Rendered spans are kept by content (bgm.cache): in memory, and in this folder when set,
     # up to cache_mb there, so a re-render of an edited timeline reuses every unchanged span.
+    # The memory level is small (about three minutes of 48 kHz stereo): it fills as a long
+    # programme is rendered, and 256 MB there made the service's peak grow with length.
     cache_dir: str = ""
     cache_mb: int = 4096
-    memory_cache_mb: int = 256
+    memory_cache_mb: int = 64
 
     def __post_init__(self) -> None:
         check(self.backend in (vocab.AUTO, *vocab.MUSIC_BACKENDS), "BGM_MUSIC_BACKEND",
