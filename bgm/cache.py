@@ -17,7 +17,8 @@ import shutil
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -47,6 +48,14 @@ def key(*parts: object) -> str:
             digest.update(repr(part).encode())
         digest.update(b"\x00")
     return digest.hexdigest()
+
+
+@dataclass
+class Pending:
+    """A cache file being written (``ArrayCache.writing``)."""
+
+    file: BinaryIO
+    keep: bool = False
 
 
 class ArrayCache:
@@ -92,18 +101,29 @@ class ArrayCache:
                 log.warning("cannot write to the cache", extra={"fields": {"folder": str(self.folder),
                                                                           "error": str(exc)}})
 
+    def kept_file(self, name: str) -> Path | None:
+        """Where the file kept under ``name`` lies (now marked recently used), or None. Open it
+        at once: an eviction then removes the name, never what a reader has open."""
+        if self.folder is None:
+            return None
+        kept = self.folder / f"{name}{FILE_SUFFIX}"
+        try:
+            os.utime(kept)
+        except OSError:
+            return None
+        return kept
+
     def get_file(self, name: str, into: Path) -> bool:
         """The file kept under ``name`` put at ``into`` (linked where the folders share a disk,
         else copied); False when none is kept."""
-        if self.folder is None:
+        kept = self.kept_file(name)
+        if kept is None:
             return False
-        kept = self.folder / f"{name}{FILE_SUFFIX}"
         try:
             try:
                 os.link(kept, into)
             except OSError:
                 shutil.copyfile(kept, into)
-            os.utime(kept)
         except OSError:
             into.unlink(missing_ok=True)
             return False
@@ -111,17 +131,36 @@ class ArrayCache:
 
     def put_file(self, name: str, path: Path) -> None:
         """Keep a copy of the file at ``path`` under ``name`` (no memory level: files are big)."""
-        if self.folder is None:
-            return
-        def copy(f: BinaryIO) -> None:
-            with open(path, "rb") as source:
-                shutil.copyfileobj(source, f)
-
         try:
-            self._store(name, FILE_SUFFIX, copy)
+            with self.writing(name) as pending:
+                if pending is not None:
+                    with open(path, "rb") as source:
+                        shutil.copyfileobj(source, pending.file)
+                    pending.keep = True
         except OSError as exc:
             log.warning("cannot write to the cache", extra={"fields": {"folder": str(self.folder),
                                                                       "error": str(exc)}})
+
+    @contextlib.contextmanager
+    def writing(self, name: str, suffix: str = FILE_SUFFIX) -> Iterator[Pending | None]:
+        """A file to write ``name``'s content into, a piece at a time; kept (renamed into place)
+        only when the caller sets ``keep`` and the block ends without an error. None when no
+        folder is set."""
+        if self.folder is None:
+            yield None
+            return
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=self.folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                pending = Pending(f)
+                yield pending
+            if pending.keep:
+                os.replace(tmp, self.folder / f"{name}{suffix}")
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if pending.keep:
+            self._evict()
 
     def _remember(self, name: str, array: np.ndarray) -> None:
         if array.nbytes > self.memory_bytes:
@@ -136,19 +175,10 @@ class ArrayCache:
                 self._held -= old.nbytes
 
     def _write(self, name: str, array: np.ndarray) -> None:
-        self._store(name, SUFFIX, lambda f: np.save(f, array, allow_pickle=False))
-
-    def _store(self, name: str, suffix: str, write: Callable[[BinaryIO], object]) -> None:
-        assert self.folder is not None
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=self.folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-            os.replace(tmp, self.folder / f"{name}{suffix}")
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        self._evict()
+        with self.writing(name, SUFFIX) as pending:
+            assert pending is not None
+            np.save(pending.file, array, allow_pickle=False)
+            pending.keep = True
 
     def _evict(self) -> None:
         assert self.folder is not None

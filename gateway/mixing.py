@@ -140,7 +140,11 @@ def music_stem(music: Music, work: Path) -> Iterator[gateway_pb2.RemixResponse]:
 
     score, fmt = music
     path = work / "music.wav"
-    soundfile.write(path, audio.pcm_file_to_float(score, fmt), fmt.sample_rate_hz, subtype="FLOAT")
+    size = 10 * fmt.sample_rate_hz * audio.bytes_per_frame(fmt)  # a piece at a time: an hour is 1.4 GB as floats
+    with soundfile.SoundFile(path, "w", fmt.sample_rate_hz, fmt.channels, subtype="FLOAT") as wav, \
+            open(score, "rb") as pcm:
+        while data := pcm.read(size):
+            wav.write(audio.pcm_to_float(data, fmt))
     for piece in iter_file_chunks(path):
         yield gateway_pb2.RemixResponse(stem=mixer_pb2.StemChunk(stem=mixer_pb2.STEM_MUSIC, data=piece))
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from bgm.audio import audio_format, float_to_pcm
+from bgm.audio import PCM_F32LE, PCM_S16LE, audio_format, float_to_pcm, pcm_to_float
 from bgm.chunks import iter_chunks
 from bgm.settings import ServerSettings
 from bgm.v1 import mixer_pb2, mixer_pb2_grpc
@@ -270,6 +270,34 @@ def test_mix_options_out_of_range_are_refused(mixer, material):
         mix_and_mux(stub, original, None, None, mixer_pb2.MixOptions(loudness_lufs=12))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "loudness_lufs 12 is out of range [-60, 0]" in info.value.details()
+
+
+def test_separate_answers_in_the_encoding_it_was_sent(mixer, material):
+    """16-bit in, 16-bit back (what the gateway sends: half the bytes it keeps on disk), and
+    the same speech as from floats to within 16-bit precision."""
+    stub, _ = mixer
+    _, speech, music = material
+    mix = (speech + music)[: 4 * RATE] * 0.5
+
+    def run(encoding: int) -> tuple[int, np.ndarray]:
+        def requests():
+            yield mixer_pb2.SeparateRequest(config=mixer_pb2.SeparateConfig(format=audio_format(RATE, 1, encoding)))
+            for piece in iter_chunks(float_to_pcm(mix[:, None], encoding)):
+                yield mixer_pb2.SeparateRequest(audio=piece)
+
+        header, data = None, b""
+        for event in stub.Separate(requests(), timeout=300):
+            if event.WhichOneof("event") == "header":
+                header = event.header
+            elif event.WhichOneof("event") == "chunk":
+                data += event.chunk.data
+        assert header is not None
+        return header.format.encoding, pcm_to_float(data, header.format)[:, 0]
+
+    (f32, floats), (s16, shorts) = run(PCM_F32LE), run(PCM_S16LE)
+    assert f32 == PCM_F32LE and s16 == PCM_S16LE and shorts.shape == floats.shape == (mix.shape[0],)
+    error = 10 * np.log10(np.sum(floats**2) / np.sum((shorts - floats) ** 2))
+    assert error > 40, f"16-bit speech differs from the float speech at {error:.1f} dB"
 
 
 def test_separation_streams_speech_while_it_works(mixer, material):

@@ -85,7 +85,9 @@ class SeparateConfig(_message.Message):
     def format(self) -> _common_pb2.AudioFormat: ...
     @_builtins.property
     def stems(self) -> _containers.RepeatedScalarFieldContainer[Global___Stem.ValueType]:
-        """Stems to return; empty means SPEECH only."""
+        """Stems to return; empty means SPEECH only. They come back mono at 48 kHz, 16-bit when
+        `format` is PCM_S16LE and 32-bit float otherwise (StemsHeader.format says which).
+        """
 
     def __init__(
         self,

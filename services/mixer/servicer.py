@@ -98,7 +98,10 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
                 mono = await asyncio.to_thread(audio.open_mono, spool.finish(), config.format, RATE,
                                                self.server.max_duration_s, DURATION_SETTING, Path(tmp))
             with self.limiter:
-                fmt = audio.audio_format(RATE, 1)
+                # Stems come back in the encoding the audio came in (16-bit halves what the
+                # caller keeps on disk), at the mixer's rate, mono.
+                encoding = config.format.encoding if config.format.encoding == audio.PCM_S16LE else audio.PCM_F32LE
+                fmt = audio.audio_format(RATE, 1, encoding)
                 yield mixer_pb2.SeparateResponse(header=mixer_pb2.StemsHeader(
                     format=fmt, stems=stems, total_samples=mono.shape[0], backend=separator.name))
                 # Stems go out as the separator produces them, so the caller can start on the
@@ -106,7 +109,7 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
                 done = 0
 
                 def produce(cancel: threading.Event) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:
-                    return stem_pcm(self.speech_blocks(separator, mono, cancel), mono, stems)
+                    return stem_pcm(self.speech_blocks(separator, mono, cancel), mono, stems, encoding)
 
                 async for size, encoded in iterate_in_thread(produce):
                     for stem, pcm in encoded:
@@ -128,19 +131,21 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
             return
         name = cache.key("speech", separator.name, self.settings.demucs_model, self.settings.attenuation_limit_db,
                          power, knee, RATE, mono.digest() if isinstance(mono, audio.MonoPcmFile) else mono)
-        found = self.cache.get(name)
-        if found is not None:
-            for begin in range(0, found.shape[0], CACHED_BLOCK):
-                yield found[begin:begin + CACHED_BLOCK]
+        kept = self.cache.kept_file(name)
+        if kept is not None:
+            with open(kept, "rb") as f:
+                while data := f.read(CACHED_BLOCK * 4):
+                    yield np.frombuffer(data, dtype="<f4").copy()
             return
-        whole = np.empty(mono.shape[0], dtype=np.float32)  # one copy for the cache, not blocks + their join
-        done = 0
-        for block in separated:
-            whole[done : done + block.shape[0]] = block
-            done += block.shape[0]
-            yield block
-        if not cancel.is_set() and done == whole.shape[0]:
-            self.cache.put(name, whole)
+        # Kept as it is made, on disk (an hour is 0.7 GB), and only once complete.
+        with self.cache.writing(name) as pending:
+            assert pending is not None
+            done = 0
+            for block in separated:
+                pending.file.write(np.ascontiguousarray(block, dtype="<f4").tobytes())
+                done += block.shape[0]
+                yield block
+            pending.keep = not cancel.is_set() and done == mono.shape[0]
 
     def speech_probability(self, speech: sources.Source) -> np.ndarray:
         """The VAD's verdict on the speech track, from the cache when this speech was seen
@@ -257,8 +262,8 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
         return outcome, target, out
 
 
-def stem_pcm(blocks: Iterator[np.ndarray], mono: audio.Recording,
-             stems: Sequence[int]) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:
+def stem_pcm(blocks: Iterator[np.ndarray], mono: audio.Recording, stems: Sequence[int],
+             encoding: int = audio.PCM_F32LE) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:
     """Each block of separated speech as PCM per stem asked for, with its length in samples
     (in the worker thread: a demucs block is the whole file)."""
     done = 0
@@ -266,7 +271,7 @@ def stem_pcm(blocks: Iterator[np.ndarray], mono: audio.Recording,
         encoded = []
         for stem in stems:
             data = block if stem == mixer_pb2.STEM_SPEECH else mono[done : done + block.shape[0]] - block
-            encoded.append((stem, audio.float_to_pcm(data)))
+            encoded.append((stem, audio.float_to_pcm(data, encoding)))
         done += block.shape[0]
         yield block.shape[0], encoded
 
