@@ -3,7 +3,7 @@ default) and, for comparison, in one call (what it did before): each length and 
 fresh process that starts the service and sends it N minutes of espeak lines with pauses as
 the gateway does (16 kHz 16-bit PCM).
 
-    python -m bench.stt_memory [--minutes 10 60]
+    python -m bench.stt_memory [--minutes 10 60] [--windows-s 120 60] [--whole]
 """
 
 from __future__ import annotations
@@ -29,25 +29,31 @@ LINES = ("The harbour was quiet this morning, and the boats came home early.",
          "We lost everything in the fire, and I still miss the house.")
 
 
-def make_speech(minutes: float, folder: Path) -> Path:
+def make_speech(minutes: float, folder: Path) -> tuple[Path, str]:
+    """N minutes of the lines said in turn with pauses, as 16-bit PCM; and the words said
+    (the lines that end inside the N minutes)."""
     from bgm import media
     from gateway.example import speak
 
-    parts = []
+    parts, ends = [], []
     for i, line in enumerate(LINES):
         speak(line, folder / f"line{i}.wav")
         parts += [media.decode_audio(folder / f"line{i}.wav", RATE, 1, "espeak-ng's speech")[:, 0],
                   np.zeros(round(1.5 * RATE), dtype=np.float32)]
+        ends.append(sum(p.shape[0] for p in parts[:-1]))
     unit = (np.clip(np.concatenate(parts), -1, 1) * 32767).astype("<i2")
     n = round(minutes * 60 * RATE)
     path = folder / "speech.s16"
+    said = []
     with open(path, "wb") as f:
         for start in range(0, n, unit.shape[0]):
             f.write(unit[: n - start].tobytes())
-    return path
+            said += [line for line, end in zip(LINES, ends, strict=True) if start + end <= n]
+    return path, " ".join(said)
 
 
 async def transcribe(minutes: float, folder: Path) -> dict[str, float]:
+    from bench.measures import word_errors
     from bgm.audio import audio_format
     from bgm.chunks import iter_file_chunks
     from bgm.client import make_channel
@@ -57,7 +63,7 @@ async def transcribe(minutes: float, folder: Path) -> dict[str, float]:
     from services.stt.servicer import SpeechToTextServicer
     from services.stt.settings import SttSettings
 
-    speech = make_speech(minutes, folder)
+    speech, said = make_speech(minutes, folder)
     settings = ServerSettings(max_duration_s=minutes * 60 + 60, max_input_bytes=1 << 40, tmp_dir=str(folder))
     running = await start_server([SpeechToTextServicer(SttSettings(), settings)], settings)
     try:
@@ -70,13 +76,15 @@ async def transcribe(minutes: float, folder: Path) -> dict[str, float]:
             for piece in iter_file_chunks(speech):
                 yield stt_pb2.TranscribeRequest(audio=piece)
 
-        began, segments, words = time.perf_counter(), 0, 0
+        began, segments, words, heard = time.perf_counter(), 0, 0, []
         async with make_channel(running.address) as channel:
             async for event in stt_pb2_grpc.SpeechToTextStub(channel).Transcribe(requests(), timeout=7200):
                 if event.WhichOneof("event") == "segment":
                     segments += 1
                     words += len(event.segment.words)
-        return {"wall_s": time.perf_counter() - began, "segments": segments, "words": words,
+                    heard.append(event.segment.text)
+        errors, total = word_errors(said, " ".join(heard))
+        return {"wall_s": time.perf_counter() - began, "segments": segments, "words": words, "wer": errors / total,
                 "ready_mb": ready_kib / 1024, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     finally:
         await running.stop(0)
@@ -88,6 +96,8 @@ def main() -> None:
     parser.add_argument("--whole", action="store_true", help="also decode in one call (before), for comparison")
     parser.add_argument("--child", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--window-s", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--windows-s", type=float, nargs="+", default=[],
+                        help="also decode in windows of these lengths (seconds), for comparison")
     args = parser.parse_args()
     if args.child is not None:
         if args.window_s is not None:
@@ -98,6 +108,7 @@ def main() -> None:
             print(json.dumps(asyncio.run(transcribe(args.child, Path(folder)))))
         return
     ways: list[tuple[str, list[str]]] = [("in windows (default)", [])]
+    ways += [(f"in {window:g} s windows", ["--window-s", str(window)]) for window in args.windows_s]
     if args.whole:
         ways.append(("in one call (before)", ["--window-s", "1e9"]))
     for minutes in args.minutes:
@@ -110,7 +121,7 @@ def main() -> None:
             r = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{minutes:5g} min {label:22s} peak {r['peak_mb']:6.0f} MB (ready {r['ready_mb']:.0f} MB); "
                   f"{r['wall_s']:.1f} s (RTF {r['wall_s'] / (minutes * 60):.3f}); "
-                  f"{r['segments']} segments, {r['words']} words", flush=True)
+                  f"{r['segments']} segments, {r['words']} words, WER {100 * r['wer']:.1f} %", flush=True)
 
 
 if __name__ == "__main__":

@@ -289,6 +289,31 @@ def test_lines_said_over_and_over_are_decoded_once(tmp_path):
     assert [s.temperature for s in found] == [0.0] * len(found)
 
 
+def test_the_features_made_piece_by_piece_are_faster_whispers_to_the_bit(tmp_path):
+    """The spectrogram Whisper reads is made 15 s at a time (faster-whisper's own way holds
+    its intermediates for the whole window: 200 MB for five minutes); it must be the same
+    bits, or a decoding could flip. The service's models use it."""
+    from faster_whisper.feature_extractor import FeatureExtractor
+
+    from services.stt.backend import WhisperBackend
+    from services.stt.features import PiecewiseFeatures
+    from services.stt.settings import SttSettings
+    from tests.media_files import decode
+
+    said = decode(speak("Every frame of this sentence is measured twice.", tmp_path / "s.wav"), 16_000)[:, 0]
+    noisy = np.random.default_rng(0).standard_normal(16_000 * 7).astype(np.float32) * 0.05
+    recording = np.concatenate([said, noisy, said])
+    for size in (80, 128):
+        original = FeatureExtractor(feature_size=size)
+        for audio in (recording, recording[:1000]):
+            for piece in (150, 1500):  # several pieces, and one
+                made = PiecewiseFeatures(FeatureExtractor(feature_size=size), piece)(audio)
+                assert made.dtype == np.float32 and np.array_equal(made, original(audio))
+        assert np.array_equal(PiecewiseFeatures(original)(recording, chunk_length=30), original(recording))
+    backend = WhisperBackend(SttSettings(detect_language=False), 1)
+    assert isinstance(backend.primary.feature_extractor, PiecewiseFeatures)  # type: ignore[attr-defined]
+
+
 def test_a_long_recording_is_decoded_in_windows_cut_in_pauses(tmp_path, monkeypatch):
     """faster-whisper computes the features of all it is given at once (0.6 GB for an hour),
     so a long recording goes through it in windows that end in a pause. With 12 s windows

@@ -24,6 +24,7 @@ from bgm import logs, models, vocab
 from bgm.audio import Recording
 from bgm.errors import Unsupported
 from services.stt.cancel import CancellableWhisper, Cancelled, cancelled_by
+from services.stt.features import PiecewiseFeatures
 from services.stt.settings import SttSettings
 
 log = logs.get("bgm.stt")
@@ -198,6 +199,7 @@ class WhisperBackend:
         model = WhisperModel(path, device=self.device, compute_type=self.compute_type,
                              cpu_threads=self.settings.cpu_threads, num_workers=self.workers)
         model.model = CancellableWhisper(model.model)  # stops between steps when cancelled
+        model.feature_extractor = PiecewiseFeatures(model.feature_extractor)  # same features, a few MB
         log.info("whisper model loaded", extra={"fields": {
             "model": path, "device": self.device, "compute_type": self.compute_type,
             "multilingual": model.model.is_multilingual, "load_s": round(time.monotonic() - started, 2)}})
