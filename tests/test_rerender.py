@@ -272,7 +272,7 @@ def test_cli_project_rerender_and_clean(video, tmp_path):
     # The whole video's style is recorded per span, so the re-render below (without --style)
     # keeps it: otherwise every span's music would change.
     assert all(s["style"] == "lo-fi" and s["intensity"] == 0.8 for s in doc["spans"])
-    assert list((project / "cache" / "speech").glob("*.npy")) and list((project / "cache" / "music").glob("*.npy"))
+    assert list((project / "cache" / "speech").glob("*.raw")) and list((project / "cache" / "music").glob("*.npy"))
     assert len(list((project / "cache" / "audio").glob("*.raw"))) == 2  # the upload decoded for each stage
     changed = len(doc["spans"]) // 2
     doc["spans"][changed]["emotion"] = vocab.FEAR if doc["spans"][changed]["emotion"] != vocab.FEAR else vocab.JOY

@@ -86,10 +86,15 @@ def test_the_mixer_keeps_the_expanded_speech_in_its_cache_under_the_setting(tmp_
         return np.concatenate(list(servicer.speech_blocks(with_separator, mono, threading.Event())))
 
     expected = np.concatenate(list(residue.expand(mono, separator.speech_blocks(mono), 2.0, 0.8)))
+    stopped = MixerServicer(MixerSettings(residue_power=2.0, cache_dir=str(tmp_path)), ServerSettings())
+    blocks = stopped.speech_blocks(separator, mono, threading.Event())
+    next(blocks)
+    blocks.close()  # a separation that stops early (cancelled, failed) leaves nothing in the cache
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
     first = separate(2.0)
     np.testing.assert_array_equal(first, expected)
-    assert len(list(tmp_path.rglob("*.npy"))) == 1
+    assert len(list(tmp_path.rglob("*.raw"))) == 1  # kept as raw floats, written as it was made
     np.testing.assert_array_equal(separate(2.0, Unavailable()), first)  # from the cache
     plain = separate(1.0)
     np.testing.assert_array_equal(plain, np.concatenate(list(separator.speech_blocks(mono))))
-    assert len(list(tmp_path.rglob("*.npy"))) == 2 and not np.array_equal(plain, first)
+    assert len(list(tmp_path.rglob("*.raw"))) == 2 and not np.array_equal(plain, first)
