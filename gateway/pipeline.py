@@ -72,6 +72,21 @@ class UploadAudio:
         return [(self.separation, SEPARATION_RATE), (self.speech_to_text, STT_RATE)]
 
 
+# The mix's fraction follows the speech it takes, and its end (the loudness pass and the
+# encode) is a small share of the whole: it is not extrapolated.
+UNPACED = {common_pb2.STAGE_MIX}
+PACE_FROM = 0.05  # a stage's pace is trusted once this much of it is done
+
+
+def eta(paces: dict[int, tuple[float, float]], now: float) -> float:
+    """Seconds the request is likely still to take: each stage under way at the pace it has
+    kept so far (``paces``: stage -> (when it began, fraction done)), the slowest deciding;
+    0 while none is far enough along to tell."""
+    left = [(now - began) * (1.0 - done) / done for stage, (began, done) in paces.items()
+            if stage not in UNPACED and PACE_FROM <= done < 1.0]
+    return max(left, default=0.0)
+
+
 def with_music_defaults(timeline: gateway_pb2.EmotionTimeline, music: music_pb2.MusicStyle) -> None:
     """The whole video's style and intensity, written into each span that sets none: the
     timeline handed back (and edited) then re-renders the same music."""
@@ -140,12 +155,15 @@ class Remix:
     audio_cache: cache.ArrayCache | None = None
     started: float = field(default_factory=time.monotonic)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    paces: dict[int, tuple[float, float]] = field(default_factory=dict)  # stage: (began, fraction)
 
     # ----- helpers ----------------------------------------------------------------
     async def progress(self, stage: int, fraction: float, message: str = "") -> None:
+        now = time.monotonic()
+        self.paces[stage] = (self.paces.get(stage, (now, 0.0))[0], fraction)
         await self.emit(gateway_pb2.RemixResponse(progress=common_pb2.Progress(
-            stage=stage, fraction=fraction, elapsed_s=time.monotonic() - self.started,  # type: ignore[arg-type]
-            message=message)))
+            stage=stage, fraction=fraction, elapsed_s=now - self.started,  # type: ignore[arg-type]
+            message=message, eta_s=eta(self.paces, now))))
 
     async def stage(self, stage: int, attempt: Callable[[], Awaitable[T]]) -> T:
         """Run one stage: retried on UNAVAILABLE, timed, and any failure named by stage."""

@@ -3,6 +3,7 @@ remixed video out, over the gateway's gRPC API and through the CLI."""
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
@@ -94,6 +95,13 @@ def test_remix_end_to_end(gateway, example, tmp_path):
         assert stage in finished
     assert finished.index(common_pb2.STAGE_CLASSIFY) > finished.index(common_pb2.STAGE_TRANSCRIBE)
     assert finished[-1] == common_pb2.STAGE_MIX
+    # An estimate of the time left comes with the progress once the stages' pace is known,
+    # and it shrinks as the job goes on (compared across the first and last half).
+    estimates = [(p.elapsed_s, p.eta_s) for p in result["progress"] if p.eta_s > 0]
+    assert len(estimates) >= 2 and all(math.isfinite(left) for _, left in estimates)
+    half = len(estimates) // 2
+    first, last = ([left for _, left in part] for part in (estimates[:half], estimates[half:]))
+    assert sum(last) / len(last) < sum(first) / len(first)
 
     # The speech survives the remix: transcribe the remixed file and compare with the script.
     again = run(stub.Analyze(requests(out), timeout=600))
@@ -104,6 +112,24 @@ def test_remix_end_to_end(gateway, example, tmp_path):
     print(f"WER on the original {original_wer:.3f}, on the remix {wer:.3f}")
     assert wer <= 0.20
     assert "video" not in again or not again["video"]  # Analyze sends no media
+
+
+def test_the_time_left_is_the_slowest_stage_at_its_own_pace():
+    from gateway.cli.progress import format_left
+    from gateway.pipeline import eta
+
+    now = 100.0
+    assert eta({}, now) == 0.0
+    # Separation began at 40 s and is a quarter done: 60 s for a quarter, 180 s to go; the
+    # transcription (half done in 50 s) has 50 s to go: the separation decides.
+    paces = {common_pb2.STAGE_SEPARATE: (40.0, 0.25), common_pb2.STAGE_TRANSCRIBE: (50.0, 0.5)}
+    assert eta(paces, now) == pytest.approx(180.0)
+    paces[common_pb2.STAGE_SEPARATE] = (40.0, 1.0)  # done: no longer counted
+    assert eta(paces, now) == pytest.approx(50.0)
+    paces[common_pb2.STAGE_GENERATE_MUSIC] = (99.0, 0.01)  # too little done to tell its pace
+    paces[common_pb2.STAGE_MIX] = (0.0, 0.1)  # follows the speech: never extrapolated
+    assert eta(paces, now) == pytest.approx(50.0)
+    assert [format_left(x) for x in (0.2, 45.4, 185, 3725)] == ["1 s", "45 s", "3 min 05 s", "1 h 02 min"]
 
 
 def test_analyze_follows_a_scripted_arc_with_weaker_sentences(gateway, tmp_path):

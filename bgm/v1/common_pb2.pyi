@@ -232,12 +232,17 @@ class Progress(_message.Message):
     FRACTION_FIELD_NUMBER: _builtins.int
     ELAPSED_S_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    ETA_S_FIELD_NUMBER: _builtins.int
     stage: Global___Stage.ValueType
     fraction: _builtins.float
     """0..1 within the stage."""
     elapsed_s: _builtins.float
     """Seconds since the request started."""
     message: _builtins.str
+    eta_s: _builtins.float
+    """Seconds the whole request is likely still to take, from the pace of the stages under
+    way (the slowest decides); 0 while too little of them is done to tell.
+    """
     def __init__(
         self,
         *,
@@ -245,10 +250,11 @@ class Progress(_message.Message):
         fraction: _builtins.float = ...,
         elapsed_s: _builtins.float = ...,
         message: _builtins.str = ...,
+        eta_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["elapsed_s", b"elapsed_s", "fraction", b"fraction", "message", b"message", "stage", b"stage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["elapsed_s", b"elapsed_s", "eta_s", b"eta_s", "fraction", b"fraction", "message", b"message", "stage", b"stage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
