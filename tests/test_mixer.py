@@ -431,9 +431,11 @@ def test_the_mix_made_in_blocks_is_the_mix_made_whole(material, monkeypatch):
     talking = activity.detect(whole_vad, activity.threshold_for(levels.duck_sensitivity), speech.shape[0])
     bgm_lufs = dsp.loudness(stereo_music)
 
-    def made(block: int, chunk_steps: int) -> tuple[render.MixOutcome, int, np.ndarray, np.ndarray]:
+    def made(block: int, chunk_steps: int, hold_s: float = 0.0) -> tuple[render.MixOutcome, int, np.ndarray,
+                                                                         np.ndarray]:
         monkeypatch.setattr(render, "BLOCK", block)
         monkeypatch.setattr(render, "CHUNK_STEPS", chunk_steps)
+        monkeypatch.setattr(render, "HOLD_S", hold_s)  # 0: rendered anew for each pass, as a long programme is
         outcome = render.mix_measured(sources.ArraySource(stereo_speech), sources.ArraySource(stereo_music),
                                       levels, talking, bgm_lufs)
         return outcome, len(outcome.plan.ranges()), outcome.mix, outcome.speech + outcome.bgm
@@ -447,3 +449,9 @@ def test_the_mix_made_in_blocks_is_the_mix_made_whole(material, monkeypatch):
     assert small.loudness_lufs == pytest.approx(whole.loudness_lufs, abs=1e-3)
     assert small.true_peak_dbtp == pytest.approx(whole.true_peak_dbtp, abs=0.01)
     np.testing.assert_allclose(small_stems, small_mix, atol=1e-5)  # the stems add up
+    # A short programme's mix rendered once and held gives the same mix.
+    held, _, held_mix, _ = made(17_760, 1800, hold_s=60.0)
+    assert held.plan.held is not None and small.plan.held is None
+    np.testing.assert_allclose(held_mix, small_mix, atol=2e-5)
+    assert held.loudness_lufs == pytest.approx(small.loudness_lufs, abs=1e-3)
+    assert held.true_peak_dbtp == pytest.approx(small.true_peak_dbtp, abs=0.01)
