@@ -455,3 +455,33 @@ def test_the_mix_made_in_blocks_is_the_mix_made_whole(material, monkeypatch):
     np.testing.assert_allclose(held_mix, small_mix, atol=2e-5)
     assert held.loudness_lufs == pytest.approx(small.loudness_lufs, abs=1e-3)
     assert held.true_peak_dbtp == pytest.approx(small.true_peak_dbtp, abs=0.01)
+
+
+def test_a_word_opens_only_what_the_vad_heard_of_it():
+    """Whisper often stretches a word's timing over the pause after it; a noisy pause may
+    make the VAD unsure for a window or two. The word must not hold the duck and the gate
+    through the pause, but a word the VAD only half heard (a whisper) still opens, whole."""
+    from services.mixer import activity
+
+    windows_per_s = activity.VAD_RATE / activity.WINDOW
+    probability = np.zeros(round(6 * windows_per_s), dtype=np.float32)
+
+    def between(a: float, b: float) -> slice:
+        return slice(round(a * windows_per_s), round(b * windows_per_s))
+
+    probability[between(1.0, 1.5)] = 0.9  # said, and heard
+    probability[between(3.2, 3.25)] = 0.2  # a cough in the pause: unsure for a window
+    probability[between(4.0, 4.6)] = 0.3  # a whisper the VAD only half heard ...
+    probability[between(4.25, 4.32)] = 0.05  # ... with a stop consonant in it
+    frames = round(6 / activity.FRAME_S)
+    active = np.zeros(frames, dtype=bool)
+
+    def on(a: float, b: float, marks: np.ndarray) -> float:
+        return float(marks[round(a / activity.FRAME_S) : round(b / activity.FRAME_S)].mean())
+
+    marked = activity.add_words(active, [(1.0, 3.4), (4.0, 4.6), (5.2, 5.8)], probability)
+    assert on(1.0, 1.5, marked) == 1.0  # the word itself
+    assert on(1.7, 3.05, marked) == 0.0  # the pause it was stretched over ...
+    assert on(3.2, 3.25, marked) == 1.0 and on(1.5, 3.4, marked) < 0.25  # ... but for the cough's moment
+    assert on(4.0, 4.6, marked) == 1.0  # the whisper whole, its dip filled
+    assert on(5.2, 5.8, marked) == 0.0  # a word made up over the music: nothing heard

@@ -40,6 +40,8 @@ GATE_LEAD_S, GATE_TAIL_S, GATE_BRIDGE_S = 0.06, 0.15, 0.25
 GATE_RAMP_S = 0.04
 # A word from the transcript counts where the VAD gave it at least this probability.
 WORD_FLOOR = 0.15
+WORD_GAP_S = 0.25  # a dip inside a word (a stop consonant) the VAD hears as less sure
+WORD_EDGE_S = 0.1  # a word's onset and tail, likewise
 # Between words the music stays down: a gap shorter than this is not a pause.
 DUCK_BRIDGE_S = 0.35
 
@@ -159,15 +161,25 @@ def _drop_short(active: np.ndarray, min_frames: int) -> np.ndarray:
 
 
 def add_words(active: np.ndarray, words: Sequence[tuple[float, float]], probability: np.ndarray) -> np.ndarray:
-    """``active`` with the frames of every word set where the VAD was at least unsure
-    (WORD_FLOOR): speech it missed (a whisper, a word over loud residue) still ducks the
-    music and passes the gate, while a word Whisper made up over the music does not."""
+    """``active`` with every word set where the VAD was at least unsure (WORD_FLOOR):
+    speech it missed (a whisper, a word over loud residue) still ducks the music and passes
+    the gate, while a word Whisper made up over the music does not. Within a word, only
+    what the VAD heard as such is set, its gaps under WORD_GAP_S filled and WORD_EDGE_S
+    added either side: Whisper often stretches a word's timing over the pause after it, and
+    the whole stretch held the duck and opened the gate through the pause (noise there can
+    make the VAD unsure for a frame or two, not for the whole pause)."""
     out = active.copy()
+    if probability.size == 0:
+        return out
     for start, end in words:
         first, last = max(0, int(start / FRAME_S)), min(out.shape[0], int(np.ceil(end / FRAME_S)))
-        lo, hi = int(start * VAD_RATE / WINDOW), int(np.ceil(end * VAD_RATE / WINDOW))
-        if last > first and probability[lo : max(hi, lo + 1)].max(initial=0.0) >= WORD_FLOOR:
-            out[first:last] = True
+        if last <= first:
+            continue
+        windows = np.minimum((np.arange(first, last) * FRAME_S * VAD_RATE / WINDOW).astype(int),
+                             probability.shape[0] - 1)
+        heard = probability[windows] >= WORD_FLOOR
+        if heard.any():
+            out[first:last] |= _widened(_closed(heard, WORD_GAP_S), WORD_EDGE_S, WORD_EDGE_S)
     return out
 
 
