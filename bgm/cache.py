@@ -138,29 +138,41 @@ class ArrayCache:
                         shutil.copyfileobj(source, pending.file)
                     pending.keep = True
         except OSError as exc:
-            log.warning("cannot write to the cache", extra={"fields": {"folder": str(self.folder),
-                                                                      "error": str(exc)}})
+            self.cannot_write(exc)
 
     @contextlib.contextmanager
     def writing(self, name: str, suffix: str = FILE_SUFFIX) -> Iterator[Pending | None]:
         """A file to write ``name``'s content into, a piece at a time; kept (renamed into place)
         only when the caller sets ``keep`` and the block ends without an error. None when no
-        folder is set."""
+        folder is set or it cannot be written: a cache that fails costs speed, never the
+        request (a caller's write that fails should stop keeping, likewise)."""
         if self.folder is None:
             yield None
             return
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=self.folder)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=self.folder)
+        except OSError as exc:
+            self.cannot_write(exc)
+            yield None
+            return
         try:
             with os.fdopen(fd, "wb") as f:
                 pending = Pending(f)
                 yield pending
             if pending.keep:
-                os.replace(tmp, self.folder / f"{name}{suffix}")
+                try:
+                    os.replace(tmp, self.folder / f"{name}{suffix}")
+                except OSError as exc:
+                    self.cannot_write(exc)
+                    pending.keep = False
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         if pending.keep:
             self._evict()
+
+    def cannot_write(self, exc: OSError) -> None:
+        log.warning("cannot write to the cache", extra={"fields": {"folder": str(self.folder), "error": str(exc)}})
 
     def _remember(self, name: str, array: np.ndarray) -> None:
         if array.nbytes > self.memory_bytes:

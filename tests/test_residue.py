@@ -91,6 +91,13 @@ def test_the_mixer_keeps_the_expanded_speech_in_its_cache_under_the_setting(tmp_
     next(blocks)
     blocks.close()  # a separation that stops early (cancelled, failed) leaves nothing in the cache
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+    with pytest.MonkeyPatch.context() as patch:  # a cache that cannot be written costs speed, not the request
+        def refused(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        patch.setattr("bgm.cache.tempfile.mkstemp", refused)
+        np.testing.assert_array_equal(separate(2.0), expected)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
     first = separate(2.0)
     np.testing.assert_array_equal(first, expected)
     assert len(list(tmp_path.rglob("*.raw"))) == 1  # kept as raw floats, written as it was made

@@ -139,13 +139,18 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
             return
         # Kept as it is made, on disk (an hour is 0.7 GB), and only once complete.
         with self.cache.writing(name) as pending:
-            assert pending is not None
-            done = 0
+            done, keeping = 0, pending is not None
             for block in separated:
-                pending.file.write(np.ascontiguousarray(block, dtype="<f4").tobytes())
+                if keeping:
+                    try:
+                        pending.file.write(np.ascontiguousarray(block, dtype="<f4").tobytes())  # type: ignore[union-attr]
+                    except OSError as exc:  # a full cache costs speed, never the request
+                        self.cache.cannot_write(exc)
+                        keeping = False
                 done += block.shape[0]
                 yield block
-            pending.keep = not cancel.is_set() and done == mono.shape[0]
+            if pending is not None:
+                pending.keep = keeping and not cancel.is_set() and done == mono.shape[0]
 
     def speech_probability(self, speech: sources.Source) -> np.ndarray:
         """The VAD's verdict on the speech track, from the cache when this speech was seen
