@@ -188,9 +188,9 @@ class ArrayCache:
 
     def _write(self, name: str, array: np.ndarray) -> None:
         with self.writing(name, SUFFIX) as pending:
-            assert pending is not None
-            np.save(pending.file, array, allow_pickle=False)
-            pending.keep = True
+            if pending is not None:  # None: the folder cannot be written (already logged)
+                np.save(pending.file, array, allow_pickle=False)
+                pending.keep = True
 
     def _evict(self) -> None:
         assert self.folder is not None
