@@ -223,13 +223,31 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def disk_mib(folder: Path) -> float:
-    total = 0
+def disk_files(folder: Path, pids: list[int]) -> dict[str, int]:
+    """Bytes on disk per file under ``folder`` (relative path), counting also the files the
+    servers hold open there after removing them (temp files without a name), each once."""
+    seen: dict[tuple[int, int], tuple[str, int]] = {}
     for root, _, files in os.walk(folder):
         for name in files:
+            path = os.path.join(root, name)
             with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
-    return total / vocab.MIB
+                st = os.lstat(path)
+                seen[(st.st_dev, st.st_ino)] = (os.path.relpath(path, folder), st.st_blocks * 512)
+    prefix = str(folder) + os.sep
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith(prefix) and target.endswith(" (deleted)"):
+                        st = os.stat(f"/proc/{pid}/fd/{fd}")
+                        name = os.path.relpath(target.removesuffix(" (deleted)"), folder)
+                        seen.setdefault((st.st_dev, st.st_ino), (f"{name} (removed, still open)", st.st_blocks * 512))
+    return dict(seen.values())
+
+
+def disk_mib(folder: Path, pids: list[int] | None = None) -> float:
+    return sum(disk_files(folder, pids or []).values()) / vocab.MIB
 
 
 @dataclass
@@ -241,6 +259,7 @@ class Sampler:
     tmp: Path
     peaks: dict[str, float] = field(default_factory=dict)
     disk_peak_mib: float = 0.0
+    disk_at_peak: dict[str, int] = field(default_factory=dict)  # the files then
     trace: list[tuple[float, dict[str, float]]] = field(default_factory=list)  # servers' memory over time
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -264,7 +283,13 @@ class Sampler:
                     except OSError:
                         continue
                     self._note(f"{server.name}/{command}", rss_mib(pid))
-            self.disk_peak_mib = max(self.disk_peak_mib, disk_mib(self.tmp))
+            pids, pending = [], [server.popen.pid for server in self.servers]
+            while pending:  # the servers and all their children
+                pids.append(pending.pop())
+                pending.extend(tree.get(pids[-1], []))
+            files = disk_files(self.tmp, pids)
+            if sum(files.values()) / vocab.MIB > self.disk_peak_mib:
+                self.disk_peak_mib, self.disk_at_peak = sum(files.values()) / vocab.MIB, files
 
     def _note(self, name: str, mib: float) -> None:
         self.peaks[name] = max(self.peaks.get(name, 0.0), mib)
@@ -340,6 +365,8 @@ def run(mode: str, video: Path, seconds: float, work: Path, trace: bool) -> None
     print(f"  temp disk: peak {sampler.disk_peak_mib:.0f} MiB (input {input_mib:.0f} MiB + decoded audio "
           f"{decoded_mib:.0f} MiB; 3x input + decoded = {3 * input_mib + decoded_mib:.0f} MiB); left at the end "
           f"{left:.1f} MiB")
+    for name, size in sorted(sampler.disk_at_peak.items(), key=lambda item: -item[1])[:12]:
+        print(f"    at the peak: {size / vocab.MIB:7.0f} MiB  {name}")
     if trace:
         print_trace(sampler, stages)
     sys.stdout.flush()

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bgm import audio, vocab
+from bgm import audio, flac, vocab
 from bgm.chunks import iter_chunks, iter_file_chunks
+from bgm.threads import iterate_in_thread
 from bgm.v1 import common_pb2, gateway_pb2, mixer_pb2
 from gateway.feed import Feed, merge
 
@@ -24,8 +25,44 @@ from gateway.feed import Feed, merge
 BGM_FORMAT = audio.audio_format(vocab.SEPARATION_RATE, 2, audio.PCM_S16LE)
 # Inside any idle timeout an operator would set (the default is 60 s): the messages are tiny.
 KEEP_ALIVE_S = 2.0
-Music = tuple[Path, common_pb2.AudioFormat]  # the score's raw PCM file, and its format
 Progress = Callable[[float, str], Awaitable[None]]
+
+
+class Music:
+    """The score as the music service streamed it in, on disk in the job's folder: FLAC
+    when it is 16-bit (about half the bytes: an hour is some 310 MiB, not 659), else raw.
+    Kept until the remix ends, so a retried mix sends it again."""
+
+    def __init__(self, work: Path, fmt: common_pb2.AudioFormat) -> None:
+        self.fmt = fmt
+        self.flac = flac.FlacPcm(work / "music.flac", fmt) if flac.fits(fmt) else None
+        self.path = self.flac.path if self.flac is not None else work / "music.pcm"
+        self._raw = None if self.flac is not None else open(self.path, "wb")  # noqa: SIM115 - closed in finish/close
+
+    async def append(self, pcm: bytes) -> None:
+        if self.flac is not None:
+            await self.flac.append(pcm)
+        elif self._raw is not None:
+            self._raw.write(pcm)
+
+    def finish(self) -> None:
+        if self.flac is not None:
+            self.flac.finish()
+        elif self._raw is not None:
+            self._raw.close()
+
+    def pcm(self) -> Iterator[bytes]:
+        """The score's raw PCM, in chunks."""
+        return self.flac.iter_pcm() if self.flac is not None else iter_file_chunks(self.path)
+
+    def close(self) -> None:
+        """Remove the score (its file goes with the job's folder otherwise)."""
+        if self.flac is not None:
+            self.flac.close()
+        else:
+            if self._raw is not None:
+                self._raw.close()
+            self.path.unlink(missing_ok=True)
 
 
 @dataclass
@@ -82,15 +119,16 @@ async def music_track(spoken: asyncio.Future[list[common_pb2.TimeSpan]],
         yield mixer_pb2.MixRequest(speech_spans=mixer_pb2.SpeechSpans(spans=words))
     async for request in keep_alive(music):
         yield request
-    path, fmt = music.result()
-    if fmt != BGM_FORMAT:  # another music service may answer in its own format
-        pcm = await asyncio.to_thread(lambda: audio.convert_pcm(path.read_bytes(), fmt, vocab.SEPARATION_RATE, 2,
-                                                                BGM_FORMAT.encoding))
+    score = music.result()
+    if score.fmt != BGM_FORMAT:  # another music service may answer in its own format
+        pcm = await asyncio.to_thread(lambda: audio.convert_pcm(b"".join(score.pcm()), score.fmt,
+                                                                vocab.SEPARATION_RATE, 2, BGM_FORMAT.encoding))
         for request in track(mixer_pb2.TRACK_BGM, iter_chunks(pcm)):
             yield request
         return
-    for request in track(mixer_pb2.TRACK_BGM, iter_file_chunks(path)):
-        yield request
+    async for piece in iterate_in_thread(lambda _: score.pcm()):  # decoded off the loop
+        yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=mixer_pb2.TRACK_BGM, data=piece))
+    yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=mixer_pb2.TRACK_BGM, last=True))
 
 
 def config(options: gateway_pb2.RemixOptions, speech_format: common_pb2.AudioFormat | None) -> mixer_pb2.MixConfig:
@@ -134,19 +172,22 @@ async def collect(responses: AsyncIterator[mixer_pb2.MixResponse], output: Path)
     return held
 
 
-def music_stem(music: Music, work: Path) -> Iterator[gateway_pb2.RemixResponse]:
-    """The music as generated, as a WAV file in chunks (STEM_MUSIC)."""
+def music_stem(score: Music, work: Path) -> Iterator[gateway_pb2.RemixResponse]:
+    """The music as generated, as a WAV file in chunks (STEM_MUSIC): 16-bit like the other
+    stems when the score is (an hour of floats would be 1.4 GB), written a piece at a time."""
     import soundfile
 
-    score, fmt = music
+    fmt = score.fmt
     path = work / "music.wav"
-    size = 10 * fmt.sample_rate_hz * audio.bytes_per_frame(fmt)  # a piece at a time: an hour is 1.4 GB as floats
-    with soundfile.SoundFile(path, "w", fmt.sample_rate_hz, fmt.channels, subtype="FLOAT") as wav, \
-            open(score, "rb") as pcm:
-        while data := pcm.read(size):
+    subtype = "PCM_16" if fmt.encoding == audio.PCM_S16LE else "FLOAT"
+    with soundfile.SoundFile(path, "w", fmt.sample_rate_hz, fmt.channels, subtype=subtype) as wav:
+        for data in score.pcm():
             wav.write(audio.pcm_to_float(data, fmt))
-    for piece in iter_file_chunks(path):
-        yield gateway_pb2.RemixResponse(stem=mixer_pb2.StemChunk(stem=mixer_pb2.STEM_MUSIC, data=piece))
+    try:
+        for piece in iter_file_chunks(path):
+            yield gateway_pb2.RemixResponse(stem=mixer_pb2.StemChunk(stem=mixer_pb2.STEM_MUSIC, data=piece))
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def handed_on(held: list[gateway_pb2.RemixResponse], output: Path) -> Iterator[gateway_pb2.RemixResponse]:

@@ -30,6 +30,7 @@ from bgm import audio, cache, logs, media, vocab
 from bgm.chunks import CHUNK_BYTES, iter_file_chunks
 from bgm.client import RetryPolicy, call_with_retry
 from bgm.errors import InvalidInput, ServiceError
+from bgm.threads import iterate_in_thread
 from bgm.v1 import (
     common_pb2,
     emotion_pb2,
@@ -298,28 +299,37 @@ class Remix:
         return await self.stage(common_pb2.STAGE_CLASSIFY, attempt)
 
     async def music(self, timeline: gateway_pb2.EmotionTimeline) -> mixing.Music:
-        """The score, written to a file in the job's folder as it streams in (an hour of it
-        is 0.7 GB: disk, not memory), in the mix's format."""
+        """The score, written to the job's folder as it streams in (an hour of it is 0.7 GB
+        raw: disk, not memory; FLAC when 16-bit, about half that), in the mix's format."""
         request = music_pb2.GenerateRequest(spans=timeline.spans, style=self.options.music,
                                             format=mixing.BGM_FORMAT)
-        path = self.work / "music.pcm"
 
         async def attempt() -> mixing.Music:
-            fmt = common_pb2.AudioFormat()
+            score: mixing.Music | None = None  # a retry starts the file over
             total = 0
-            with open(path, "wb") as score:  # a retry starts the file over
+            try:
                 async for event in self.stubs.music.Generate(request, timeout=self.timeout_s):
                     kind = event.WhichOneof("event")
                     if kind == "header":
-                        fmt.CopyFrom(event.header.format)
+                        score = mixing.Music(self.work, event.header.format)
                         total = event.header.total_samples
                         await self.emit(gateway_pb2.RemixResponse(score=event.header))
                     elif kind == "chunk":
-                        score.write(event.chunk.pcm)
+                        if score is None:
+                            raise InvalidInput("the music service sent audio before its header")
+                        await score.append(event.chunk.pcm)
                         if total:
-                            done = (event.chunk.start_sample + len(event.chunk.pcm) // audio.bytes_per_frame(fmt))
+                            done = (event.chunk.start_sample
+                                    + len(event.chunk.pcm) // audio.bytes_per_frame(score.fmt))
                             await self.progress(common_pb2.STAGE_GENERATE_MUSIC, min(0.99, done / total))
-            return path, fmt
+                if score is None:
+                    raise InvalidInput("the music service returned no header")
+                await asyncio.to_thread(score.finish)
+            except BaseException:
+                if score is not None:
+                    score.close()
+                raise
+            return score
 
         return await self.stage(common_pb2.STAGE_GENERATE_MUSIC, attempt)
 
@@ -339,7 +349,8 @@ class Remix:
         for message in mixing.handed_on(held, output):
             await self.emit(message)
         if mixer_pb2.STEM_MUSIC in self.options.mix.return_stems and inputs.music.done():
-            for message in await asyncio.to_thread(lambda: list(mixing.music_stem(inputs.music.result(), self.work))):
+            score = inputs.music.result()  # the stem is written and sent a piece at a time
+            async for message in iterate_in_thread(lambda _: mixing.music_stem(score, self.work)):
                 await self.emit(message)
 
     # ----- the whole job -----------------------------------------------------------
@@ -413,6 +424,8 @@ class Remix:
                 strand.cancel()
             await asyncio.gather(*strands, return_exceptions=True)
             speech.discard()
+            if music.done() and not music.cancelled() and music.exception() is None:
+                music.result().close()
         log.info("remix done", extra={"fields": {
             "duration_s": info.duration_s, "wall_s": round(time.monotonic() - self.started, 2),
             "stages_s": {k: round(v, 2) for k, v in self.stage_seconds.items()}}})

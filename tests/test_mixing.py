@@ -56,9 +56,10 @@ def test_music_comes_after_the_words_and_in_the_mix_format(loop, tmp_path: Path)
     async def go(fmt: common_pb2.AudioFormat, pcm: bytes) -> list[mixer_pb2.MixRequest]:
         spoken, music = asyncio.get_running_loop().create_future(), asyncio.get_running_loop().create_future()
         spoken.set_result([common_pb2.TimeSpan(start_s=1, end_s=2)])
-        score = tmp_path / "music.pcm"  # the gateway keeps the score in a file as it streams in
-        score.write_bytes(pcm)
-        music.set_result((score, fmt))
+        score = mixing.Music(tmp_path, fmt)  # the gateway keeps the score in a file as it streams in
+        await score.append(pcm)
+        score.finish()
+        music.set_result(score)
         return await collected(mixing.music_track(spoken, music))
 
     stereo = audio.float_to_pcm(np.zeros((48_000, 2), dtype=np.float32), mixing.BGM_FORMAT.encoding)
@@ -84,8 +85,10 @@ def test_the_stream_opens_with_config_and_the_whole_original(loop, tmp_path: Pat
         await speech.close()
         spoken, music = running.create_future(), running.create_future()
         spoken.set_result([])
-        (tmp_path / "music.pcm").write_bytes(b"m" * 16)
-        music.set_result((tmp_path / "music.pcm", mixing.BGM_FORMAT))
+        score = mixing.Music(tmp_path, mixing.BGM_FORMAT)
+        await score.append(b"m" * 16)
+        score.finish()
+        music.set_result(score)
         inputs = mixing.MixInputs(video, gateway_pb2.RemixOptions(filename="in.mp4"), speech, speech_format, 2,
                                   music, spoken)
 

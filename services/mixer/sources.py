@@ -2,9 +2,9 @@
 
 The mix reads its speech and music a block at a time, more than once (measure, level,
 encode), and reads a little either side of a block for filter context. A track is a file
-of raw PCM at the mix's rate read at offsets (what the gateway sends), or an array (tests,
-benchmarks). Every read gives 48 kHz stereo float32, silence outside the track, cut at the
-mix's length.
+of raw PCM at the mix's rate read at offsets, the same kept as FLAC (16-bit tracks, what
+the gateway sends), or an array (tests, benchmarks). Every read gives 48 kHz stereo
+float32, silence outside the track, cut at the mix's length.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from bgm import audio, media
+from bgm import audio, flac, media
 from bgm.errors import InvalidInput
 from bgm.v1 import common_pb2
 from services.mixer import dsp
@@ -97,6 +97,29 @@ class PcmFile:
         else:
             frames = np.zeros((0, channels), dtype=np.float32)
         return _padded(_stereo(frames), lo, hi, available)
+
+
+class FlacTrack:
+    """16-bit PCM at the mix's rate kept as FLAC (``bgm.flac``), read at offsets."""
+
+    def __init__(self, store: flac.FlacPcm, length: int) -> None:
+        self.store, self.length = store, length
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        available = min(self.store.frames, self.length)
+        frames = self.store.read(max(lo, 0), min(hi, available)).astype(np.float32) / 32768.0
+        return _padded(_stereo(frames), lo, hi, available)
+
+
+def open_flac(store: flac.FlacPcm, length: int, what: str, max_duration_s: float, setting: str) -> Source:
+    """A track spooled as FLAC (finished here) as a Source ``length`` samples long."""
+    store.finish()
+    if store.size == 0:
+        return Silence(length)
+    limit_s = max_duration_s + 60.0  # as ``open_track``
+    if store.size > audio.pcm_bytes(store.fmt, limit_s):
+        raise media.too_long(what, limit_s, setting)
+    return FlacTrack(store, length)
 
 
 def open_track(path: Path, size: int, fmt: common_pb2.AudioFormat, length: int, what: str,

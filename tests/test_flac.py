@@ -1,0 +1,75 @@
+"""16-bit PCM kept as FLAC (``bgm.flac``): what goes in in pieces comes back sample for sample."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bgm import audio, flac
+from bgm.errors import InvalidInput
+from services.mixer import sources
+
+
+def music_like(seconds: float, channels: int, rate: int = 48_000) -> np.ndarray:
+    """A chord with some noise, as 16-bit samples (n, channels)."""
+    t = np.arange(round(seconds * rate)) / rate
+    rng = np.random.default_rng(7)
+    tone = sum(np.sin(2 * np.pi * f * t) for f in (220.0, 277.2, 329.6)) / 4
+    frames = tone[:, None] + 0.01 * rng.standard_normal((t.shape[0], channels))
+    return (np.clip(frames, -1, 1) * 32767).astype("<i2")
+
+
+def test_pieces_of_any_size_come_back_exactly_and_smaller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(flac, "BATCH_BYTES", 10_000)  # several batches, each cut inside a frame
+    fmt = audio.audio_format(48_000, 2, audio.PCM_S16LE)
+    samples = music_like(3.0, 2)
+    raw = samples.tobytes()
+    store = flac.FlacPcm(tmp_path / "a.flac", fmt)
+
+    async def feed() -> None:
+        for start in range(0, len(raw), 7_777):  # odd sizes: pieces end mid-frame
+            await store.append(raw[start : start + 7_777])
+
+    asyncio.run(feed())
+    store.finish()
+    assert store.size == len(raw) and store.frames == samples.shape[0]
+    assert store.path.stat().st_size < 0.8 * len(raw)
+    assert b"".join(store.iter_pcm(50_000)) == raw
+    rng = np.random.default_rng(0)
+    for lo in rng.integers(0, samples.shape[0] - 5_000, 20):  # at offsets, in any order
+        np.testing.assert_array_equal(store.read(int(lo), int(lo) + 5_000), samples[lo : lo + 5_000])
+    assert store.read(samples.shape[0] - 10, samples.shape[0] + 100).shape == (10, 2)
+    store.close()
+    assert not store.path.exists()
+
+
+def test_a_track_cut_inside_a_frame_is_refused(tmp_path: Path):
+    store = flac.FlacPcm(tmp_path / "b.flac", audio.audio_format(48_000, 2, audio.PCM_S16LE))
+    store.write(b"\x00" * 4001)  # a stereo 16-bit frame is 4 bytes
+    with pytest.raises(InvalidInput, match="not a whole number"):
+        store.finish()
+    store.close()
+
+
+def test_only_16_bit_pcm_is_kept_as_flac():
+    assert flac.fits(audio.audio_format(48_000, 1, audio.PCM_S16LE))
+    assert not flac.fits(audio.audio_format(48_000, 1, audio.PCM_F32LE))
+
+
+def test_the_mixer_reads_a_flac_track_as_it_reads_raw_pcm(tmp_path: Path):
+    fmt = audio.audio_format(48_000, 1, audio.PCM_S16LE)
+    samples = music_like(2.0, 1)
+    raw_path = tmp_path / "speech.s16"
+    raw_path.write_bytes(samples.tobytes())
+    store = flac.FlacPcm(tmp_path / "speech.flac", fmt)
+    store.write(samples.tobytes())
+    length = samples.shape[0] + 4_800  # the original runs a little longer: silence after
+    kept = sources.open_flac(store, length, "speech", 3600.0, "BGM_MIXER_MAX_DURATION_S")
+    plain = sources.open_track(raw_path, raw_path.stat().st_size, fmt, length, "speech", 3600.0,
+                               "BGM_MIXER_MAX_DURATION_S", tmp_path)
+    for lo, hi in ((-300, 1_000), (0, length), (90_000, length + 500), (47_000, 48_123)):
+        np.testing.assert_array_equal(kept.read(lo, hi), plain.read(lo, hi))
+    store.close()
