@@ -132,24 +132,26 @@ def _probe_header(path: str | Path, what: str) -> MediaInfo:
     )
 
 
-def decode_audio_blocks(path: str | Path, sample_rate: int, channels: int, block: int,
-                        what: str = "input") -> Generator[np.ndarray, None, None]:
-    """The first audio stream as float32 blocks of ``block`` frames (the last shorter), for a
-    pass over a long file that never holds all of it."""
+def _decoded_pieces(path: str | Path, sample_rate: int, channels: int, sample_format: str, piece_bytes: int,
+                    what: str, max_duration_s: float | None) -> Generator[bytes, None, None]:
+    """The first audio stream as raw PCM (ffmpeg's ``sample_format``: f32le, s16le) from a
+    pipe, in pieces of ``piece_bytes`` (the last shorter); ffmpeg stops a second past
+    ``max_duration_s``. Closing the generator early stops ffmpeg."""
     cmd = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", *INPUT_GUARD, "-i", str(path),
-           "-map", "0:a:0", "-vn", "-ac", str(channels), "-ar", str(sample_rate), "-f", "f32le", "pipe:1"]
-    want = block * 4 * channels
+           "-map", "0:a:0", "-vn", "-ac", str(channels), "-ar", str(sample_rate)]
+    if max_duration_s is not None:
+        cmd += ["-t", f"{max_duration_s + 1.0:.3f}"]
+    cmd += ["-f", sample_format, "pipe:1"]
     # stderr goes to a file: a corrupt stream can log more than a pipe holds, and nobody
     # would read the pipe while stdout is being drained.
     with tempfile.TemporaryFile() as errors, processes.child(cmd, stdout=subprocess.PIPE, stderr=errors) as proc:
         assert proc.stdout is not None
         try:
             while True:
-                data = proc.stdout.read(want)
-                usable = len(data) - len(data) % (4 * channels)
-                if usable:
-                    yield np.frombuffer(data[:usable], dtype="<f4").reshape(-1, channels)
-                if len(data) < want:
+                data = proc.stdout.read(piece_bytes)
+                if data:
+                    yield data
+                if len(data) < piece_bytes:
                     break
             returncode = proc.wait(timeout=3600)
         finally:
@@ -160,6 +162,40 @@ def decode_audio_blocks(path: str | Path, sample_rate: int, channels: int, block
         stderr = errors.read(1 << 16)
     if returncode != 0:
         raise InvalidInput(f"could not decode the audio of {what} ({_short(stderr, path, what)})")
+
+
+def decode_audio_blocks(path: str | Path, sample_rate: int, channels: int, block: int,
+                        what: str = "input") -> Generator[np.ndarray, None, None]:
+    """The first audio stream as float32 blocks of ``block`` frames (the last shorter), for a
+    pass over a long file that never holds all of it."""
+    frame = 4 * channels
+    with contextlib.closing(_decoded_pieces(path, sample_rate, channels, "f32le", block * frame, what,
+                                            None)) as pieces:
+        for data in pieces:
+            usable = len(data) - len(data) % frame
+            if usable:
+                yield np.frombuffer(data[:usable], dtype="<f4").reshape(-1, channels)
+
+
+def decode_pcm(path: str | Path, sample_rate: int, piece_bytes: int, what: str = "input",
+               max_duration_s: float | None = None, setting: str = "MAX_DURATION_S") -> Generator[bytes, None, None]:
+    """The first audio stream as mono 16-bit PCM from a pipe, in pieces of ``piece_bytes``
+    (whole frames), for a caller that sends it on rather than keep it: nothing on disk.
+
+    With ``max_duration_s``, audio longer than it (a header can lie) is refused
+    (InvalidInput) the moment the pieces pass it."""
+    limit = None if max_duration_s is None else 2 * int(max_duration_s * sample_rate + 1)
+    sent = 0
+    with contextlib.closing(_decoded_pieces(path, sample_rate, 1, "s16le", piece_bytes - piece_bytes % 2, what,
+                                            max_duration_s)) as pieces:
+        for data in pieces:
+            sent += len(data)
+            if limit is not None and sent > limit:
+                assert max_duration_s is not None
+                raise too_long(what, max_duration_s, setting)
+            yield data[: len(data) - len(data) % 2]
+    if sent < 2:
+        raise InvalidInput(f"{what} has no audio samples")
 
 
 def decode_audio_to_files(path: str | Path, outputs: Sequence[tuple[Path, int]], what: str = "input",

@@ -15,9 +15,8 @@ the mix of the whole, its loudness pass and the encode, once the last input is i
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -62,15 +61,19 @@ STT_FORMAT = audio.audio_format(STT_RATE, 1, audio.PCM_S16LE)
 
 @dataclass(frozen=True)
 class UploadAudio:
-    """The upload's audio, decoded once into files in the job's folder (an hour is 345 MB
-    at the separation rate: disk, never memory), each removed once its stage is done."""
+    """The upload's audio. For transcription it is decoded once into a file in the job's
+    folder (STT_FORMAT; its length is the decoded duration the limits are checked against),
+    removed once transcribed. For separation it is decoded again as it is sent (a retried
+    Separate decodes anew: a few seconds an hour), so the 330 MB an hour is at the
+    separation rate never lie on the gateway's disk as well as the mixer's."""
 
-    separation: Path  # SEPARATION_FORMAT
+    video: Path
     speech_to_text: Path  # STT_FORMAT
-    samples: int  # at the separation rate
+    samples: int  # at the separation rate (from the transcription file's length)
 
-    def files(self) -> list[tuple[Path, int]]:
-        return [(self.separation, SEPARATION_RATE), (self.speech_to_text, STT_RATE)]
+    def separation_pcm(self, max_duration_s: float, setting: str) -> Iterator[bytes]:
+        """SEPARATION_FORMAT, in chunks, decoded as they are read."""
+        return media.decode_pcm(self.video, SEPARATION_RATE, CHUNK_BYTES, "the upload", max_duration_s, setting)
 
 
 # The mix's fraction follows the speech it takes, and its end (the loudness pass and the
@@ -201,23 +204,24 @@ class Remix:
         return info, upload
 
     def decoded_audio(self, setting: str) -> UploadAudio:
-        """The upload's audio in files: from the cache when this same file was decoded before
-        (and still fits the duration limit), else decoded (one ffmpeg for both rates)."""
-        upload = UploadAudio(self.work / "upload-separation.s16", self.work / "upload-stt.s16", 0)
+        """The upload's audio for transcription in a file: from the cache when this same file
+        was decoded before (and still fits the duration limit), else decoded."""
+        stt = self.work / "upload-stt.s16"
         store = self.audio_cache
-        names: list[str] = []
+        name = ""
+        frames = 0
         if store is not None and store.folder is not None:
-            digest = cache.file_digest(self.video)
-            names = [cache.key("upload-audio", "s16", rate, digest) for _, rate in upload.files()]
-            if all(store.get_file(name, path) for name, (path, _) in zip(names, upload.files(), strict=True)):
-                samples = upload.separation.stat().st_size // audio.bytes_per_frame(SEPARATION_FORMAT)
-                if samples <= self.max_duration_s * SEPARATION_RATE:
-                    return dataclasses.replace(upload, samples=samples)
-        samples = media.decode_audio_to_files(self.video, upload.files(), "the upload", self.max_duration_s, setting)
-        if store is not None and names:
-            for name, (path, _) in zip(names, upload.files(), strict=True):
-                store.put_file(name, path)
-        return dataclasses.replace(upload, samples=samples)
+            name = cache.key("upload-audio", "s16", STT_RATE, cache.file_digest(self.video))
+            if store.get_file(name, stt):
+                frames = stt.stat().st_size // audio.bytes_per_frame(STT_FORMAT)
+                if frames > self.max_duration_s * STT_RATE + 1:
+                    frames = 0
+        if not frames:
+            frames = media.decode_audio_to_files(self.video, [(stt, STT_RATE)], "the upload", self.max_duration_s,
+                                                 setting)
+            if name and store is not None:
+                store.put_file(name, stt)
+        return UploadAudio(self.video, stt, frames * (SEPARATION_RATE // STT_RATE))
 
     async def transcribe(self, upload: UploadAudio | None, duration: float) -> gateway_pb2.Transcript:
         transcript = gateway_pb2.Transcript(duration_s=duration)
@@ -256,9 +260,11 @@ class Remix:
         config = mixer_pb2.SeparateConfig(format=SEPARATION_FORMAT, backend=self.options.separation_backend,
                                           stems=[mixer_pb2.STEM_SPEECH])
 
+        setting = f"{vocab.GATEWAY.env_prefix}_MAX_DURATION_S"
+
         async def requests() -> AsyncIterator[mixer_pb2.SeparateRequest]:
             yield mixer_pb2.SeparateRequest(config=config)
-            for piece in iter_file_chunks(upload.separation, CHUNK_BYTES):
+            async for piece in iterate_in_thread(lambda _: upload.separation_pcm(self.max_duration_s, setting)):
                 yield mixer_pb2.SeparateRequest(audio=piece)
 
         async def attempt() -> None:
@@ -280,7 +286,6 @@ class Remix:
         except BaseException as exc:
             await speech.close(exc)
             raise
-        upload.separation.unlink(missing_ok=True)
         await speech.close()
 
     async def classify(self, transcript: gateway_pb2.Transcript) -> gateway_pb2.EmotionTimeline:

@@ -60,10 +60,14 @@ def test_a_header_that_understates_is_refused_at_the_limit_quickly(tmp_path):
     with pytest.raises(InvalidInput, match="limit of 60 s"):  # decoded to files: stopped past the limit
         media.decode_audio_to_files(lying, files, "the upload", 60.0)
     assert not any(path.exists() for path, _ in files)  # and nothing half-decoded is left
+    with pytest.raises(InvalidInput, match="limit of 60 s"):  # decoded as it is sent on: stopped past the limit
+        for _ in media.decode_pcm(lying, 48_000, 512 * 1024, "the upload", 60.0):
+            pass
     assert time.monotonic() - began < 5.0
     short = audio_mkv(tmp_path / "short.mkv", 3)
     assert media.decode_audio_to_files(short, files, "the upload", 60.0) == 3 * 48_000
     assert files[1][0].stat().st_size == 2 * 3 * 16_000
+    assert sum(map(len, media.decode_pcm(short, 48_000, 512 * 1024, "the upload", 60.0))) == 2 * 3 * 48_000
 
 
 def test_a_header_that_overstates_gives_the_real_duration(tmp_path):

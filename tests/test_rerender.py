@@ -273,7 +273,8 @@ def test_cli_project_rerender_and_clean(video, tmp_path):
     # keeps it: otherwise every span's music would change.
     assert all(s["style"] == "lo-fi" and s["intensity"] == 0.8 for s in doc["spans"])
     assert list((project / "cache" / "speech").glob("*.raw")) and list((project / "cache" / "music").glob("*.npy"))
-    assert len(list((project / "cache" / "audio").glob("*.raw"))) == 2  # the upload decoded for each stage
+    # The upload's audio for transcription (what Separate is sent is decoded as it is sent).
+    assert len(list((project / "cache" / "audio").glob("*.raw"))) == 1
     changed = len(doc["spans"]) // 2
     doc["spans"][changed]["emotion"] = vocab.FEAR if doc["spans"][changed]["emotion"] != vocab.FEAR else vocab.JOY
     (tmp_path / "edited.json").write_text(json.dumps(doc))
@@ -282,8 +283,8 @@ def test_cli_project_rerender_and_clean(video, tmp_path):
     second = bgm("remix", str(video), "-o", str(tmp_path / "two.mp4"), "--project", str(project),
                  "--timeline-in", str(tmp_path / "edited.json"), "--stems", str(tmp_path / "two"), "-q")
     assert second.returncode == 0, second.stderr
-    # Only the changed span was rendered again; the video's audio was not decoded again.
-    assert len(list((project / "cache" / "audio").glob("*.raw"))) == 2  # the upload decoded for each stage
+    # Only the changed span was rendered again; the upload's audio was found in the cache.
+    assert len(list((project / "cache" / "audio").glob("*.raw"))) == 1
     assert len(list((project / "cache" / "music").glob("*.npy"))) == rendered + 1
     one, _ = soundfile.read(tmp_path / "one" / "music.wav", dtype="float32")
     two, _ = soundfile.read(tmp_path / "two" / "music.wav", dtype="float32")
@@ -322,18 +323,21 @@ def test_the_uploads_audio_is_decoded_once_per_content(video, tmp_path, monkeypa
     work = tmp_path / "one"
     work.mkdir()
     first = job(video, work=work).decoded_audio("LIMIT")
-    assert abs(first.samples / RATE - 24.0) < 0.1 and first.separation.stat().st_size == 2 * first.samples
-    assert abs(first.speech_to_text.stat().st_size / 2 / 16_000 - 24.0) < 0.1
-    heard = np.fromfile(first.separation, dtype="<i2")
+    assert abs(first.samples / RATE - 24.0) < 0.1
+    assert first.speech_to_text.stat().st_size * 3 == 2 * first.samples  # 16 kHz 16-bit; samples at 48 kHz
+    heard = np.fromfile(first.speech_to_text, dtype="<i2")
     assert np.abs(heard).max() > 1000  # the audio itself, not silence
+    # What Separate is sent is decoded as it is sent: the same length at 48 kHz, nothing on disk.
+    separation = b"".join(first.separation_pcm(3600.0, "LIMIT"))
+    assert abs(len(separation) - 2 * first.samples) <= 2 * 48 and np.abs(np.frombuffer(separation, "<i2")).max() > 1000
+    assert sorted(p.name for p in work.iterdir()) == ["upload-stt.s16"]
 
     def no_decode(*args, **kwargs):
         raise AssertionError("decoded again")
 
     monkeypatch.setattr(media, "decode_audio_to_files", no_decode)
     again = job(video).decoded_audio("LIMIT")  # same content: from the cache, into this job's folder
-    assert again.separation.parent == tmp_path and again.samples == first.samples
-    assert again.separation.read_bytes() == first.separation.read_bytes()
+    assert again.speech_to_text.parent == tmp_path and again.samples == first.samples
     assert again.speech_to_text.read_bytes() == first.speech_to_text.read_bytes()
     other = tmp_path / "other.mp4"
     other.write_bytes(video.read_bytes() + b"\0")  # other content (trailing byte): decoded anew
