@@ -104,6 +104,13 @@ class FlacPcm:
         for lo in range(0, self.frames, step):
             yield self.read(lo, lo + step).astype("<i2", copy=False).tobytes()
 
+    def release(self) -> None:
+        """Close the file's reader until the next read (a caller done with it for now)."""
+        with self._lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+
     def close(self) -> None:
         """Close the file and remove it."""
         with self._lock:

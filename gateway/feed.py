@@ -7,9 +7,11 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bgm import vocab
+from bgm import audio, flac, vocab
 
 T = TypeVar("T")
+# A feed's bytes as FLAC takes them: 16-bit words (the rate is only a label).
+WORDS = audio.audio_format(vocab.SEPARATION_RATE, 1, audio.PCM_S16LE)
 
 
 class Feed:
@@ -19,17 +21,21 @@ class Feed:
     only what was not there yet; every reader starts from the beginning, so a retried
     consumer replays everything.
 
-    With a ``path`` the bytes are kept in that file rather than in memory, so an hour of
-    separated speech costs disk, not memory; readers then get pieces of at most
-    ``READ_BYTES``.
+    With a ``path`` the bytes are kept on disk rather than in memory, so an hour of
+    separated speech costs disk, not memory: as FLAC segments of SEGMENT_BYTES beside
+    ``path`` (16-bit words, lossless whatever the bytes are; separated speech takes about
+    a third of its raw size), the bytes after the last segment in memory. Readers then
+    get pieces of at most ``READ_BYTES``.
     """
 
     READ_BYTES = vocab.MIB
+    SEGMENT_BYTES = 8 * vocab.MIB  # 87 s of mono 16-bit speech at 48 kHz
 
     def __init__(self, path: Path | None = None) -> None:
         self.pieces: list[bytes] = []
         self.path = path
-        self._file = open(path, "w+b") if path is not None else None  # noqa: SIM115 - closed by discard()
+        self.segments: list[flac.FlacPcm] = []  # with a path: each SEGMENT_BYTES of the stream
+        self.tail = bytearray()  # with a path: what follows the segments
         self.size = 0
         self.closed = False
         self.error: BaseException | None = None
@@ -42,15 +48,24 @@ class Feed:
             raise ValueError(f"gap in the feed: write at {offset}, only {self.size} bytes so far")
         new = data[self.size - offset :]
         if new:
-            if self._file is not None:
-                self._file.seek(self.size)
-                self._file.write(new)
-                self._file.flush()
+            if self.path is not None:
+                self.tail += new
             else:
                 self.pieces.append(new)
             self.size += len(new)
             async with self._changed:
                 self._changed.notify_all()
+            while self.path is not None and len(self.tail) >= self.SEGMENT_BYTES:
+                segment = await asyncio.to_thread(self._seal, bytes(self.tail[: self.SEGMENT_BYTES]))
+                self.segments.append(segment)  # and out of the tail in the same step: readers see one or the other
+                del self.tail[: self.SEGMENT_BYTES]
+
+    def _seal(self, data: bytes) -> flac.FlacPcm:
+        assert self.path is not None
+        segment = flac.FlacPcm(self.path.with_name(f"{self.path.name}.{len(self.segments)}.flac"), WORDS)
+        segment.write(data)
+        segment.finish()
+        return segment
 
     async def close(self, error: BaseException | None = None) -> None:
         self.closed = True
@@ -59,22 +74,28 @@ class Feed:
             self._changed.notify_all()
 
     def discard(self) -> None:
-        """Drop what the feed holds (its file too); nothing can be read after this."""
+        """Drop what the feed holds (its files too); nothing can be read after this."""
         self.pieces = []
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-            assert self.path is not None
-            self.path.unlink(missing_ok=True)
+        for segment in self.segments:
+            segment.close()
+        self.segments = []
+        self.tail = bytearray()
 
-    def _read_from(self, position: int) -> bytes:
-        with open(self.path, "rb") as f:  # type: ignore[arg-type]
-            f.seek(position)
-            return f.read(min(self.READ_BYTES, self.size - position))
+    async def _read_from(self, position: int) -> bytes:
+        sealed = len(self.segments) * self.SEGMENT_BYTES
+        if position >= sealed:
+            return bytes(self.tail[position - sealed : position - sealed + self.READ_BYTES])
+        segment = self.segments[position // self.SEGMENT_BYTES]
+        lo = position % self.SEGMENT_BYTES // 2
+        hi = min(lo + self.READ_BYTES // 2, self.SEGMENT_BYTES // 2)
+        words = await asyncio.to_thread(segment.read, lo, hi)
+        if hi == self.SEGMENT_BYTES // 2:  # read to its end: no file handle held per segment of an hour
+            segment.release()
+        return words.astype("<i2", copy=False).tobytes()
 
     async def read(self) -> AsyncIterator[bytes]:
         """Every piece from the start, as it arrives; raises the producer's error if it failed."""
-        index = 0  # pieces (in memory) or bytes (in a file) handed out so far
+        index = 0  # pieces (in memory) or bytes (on disk) handed out so far
 
         def ready() -> bool:
             return index < (self.size if self.path is not None else len(self.pieces)) or self.closed
@@ -86,7 +107,7 @@ class Feed:
                 raise self.error
             if self.path is not None:
                 while index < self.size:
-                    piece = self._read_from(index)
+                    piece = await self._read_from(index)
                     index += len(piece)
                     yield piece
                 if self.closed and index == self.size:

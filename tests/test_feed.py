@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 
 from gateway.feed import Feed, first_failure, merge
@@ -29,10 +30,11 @@ def test_readers_follow_the_writer_and_a_retried_writer_adds_only_what_is_new():
     assert early == replay == again == b"abcdefgh"
 
 
-def test_a_feed_kept_on_disk_reads_the_same_and_removes_its_file(tmp_path, monkeypatch):
-    """An hour of separated speech goes to disk: readers still follow the writer, retries
-    still replay everything, in pieces of at most READ_BYTES."""
+def test_a_feed_kept_on_disk_reads_the_same_and_removes_its_files(tmp_path, monkeypatch):
+    """An hour of separated speech goes to disk (FLAC segments): readers still follow the
+    writer, retries still replay everything, in pieces of at most READ_BYTES."""
     monkeypatch.setattr(Feed, "READ_BYTES", 4)
+    monkeypatch.setattr(Feed, "SEGMENT_BYTES", 6)
     path = tmp_path / "speech.pcm"
 
     async def scenario() -> tuple[bytes, bytes, list[bytes]]:
@@ -40,19 +42,40 @@ def test_a_feed_kept_on_disk_reads_the_same_and_removes_its_file(tmp_path, monke
         early = asyncio.ensure_future(collect(feed))
         await feed.write_at(0, b"abc")
         await asyncio.sleep(0)
-        await feed.write_at(3, b"def")
+        await feed.write_at(3, b"def")  # six bytes: the first segment
         await feed.write_at(0, b"abcdefghij")  # a retried producer: only "ghij" is new
         await feed.close()
         pieces = [piece async for piece in feed.read()]
         replay, first = await collect(feed), await early
-        assert feed.pieces == [] and path.stat().st_size == 10  # on disk, not in memory
+        assert feed.pieces == [] and len(feed.segments) == 1 and feed.tail == b"ghij"  # on disk, not in memory
+        assert [p.name for p in tmp_path.iterdir()] == ["speech.pcm.0.flac"]
         feed.discard()
         return first, replay, pieces
 
     early, replay, pieces = asyncio.run(scenario())
     assert early == replay == b"abcdefghij"
-    assert pieces == [b"abcd", b"efgh", b"ij"]
-    assert not path.exists()
+    assert pieces == [b"abcd", b"ef", b"ghij"]
+    assert not list(tmp_path.iterdir())
+
+
+def test_any_bytes_come_back_from_the_segments_exactly(tmp_path, monkeypatch):
+    monkeypatch.setattr(Feed, "SEGMENT_BYTES", 4096)
+    data = np.random.default_rng(3).integers(0, 256, 50_001, dtype=np.uint8).tobytes()  # not audio, odd length
+
+    async def scenario() -> bytes:
+        feed = Feed(tmp_path / "speech.pcm")
+        reader = asyncio.ensure_future(collect(feed))
+        for start in range(0, len(data), 3_001):
+            await feed.write_at(start, data[start : start + 3_001])
+            await asyncio.sleep(0)
+        await feed.close()
+        assert len(feed.segments) == len(data) // 4096
+        got = await reader
+        assert await collect(feed) == got
+        feed.discard()
+        return got
+
+    assert asyncio.run(scenario()) == data
 
 
 def test_a_gap_and_a_producer_failure_reach_the_reader():
