@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from bgm import media, vocab
-from bgm.chunks import Spool
+from bgm.chunks import Spool, spool_payload
 from bgm.errors import InvalidInput
 from bgm.v1 import common_pb2
 
@@ -216,3 +217,15 @@ def open_mono(path: Path, fmt: common_pb2.AudioFormat, sample_rate: int, max_dur
     converted = scratch / f"mono-{sample_rate}.f32"
     mono.astype("<f4").tofile(converted)
     return MonoPcmFile(converted, audio_format(sample_rate, 1))
+
+
+async def receive_recording(rest: AsyncIterator[Any], spool: Spool, fmt: common_pb2.AudioFormat, sample_rate: int,
+                            max_duration_s: float, setting: str, scratch: Path) -> MonoPcmFile:
+    """The audio messages that follow a stream's config (``rest``, from ``read_config``)
+    spooled, refused past the duration limit as they arrive, and opened with ``open_mono``
+    (off the event loop): what Separate and Transcribe both begin with."""
+    cap_spool(spool, fmt, max_duration_s, setting)
+    await spool_payload(rest, spool, "config", "audio")
+    if spool.size == 0:
+        raise InvalidInput("no audio was sent after the config message")
+    return await asyncio.to_thread(open_mono, spool.finish(), fmt, sample_rate, max_duration_s, setting, scratch)

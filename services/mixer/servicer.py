@@ -14,7 +14,7 @@ import soundfile
 from grpc import aio
 
 from bgm import audio, cache, logs, media, scratch, settings, vocab
-from bgm.chunks import CHUNK_BYTES, Spool, StreamLimits, iter_chunks, iter_file_chunks, read_config, spool_payload
+from bgm.chunks import CHUNK_BYTES, Spool, StreamLimits, iter_chunks, iter_file_chunks, read_config
 from bgm.errors import ConcurrencyLimiter, InvalidInput
 from bgm.limits import MIX_RANGES, check_range
 from bgm.server import ModelServicer, Servicer
@@ -91,12 +91,8 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
                 if any(s not in (mixer_pb2.STEM_SPEECH, mixer_pb2.STEM_REST) for s in stems):
                     raise InvalidInput("Separate returns SPEECH and REST stems only")
                 separator = await self.separator(config.backend)
-                audio.cap_spool(spool, config.format, self.server.max_duration_s, DURATION_SETTING)
-                await spool_payload(rest, spool, "config", "audio")
-                if spool.size == 0:
-                    raise InvalidInput("no audio was sent after the config message")
-                mono = await asyncio.to_thread(audio.open_mono, spool.finish(), config.format, RATE,
-                                               self.server.max_duration_s, DURATION_SETTING, Path(tmp))
+                mono = await audio.receive_recording(rest, spool, config.format, RATE, self.server.max_duration_s,
+                                                     DURATION_SETTING, Path(tmp))
             with self.limiter:
                 # Stems come back in the encoding the audio came in (16-bit halves what the
                 # caller keeps on disk), at the mixer's rate, mono.

@@ -10,7 +10,7 @@ from pathlib import Path
 from grpc import aio
 
 from bgm import audio, scratch, settings, vocab
-from bgm.chunks import Spool, StreamLimits, read_config, spool_payload
+from bgm.chunks import Spool, StreamLimits, read_config
 from bgm.errors import ConcurrencyLimiter, InvalidInput
 from bgm.limits import LANGUAGE_CODE
 from bgm.server import ModelServicer, Servicer
@@ -70,12 +70,8 @@ class SpeechToTextServicer(ModelServicer, stt_pb2_grpc.SpeechToTextServicer):
             with self.uploads:
                 config, rest = await read_config(request_iterator, "config", "audio", self.stream)
                 options = self.options(config)
-                audio.cap_spool(spool, config.format, self.server.max_duration_s, setting)
-                await spool_payload(rest, spool, "config", "audio")
-                if spool.size == 0:
-                    raise InvalidInput("no audio was sent after the config message")
-                mono = await asyncio.to_thread(audio.open_mono, spool.finish(), config.format, SAMPLE_RATE,
-                                               self.server.max_duration_s, setting, Path(tmp))
+                mono = await audio.receive_recording(rest, spool, config.format, SAMPLE_RATE,
+                                                     self.server.max_duration_s, setting, Path(tmp))
             with self.limiter:
                 backend = self.backend
                 count = 0
