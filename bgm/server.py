@@ -22,7 +22,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from bgm import logs, scratch
+from bgm import logs, memory, scratch
 from bgm.errors import ErrorInterceptor, NotReady
 from bgm.security import TokenInterceptor, server_credentials
 from bgm.settings import ServerSettings, SettingsError, server_settings
@@ -131,6 +131,7 @@ async def start_server(
 ) -> RunningServer:
     """Start a server for ``servicers`` and begin loading their models in the background
     (or, with ``load_models=False``, when ``RunningServer.start_loading`` is called)."""
+    memory.tune_allocator()  # before the models load and the worker threads start
     await asyncio.to_thread(scratch.sweep, settings.tmp_dir)  # may remove gigabytes: off the loop
     if credentials is None:
         credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
