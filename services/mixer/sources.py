@@ -10,6 +10,8 @@ float32, silence outside the track, cut at the mix's length.
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Protocol
 
@@ -100,14 +102,41 @@ class PcmFile:
 
 
 class FlacTrack:
-    """16-bit PCM at the mix's rate kept as FLAC (``bgm.flac``), read at offsets."""
+    """16-bit PCM at the mix's rate kept as FLAC (``bgm.flac``), read at offsets.
+
+    A pass reads a block and a little either side of it, then the next block, from two
+    threads at once: each thread keeps the last few pages it decoded, so a pass decodes
+    the track about once rather than seeking back for every read."""
+
+    PAGE = 5 * RATE
+    PAGES = 3  # per thread: a 10 s block with its context spans three
 
     def __init__(self, store: flac.FlacPcm, length: int) -> None:
         self.store, self.length = store, length
+        self._local = threading.local()
+
+    def _page(self, index: int) -> np.ndarray:
+        pages: OrderedDict[int, np.ndarray] | None = getattr(self._local, "pages", None)
+        if pages is None:
+            pages = self._local.pages = OrderedDict()
+        if index in pages:
+            pages.move_to_end(index)
+            return pages[index]
+        page = self.store.read(index * self.PAGE, (index + 1) * self.PAGE)
+        pages[index] = page
+        if len(pages) > self.PAGES:
+            pages.popitem(last=False)
+        return page
 
     def read(self, lo: int, hi: int) -> np.ndarray:
         available = min(self.store.frames, self.length)
-        frames = self.store.read(max(lo, 0), min(hi, available)).astype(np.float32) / 32768.0
+        first, last = max(lo, 0), max(0, min(hi, available))
+        if last > first:
+            parts = [self._page(i)[max(first - i * self.PAGE, 0) : last - i * self.PAGE]
+                     for i in range(first // self.PAGE, (last - 1) // self.PAGE + 1)]
+            frames = np.concatenate(parts).astype(np.float32) / 32768.0
+        else:
+            frames = np.zeros((0, self.store.fmt.channels), dtype=np.float32)
         return _padded(_stereo(frames), lo, hi, available)
 
 
