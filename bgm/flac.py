@@ -33,8 +33,7 @@ class FlacPcm:
     """Raw 16-bit little-endian PCM written in pieces, kept as FLAC, read back at offsets.
 
     ``size`` counts the raw bytes taken (what a byte limit applies to); ``frames`` the
-    samples per channel once ``finish`` has run. Reads may come from several threads at
-    once, each through its own handle (a seek in FLAC decodes from a frame's start).
+    samples per channel once ``finish`` has run. Reads may come from several threads.
     """
 
     def __init__(self, path: Path, fmt: common_pb2.AudioFormat) -> None:
@@ -46,8 +45,7 @@ class FlacPcm:
         self._pending = bytearray()
         self._writer: soundfile.SoundFile | None = soundfile.SoundFile(
             path, "w", fmt.sample_rate_hz, fmt.channels, format="FLAC", subtype="PCM_16")
-        self._local = threading.local()  # each thread reads through a handle of its own
-        self._readers: list[soundfile.SoundFile] = []
+        self._reader: soundfile.SoundFile | None = None
         self._lock = threading.Lock()
 
     # ----- writing ----------------------------------------------------------------------
@@ -93,14 +91,12 @@ class FlacPcm:
         lo, hi = max(0, lo), min(hi, self.frames)
         if hi <= lo:
             return np.zeros((0, self.fmt.channels), dtype=np.int16)
-        reader = getattr(self._local, "reader", None)
-        if reader is None or reader.closed:
-            reader = self._local.reader = soundfile.SoundFile(self.path)
-            with self._lock:
-                self._readers.append(reader)
-        if reader.tell() != lo:  # sequential reads need no seek
-            reader.seek(lo)
-        return reader.read(hi - lo, dtype="int16", always_2d=True)
+        with self._lock:
+            if self._reader is None:
+                self._reader = soundfile.SoundFile(self.path)
+            if self._reader.tell() != lo:  # sequential reads need no seek
+                self._reader.seek(lo)
+            return self._reader.read(hi - lo, dtype="int16", always_2d=True)
 
     def iter_pcm(self, block_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
         """The raw PCM again, in pieces of about ``block_bytes``."""
@@ -109,21 +105,17 @@ class FlacPcm:
             yield self.read(lo, lo + step).astype("<i2", copy=False).tobytes()
 
     def release(self) -> None:
-        """Close this thread's reader until its next read (a caller done with it for now)."""
-        reader = getattr(self._local, "reader", None)
-        if reader is not None:
-            with self._lock:
-                self._readers.remove(reader)
-            reader.close()
-            self._local.reader = None
+        """Close the file's reader until the next read (a caller done with it for now)."""
+        with self._lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
 
     def close(self) -> None:
-        """Close the file (every thread's reader) and remove it."""
+        """Close the file and remove it."""
         with self._lock:
-            if self._writer is not None:
-                self._writer.close()
-                self._writer = None
-            for reader in self._readers:
-                reader.close()
-            self._readers = []
+            for handle in (self._writer, self._reader):
+                if handle is not None:
+                    handle.close()
+            self._writer = self._reader = None
         self.path.unlink(missing_ok=True)

@@ -10,7 +10,6 @@ import pytest
 
 from bgm import audio, flac
 from bgm.errors import InvalidInput
-from services.mixer import sources
 
 
 def music_like(seconds: float, channels: int, rate: int = 48_000) -> np.ndarray:
@@ -57,21 +56,3 @@ def test_a_track_cut_inside_a_frame_is_refused(tmp_path: Path):
 def test_only_16_bit_pcm_is_kept_as_flac():
     assert flac.fits(audio.audio_format(48_000, 1, audio.PCM_S16LE))
     assert not flac.fits(audio.audio_format(48_000, 1, audio.PCM_F32LE))
-
-
-def test_the_mixer_reads_a_flac_track_as_it_reads_raw_pcm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(sources.FlacTrack, "PAGE", 10_000)  # reads across pages, some evicted
-    fmt = audio.audio_format(48_000, 1, audio.PCM_S16LE)
-    samples = music_like(2.0, 1)
-    raw_path = tmp_path / "speech.s16"
-    raw_path.write_bytes(samples.tobytes())
-    store = flac.FlacPcm(tmp_path / "speech.flac", fmt)
-    store.write(samples.tobytes())
-    length = samples.shape[0] + 4_800  # the original runs a little longer: silence after
-    kept = sources.open_flac(store, length, "speech", 3600.0, "BGM_MIXER_MAX_DURATION_S")
-    plain = sources.open_track(raw_path, raw_path.stat().st_size, fmt, length, "speech", 3600.0,
-                               "BGM_MIXER_MAX_DURATION_S", tmp_path)
-    for lo, hi in ((-300, 1_000), (0, length), (90_000, length + 500), (47_000, 48_123), (9_999, 10_001),
-                   (45_000, 75_000), (5, 6)):
-        np.testing.assert_array_equal(kept.read(lo, hi), plain.read(lo, hi))
-    store.close()

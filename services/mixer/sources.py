@@ -2,22 +2,20 @@
 
 The mix reads its speech and music a block at a time, more than once (measure, level,
 encode), and reads a little either side of a block for filter context. A track is a file
-of raw PCM at the mix's rate read at offsets, the same kept as FLAC (16-bit tracks, what
-the gateway sends), or an array (tests, benchmarks). Every read gives 48 kHz stereo
-float32, silence outside the track, cut at the mix's length.
+of raw PCM at the mix's rate read at offsets (what the gateway sends), or an array (tests,
+benchmarks). Every read gives 48 kHz stereo float32, silence outside the track, cut at the
+mix's length.
 """
 
 from __future__ import annotations
 
 import hashlib
-import threading
-from collections import OrderedDict
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from bgm import audio, flac, media
+from bgm import audio, media
 from bgm.errors import InvalidInput
 from bgm.v1 import common_pb2
 from services.mixer import dsp
@@ -99,56 +97,6 @@ class PcmFile:
         else:
             frames = np.zeros((0, channels), dtype=np.float32)
         return _padded(_stereo(frames), lo, hi, available)
-
-
-class FlacTrack:
-    """16-bit PCM at the mix's rate kept as FLAC (``bgm.flac``), read at offsets.
-
-    A pass reads a block and a little either side of it, then the next block, from two
-    threads at once: each thread keeps the last few pages it decoded, so a pass decodes
-    the track about once rather than seeking back for every read."""
-
-    PAGE = 5 * RATE
-    PAGES = 3  # per thread: a 10 s block with its context spans three
-
-    def __init__(self, store: flac.FlacPcm, length: int) -> None:
-        self.store, self.length = store, length
-        self._local = threading.local()
-
-    def _page(self, index: int) -> np.ndarray:
-        pages: OrderedDict[int, np.ndarray] | None = getattr(self._local, "pages", None)
-        if pages is None:
-            pages = self._local.pages = OrderedDict()
-        if index in pages:
-            pages.move_to_end(index)
-            return pages[index]
-        page = self.store.read(index * self.PAGE, (index + 1) * self.PAGE)
-        pages[index] = page
-        if len(pages) > self.PAGES:
-            pages.popitem(last=False)
-        return page
-
-    def read(self, lo: int, hi: int) -> np.ndarray:
-        available = min(self.store.frames, self.length)
-        first, last = max(lo, 0), max(0, min(hi, available))
-        if last > first:
-            parts = [self._page(i)[max(first - i * self.PAGE, 0) : last - i * self.PAGE]
-                     for i in range(first // self.PAGE, (last - 1) // self.PAGE + 1)]
-            frames = np.concatenate(parts).astype(np.float32) / 32768.0
-        else:
-            frames = np.zeros((0, self.store.fmt.channels), dtype=np.float32)
-        return _padded(_stereo(frames), lo, hi, available)
-
-
-def open_flac(store: flac.FlacPcm, length: int, what: str, max_duration_s: float, setting: str) -> Source:
-    """A track spooled as FLAC (finished here) as a Source ``length`` samples long."""
-    store.finish()
-    if store.size == 0:
-        return Silence(length)
-    limit_s = max_duration_s + 60.0  # as ``open_track``
-    if store.size > audio.pcm_bytes(store.fmt, limit_s):
-        raise media.too_long(what, limit_s, setting)
-    return FlacTrack(store, length)
 
 
 def open_track(path: Path, size: int, fmt: common_pb2.AudioFormat, length: int, what: str,

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
-import tempfile
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from bgm import flac, limits, media, scratch, vocab
+from bgm import limits, media, vocab
 from bgm.chunks import Spool
 from bgm.errors import InvalidInput
 from bgm.loudness import loudness_of_blocks
@@ -49,23 +47,6 @@ class Music:
     level_lufs: float
 
 
-class FlacSpool:
-    """A speech or music track of 16-bit PCM at the mix's rate, spooled as FLAC as it
-    arrives: an hour of the score is about 310 MiB of temp disk instead of 659."""
-
-    def __init__(self, fmt: common_pb2.AudioFormat, tmp: str) -> None:
-        fd, name = tempfile.mkstemp(prefix=scratch.prefix(), suffix=".flac", dir=tmp)
-        os.close(fd)
-        self.store = flac.FlacPcm(Path(name), fmt)
-
-    @property
-    def size(self) -> int:
-        return self.store.size
-
-    def close(self) -> None:
-        self.store.close()
-
-
 class TrackSet:
     def __init__(self, config: mixer_pb2.MixConfig, limit: int, tmp: str, max_duration_s: float,
                  vad: Callable[[sources.Source], np.ndarray] = activity.speech_probability_of) -> None:
@@ -75,16 +56,8 @@ class TrackSet:
         self.max_duration_s = max_duration_s
         self.scratch = Path(tmp)
         self.vad = vad
-        # 16-bit speech and music at the mix's rate (what the gateway sends) are kept as FLAC.
-        formats: dict[int, common_pb2.AudioFormat] = {
-            mixer_pb2.TRACK_SPEECH: config.speech_format, mixer_pb2.TRACK_BGM: config.bgm_format}
-        self.spools: dict[int, Spool | FlacSpool] = {}
-        for track, name in TRACK_NAMES.items():
-            fmt = formats.get(track)
-            if fmt is not None and flac.fits(fmt) and fmt.sample_rate_hz == RATE:
-                self.spools[track] = FlacSpool(fmt, tmp)
-            else:
-                self.spools[track] = Spool(limit, name, tmp, suffix if name == "original" else "")
+        self.spools = {track: Spool(limit, name, tmp, suffix if name == "original" else "")
+                       for track, name in TRACK_NAMES.items()}
         self.tasks: dict[int, asyncio.Task[Any]] = {}
         # The proto lets tracks complete in any order; speech and music wait for the
         # original's length through this, whenever it arrives.
@@ -120,11 +93,7 @@ class TrackSet:
             total += len(chunk.data)
             if total > self.limit:
                 raise InvalidInput(f"the upload is larger than the limit of {self.limit} bytes")
-            spool = self.spools[chunk.track]
-            if isinstance(spool, FlacSpool):
-                await spool.store.append(chunk.data)  # encoded off the loop
-            else:
-                spool.write(chunk.data)
+            self.spools[chunk.track].write(chunk.data)
             if chunk.last:
                 self.prepare(chunk.track)
         for track in self.spools:
@@ -139,9 +108,7 @@ class TrackSet:
             self.words.append((start, end))
 
     def prepare(self, track: int) -> None:
-        spool = self.spools[track]
-        if isinstance(spool, Spool):  # a FLAC spool is finished where it is opened, off the loop
-            spool.finish()
+        self.spools[track].finish()
         steps: dict[int, Callable[[], Coroutine[Any, Any, object]]] = {
             mixer_pb2.TRACK_ORIGINAL: self._original, mixer_pb2.TRACK_SPEECH: self._speech,
             mixer_pb2.TRACK_BGM: self._music}
@@ -160,7 +127,6 @@ class TrackSet:
 
     async def _probe_original(self) -> Original:
         spool = self.spools[mixer_pb2.TRACK_ORIGINAL]
-        assert isinstance(spool, Spool)
         if spool.size == 0:
             raise InvalidInput("no ORIGINAL track was sent: the original media file is needed to mux into")
         info = await asyncio.to_thread(media.probe, spool.path, "the original", self.max_duration_s, DURATION_SETTING)
@@ -170,8 +136,6 @@ class TrackSet:
 
     def _source(self, track: int, fmt: common_pb2.AudioFormat, n: int) -> sources.Source:
         spool = self.spools[track]
-        if isinstance(spool, FlacSpool):
-            return sources.open_flac(spool.store, n, TRACK_NAMES[track], self.max_duration_s, DURATION_SETTING)
         return sources.open_track(spool.path, spool.size, fmt, n, TRACK_NAMES[track], self.max_duration_s,
                                   DURATION_SETTING, self.scratch)
 
@@ -203,6 +167,4 @@ class TrackSet:
 
     @property
     def original_path(self) -> Path:
-        spool = self.spools[mixer_pb2.TRACK_ORIGINAL]
-        assert isinstance(spool, Spool)
-        return spool.path
+        return self.spools[mixer_pb2.TRACK_ORIGINAL].path
