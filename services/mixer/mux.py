@@ -13,6 +13,7 @@ import numpy as np
 
 from bgm import media, processes, vocab
 from bgm.errors import InvalidInput
+from services.mixer import aac
 
 # Output container and audio codec per input extension. WebM cannot hold AAC, so it gets Opus.
 CONTAINERS = {
@@ -46,39 +47,50 @@ def output_for(original_name: str, info: media.MediaInfo) -> Output:
 def mux(original: Path, info: media.MediaInfo, blocks: Iterable[np.ndarray], out: Output, target: Path,
         bitrate: str, rate: int = vocab.SEPARATION_RATE, channels: int = 2) -> None:
     """Copy the original's video streams, add the new audio (float (m, channels) blocks,
-    piped in as they are made), keep container metadata."""
+    piped in as they are made, encoded here), keep container metadata."""
+    new_audio = ffmpeg.input("pipe:0", format="f32le", ar=rate, ac=channels)
+    codec: dict[str, str | int] = {"acodec": out.audio_codec, "audio_bitrate": bitrate}
+    if out.audio_codec == "aac":
+        codec.update(aac.ENCODER_OPTIONS)
+    _run(original, info, new_audio, codec, out, target, blocks)
+
+
+def mux_encoded(original: Path, info: media.MediaInfo, encoded: aac.Stream, out: Output, target: Path) -> None:
+    """Copy the original's video streams and the AAC stream already encoded (``aac``), keep
+    container metadata. The stream's priming frame is skipped as an encoder's own output
+    has it skipped (measured alike in MP4, MOV, Matroska and MPEG-TS)."""
+    if out.audio_codec != "aac":
+        raise ValueError(f"{out.format} takes {out.audio_codec}, not AAC")
+    new_audio = ffmpeg.input(str(encoded.path), format="aac", itsoffset=f"{-aac.PRIMING / aac.RATE:.9f}")
+    _run(original, info, new_audio, {"acodec": "copy"}, out, target, None)
+
+
+def _run(original: Path, info: media.MediaInfo, new_audio: ffmpeg.nodes.FilterableStream,
+         codec: dict[str, str | int], out: Output, target: Path, blocks: Iterable[np.ndarray] | None) -> None:
     guard = {"protocol_whitelist": "file,pipe", "format_whitelist": media.DEMUXER_WHITELIST}
     source = ffmpeg.input(str(original), **guard)
-    new_audio = ffmpeg.input("pipe:0", format="f32le", ar=rate, ac=channels)
     streams = [new_audio.audio]
     if info.has_video:
         streams.insert(0, source["v"])
-    kwargs: dict[str, str | int] = {"acodec": out.audio_codec, "audio_bitrate": bitrate, "f": out.format,
-                                    "map_metadata": 0}
+    kwargs: dict[str, str | int] = {**codec, "f": out.format, "map_metadata": 0}
     if info.has_video:
         kwargs["vcodec"] = "copy"
-    if out.audio_codec == "aac":
-        # ffmpeg's AAC encoder rebuilds stereo from intensity and fills bands with noise (PNS)
-        # by default: tools for low bitrates that put peaks where the mix had none (up to
-        # 2.7 dB over the true-peak ceiling at a speech onset) and replace the music's texture.
-        # The "fast" coder: 2.4x quicker than the default two-loop search on a 30 s mix at
-        # 192 kb/s, with no loss at this rate (waveform SNR 35.2 dB against 32.3 dB measured);
-        # the encode is what a re-render of an edited timeline mostly waits for.
-        kwargs.update(aac_is=0, aac_pns=0, aac_coder="fast")
     if out.format in ("mp4", "mov", "ipod"):
         kwargs["movflags"] = "+faststart"
     cmd = ffmpeg.output(*streams, str(target), **kwargs).overwrite_output().compile()
     cmd = [cmd[0], "-nostats", "-hide_banner", "-loglevel", "error", *cmd[1:]]
     # stderr goes to a file: nobody reads a pipe while the audio is being written.
-    with tempfile.TemporaryFile() as errors, processes.child(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                                             stderr=errors) as proc:
-        assert proc.stdin is not None
-        try:
-            for block in blocks:
-                proc.stdin.write(np.ascontiguousarray(block, dtype="<f4").tobytes())
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass  # ffmpeg stopped early: its exit status and message say why
+    with tempfile.TemporaryFile() as errors, processes.child(
+            cmd, stdin=subprocess.PIPE if blocks is not None else subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=errors) as proc:
+        if blocks is not None:
+            assert proc.stdin is not None
+            try:
+                for block in blocks:
+                    proc.stdin.write(np.ascontiguousarray(block, dtype="<f4").tobytes())
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass  # ffmpeg stopped early: its exit status and message say why
         returncode = proc.wait(timeout=3600)
         errors.seek(0)
         stderr = errors.read(1 << 16)
