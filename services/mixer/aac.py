@@ -22,9 +22,11 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -80,26 +82,80 @@ class Stream:
             return f.read(int(self.starts[b] - self.starts[a]))
 
 
-def encode(blocks: Iterable[np.ndarray], target: Path, bitrate: str) -> Stream:
-    """Float (m, 2) blocks at 48 kHz, piped in as they are made, to an ADTS file."""
-    cmd = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-f", "f32le", "-ar", str(RATE),
-           "-ac", str(CHANNELS), "-i", "pipe:0", "-c:a", "aac", "-b:a", bitrate,
-           *(x for name, value in ENCODER_OPTIONS.items() for x in (f"-{name}", str(value))),
-           "-f", "adts", "-y", str(target)]
-    with tempfile.TemporaryFile() as errors, processes.child(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                                             stderr=errors) as proc:
-        assert proc.stdin is not None
+def _encoder(bitrate: str, outputs: str) -> list[str]:
+    return ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-f", "f32le", "-ar", str(RATE),
+            "-ac", str(CHANNELS), "-i", "pipe:0", "-map", "0:a", "-c:a", "aac", "-b:a", bitrate,
+            *(x for name, value in ENCODER_OPTIONS.items() for x in (f"-{name}", str(value))), *outputs.split("\0")]
+
+
+def _feed(proc: subprocess.Popen[bytes], blocks: Iterable[np.ndarray]) -> None:
+    assert proc.stdin is not None
+    try:
+        for block in blocks:
+            proc.stdin.write(np.ascontiguousarray(block, dtype="<f4").tobytes())
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass  # ffmpeg stopped early: its exit status and message say why
+
+
+def _failed(errors: IO[bytes], what: str) -> InvalidInput:
+    errors.seek(0)
+    message = errors.read(4096).decode(errors="replace").strip().splitlines()
+    return InvalidInput(f"could not {what} ({message[-1][:300] if message else 'ffmpeg failed'})")
+
+
+def encode(blocks: Iterable[np.ndarray], target: Path, bitrate: str,
+           decoded_to: Callable[[np.ndarray], None] | None = None) -> Stream:
+    """Float (m, 2) blocks at 48 kHz, piped in as they are made, to an ADTS file; with
+    ``decoded_to``, the stream is also decoded as it is made and the mix it decodes to
+    (priming dropped) handed over a block at a time, from another thread: the check of the
+    encode runs on the core the encoder leaves free."""
+    if decoded_to is None:
+        with tempfile.TemporaryFile() as errors, processes.child(
+                _encoder(bitrate, f"-f\0adts\0-y\0{target}"), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                stderr=errors) as proc:
+            _feed(proc, blocks)
+            if proc.wait(timeout=3600) != 0:
+                raise _failed(errors, "encode the mix")
+        return Stream.read(target)
+    if any(c in str(target) for c in "[]|\\"):
+        raise ValueError(f"a path the tee muxer cannot take: {target}")
+    decoder = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-f", "aac", "-i", "pipe:0",
+               "-f", "f32le", "-ac", str(CHANNELS), "-ar", str(RATE), "pipe:1"]
+    failure: list[BaseException] = []
+
+    def check(source: IO[bytes]) -> None:
+        skip = PRIMING * CHANNELS * 4
         try:
-            for block in blocks:
-                proc.stdin.write(np.ascontiguousarray(block, dtype="<f4").tobytes())
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass  # ffmpeg stopped early: its exit status and message say why
-        returncode = proc.wait(timeout=3600)
-        errors.seek(0)
-        message = errors.read(4096).decode(errors="replace").strip().splitlines()
-    if returncode != 0:
-        raise InvalidInput(f"could not encode the mix ({message[-1][:300] if message else 'ffmpeg failed'})")
+            while piece := source.read(1 << 20):
+                if skip:
+                    dropped = min(skip, len(piece))
+                    piece, skip = piece[dropped:], skip - dropped
+                usable = len(piece) - len(piece) % (CHANNELS * 4)
+                if usable:
+                    decoded_to(np.frombuffer(piece[:usable], "<f4").reshape(-1, CHANNELS))
+        except BaseException as error:  # handed to the caller; the rest of the pipe is drained
+            failure.append(error)
+            while source.read(1 << 20):
+                pass
+
+    with tempfile.TemporaryFile() as errors, tempfile.TemporaryFile() as decode_errors, processes.child(
+            _encoder(bitrate, f"-f\0tee\0-y\0[f=adts]{target}|[f=adts]pipe:1"), stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=errors) as proc, processes.child(
+            decoder, stdin=proc.stdout, stdout=subprocess.PIPE, stderr=decode_errors) as dec:
+        assert proc.stdout is not None and dec.stdout is not None
+        proc.stdout.close()  # the decoder holds it: it sees the end when the encoder ends
+        reader = threading.Thread(target=check, args=(dec.stdout,), name="bgm-aac-check", daemon=True)
+        reader.start()
+        _feed(proc, blocks)
+        encoded, decoding = proc.wait(timeout=3600), dec.wait(timeout=3600)
+        reader.join()
+        if encoded != 0:
+            raise _failed(errors, "encode the mix")
+        if decoding != 0:
+            raise _failed(decode_errors, "decode the encoded mix")
+    if failure:
+        raise failure[0]
     return Stream.read(target)
 
 
