@@ -90,7 +90,8 @@ def test_an_overshoot_is_patched_in_place_and_the_rest_is_the_first_encode(loud_
     assert first_peak > LEVELS.true_peak_dbtp  # the case this is about
 
     spent = encode.Spent()
-    made, stream, checked = encode.encode_aac(outcome, n, LEVELS.true_peak_dbtp, "192k", tmp_path, spent)
+    levelled = render.Levelled(outcome, None, LEVELS.loudness_lufs)
+    made, stream, checked = encode.encode_aac(levelled, n, LEVELS.true_peak_dbtp, "192k", tmp_path, spent)
     final = full_decode(stream.path)[:n]
     peak = 20 * np.log10(np.abs(resample_poly(final, 4, 1, axis=0)).max())
     print(f"patched {spent.patches} places in {spent.patch_s:.2f} s: true peak {peak:.2f} dBTP, "
@@ -137,3 +138,46 @@ def test_the_encoded_stream_muxes_in_step_with_an_encode_into_the_container(tmp_
         a, b = decode_audio(direct, RATE, 2), decode_audio(copied, RATE, 2)
         assert a.shape == b.shape, suffix
         assert abs(int(np.argmax(np.abs(a[: 2 * RATE, 0]))) - int(np.argmax(np.abs(b[: 2 * RATE, 0])))) == 0, suffix
+
+
+def test_a_loudness_the_estimate_missed_is_aimed_again_from_the_encode(loud_mix, tmp_path, monkeypatch):
+    """The levelling's estimate is no longer checked by a pass of its own over the mix: the
+    encode's own measurement is. An estimate 1 LU off (hard limiting leaves it 0.3 LU low)
+    is corrected by what the encode measured, the mix encoded again, and it lands on the
+    target."""
+    import dataclasses
+
+    from services.mixer import sources
+
+    _, speech, music = loud_mix
+    levels = dataclasses.replace(LEVELS, loudness_lufs=-16.0)  # light limiting: a gain is a gain
+    n = speech.shape[0]
+    talking = activity.detect(activity.speech_probability(speech.mean(axis=1)),
+                              activity.threshold_for(levels.duck_sensitivity), n)
+    levelled = render.mix_levelled(sources.ArraySource(speech), sources.ArraySource(music), levels, talking,
+                                   dsp.loudness(music), str(tmp_path))
+    spent = encode.Spent()
+    encode.encode_aac(levelled, n, levels.true_peak_dbtp, "192k", tmp_path, spent)
+    assert spent.encodes == 1  # on target: one encode
+
+    # An estimate that reads 1 LU low: the mix it levels comes out 1 LU over the target.
+    leveller = levelled.leveller
+    assert leveller is not None
+    leveller.loudness -= 1.0
+    estimate_of = leveller.estimate
+
+    def reads_low(scale: float, keep=None) -> tuple[bool, float]:
+        limiting, loudness = estimate_of(scale, keep)
+        return limiting, loudness - 1.0
+
+    monkeypatch.setattr(leveller, "estimate", reads_low)
+    gain, estimate = leveller.gain(levels.loudness_lufs)
+    off = dataclasses.replace(levelled, outcome=render.MixOutcome(levelled.outcome.plan, gain, estimate, float("nan")))
+    spent = encode.Spent()
+    _, stream, checked = encode.encode_aac(off, n, levels.true_peak_dbtp, "192k", tmp_path, spent)
+    measured = dsp.loudness(full_decode(stream.path)[:n])
+    print(f"\naimed again: {checked.loudness_lufs:.2f} LUFS reported, {measured:.2f} measured "
+          f"(target {levels.loudness_lufs})")
+    assert spent.encodes == 2
+    assert abs(checked.loudness_lufs - levels.loudness_lufs) <= 0.1
+    assert checked.loudness_lufs == pytest.approx(measured, abs=0.05)

@@ -107,11 +107,12 @@ def _turned_down(outcome: render.MixOutcome, checked: Checked, ceiling_db: float
     return outcome.scaled(float(dsp.db_to_gain(ceiling_db - checked.true_peak_dbtp - 0.1)))
 
 
-def encode_aac(outcome: render.MixOutcome, n: int, ceiling_db: float, bitrate: str, folder: Path,
+def encode_aac(levelled: render.Levelled, n: int, ceiling_db: float, bitrate: str, folder: Path,
                spent: Spent) -> tuple[render.MixOutcome, aac.Stream, Checked]:
-    """The mix as an ADTS stream with its true peak under ``ceiling_db``: encoded once, then
-    patched where it went over. The loudness is the first encode's: a patch dips a fraction
-    of a second by a dB or so."""
+    """The mix as an ADTS stream with its true peak under ``ceiling_db``: encoded once (again
+    only where the levelling's estimate missed the loudness), then patched where it went
+    over. The loudness is the whole encode's: a patch dips a fraction of a second by a dB or
+    so."""
     ceiling = float(dsp.db_to_gain(ceiling_db))
 
     def whole(made: render.MixOutcome) -> tuple[aac.Stream, Checked]:
@@ -122,7 +123,11 @@ def encode_aac(outcome: render.MixOutcome, n: int, ceiling_db: float, bitrate: s
         spent.encodes += 1
         return stream, measure.result()
 
+    outcome = levelled.outcome
     stream, checked = whole(outcome)
+    if levelled.missed(checked.loudness_lufs):
+        outcome = levelled.aimed_again(checked.loudness_lufs)
+        stream, checked = whole(outcome)
     peaks = checked.frame_peaks.copy()
     clock = time.monotonic()
     for _ in range(PATCH_ROUNDS):
@@ -145,45 +150,50 @@ def encode_aac(outcome: render.MixOutcome, n: int, ceiling_db: float, bitrate: s
     return outcome, stream, checked
 
 
-def encode_whole(outcome: render.MixOutcome, n: int, ceiling_db: float, bitrate: str, original: Path,
+def encode_whole(levelled: render.Levelled, n: int, ceiling_db: float, bitrate: str, original: Path,
                  info: media.MediaInfo, out: mux.Output, target: Path, spent: Spent
                  ) -> tuple[render.MixOutcome, Checked]:
     """The mix encoded and muxed into ``target``, whole, again with dips where it went over
-    (a codec whose frames cannot be patched)."""
-    checked: Checked | None = None
-    for attempt in range(DIP_ROUNDS + LAST_RESORTS + 1):
-        if checked is not None:
-            if attempt <= DIP_ROUNDS:
-                outcome = outcome.scaled(dips=dsp.codec_dip_frames(checked.frame_peaks, ceiling_db))
-            else:
-                outcome = _turned_down(outcome, checked, ceiling_db)
+    (a codec whose frames cannot be patched), or aimed again where the levelling's estimate
+    missed the loudness."""
+    def encoded(made: render.MixOutcome) -> Checked:
         clock = time.monotonic()
-        mux.mux(original, info, outcome.blocks(), out, target, bitrate)
+        mux.mux(original, info, made.blocks(), out, target, bitrate)
         spent.encode_s += time.monotonic() - clock
         spent.encodes += 1
         clock = time.monotonic()
         checked = _measure(media.decode_audio_blocks(target, RATE, 2, render.BLOCK, "the remixed file"), n,
                            ceiling_db)
         spent.check_s += time.monotonic() - clock
+        return checked
+
+    outcome = levelled.outcome
+    checked = encoded(outcome)
+    if levelled.missed(checked.loudness_lufs):
+        outcome = levelled.aimed_again(checked.loudness_lufs)
+        checked = encoded(outcome)
+    for attempt in range(DIP_ROUNDS + LAST_RESORTS):
         if checked.true_peak_dbtp <= ceiling_db:
             break
-    assert checked is not None
+        outcome = (outcome.scaled(dips=dsp.codec_dip_frames(checked.frame_peaks, ceiling_db)) if attempt < DIP_ROUNDS
+                   else _turned_down(outcome, checked, ceiling_db))
+        checked = encoded(outcome)
     return outcome, checked
 
 
-def encoded_within_ceiling(outcome: render.MixOutcome, n: int, ceiling_db: float, bitrate: str, original: Path,
+def encoded_within_ceiling(levelled: render.Levelled, n: int, ceiling_db: float, bitrate: str, original: Path,
                            info: media.MediaInfo, out: mux.Output, target: Path, folder: Path, spent: Spent
                            ) -> tuple[render.MixOutcome, Checked]:
     """The mix encoded under the ceiling and muxed with the original's picture into
     ``target``; the outcome as encoded (with its dips) and what the encoded audio measures."""
     if out.audio_codec == "aac":
-        outcome, stream, checked = encode_aac(outcome, n, ceiling_db, bitrate, folder, spent)
+        outcome, stream, checked = encode_aac(levelled, n, ceiling_db, bitrate, folder, spent)
         clock = time.monotonic()
         mux.mux_encoded(original, info, stream, out, target)
         spent.encode_s += time.monotonic() - clock
         stream.path.unlink()
     else:
-        outcome, checked = encode_whole(outcome, n, ceiling_db, bitrate, original, info, out, target, spent)
+        outcome, checked = encode_whole(levelled, n, ceiling_db, bitrate, original, info, out, target, spent)
     if checked.true_peak_dbtp > ceiling_db:
         log.warning("true peak over the ceiling after the last resort",
                     extra={"fields": {"true_peak_dbtp": round(checked.true_peak_dbtp, 2), "ceiling": ceiling_db}})

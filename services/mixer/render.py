@@ -338,29 +338,54 @@ def measure(outcome: MixOutcome, true_peak: bool) -> tuple[float, float]:
     return meter.integrated(), peaks.true_peak_db if true_peak else float("nan")
 
 
-def mix_measured(speech: Source, music: Source, levels: MixLevels, talking: np.ndarray, bgm_lufs: float,
-                 measure_peak: bool = True, folder: str | None = None) -> MixOutcome:
+@dataclass(frozen=True)
+class Levelled:
+    """A mix levelled to its loudness target by estimate alone (no pass over the mix yet),
+    and how to aim it again when what was measured missed."""
+
+    outcome: MixOutcome
+    leveller: Leveller | None
+    target_lufs: float
+
+    def missed(self, measured_lufs: float) -> bool:
+        return self.leveller is not None and abs(measured_lufs - self.target_lufs) > 0.1
+
+    def aimed_again(self, measured_lufs: float) -> MixOutcome:
+        """The mix aimed again, corrected by how far the estimate was from ``measured_lufs``
+        (hard limiting: the estimate reads low)."""
+        assert self.leveller is not None
+        gain, _ = self.leveller.gain(self.target_lufs - (measured_lufs - self.outcome.loudness_lufs))
+        return MixOutcome(self.outcome.plan, gain, self.outcome.loudness_lufs, float("nan"))
+
+
+def mix_levelled(speech: Source, music: Source, levels: MixLevels, talking: np.ndarray, bgm_lufs: float,
+                 folder: str | None = None) -> Levelled:
     """The mix of ``speech`` and ``music`` (sources of the same length) with the speech
     activity (per 10 ms frame) and the music's loudness already known (the mixer takes them
-    as tracks arrive).
+    as tracks arrive), levelled by the leveller's estimate: the caller measures it as it
+    encodes it and aims again if it missed (``Levelled``).
 
     The speech is gated to where someone talks, so what separation left of the old music is
-    gone from the pauses. ``measure_peak=False`` leaves the true peak as NaN, for a caller
-    that measures the encoded file. The levelling's per-step arrays wait in ``folder``.
+    gone from the pauses. The levelling's per-step arrays wait in ``folder``.
     """
     made = plan(speech, music, levels, talking, bgm_lufs)
     leveller = Leveller(made, levels, folder)
     if leveller.loudness <= -70:
-        outcome = MixOutcome(made, Gain(made.length, 1.0), leveller.loudness, float("nan"))
-        if measure_peak:
-            outcome = replace(outcome, true_peak_dbtp=measure(outcome, True)[1])
-        return outcome
+        return Levelled(MixOutcome(made, Gain(made.length, 1.0), leveller.loudness, float("nan")), None,
+                        levels.loudness_lufs)
     gain, estimate = leveller.gain(levels.loudness_lufs)
-    outcome = MixOutcome(made, gain, estimate, float("nan"))
+    return Levelled(MixOutcome(made, gain, estimate, float("nan")), leveller, levels.loudness_lufs)
+
+
+def mix_measured(speech: Source, music: Source, levels: MixLevels, talking: np.ndarray, bgm_lufs: float,
+                 measure_peak: bool = True, folder: str | None = None) -> MixOutcome:
+    """``mix_levelled``, measured (loudness and, with ``measure_peak``, true peak: NaN
+    otherwise) and aimed again once if it missed."""
+    levelled = mix_levelled(speech, music, levels, talking, bgm_lufs, folder)
+    outcome = levelled.outcome
     current, peak = measure(outcome, measure_peak)
-    if abs(current - levels.loudness_lufs) > 0.1:  # missed (hard limiting): aim again, corrected
-        gain, _ = leveller.gain(levels.loudness_lufs - (current - estimate))
-        outcome = MixOutcome(made, gain, estimate, float("nan"))
+    if levelled.missed(current):
+        outcome = levelled.aimed_again(current)
         current, peak = measure(outcome, measure_peak)
     return replace(outcome, loudness_lufs=current, true_peak_dbtp=peak)
 

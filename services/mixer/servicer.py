@@ -224,14 +224,15 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
         n = original.samples
         talking = activity.detect(speech.probability, activity.threshold_for(levels.duck_sensitivity), n)
         talking = activity.add_words(talking, words, speech.probability)
-        outcome = render.mix_measured(speech.source, music.source, levels, talking, music.level_lufs,
-                                      measure_peak=False, folder=str(tmp))
+        levelled = render.mix_levelled(speech.source, music.source, levels, talking, music.level_lufs,
+                                       folder=str(tmp))
         mix_s = time.monotonic() - clock
         out = mux.output_for(config.original_name, original.info)
         target = tmp / f"remixed{out.suffix}"
         spent = encode.Spent()
-        outcome, checked = encode.encoded_within_ceiling(outcome, n, levels.true_peak_dbtp, self.settings.audio_bitrate,
-                                                         original_path, original.info, out, target, tmp, spent)
+        outcome, checked = encode.encoded_within_ceiling(levelled, n, levels.true_peak_dbtp,
+                                                         self.settings.audio_bitrate, original_path, original.info,
+                                                         out, target, tmp, spent)
         outcome = dataclasses.replace(outcome, loudness_lufs=checked.loudness_lufs,
                                       true_peak_dbtp=checked.true_peak_dbtp, encodes=spent.encodes)
         log.info("mix stages", extra={"fields": {"mix_s": round(mix_s, 3), **spent.log()}})
