@@ -8,8 +8,6 @@ the product's need (the old music and noise go).
 from __future__ import annotations
 
 import ctypes
-import os
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from bgm import logs, models, vocab
-from bgm.audio import MonoPcmFile, Recording
+from bgm.audio import Recording
 from bgm.errors import Unsupported
 
 log = logs.get("bgm.mixer")
@@ -84,48 +82,22 @@ class DeepFilterNet:
     def speech_blocks(self, mono: Recording, cancel: threading.Event | None = None,
                       block_s: float = 2.0) -> Iterator[np.ndarray]:
         """The enhanced speech about ``block_s`` at a time: the model runs frame by frame, so
-        the mixer can start on the first seconds while the rest is still being cleaned.
-
-        The runtime is one thread, and the model is stateful across frames, so a long
-        recording is cut in two and the second half cleaned at the same time on another core,
-        from WARM_S before its start (so its state has settled by then; that output is
-        dropped). The first half comes out as it is made; the second waits in a 16-bit
-        nameless temp file until the first is out.
-        """
-        total = mono.shape[0]
-        if total < SPLIT_MIN_S * SAMPLE_RATE or (os.cpu_count() or 1) < 2:
-            yield from self._cleaned(mono, 0, total, cancel, block_s)
-            return
-        mid = total // 2 // self.frame * self.frame
-        second = _Spooled(lambda: self._cleaned(_own_reader(mono), mid, total, cancel, block_s))
-        try:
-            yield from self._cleaned(mono, 0, mid, cancel, block_s)
-            yield from second.blocks()
-        finally:
-            second.close()
-
-    def _cleaned(self, mono: Recording, lo: int, hi: int, cancel: threading.Event | None,
-                 block_s: float) -> Iterator[np.ndarray]:
-        """The enhanced speech of samples [lo, hi), from a fresh state fed from WARM_S before
-        ``lo`` (none at 0) and up to LATENCY past ``hi``, where the recording has it."""
+        the mixer can start on the first seconds while the rest is still being cleaned."""
         n = self.frame
         total = mono.shape[0]
-        start = 0 if lo == 0 else max(0, lo - round(WARM_S * SAMPLE_RATE) // n * n)
-        stop = min(total, hi + self.LATENCY)
-        frames = -(-(hi - start + self.LATENCY) // n)
+        frames = -(-(total + self.LATENCY) // n)
         frames_per_block = max(1, int(block_s * SAMPLE_RATE) // n)
         # Only a block of input and output at a time (a whole programme of each is 0.7 GB an
         # hour); the output lags by LATENCY, so each block's first samples finish the last.
         frame_in = np.zeros(n, dtype=np.float32)
         block_out = np.zeros(frames_per_block * n, dtype=np.float32)
-        skip = lo - start + self.LATENCY  # output samples owed to the warm-up and the latency
-        left = hi - lo  # output samples still to hand out
+        skip = self.LATENCY  # output samples still owed to the latency
+        left = total  # output samples still to hand out
         state = self._create()  # one state per call: the model is stateful across frames
         try:
             for first in range(0, frames, frames_per_block):
                 count = min(frames_per_block, frames - first)
-                a = min(stop, start + first * n)
-                block_in = mono[a : min(stop, start + (first + count) * n)]  # one read per block, not per frame
+                block_in = mono[first * n : (first + count) * n]  # one read per block, not per frame
                 for k in range(count):
                     piece = block_in[k * n : (k + 1) * n]
                     frame_in[: piece.shape[0]] = piece
@@ -143,70 +115,6 @@ class DeepFilterNet:
                     yield ready.copy()
         finally:
             self.lib.df_free(state)
-
-
-SPLIT_MIN_S = 120.0  # shorter recordings are cleaned in one go (the warm-up would be most of a half)
-WARM_S = 5.0  # measured: the second half's state has settled well within this (tests/test_separation.py)
-
-
-def _own_reader(mono: Recording) -> Recording:
-    """A reader of the same recording for another thread (a MonoPcmFile keeps a window)."""
-    return MonoPcmFile(mono.path, mono.fmt) if isinstance(mono, MonoPcmFile) else mono
-
-
-class _Spooled:
-    """Blocks made in a thread of their own into a nameless 16-bit temp file, read back in
-    order once wanted (waiting for the thread where the reader catches up with it)."""
-
-    def __init__(self, make: Callable[[], Iterator[np.ndarray]]) -> None:
-        self.file = tempfile.TemporaryFile(prefix="bgm-separated-")  # noqa: SIM115 (closed by close())
-        self.written = 0  # samples
-        self.done = False
-        self.error: BaseException | None = None
-        self.stopped = threading.Event()
-        self.changed = threading.Condition()
-        self.thread = threading.Thread(target=self._run, args=(make,), name="bgm-separate-2", daemon=True)
-        self.thread.start()
-
-    def _run(self, make: Callable[[], Iterator[np.ndarray]]) -> None:
-        try:
-            for block in make():
-                if self.stopped.is_set():
-                    break
-                pcm = (np.clip(block, -1.0, 32767 / 32768) * 32768).astype("<i2").tobytes()
-                with self.changed:
-                    self.file.seek(0, os.SEEK_END)
-                    self.file.write(pcm)
-                    self.file.flush()
-                    self.written += block.shape[0]
-                    self.changed.notify_all()
-        except BaseException as error:  # handed to the reader
-            self.error = error
-        finally:
-            with self.changed:
-                self.done = True
-                self.changed.notify_all()
-
-    def blocks(self, block: int = 2 * SAMPLE_RATE) -> Iterator[np.ndarray]:
-        at = 0
-        while True:
-            with self.changed:
-                while self.written - at < block and not self.done:
-                    self.changed.wait()
-                if self.error is not None:
-                    raise self.error
-                count = min(block, self.written - at)
-                if count == 0:
-                    return
-                self.file.seek(at * 2)
-                data = self.file.read(count * 2)
-            at += count
-            yield np.frombuffer(data, "<i2").astype(np.float32) / np.float32(32768)
-
-    def close(self) -> None:
-        self.stopped.set()
-        self.thread.join()
-        self.file.close()
 
 
 class Demucs:
