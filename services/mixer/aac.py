@@ -88,7 +88,8 @@ def _encoder(bitrate: str, outputs: str) -> list[str]:
             *(x for name, value in ENCODER_OPTIONS.items() for x in (f"-{name}", str(value))), *outputs.split("\0")]
 
 
-def _feed(proc: subprocess.Popen[bytes], blocks: Iterable[np.ndarray]) -> None:
+def feed(proc: subprocess.Popen[bytes], blocks: Iterable[np.ndarray]) -> None:
+    """Float blocks into a child's stdin as f32le, which is then closed."""
     assert proc.stdin is not None
     try:
         for block in blocks:
@@ -114,7 +115,7 @@ def encode(blocks: Iterable[np.ndarray], target: Path, bitrate: str,
         with tempfile.TemporaryFile() as errors, processes.child(
                 _encoder(bitrate, f"-f\0adts\0-y\0{target}"), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                 stderr=errors) as proc:
-            _feed(proc, blocks)
+            feed(proc, blocks)
             if proc.wait(timeout=3600) != 0:
                 raise _failed(errors, "encode the mix")
         return Stream.read(target)
@@ -147,7 +148,7 @@ def encode(blocks: Iterable[np.ndarray], target: Path, bitrate: str,
         proc.stdout.close()  # the decoder holds it: it sees the end when the encoder ends
         reader = threading.Thread(target=check, args=(dec.stdout,), name="bgm-aac-check", daemon=True)
         reader.start()
-        _feed(proc, blocks)
+        feed(proc, blocks)
         encoded, decoding = proc.wait(timeout=3600), dec.wait(timeout=3600)
         reader.join()
         if encoded != 0:

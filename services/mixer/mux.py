@@ -84,13 +84,7 @@ def _run(original: Path, info: media.MediaInfo, new_audio: ffmpeg.nodes.Filterab
             cmd, stdin=subprocess.PIPE if blocks is not None else subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=errors) as proc:
         if blocks is not None:
-            assert proc.stdin is not None
-            try:
-                for block in blocks:
-                    proc.stdin.write(np.ascontiguousarray(block, dtype="<f4").tobytes())
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass  # ffmpeg stopped early: its exit status and message say why
+            aac.feed(proc, blocks)
         returncode = proc.wait(timeout=3600)
         errors.seek(0)
         stderr = errors.read(1 << 16)
