@@ -1,8 +1,9 @@
 """The mix encoded to AAC once, then patched where the codec went over the true-peak ceiling.
 
 A lossy codec's overshoot is quantisation noise on a peak: it cannot be predicted frame by
-frame (encoding short excerpts predicted the full encode's peaks to within 0.45 dB at best,
-and missed the one frame over in a 10-minute programme). So the whole mix is encoded, the
+frame (encoding short excerpts put their frames' peaks up to 2 dB, 0.45 dB at the 99th
+percentile, from the full encode's, and missed the one frame over in a 10-minute programme).
+So the whole mix is encoded, the
 encoded file is decoded and measured, and each place that went over is dipped (see
 ``dsp.codec_dip_frames``), encoded again on its own with some context, and its AAC frames
 replace the first encode's. Encoding the whole mix again instead cost a full encode and a
@@ -23,7 +24,7 @@ import os
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -158,32 +159,6 @@ def encode(blocks: Iterable[np.ndarray], target: Path, bitrate: str,
     if failure:
         raise failure[0]
     return Stream.read(target)
-
-
-def decoded(stream: Stream, block: int, first: int = 0, last: int | None = None
-            ) -> Generator[np.ndarray, None, None]:
-    """What frames [first, last) decode to, the mix from sample ``max(0, first - 1) * FRAME``,
-    in float blocks of ``block`` samples."""
-    last = stream.count if last is None else last
-    lead = max(0, first - 1)  # a frame's samples need the frame before it: its output is dropped
-    skip = FRAME  # the lead frame's output (for frame 0, the priming)
-    with tempfile.NamedTemporaryFile(suffix=".aac", dir=stream.path.parent) as part:
-        if lead == 0 and last == stream.count:
-            source = stream.path
-        else:
-            part.write(stream.frames(lead, last))
-            part.flush()
-            source = Path(part.name)
-        pending = np.zeros((0, CHANNELS), dtype=np.float32)
-        for piece in media.decode_audio_blocks(source, RATE, CHANNELS, block, "the encoded mix"):
-            dropped = min(skip, piece.shape[0])
-            piece, skip = piece[dropped:], skip - dropped
-            pending = np.concatenate([pending, piece]) if pending.size else piece
-            while pending.shape[0] >= block:
-                yield pending[:block]
-                pending = pending[block:]
-        if pending.shape[0]:
-            yield pending
 
 
 def splice(stream: Stream, runs: list[tuple[int, int, int]], patch: Stream) -> Stream:
