@@ -39,6 +39,7 @@ RATE = dsp.SAMPLE_RATE
 CHANNELS = 2
 FRAME = 1024  # samples per AAC frame
 PRIMING = FRAME  # ffmpeg's AAC encoder delays its output by one frame
+READ_BYTES = 1 << 20
 UNIT = 15 * FRAME  # 320 ms: whole AAC frames and whole 10 ms frames, so both grids line up
 # ffmpeg's AAC encoder rebuilds stereo from intensity and fills bands with noise (PNS) by
 # default: tools for low bitrates that put peaks where the mix had none (up to 2.7 dB over
@@ -57,18 +58,25 @@ class Stream:
 
     @classmethod
     def read(cls, path: Path) -> Stream:
-        data = path.read_bytes()
+        """The frames' starts, from their headers read a MiB at a time (an hour's stream is
+        86 MB, which need not be held to find 170,000 offsets)."""
         starts = [0]
-        while starts[-1] < len(data):
-            at = starts[-1]
-            header = data[at : at + 7]
-            if len(header) < 7 or header[0] != 0xFF or header[1] & 0xF0 != 0xF0 or header[6] & 0x03:
-                raise ValueError(f"not one raw block per ADTS frame at byte {at}")
-            length = ((header[3] & 0x03) << 11) | (header[4] << 3) | (header[5] >> 5)
-            if length < 7:
-                raise ValueError(f"an ADTS frame of {length} bytes at byte {at}")
-            starts.append(at + length)
-        if starts[-1] != len(data):
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            buffer, base = b"", 0  # buffer[0] is byte ``base`` of the file
+            while starts[-1] < size:
+                at = starts[-1]
+                if at + 7 > base + len(buffer):
+                    f.seek(at)
+                    buffer, base = f.read(READ_BYTES), at
+                header = buffer[at - base : at - base + 7]
+                if len(header) < 7 or header[0] != 0xFF or header[1] & 0xF0 != 0xF0 or header[6] & 0x03:
+                    raise ValueError(f"not one raw block per ADTS frame at byte {at}")
+                length = ((header[3] & 0x03) << 11) | (header[4] << 3) | (header[5] >> 5)
+                if length < 7:
+                    raise ValueError(f"an ADTS frame of {length} bytes at byte {at}")
+                starts.append(at + length)
+        if starts[-1] != size:
             raise ValueError("the ADTS stream ends inside a frame")
         return cls(path, np.asarray(starts, dtype=np.int64))
 
@@ -77,10 +85,22 @@ class Stream:
         return self.starts.shape[0] - 1
 
     def frames(self, a: int, b: int) -> bytes:
-        """The bytes of frames [a, b)."""
+        """The bytes of frames [a, b) (a short run: ``copy_frames`` for a long one)."""
         with open(self.path, "rb") as f:
             f.seek(int(self.starts[a]))
             return f.read(int(self.starts[b] - self.starts[a]))
+
+    def copy_frames(self, out: IO[bytes], a: int, b: int) -> None:
+        """Frames [a, b) written to ``out`` a MiB at a time."""
+        with open(self.path, "rb") as f:
+            f.seek(int(self.starts[a]))
+            left = int(self.starts[b] - self.starts[a])
+            while left:
+                piece = f.read(min(left, READ_BYTES))
+                if not piece:
+                    raise ValueError(f"{self.path.name} is shorter than its frames")
+                out.write(piece)
+                left -= len(piece)
 
 
 def _encoder(bitrate: str, outputs: str) -> list[str]:
@@ -170,10 +190,10 @@ def splice(stream: Stream, runs: list[tuple[int, int, int]], patch: Stream) -> S
         for a, b, p in runs:
             if a < at or p < 1 or p + b - a > patch.count:
                 raise ValueError("patch runs out of order or out of the patch")
-            out.write(stream.frames(at, a))
-            out.write(patch.frames(p, p + b - a))
+            stream.copy_frames(out, at, a)
+            patch.copy_frames(out, p, p + b - a)
             at = b
-        out.write(stream.frames(at, stream.count))
+        stream.copy_frames(out, at, stream.count)
     os.replace(target, stream.path)
     return Stream.read(stream.path)
 
@@ -237,7 +257,7 @@ def measured(stream: Stream, places: list[Region], n: int, ceiling: float) -> li
     frame_runs = [(max(0, start // FRAME), min(stream.count, -(-end // FRAME) + 1)) for start, end in spans]
     with tempfile.NamedTemporaryFile(suffix=".aac", dir=stream.path.parent) as part:
         for a, b in frame_runs:
-            part.write(stream.frames(a, b))
+            stream.copy_frames(part, a, b)
         part.flush()
         pcm = media.decode_audio(part.name, RATE, CHANNELS, "the patched mix")
     out = []
