@@ -8,7 +8,7 @@ the filter state and one energy sum per 100 ms step.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from scipy.signal import sosfilt
@@ -60,6 +60,16 @@ class LoudnessMeter:
         if self.samples < self.rate // 2:  # BS.1770 gating needs one 400 ms block: as ``loudness`` pads
             self.feed(np.zeros((self.rate // 2 - self.samples, self.state.shape[1]), dtype=np.float32))
         return gated_loudness(np.concatenate([*self.sums, [self.partial.sum()]]), self.samples, self.rate)
+
+
+def joined_loudness(meters: Sequence[LoudnessMeter]) -> float:
+    """The integrated loudness of the programme the meters measured one after another, each
+    from a filter state of silence (each but the last fed whole 100 ms steps)."""
+    if any(m.partial.size for m in meters[:-1]):
+        raise ValueError("a meter before the last ended inside a 100 ms step")
+    samples = sum(m.samples for m in meters)
+    steps = np.concatenate([np.zeros(0), *(s for m in meters for s in m.sums), [meters[-1].partial.sum()]])
+    return gated_loudness(steps, samples, meters[-1].rate)
 
 
 def gated_loudness(steps: np.ndarray, samples: int, rate: int) -> float:

@@ -188,3 +188,41 @@ def test_a_loudness_the_estimate_missed_is_aimed_again_from_the_encode(loud_mix,
     assert spent.encodes == 2
     assert abs(checked.loudness_lufs - levels.loudness_lufs) <= 0.1
     assert checked.loudness_lufs == pytest.approx(measured, abs=0.05)
+
+
+def test_a_mix_encoded_in_shares_at_once_is_one_stream_measured_as_a_whole(loud_mix, tmp_path, monkeypatch):
+    """A long mix is encoded by several encoders at once, one share each, joined into one
+    stream: the frames a single encode would have, the whole mix decoded from it, no click at
+    the joins (the coding error there no larger than elsewhere), and the true peak per 10 ms
+    frame and the loudness reported as a full decode of the joined file measures them."""
+    _, speech, music = loud_mix
+    monkeypatch.setattr(encode, "ENCODERS", 3)
+    monkeypatch.setattr(encode, "MIN_SHARE", 5 * RATE)
+    outcome = render.mix(speech, music, LEVELS)
+    n = speech.shape[0]
+    points = aac.share_points(n, encode.ENCODERS, encode.MIN_SHARE)
+    assert len(points) == 2 and all(p % aac.SHARE_GRID == 0 for p in points)
+
+    spent = encode.Spent()
+    levelled = render.Levelled(outcome, None, LEVELS.loudness_lufs)
+    made, stream, checked = encode.encode_aac(levelled, n, LEVELS.true_peak_dbtp, "192k", tmp_path, spent)
+    assert spent.encodes == 1 and spent.patches == 0  # the loudness is the encode's own: no patch moved it
+    assert stream.count == -(-n // aac.FRAME) + 1
+    assert sorted(p.name for p in tmp_path.glob("mix*")) == ["mix.aac"]  # the shares' files are gone
+    final = full_decode(stream.path)[:n]
+    intended = made.mix
+    error = final - intended
+    overall = np.sqrt(np.mean(error**2))
+    for join in points:
+        window = slice(join - 2048, join + 2048)
+        assert np.sqrt(np.mean(error[window] ** 2)) <= 2.0 * overall
+    meter = dsp.PeakMeter(float(dsp.db_to_gain(LEVELS.true_peak_dbtp)))
+    meter.feed(final)
+    meter.finish()
+    whole = meter.frame_peaks(activity.frames(n))
+    for join in points:  # the frames around each join: measured on the joined stream itself
+        frames = slice(join // dsp.FRAME - 40, join // dsp.FRAME + 40)
+        np.testing.assert_allclose(checked.frame_peaks[frames], whole[frames], rtol=0.02)
+    assert checked.true_peak_dbtp == pytest.approx(20 * np.log10(whole.max()), abs=0.05)
+    assert checked.loudness_lufs == pytest.approx(dsp.loudness(final), abs=0.02)
+    assert checked.true_peak_dbtp <= LEVELS.true_peak_dbtp

@@ -20,11 +20,14 @@ at sample ``s`` (a whole number of frames) has the same frames shifted by ``s / 
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -41,6 +44,9 @@ FRAME = 1024  # samples per AAC frame
 PRIMING = FRAME  # ffmpeg's AAC encoder delays its output by one frame
 READ_BYTES = 1 << 20
 UNIT = 15 * FRAME  # 320 ms: whole AAC frames and whole 10 ms frames, so both grids line up
+# Where encoders working on shares of one mix meet: whole UNITs and whole 100 ms loudness
+# steps (1.6 s), so the shares' frames, 10 ms peaks and loudness steps join end to end.
+SHARE_GRID = math.lcm(UNIT, RATE // 10)
 # ffmpeg's AAC encoder rebuilds stereo from intensity and fills bands with noise (PNS) by
 # default: tools for low bitrates that put peaks where the mix had none (up to 2.7 dB over
 # the true-peak ceiling at a speech onset) and replace the music's texture. The "fast"
@@ -251,6 +257,8 @@ def measured(stream: Stream, places: list[Region], n: int, ceiling: float) -> li
     """For each region, the true peak (linear) per 10 ms frame of what patching it can have
     changed (from its start to a UNIT past it), as (first frame, peaks): the frames around
     all regions decoded in one go, with context either side for the meter's filters."""
+    if not places:
+        return []
     spans = [(max(0, r.lo - 2 * UNIT), min(n, r.hi + 3 * UNIT)) for r in places]
     # Each span's frames, after a lead frame whose output is dropped (its own predecessor is
     # not there: the previous span's last frame, or for frame 0 the priming).
@@ -273,3 +281,66 @@ def measured(stream: Stream, places: list[Region], n: int, ceiling: float) -> li
         first = (lo - start) // dsp.FRAME
         out.append((lo // dsp.FRAME, peaks[first : first + -(-(hi - lo) // dsp.FRAME)]))
     return out
+
+
+def share_points(n: int, parts: int, min_share: int) -> list[int]:
+    """Where ``parts`` encoders' shares of an ``n``-sample mix meet (on SHARE_GRID), each
+    share at least ``min_share`` samples: fewer shares where the mix is too short."""
+    parts = max(1, min(parts, n // max(1, min_share)))
+    points = sorted({round(n * i / parts / SHARE_GRID) * SHARE_GRID for i in range(1, parts)})
+    return [p for p in points if UNIT < p < n - UNIT]
+
+
+def encode_shares(render: Callable[[int, int], Iterator[np.ndarray]], n: int, target: Path, bitrate: str,
+                  points: Sequence[int], decoded_to: Callable[[int], Callable[[np.ndarray], None]]) -> Stream:
+    """The mix (``render(lo, hi)`` gives samples [lo, hi) in blocks) encoded by one encoder
+    per share between ``points``, at once (the AAC encoder uses one core), and joined into
+    one ADTS file at ``target``. Each share after the first starts a UNIT early and each
+    before the last ends a UNIT late, so that at every join both encoders had settled on the
+    same signal (as a patch's joins: see the module's note). ``decoded_to(i)`` takes share
+    ``i``'s own samples as its encode decodes them; at a join the joined stream decodes one
+    AAC frame differently from either share (the frame overlaps both): ``measured`` on a
+    ``Region(p, p)`` measures it."""
+    bounds = [0, *points, n]
+    shares = [(max(0, a - UNIT), min(n, b + UNIT)) for a, b in itertools.pairwise(bounds)]
+    if len(shares) == 1:
+        return encode(render(0, n), target, bitrate, decoded_to(0))
+    paths = [target.with_suffix(f".{i}.aac") for i in range(len(shares))]
+
+    def one(i: int) -> Stream:
+        lo, hi = shares[i]
+        return encode(render(lo, hi), paths[i], bitrate, _skipping(decoded_to(i), bounds[i] - lo))
+
+    try:
+        with ThreadPoolExecutor(max_workers=len(shares), thread_name_prefix="bgm-aac-share") as pool:
+            encoded = list(pool.map(one, range(len(shares))))
+        # Share i's frame p is the joined stream's frame p + lo / FRAME; it keeps the frames
+        # that decode to its own samples [bounds[i], bounds[i + 1]). The first share becomes
+        # the file, cut after its own frames, and the rest are appended (one stream's size on
+        # disk at any time, plus the share being copied).
+        os.replace(paths[0], target)
+        os.truncate(target, int(encoded[0].starts[bounds[1] // FRAME + 1]))
+        with open(target, "ab") as out:
+            for i in range(1, len(shares)):
+                lo, stream = shares[i][0], encoded[i]
+                last = stream.count if i == len(shares) - 1 else bounds[i + 1] // FRAME + 1 - lo // FRAME
+                stream.copy_frames(out, bounds[i] // FRAME + 1 - lo // FRAME, last)
+                stream.path.unlink()
+    finally:
+        for path in paths:
+            path.unlink(missing_ok=True)
+    return Stream.read(target)
+
+
+def _skipping(feed: Callable[[np.ndarray], None], count: int) -> Callable[[np.ndarray], None]:
+    """``feed`` without the first ``count`` samples it would be given."""
+    left = count
+
+    def skipped(piece: np.ndarray) -> None:
+        nonlocal left
+        if left:
+            dropped = min(left, piece.shape[0])
+            piece, left = piece[dropped:], left - dropped
+        if piece.shape[0]:
+            feed(piece)
+    return skipped
