@@ -75,6 +75,11 @@ class Spool:
         self._file.write(data)
         self.size += len(data)
 
+    def flush(self) -> None:
+        """What was written so far, on disk for a reader of ``path`` (a track read as it arrives)."""
+        if not self._file.closed:
+            self._file.flush()
+
     def finish(self) -> Path:
         if not self._file.closed:
             self._file.close()

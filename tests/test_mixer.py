@@ -412,6 +412,44 @@ def test_levelling_estimates_the_loudness_it_gives_and_holds_the_ceiling(materia
     assert np.allclose(outcome.speech + outcome.bgm, outcome.mix, atol=1e-5)  # the stems still add up
 
 
+def test_the_vad_that_follows_the_speech_as_it_arrives_gives_the_whole_tracks_verdict(material, tmp_path,
+                                                                                     monkeypatch):
+    """MixAndMux runs the VAD on the speech while it is still arriving (``FollowingVad``):
+    written in pieces that split samples, with the VAD told after each, it has run most of
+    the track before the last piece lands, and what it gives once the track is complete is
+    what one call on the whole track gives, window for window."""
+    import time
+
+    from services.mixer import activity, sources
+    from services.mixer.following import FollowingVad
+
+    _, speech, _ = material
+    monkeypatch.setattr(activity, "VAD_RUN_WINDOWS", 50)  # runs of 1.6 s: several before the end
+    whole = activity.speech_probability(speech)
+    fmt = audio_format(dsp.SAMPLE_RATE, 1, PCM_S16LE)
+    data = float_to_pcm(speech, PCM_S16LE)
+    path = tmp_path / "speech.pcm"
+    n = speech.shape[0] + dsp.SAMPLE_RATE // 3  # the original runs a little longer than the speech
+    following = FollowingVad(path, fmt, n)
+    with open(path, "wb") as f:
+        for start in range(0, len(data), 30_001):  # odd sizes: pieces end inside a sample
+            f.write(data[start : start + 30_001])
+            f.flush()
+            following.grew(f.tell())
+            time.sleep(0.01)
+    deadline = time.monotonic() + 30
+    while following.vad.lo < speech.shape[0] - following.vad.step48 * 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ran_early = following.vad.done
+    assert ran_early >= whole.shape[0] // 2  # it ran while the track arrived
+    got = following.finish(sources.PcmFile(path, fmt, n))
+    expected = activity.speech_probability_of(sources.PcmFile(path, fmt, n))
+    np.testing.assert_array_equal(got, expected)
+    assert got.shape[0] >= whole.shape[0]
+    following.thread.join(timeout=5)
+    assert not following.thread.is_alive()
+
+
 def test_the_mix_made_in_blocks_is_the_mix_made_whole(material, monkeypatch):
     """The mixer never holds a whole programme: it reads its tracks, and renders, measures and
     encodes the mix, a block at a time, and makes the limiter's gain a chunk at a time.

@@ -80,39 +80,72 @@ CONTEXT = 64  # samples of the previous window Silero sees with each window (fas
 RESAMPLE_MARGIN = 600  # 48 kHz samples read either side of a block for the resampler (a multiple of 3)
 
 
-def streamed_speech_probability(read: Callable[[int, int], np.ndarray], n_samples: int) -> np.ndarray:
+class StreamedVad:
     """``speech_probability`` of a long track read in blocks (``read(lo, hi)`` gives samples
     [lo, hi) as (hi - lo, channels), silence outside the track): the same windows, model and
     state as one call on the whole track, holding 32 s at a time. faster-whisper's own call
-    holds the whole track and its batch (1.5 GB on an hour of speech)."""
-    from scipy.signal import resample_poly
+    holds the whole track and its batch (1.5 GB on an hour of speech).
 
-    model = _vad_model()
-    session = model.session  # type: ignore[attr-defined]
-    total16 = -(-n_samples * VAD_RATE // RATE)  # the whole track's length at 16 kHz
-    windows = -(-total16 // WINDOW)
-    step48 = VAD_RUN_WINDOWS * WINDOW * (RATE // VAD_RATE)
-    h = np.zeros((1, 1, 128), dtype=np.float32)
-    c = np.zeros((1, 1, 128), dtype=np.float32)
-    before = np.zeros(CONTEXT, dtype=np.float32)
-    out = np.empty(windows, dtype=np.float32)
-    done = 0
-    for lo in range(0, windows * WINDOW * (RATE // VAD_RATE), step48):
-        hi = lo + step48
+    ``advance`` runs what a track still arriving already has (the mixer runs the VAD on the
+    speech while it is separated), ``finish`` the rest once it is complete."""
+
+    def __init__(self, n_samples: int) -> None:
+        self.model = _vad_model()
+        self.n_samples = n_samples
+        self.total16 = -(-n_samples * VAD_RATE // RATE)  # the whole track's length at 16 kHz
+        self.windows = -(-self.total16 // WINDOW)
+        self.step48 = VAD_RUN_WINDOWS * WINDOW * (RATE // VAD_RATE)
+        self.end48 = self.windows * WINDOW * (RATE // VAD_RATE)
+        self.h = np.zeros((1, 1, 128), dtype=np.float32)
+        self.c = np.zeros((1, 1, 128), dtype=np.float32)
+        self.before = np.zeros(CONTEXT, dtype=np.float32)
+        self.out = np.empty(self.windows, dtype=np.float32)
+        self.done = 0
+        self.lo = 0  # the next run's first sample at 48 kHz
+
+    def advance(self, read: Callable[[int, int], np.ndarray], available: int, runs: int | None = None) -> int:
+        """The runs (up to ``runs`` of them) whose samples and the resampler's margin lie
+        within the first ``available`` samples of the track, or past its end (where ``read``
+        gives silence); how many ran."""
+        final = available if available < self.n_samples else None
+        ran = 0
+        while (self.lo < self.end48 and (runs is None or ran < runs)
+               and (final is None or self.lo + self.step48 + RESAMPLE_MARGIN <= final)):
+            self._run(read)
+            ran += 1
+        return ran
+
+    def finish(self, read: Callable[[int, int], np.ndarray]) -> np.ndarray:
+        """The rest of the complete track; the probability per window of all of it."""
+        while self.lo < self.end48:
+            self._run(read)
+        return self.out[: self.done]
+
+    def _run(self, read: Callable[[int, int], np.ndarray]) -> None:
+        from scipy.signal import resample_poly
+
+        lo, hi = self.lo, self.lo + self.step48
         mono = read(lo - RESAMPLE_MARGIN, hi + RESAMPLE_MARGIN).mean(axis=1)
         x = resample_poly(mono, 1, RATE // VAD_RATE).astype(np.float32)
         margin16 = RESAMPLE_MARGIN * VAD_RATE // RATE
         first16 = lo * VAD_RATE // RATE
-        x = x[margin16 : margin16 + min(step48 * VAD_RATE // RATE, windows * WINDOW - first16)]
-        x[max(0, total16 - first16):] = 0.0  # past the track: silence, as the whole call pads it
+        x = x[margin16 : margin16 + min(self.step48 * VAD_RATE // RATE, self.windows * WINDOW - first16)]
+        x[max(0, self.total16 - first16):] = 0.0  # past the track: silence, as the whole call pads it
         batch = x.reshape(-1, WINDOW)
-        context = np.concatenate([before[None], batch[:-1, -CONTEXT:]])
-        before = batch[-1, -CONTEXT:].copy()
-        output, h, c = session.run(None, {"input": np.concatenate([context, batch], axis=1), "h": h, "c": c})
+        context = np.concatenate([self.before[None], batch[:-1, -CONTEXT:]])
+        self.before = batch[-1, -CONTEXT:].copy()
+        session = self.model.session  # type: ignore[attr-defined]
+        output, self.h, self.c = session.run(None, {"input": np.concatenate([context, batch], axis=1),
+                                                    "h": self.h, "c": self.c})
         got = np.asarray(output, dtype=np.float32).reshape(-1)
-        out[done : done + got.shape[0]] = got
-        done += got.shape[0]
-    return out[:done]
+        self.out[self.done : self.done + got.shape[0]] = got
+        self.done += got.shape[0]
+        self.lo = hi
+
+
+def streamed_speech_probability(read: Callable[[int, int], np.ndarray], n_samples: int) -> np.ndarray:
+    """``speech_probability`` of a whole track read in blocks (``StreamedVad``)."""
+    return StreamedVad(n_samples).finish(read)
 
 
 def speech_probability_of(source: Reader) -> np.ndarray:

@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from bgm.server import ModelServicer, Servicer
 from bgm.settings import ServerSettings
 from bgm.threads import iterate_in_thread
 from bgm.v1 import common_pb2, mixer_pb2, mixer_pb2_grpc
-from services.mixer import activity, dsp, encode, mux, render, residue, separation, sources
+from services.mixer import activity, dsp, encode, mux, render, residue, separation
 from services.mixer.settings import MixerSettings
 from services.mixer.tracks import DURATION_SETTING, Music, Original, Speech, TrackSet
 
@@ -148,15 +148,15 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
             if pending is not None:
                 pending.keep = keeping and not cancel.is_set() and done == mono.shape[0]
 
-    def speech_probability(self, speech: sources.Source) -> np.ndarray:
-        """The VAD's verdict on the speech track, from the cache when this speech was seen
-        before (a re-render mixes the same speech under new music)."""
+    def speech_probability(self, name: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """The VAD's verdict on the speech track (``name`` keys the speech as sent), from the
+        cache when this speech was seen before (a re-render mixes the same speech under new
+        music)."""
         if self.cache.folder is None:
-            return activity.speech_probability_of(speech)
-        name = cache.key("vad", RATE, sources.digest(speech))
+            return compute()
         found = self.cache.get(name)
         if found is None:
-            found = activity.speech_probability_of(speech)
+            found = compute()
             self.cache.put(name, found)
         return found
 

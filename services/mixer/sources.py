@@ -9,7 +9,6 @@ mix's length.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Protocol
 
@@ -76,13 +75,16 @@ class Silence:
 
 
 class PcmFile:
-    """Raw PCM at the mix's rate in a file, read at offsets."""
+    """Raw PCM at the mix's rate in a file, read at offsets. With ``written``, a file still
+    being written: its whole frames among the first ``written`` bytes."""
 
-    def __init__(self, path: Path, fmt: common_pb2.AudioFormat, length: int) -> None:
-        audio.check_whole_frames(path.stat().st_size, fmt)
+    def __init__(self, path: Path, fmt: common_pb2.AudioFormat, length: int, written: int | None = None) -> None:
+        if written is None:
+            written = path.stat().st_size
+            audio.check_whole_frames(written, fmt)
         self.path, self.fmt, self.length = path, fmt, length
         self.dtype = np.dtype("<i2" if fmt.encoding == audio.PCM_S16LE else "<f4")
-        self.available = path.stat().st_size // audio.bytes_per_frame(fmt)
+        self.available = written // audio.bytes_per_frame(fmt)
 
     def read(self, lo: int, hi: int) -> np.ndarray:
         available = min(self.available, self.length)
@@ -99,6 +101,11 @@ class PcmFile:
         return _padded(_stereo(frames), lo, hi, available)
 
 
+def read_in_place(fmt: common_pb2.AudioFormat) -> bool:
+    """Whether a track in this format is read where it lies (raw PCM at the mix's rate)."""
+    return fmt.encoding not in (common_pb2.ENCODING_UNSPECIFIED, audio.CONTAINER) and fmt.sample_rate_hz == RATE
+
+
 def open_track(path: Path, size: int, fmt: common_pb2.AudioFormat, length: int, what: str,
                max_duration_s: float, setting: str, scratch: Path) -> Source:
     """A streamed-in track as a Source ``length`` samples long: silence if nothing was sent.
@@ -112,7 +119,7 @@ def open_track(path: Path, size: int, fmt: common_pb2.AudioFormat, length: int, 
         raise InvalidInput(f"{what} audio was sent without {what}_format in the config")
     # A track may run a little past the original (it is cut to it); never far past the limit.
     limit_s = max_duration_s + 60.0
-    if fmt.encoding != audio.CONTAINER and fmt.sample_rate_hz == RATE:
+    if read_in_place(fmt):
         if size > audio.pcm_bytes(fmt, limit_s):
             raise media.too_long(what, limit_s, setting)
         return PcmFile(path, fmt, length)
@@ -123,12 +130,3 @@ def open_track(path: Path, size: int, fmt: common_pb2.AudioFormat, length: int, 
             f.write(np.ascontiguousarray(frames[start : start + CONVERT_BLOCK], dtype="<f4").tobytes())
     del frames
     return PcmFile(converted, audio.audio_format(RATE, CHANNELS), length)
-
-
-def digest(source: Source, block: int = CONVERT_BLOCK) -> str:
-    """A fingerprint of the track's samples, read a block at a time (a cache key part)."""
-    made = hashlib.sha256(f"{source.length}".encode())
-    for lo in range(0, source.length, block):
-        made.update(source.read(lo, min(source.length, lo + block)).tobytes())
-    return made.hexdigest()
-

@@ -8,6 +8,7 @@ once the last track lands is only the mix itself.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
@@ -16,12 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from bgm import limits, media, vocab
+from bgm import cache, limits, media, vocab
 from bgm.chunks import Spool
 from bgm.errors import InvalidInput
 from bgm.loudness import loudness_of_blocks
 from bgm.v1 import common_pb2, mixer_pb2
 from services.mixer import activity, render, sources
+from services.mixer.following import FollowingVad
 
 RATE = sources.RATE
 DURATION_SETTING = f"{vocab.MIXER.env_prefix}_MAX_DURATION_S"
@@ -47,15 +49,26 @@ class Music:
     level_lufs: float
 
 
+Vad = Callable[[str, Callable[[], np.ndarray]], np.ndarray]
+
+
+def uncached(key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    return compute()
+
+
 class TrackSet:
     def __init__(self, config: mixer_pb2.MixConfig, limit: int, tmp: str, max_duration_s: float,
-                 vad: Callable[[sources.Source], np.ndarray] = activity.speech_probability_of) -> None:
+                 vad: Vad = uncached) -> None:
         suffix = limits.file_suffix(config.original_name, "original_name")
         self.config = config
         self.limit = limit
         self.max_duration_s = max_duration_s
         self.scratch = Path(tmp)
+        # ``vad(key, compute)``: the speech's VAD, named by a key of the speech as sent
+        # (the servicer keeps it: a re-render sends the same speech again).
         self.vad = vad
+        self.speech_digest = hashlib.sha256()
+        self.following: FollowingVad | None = None
         self.spools = {track: Spool(limit, name, tmp, suffix if name == "original" else "")
                        for track, name in TRACK_NAMES.items()}
         self.tasks: dict[int, asyncio.Task[Any]] = {}
@@ -65,6 +78,8 @@ class TrackSet:
         self.words: list[tuple[float, float]] = []  # when words are said (seconds)
 
     def close(self) -> None:
+        if self.following is not None:
+            self.following.stop()
         if not self.original.done():
             self.original.cancel()
         for task in self.tasks.values():
@@ -94,11 +109,26 @@ class TrackSet:
             if total > self.limit:
                 raise InvalidInput(f"the upload is larger than the limit of {self.limit} bytes")
             self.spools[chunk.track].write(chunk.data)
+            if chunk.track == mixer_pb2.TRACK_SPEECH:
+                self.speech_digest.update(chunk.data)
+                self._follow_speech()
             if chunk.last:
                 self.prepare(chunk.track)
         for track in self.spools:
             if track not in self.tasks:
                 self.prepare(track)
+
+    def _follow_speech(self) -> None:
+        """The VAD told how far the speech has landed (started once the original's length is
+        known, for speech read where it lies)."""
+        spool = self.spools[mixer_pb2.TRACK_SPEECH]
+        if self.following is None:
+            if (not self.original.done() or self.original.cancelled() or self.original.exception() is not None
+                    or not sources.read_in_place(self.config.speech_format)):
+                return
+            self.following = FollowingVad(spool.path, self.config.speech_format, self.original.result().samples)
+        spool.flush()
+        self.following.grew(spool.size)
 
     def add_words(self, spans: mixer_pb2.SpeechSpans) -> None:
         for i, span in enumerate(spans.spans):
@@ -142,9 +172,19 @@ class TrackSet:
     async def _speech(self) -> Speech:
         n = (await asyncio.shield(self.original)).samples
 
+        fmt = self.config.speech_format
+        key = cache.key("vad", RATE, n, fmt.encoding, fmt.sample_rate_hz, fmt.channels,
+                        self.speech_digest.hexdigest())
+        following = self.following
+
         def work() -> Speech:
-            source = self._source(mixer_pb2.TRACK_SPEECH, self.config.speech_format, n)
-            return Speech(source, self.vad(source))
+            source = self._source(mixer_pb2.TRACK_SPEECH, fmt, n)
+            if following is None:
+                return Speech(source, self.vad(key, lambda: activity.speech_probability_of(source)))
+            try:
+                return Speech(source, self.vad(key, lambda: following.finish(source)))
+            finally:
+                following.stop()  # kept from before: what it ran is not needed
 
         return await asyncio.to_thread(work)
 
