@@ -7,19 +7,23 @@ the product's need (the old music and noise go).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
+import queue
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 
 import numpy as np
 
-from bgm import logs, models, vocab
+from bgm import logs, models, processes, vocab
 from bgm.audio import MonoPcmFile, Recording
 from bgm.errors import Unsupported
 
@@ -65,6 +69,7 @@ class DeepFilterNet:
         lib.df_process_frame.argtypes = [ctypes.c_void_p, _FloatPtr, _FloatPtr]
         lib.df_free.argtypes = [ctypes.c_void_p]
         self.lib = lib
+        self.library_path = str(assets.library_path)
         self.model_path = str(assets.model_path).encode()
         self.attenuation_limit_db = attenuation_limit_db
         # Check now that the model opens, so a broken install fails at start, not per request.
@@ -135,40 +140,82 @@ class DeepFilterNet:
         frames_per_block = max(1, int(block_s * SAMPLE_RATE) // n)
         # Only a block of input and output at a time (a whole programme of each is 0.7 GB an
         # hour); the output lags by LATENCY, so each block's first samples finish the last.
-        frame_in = np.zeros(n, dtype=np.float32)
-        block_out = np.zeros(frames_per_block * n, dtype=np.float32)
         skip = lo - start + self.LATENCY  # output samples owed to the warm-up and the latency
         handed = 0  # output samples handed out
         first = 0  # frames fed
-        state = self._create()  # one state per call: the model is stateful across frames
+        command = [sys.executable, str(WORKER), self.library_path, self.model_path.decode(),
+                   str(self.attenuation_limit_db)]
+        # One worker per call, from a fresh state: the model is stateful across frames.
+        with tempfile.TemporaryFile() as errors, processes.child(
+                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors) as proc:
+            assert proc.stdin is not None and proc.stdout is not None
+            feeder = _Feeder(proc.stdin)
+            try:
+                while True:
+                    hi = end()
+                    frames = -(-(hi - start + self.LATENCY) // n)
+                    if first >= frames:
+                        return
+                    count = min(frames_per_block, frames - first)
+                    stop = min(total, hi + self.LATENCY)
+                    a = min(stop, start + first * n)
+                    block_in = np.zeros(count * n, dtype=np.float32)  # whole frames, silence past the end
+                    piece = mono[a : min(stop, start + (first + count) * n)]  # one read per block
+                    block_in[: piece.shape[0]] = piece
+                    feeder.put(block_in.tobytes())
+                    data = proc.stdout.read(count * n * 4)
+                    if len(data) < count * n * 4:
+                        proc.wait(timeout=10)
+                        errors.seek(0)
+                        detail = errors.read(2000).decode(errors="replace").strip().splitlines()
+                        raise RuntimeError(f"DeepFilterNet's worker stopped (exit {proc.returncode}"
+                                           f"{': ' + detail[-1] if detail else ''})")
+                    first += count
+                    if cancel is not None and cancel.is_set():
+                        raise CancelledWork()
+                    made = np.frombuffer(data, dtype="<f4")
+                    dropped = min(skip, made.shape[0])
+                    skip -= dropped
+                    ready = made[dropped : dropped + hi - lo - handed]
+                    handed += ready.shape[0]
+                    if ready.shape[0]:
+                        yield ready.copy(), min(total, start + first * n)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()  # a filter waiting for more: and the feeder's write cannot hang
+                feeder.close()
+
+
+WORKER = Path(__file__).with_name("dfn_worker.py")
+
+
+class _Feeder:
+    """Writes what it is given to a child's stdin from a thread of its own, so the caller can
+    read the child's answer while the question is still going in (a pipe holds 64 KiB)."""
+
+    def __init__(self, stdin: IO[bytes]) -> None:
+        self.stdin = stdin
+        self.queue: queue.Queue[bytes | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="bgm-dfn-feed", daemon=True)
+        self.thread.start()
+
+    def put(self, data: bytes) -> None:
+        self.queue.put(data)
+
+    def _run(self) -> None:
         try:
-            while True:
-                hi = end()
-                frames = -(-(hi - start + self.LATENCY) // n)
-                if first >= frames:
-                    return
-                count = min(frames_per_block, frames - first)
-                stop = min(total, hi + self.LATENCY)
-                a = min(stop, start + first * n)
-                block_in = mono[a : min(stop, start + (first + count) * n)]  # one read per block, not per frame
-                for k in range(count):
-                    piece = block_in[k * n : (k + 1) * n]
-                    frame_in[: piece.shape[0]] = piece
-                    frame_in[piece.shape[0] :] = 0.0
-                    self.lib.df_process_frame(state, frame_in.ctypes.data_as(_FloatPtr),
-                                              block_out[k * n :].ctypes.data_as(_FloatPtr))
-                first += count
-                if cancel is not None and cancel.is_set():
-                    raise CancelledWork()
-                made = block_out[: count * n]
-                dropped = min(skip, made.shape[0])
-                skip -= dropped
-                ready = made[dropped : dropped + hi - lo - handed]
-                handed += ready.shape[0]
-                if ready.shape[0]:
-                    yield ready.copy(), min(total, start + first * n)
+            while (data := self.queue.get()) is not None:
+                self.stdin.write(data)
+                self.stdin.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            pass  # the worker ended: the reader says why
         finally:
-            self.lib.df_free(state)
+            with contextlib.suppress(OSError):
+                self.stdin.close()
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=30)
 
 
 SPLIT_MIN_S = 120.0  # left to clean, for a helper to start (the warm-up would be much of a short half)
