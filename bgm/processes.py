@@ -77,17 +77,24 @@ def owned_by_request() -> Iterator[Children]:
 @contextlib.contextmanager
 def child(cmd: Sequence[str], **popen: Any) -> Iterator[subprocess.Popen[bytes]]:
     """``subprocess.Popen`` registered with the current request; killed if still running at the end."""
+    with subprocess.Popen(list(cmd), **popen) as proc, adopted(proc):
+        yield proc
+
+
+@contextlib.contextmanager
+def adopted(proc: subprocess.Popen[bytes]) -> Iterator[subprocess.Popen[bytes]]:
+    """A child started before the request it now serves (a worker kept warm), registered
+    with it from here on; killed if still running at the end."""
     owner = _owner.get()
-    with subprocess.Popen(list(cmd), **popen) as proc:
+    if owner is not None:
+        owner.add(proc)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
         if owner is not None:
-            owner.add(proc)
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            if owner is not None:
-                owner.discard(proc)
+            owner.discard(proc)
 
 
 def run(cmd: Sequence[str], timeout: float, input: bytes | None = None,

@@ -17,6 +17,8 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Protocol
@@ -69,6 +71,8 @@ class DeepFilterNet:
         lib.df_process_frame.argtypes = [ctypes.c_void_p, _FloatPtr, _FloatPtr]
         lib.df_free.argtypes = [ctypes.c_void_p]
         self.lib = lib
+        self.spare = _Spare()
+        weakref.finalize(self, self.spare.stop)
         self.library_path = str(assets.library_path)
         self.model_path = str(assets.model_path).encode()
         self.attenuation_limit_db = attenuation_limit_db
@@ -142,27 +146,31 @@ class DeepFilterNet:
         # hour); the output lags by LATENCY, so each block's first samples finish the last.
         skip = lo - start + self.LATENCY  # output samples owed to the warm-up and the latency
         handed = 0  # output samples handed out
-        first = 0  # frames fed
-        command = [sys.executable, str(WORKER), self.library_path, self.model_path.decode(),
-                   str(self.attenuation_limit_db)]
-        # One worker per call, from a fresh state: the model is stateful across frames.
-        with tempfile.TemporaryFile() as errors, processes.child(
-                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors) as proc:
-            assert proc.stdin is not None and proc.stdout is not None
-            feeder = _Feeder(proc.stdin)
-            try:
+        fed = 0  # frames sent to the worker
+        waiting: deque[int] = deque()  # frames sent and not yet read back, per block
+        proc, errors = self._worker()
+        assert proc.stdin is not None and proc.stdout is not None
+        feeder = _Feeder(proc.stdin)
+        try:
+            with errors, processes.adopted(proc):
                 while True:
                     hi = end()
                     frames = -(-(hi - start + self.LATENCY) // n)
-                    if first >= frames:
-                        return
-                    count = min(frames_per_block, frames - first)
                     stop = min(total, hi + self.LATENCY)
-                    a = min(stop, start + first * n)
-                    block_in = np.zeros(count * n, dtype=np.float32)  # whole frames, silence past the end
-                    piece = mono[a : min(stop, start + (first + count) * n)]  # one read per block
-                    block_in[: piece.shape[0]] = piece
-                    feeder.put(block_in.tobytes())
+                    # A block ahead of what is read back, so the worker never waits for this
+                    # thread between blocks.
+                    while len(waiting) < FEED_AHEAD and fed < frames:
+                        count = min(frames_per_block, frames - fed)
+                        a = min(stop, start + fed * n)
+                        block_in = np.zeros(count * n, dtype=np.float32)  # whole frames, silence past the end
+                        piece = mono[a : min(stop, start + (fed + count) * n)]  # one read per block
+                        block_in[: piece.shape[0]] = piece
+                        feeder.put(block_in.tobytes())
+                        fed += count
+                        waiting.append(count)
+                    if not waiting:
+                        return
+                    count = waiting.popleft()
                     data = proc.stdout.read(count * n * 4)
                     if len(data) < count * n * 4:
                         proc.wait(timeout=10)
@@ -170,7 +178,6 @@ class DeepFilterNet:
                         detail = errors.read(2000).decode(errors="replace").strip().splitlines()
                         raise RuntimeError(f"DeepFilterNet's worker stopped (exit {proc.returncode}"
                                            f"{': ' + detail[-1] if detail else ''})")
-                    first += count
                     if cancel is not None and cancel.is_set():
                         raise CancelledWork()
                     made = np.frombuffer(data, dtype="<f4")
@@ -179,11 +186,75 @@ class DeepFilterNet:
                     ready = made[dropped : dropped + hi - lo - handed]
                     handed += ready.shape[0]
                     if ready.shape[0]:
-                        yield ready.copy(), min(total, start + first * n)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()  # a filter waiting for more: and the feeder's write cannot hang
-                feeder.close()
+                        yield ready.copy(), min(total, start + fed * n)
+        finally:
+            if proc.poll() is None:
+                proc.kill()  # a filter waiting for more: and the feeder's write cannot hang
+            proc.wait()
+            feeder.close()
+            for pipe in (proc.stdin, proc.stdout):
+                pipe.close()
+
+    def _worker(self) -> Worker:
+        """A worker with its model loaded, and the file its stderr goes to: the one started
+        after the last call (loading takes 0.5 s, on the critical path of a short clip), or
+        a new one; another is started for the next call. Each call gets a fresh worker: the
+        model is stateful across frames."""
+        spare = self.spare.take()
+        if spare is None or spare[0].poll() is not None:
+            if spare is not None:
+                spare[1].close()
+            spare = self._start_worker()
+        threading.Thread(target=self._keep_spare, name="bgm-dfn-spare", daemon=True).start()
+        return spare
+
+    def _start_worker(self) -> Worker:
+        errors = tempfile.TemporaryFile()  # noqa: SIM115 (closed with its worker)
+        command = [sys.executable, str(WORKER), self.library_path, self.model_path.decode(),
+                   str(self.attenuation_limit_db)]
+        return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors), errors
+
+    def _keep_spare(self) -> None:
+        self.spare.leave(self._start_worker())
+
+
+FEED_AHEAD = 2  # blocks sent to a worker before their output is read
+
+
+Worker = tuple[subprocess.Popen[bytes], IO[bytes]]
+
+
+class _Spare:
+    """At most one worker kept started for the next call (stopped with its separator)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.worker: Worker | None = None
+
+    def take(self) -> Worker | None:
+        with self.lock:
+            worker, self.worker = self.worker, None
+        return worker
+
+    def leave(self, worker: Worker) -> None:
+        with self.lock:
+            if self.worker is None:
+                self.worker, worker = worker, None  # type: ignore[assignment]
+        if worker is not None:  # another call already left one
+            _stop_worker(worker)
+
+    def stop(self) -> None:
+        worker = self.take()
+        if worker is not None:
+            _stop_worker(worker)
+
+
+def _stop_worker(worker: Worker) -> None:
+    proc, errors = worker
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        proc.kill()
+        proc.communicate(timeout=10)
+    errors.close()
 
 
 WORKER = Path(__file__).with_name("dfn_worker.py")
