@@ -119,13 +119,6 @@ def _measure(blocks: Iterator[np.ndarray], n: int, ceiling_db: float) -> Checked
 
 
 def _range_blocks(outcome: render.MixOutcome) -> Callable[[int, int], Iterator[np.ndarray]]:
-    def blocks(lo: int, hi: int) -> Iterator[np.ndarray]:
-        for a in range(lo, hi, render.BLOCK):
-            yield outcome.block("mix", a, min(hi, a + render.BLOCK))
-    return blocks
-
-
-def _share_blocks(outcome: render.MixOutcome) -> Callable[[int, int], Iterator[np.ndarray]]:
     """The mix's samples [lo, hi) in blocks, made by the cores (``render.in_order``)."""
     def blocks(lo: int, hi: int) -> Iterator[np.ndarray]:
         return render.in_order(lambda a, b: outcome.block("mix", a, b),
@@ -150,7 +143,7 @@ def encode_aac(levelled: render.Levelled, n: int, ceiling_db: float, bitrate: st
         points = aac.share_points(n, ENCODERS, MIN_SHARE)
         bounds = [0, *points, n]
         measures = [Measure(b - a, ceiling_db) for a, b in itertools.pairwise(bounds)]
-        stream = aac.encode_shares(_share_blocks(made), n, folder / "mix.aac", bitrate, points,
+        stream = aac.encode_shares(_range_blocks(made), n, folder / "mix.aac", bitrate, points,
                                    lambda i: measures[i].feed)
         checked = joined(measures)
         for first, measured in aac.measured(stream, [aac.Region(p, p) for p in points], n, ceiling):

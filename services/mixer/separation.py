@@ -8,6 +8,7 @@ the product's need (the old music and noise go).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import functools
 import os
@@ -343,7 +344,9 @@ class _Spooled:
         self.error: BaseException | None = None
         self.stopped = threading.Event()
         self.changed = threading.Condition()
-        self.thread = threading.Thread(target=self._run, args=(make,), name="bgm-separate-2", daemon=True)
+        # In the caller's context: the request that started it owns its worker process.
+        self.thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run, make),
+                                       name="bgm-separate-2", daemon=True)
         self.thread.start()
 
     def _run(self, make: Callable[[], Iterator[np.ndarray]]) -> None:
