@@ -20,7 +20,9 @@ import numpy as np
 READ_BYTES = 1 << 20
 
 
-def main(library: str, model: str, attenuation_limit_db: float) -> int:
+def bind(library: str) -> ctypes.CDLL:
+    """The runtime's C library with its functions' signatures (the server loads it too, to
+    check at start that the model opens)."""
     lib = ctypes.CDLL(library)
     lib.df_create.restype = ctypes.c_void_p
     lib.df_create.argtypes = [ctypes.c_char_p, ctypes.c_float, ctypes.c_char_p]
@@ -29,6 +31,11 @@ def main(library: str, model: str, attenuation_limit_db: float) -> int:
     lib.df_process_frame.restype = ctypes.c_float
     lib.df_process_frame.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_float)]
     lib.df_free.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+def main(library: str, model: str, attenuation_limit_db: float) -> int:
+    lib = bind(library)
     state = lib.df_create(model.encode(), attenuation_limit_db, None)
     if not state:
         print("DeepFilterNet failed to load its model", file=sys.stderr)

