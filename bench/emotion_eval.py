@@ -107,10 +107,12 @@ async def evaluate(backend: str, texts: list[str], y: np.ndarray) -> None:
     await running.stop(0)
 
 
-# Two sentences per third: one clear, one weaker (on its own it may read as neutral).
+# Two sentences per third: one clear, one weaker (on its own it may read as neutral). The
+# sad one does not rest on two short words: over the bed, on some CPUs, Whisper tiny.en
+# hears "my old dog died" as "my old dark tide" (sadness 0.63 -> 0.35, and the third as anger).
 ARC = (
     (vocab.JOY, "This is the happiest day of my life, I love it so much! The food was pretty good too."),
-    (vocab.SADNESS, "My old dog died last night and I cannot stop crying. Things will not be the same."),
+    (vocab.SADNESS, "We lost our old dog last night and I cannot stop crying. Things will not be the same."),
     (vocab.ANGER, "I am furious with them, this is outrageous and unfair! They should have told us."),
 )
 ARC_SECTION_S = 10.0
