@@ -523,3 +523,29 @@ def test_a_word_opens_only_what_the_vad_heard_of_it():
     assert on(3.2, 3.25, marked) == 1.0 and on(1.5, 3.4, marked) < 0.25  # ... but for the cough's moment
     assert on(4.0, 4.6, marked) == 1.0  # the whisper whole, its dip filled
     assert on(5.2, 5.8, marked) == 0.0  # a word made up over the music: nothing heard
+
+
+def test_the_speech_loudness_measured_early_is_used_only_for_the_activity_it_was_measured_for(material):
+    """The mixer measures the gated speech's loudness while the music is still on its way
+    (tracks.TrackSet); the plan takes it only if the speech activity is the one it mixes with,
+    and it is what the plan would have measured itself."""
+    from services.mixer import activity, render, sources
+
+    _, speech, music = material
+    speech_source = sources.ArraySource(np.stack([speech, speech], axis=1))
+    music_source = sources.ArraySource(np.stack([music, music], axis=1).astype(np.float32))
+    levels = dsp.MixLevels(duck_db=12, loudness_lufs=-14, true_peak_dbtp=-1, fade_in_s=0.5,
+                           fade_out_s=1.0, attack_ms=80, release_ms=400, bgm_gain_db=-6)
+    probability = activity.speech_probability(speech)
+    talking = activity.talking(probability, 0.5, speech.shape[0], [])
+    with_word = activity.talking(probability, 0.5, speech.shape[0], [(0.0, 2.0)])
+    assert not np.array_equal(talking, with_word)
+    measured = render.plan(speech_source, music_source, levels, talking, -20.0)
+    early = render.voice_loudness(speech_source, talking)
+    assert early.lufs is not None
+    assert render.plan(speech_source, music_source, levels, talking, -20.0, early).bed_gain == measured.bed_gain
+    off = render.VoiceLoudness(talking, early.lufs - 6.0)  # the same activity, another loudness: taken
+    taken = render.plan(speech_source, music_source, levels, talking, -20.0, off).bed_gain
+    assert taken == pytest.approx(measured.bed_gain * 10 ** (-6 / 20), rel=1e-5)
+    stale = render.VoiceLoudness(with_word, early.lufs - 6.0)  # measured before a word came: measured again
+    assert render.plan(speech_source, music_source, levels, talking, -20.0, stale).bed_gain == measured.bed_gain

@@ -193,6 +193,12 @@ def _drop_short(active: np.ndarray, min_frames: int) -> np.ndarray:
     return out
 
 
+def talking(probability: np.ndarray, threshold: float, n_samples: int,
+            words: Sequence[tuple[float, float]]) -> np.ndarray:
+    """Per 10 ms frame, whether someone talks: the VAD's verdict (``detect``) with the words."""
+    return add_words(detect(probability, threshold, n_samples), words, probability)
+
+
 def add_words(active: np.ndarray, words: Sequence[tuple[float, float]], probability: np.ndarray) -> np.ndarray:
     """``active`` with every word set where the VAD was at least unsure (WORD_FLOOR):
     speech it missed (a whisper, a word over loud residue) still ducks the music and passes

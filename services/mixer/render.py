@@ -79,9 +79,7 @@ class Plan:
         return [(lo, min(self.length, lo + BLOCK)) for lo in range(0, self.length, BLOCK)]
 
     def voice(self, lo: int, hi: int) -> np.ndarray:
-        speech = self.speech.read(lo, hi)
-        speech *= activity.frames_to_block(self.gate, lo, hi)[:, None]
-        return speech
+        return gated(self.speech, self.gate, lo, hi)
 
     def placed(self, lo: int, hi: int) -> np.ndarray:
         curve = activity.frames_to_block(self.duck, lo, hi)
@@ -111,11 +109,37 @@ class Plan:
         return out
 
 
-def plan(speech: Source, music: Source, levels: MixLevels, talking: np.ndarray, bgm_lufs: float) -> Plan:
+@dataclass(frozen=True)
+class VoiceLoudness:
+    """The gated speech's loudness (None: nobody talks) for one speech activity: measured
+    while the mixer still waits for the music, used if the activity is still the same."""
+
+    talking: np.ndarray
+    lufs: float | None
+
+
+def gated(speech: Source, gate: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Speech samples [lo, hi) times the gate (per frame)."""
+    out = speech.read(lo, hi)
+    out *= activity.frames_to_block(gate, lo, hi)[:, None]
+    return out
+
+
+def voice_loudness(speech: Source, talking: np.ndarray) -> VoiceLoudness:
+    if not talking.any():
+        return VoiceLoudness(talking, None)
+    gate, n = activity.gate_frames(talking), speech.length
+    blocks = (gated(speech, gate, lo, min(n, lo + BLOCK)) for lo in range(0, n, BLOCK))
+    return VoiceLoudness(talking, loudness_of_blocks(blocks, 2))
+
+
+def plan(speech: Source, music: Source, levels: MixLevels, talking: np.ndarray, bgm_lufs: float,
+         known: VoiceLoudness | None = None) -> Plan:
     n = speech.length
     unplaced = Plan(speech, music, n, levels, activity.gate_frames(talking), *_ducks(talking, levels), 1.0)
-    speech_lufs = (loudness_of_blocks((unplaced.voice(lo, hi) for lo, hi in unplaced.ranges()), 2)
-                   if talking.any() else None)
+    if known is None or not np.array_equal(known.talking, talking):
+        known = voice_loudness(speech, talking)
+    speech_lufs = known.lufs
     speech_level = -23.0 if speech_lufs is None or speech_lufs <= -70 else speech_lufs
     bed_gain = float(db_to_gain(speech_level + levels.bgm_gain_db - bgm_lufs)) if bgm_lufs > -70 else 1.0
     made = replace(unplaced, bed_gain=bed_gain)
@@ -359,16 +383,17 @@ class Levelled:
 
 
 def mix_levelled(speech: Source, music: Source, levels: MixLevels, talking: np.ndarray, bgm_lufs: float,
-                 folder: str | None = None) -> Levelled:
+                 folder: str | None = None, known: VoiceLoudness | None = None) -> Levelled:
     """The mix of ``speech`` and ``music`` (sources of the same length) with the speech
     activity (per 10 ms frame) and the music's loudness already known (the mixer takes them
     as tracks arrive), levelled by the leveller's estimate: the caller measures it as it
     encodes it and aims again if it missed (``Levelled``).
 
     The speech is gated to where someone talks, so what separation left of the old music is
-    gone from the pauses. The levelling's per-step arrays wait in ``folder``.
+    gone from the pauses. The levelling's per-step arrays wait in ``folder``; ``known``, the
+    speech's loudness if measured already.
     """
-    made = plan(speech, music, levels, talking, bgm_lufs)
+    made = plan(speech, music, levels, talking, bgm_lufs, known)
     leveller = Leveller(made, levels, folder)
     if leveller.loudness <= -70:
         return Levelled(MixOutcome(made, Gain(made.length, 1.0), leveller.loudness, float("nan")), None,

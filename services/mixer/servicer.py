@@ -186,10 +186,11 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
                     if fmt.encoding != common_pb2.ENCODING_UNSPECIFIED:
                         audio.check_format(fmt, name)
                 tracks = TrackSet(config, self.server.max_input_bytes, tmp, self.server.max_duration_s,
-                                  self.speech_probability)
+                                  self.speech_probability, activity.threshold_for(levels.duck_sensitivity))
                 try:
                     await tracks.receive(rest)
                     original, speech, music = await tracks.ready()
+                    voice = await tracks.voice_loudness()
                 except BaseException:
                     tracks.close()
                     raise
@@ -199,7 +200,7 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
                 with self.mix_limiter:
                     outcome, out_path, out = await asyncio.to_thread(
                         self._mix, config, levels, tracks.original_path, original, speech, music, tracks.words,
-                        Path(tmp))
+                        voice, Path(tmp))
                 log.info("mixed", extra={"fields": {"tracks_in_s": round(received - started, 3),
                                                     "mix_and_encode_s": round(time.monotonic() - received, 3),
                                                     "encodes": outcome.encodes}})
@@ -218,14 +219,13 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
                 yield message
 
     def _mix(self, config: mixer_pb2.MixConfig, levels: dsp.MixLevels, original_path: Path, original: Original,
-             speech: Speech, music: Music, words: Sequence[tuple[float, float]], tmp: Path
-             ) -> tuple[render.MixOutcome, Path, mux.Output]:
+             speech: Speech, music: Music, words: Sequence[tuple[float, float]], voice: render.VoiceLoudness | None,
+             tmp: Path) -> tuple[render.MixOutcome, Path, mux.Output]:
         clock = time.monotonic()
         n = original.samples
-        talking = activity.detect(speech.probability, activity.threshold_for(levels.duck_sensitivity), n)
-        talking = activity.add_words(talking, words, speech.probability)
+        talking = activity.talking(speech.probability, activity.threshold_for(levels.duck_sensitivity), n, words)
         levelled = render.mix_levelled(speech.source, music.source, levels, talking, music.level_lufs,
-                                       folder=str(tmp))
+                                       folder=str(tmp), known=voice)
         mix_s = time.monotonic() - clock
         out = mux.output_for(config.original_name, original.info)
         target = tmp / f"remixed{out.suffix}"
@@ -235,7 +235,9 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
                                                          out, target, tmp, spent)
         outcome = dataclasses.replace(outcome, loudness_lufs=checked.loudness_lufs,
                                       true_peak_dbtp=checked.true_peak_dbtp, encodes=spent.encodes)
-        log.info("mix stages", extra={"fields": {"mix_s": round(mix_s, 3), **spent.log()}})
+        early = voice is not None and bool(np.array_equal(voice.talking, talking))
+        log.info("mix stages", extra={"fields": {"mix_s": round(mix_s, 3), "speech_loudness_early": early,
+                                                 **spent.log()}})
         return outcome, target, out
 
 

@@ -8,6 +8,7 @@ once the last track lands is only the mix itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import math
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -56,9 +57,14 @@ def uncached(key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
     return compute()
 
 
+def _voice_loudness(speech: Speech, threshold: float, n: int, words: list[tuple[float, float]]
+                    ) -> render.VoiceLoudness:
+    return render.voice_loudness(speech.source, activity.talking(speech.probability, threshold, n, words))
+
+
 class TrackSet:
     def __init__(self, config: mixer_pb2.MixConfig, limit: int, tmp: str, max_duration_s: float,
-                 vad: Vad = uncached) -> None:
+                 vad: Vad = uncached, threshold: float = activity.threshold_for(0.5)) -> None:
         suffix = limits.file_suffix(config.original_name, "original_name")
         self.config = config
         self.limit = limit
@@ -76,12 +82,21 @@ class TrackSet:
         # original's length through this, whenever it arrives.
         self.original: asyncio.Future[Original] = asyncio.get_running_loop().create_future()
         self.words: list[tuple[float, float]] = []  # when words are said (seconds)
+        # The gated speech's loudness, measured once the speech is in (and again when words
+        # come after it) while the music is still on its way: the mix uses it if the speech
+        # activity it was measured for is still the one it mixes with.
+        self.threshold = threshold
+        self.voice: render.VoiceLoudness | None = None
+        self.measuring: asyncio.Task[None] | None = None
+        self.words_changed = False
 
     def close(self) -> None:
         if self.following is not None:
             self.following.stop()
         if not self.original.done():
             self.original.cancel()
+        if self.measuring is not None and not self.measuring.done():
+            self.measuring.cancel()
         for task in self.tasks.values():
             if task.done():
                 if not task.cancelled():
@@ -136,6 +151,8 @@ class TrackSet:
             if not (math.isfinite(start) and math.isfinite(end)) or start < 0 or end < start:
                 raise InvalidInput(f"speech_spans {i}: ({start:g}, {end:g}) is not a time span in seconds")
             self.words.append((start, end))
+        if spans.spans:
+            self._measure_voice()
 
     def prepare(self, track: int) -> None:
         self.spools[track].finish()
@@ -186,7 +203,31 @@ class TrackSet:
             finally:
                 following.stop()  # kept from before: what it ran is not needed
 
-        return await asyncio.to_thread(work)
+        speech = await asyncio.to_thread(work)
+        self._measure_voice(speech)
+        return speech
+
+    def _measure_voice(self, speech: Speech | None = None) -> None:
+        """(Re)measure the gated speech's loudness with the words so far, once the speech is in."""
+        self.words_changed = True
+        task = self.tasks.get(mixer_pb2.TRACK_SPEECH)
+        if speech is None and (task is None or not task.done() or task.cancelled() or task.exception() is not None):
+            return
+        if self.measuring is None or self.measuring.done():
+            self.measuring = asyncio.ensure_future(self._measure(speech or task.result()))  # type: ignore[union-attr]
+
+    async def _measure(self, speech: Speech) -> None:
+        n = (await asyncio.shield(self.original)).samples
+        while self.words_changed:
+            self.words_changed = False
+            self.voice = await asyncio.to_thread(_voice_loudness, speech, self.threshold, n, list(self.words))
+
+    async def voice_loudness(self) -> render.VoiceLoudness | None:
+        """The speech's loudness as last measured (after ``ready``): None if it could not be."""
+        if self.measuring is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.measuring)
+        return self.voice
 
     async def _music(self) -> Music:
         n = (await asyncio.shield(self.original)).samples
