@@ -75,7 +75,7 @@ class MixInputs:
     speech_format: asyncio.Future[common_pb2.AudioFormat]
     speech_samples: int  # 0 when the upload has no audio
     music: asyncio.Future[Music]
-    spoken: asyncio.Future[list[common_pb2.TimeSpan]]
+    spoken: asyncio.Future[mixer_pb2.SpeechSpans]
 
 
 def track(kind: int, pieces: Iterable[bytes]) -> Iterator[mixer_pb2.MixRequest]:
@@ -108,15 +108,15 @@ async def keep_alive(result: asyncio.Future[Any]) -> AsyncIterator[mixer_pb2.Mix
             yield mixer_pb2.MixRequest(speech_spans=mixer_pb2.SpeechSpans())
 
 
-async def music_track(spoken: asyncio.Future[list[common_pb2.TimeSpan]],
+async def music_track(spoken: asyncio.Future[mixer_pb2.SpeechSpans],
                       music: asyncio.Future[Music]) -> AsyncIterator[mixer_pb2.MixRequest]:
     """The words' times (speech the mixer's voice-activity detector may miss still ducks the
     music), then the music in the mix's format."""
     async for request in keep_alive(spoken):
         yield request
     words = spoken.result()
-    if words:
-        yield mixer_pb2.MixRequest(speech_spans=mixer_pb2.SpeechSpans(spans=words))
+    if words.spans:
+        yield mixer_pb2.MixRequest(speech_spans=words)
     async for request in keep_alive(music):
         yield request
     score = music.result()

@@ -101,9 +101,14 @@ def with_music_defaults(timeline: gateway_pb2.EmotionTimeline, music: music_pb2.
             span.control.intensity = music.intensity
 
 
-def word_spans(transcript: gateway_pb2.Transcript) -> list[common_pb2.TimeSpan]:
-    """When each word is said (segments span pauses too, so only word timings are used)."""
-    return [common_pb2.TimeSpan(start_s=w.start_s, end_s=w.end_s) for s in transcript.segments for w in s.words]
+def word_spans(transcript: gateway_pb2.Transcript) -> mixer_pb2.SpeechSpans:
+    """When each word is said (segments span pauses too, so only word timings are used), in
+    one message: as many standalone TimeSpan messages they took 4.9 MiB an hour, this 0.3."""
+    spans = mixer_pb2.SpeechSpans()
+    for segment in transcript.segments:
+        for word in segment.words:
+            spans.spans.add(start_s=word.start_s, end_s=word.end_s)
+    return spans
 
 
 # The service each remote stage calls, so that an unreachable one is named.
@@ -360,7 +365,7 @@ class Remix:
 
     # ----- the whole job -----------------------------------------------------------
     async def analyse(self, upload: UploadAudio | None, duration: float,
-                      spoken: asyncio.Future[list[common_pb2.TimeSpan]] | None = None) -> gateway_pb2.EmotionTimeline:
+                      spoken: asyncio.Future[mixer_pb2.SpeechSpans] | None = None) -> gateway_pb2.EmotionTimeline:
         transcript = await self.transcribe(upload, duration)
         if spoken is not None:
             spoken.set_result(word_spans(transcript))
@@ -371,7 +376,7 @@ class Remix:
         return timeline
 
     async def given(self, duration: float,
-                    spoken: asyncio.Future[list[common_pb2.TimeSpan]] | None = None) -> gateway_pb2.EmotionTimeline:
+                    spoken: asyncio.Future[mixer_pb2.SpeechSpans] | None = None) -> gateway_pb2.EmotionTimeline:
         """An edited timeline from the options, in place of transcription and classification:
         its transcript (if any) is sent back and steers the ducking as a real one would."""
         transcript = gateway_pb2.Transcript()
@@ -390,7 +395,7 @@ class Remix:
         loop = asyncio.get_running_loop()
         probed: asyncio.Future[media.MediaInfo] = loop.create_future()
         music: asyncio.Future[mixing.Music] = loop.create_future()
-        spoken: asyncio.Future[list[common_pb2.TimeSpan]] = loop.create_future()
+        spoken: asyncio.Future[mixer_pb2.SpeechSpans] = loop.create_future()
 
         async def compose_edited() -> None:
             # An edited timeline needs only the duration: its music starts while the audio decodes.

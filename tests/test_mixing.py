@@ -55,7 +55,7 @@ def test_speech_streams_as_it_is_separated_with_progress(loop):
 def test_music_comes_after_the_words_and_in_the_mix_format(loop, tmp_path: Path):
     async def go(fmt: common_pb2.AudioFormat, pcm: bytes) -> list[mixer_pb2.MixRequest]:
         spoken, music = asyncio.get_running_loop().create_future(), asyncio.get_running_loop().create_future()
-        spoken.set_result([common_pb2.TimeSpan(start_s=1, end_s=2)])
+        spoken.set_result(mixer_pb2.SpeechSpans(spans=[common_pb2.TimeSpan(start_s=1, end_s=2)]))
         score = mixing.Music(tmp_path, fmt)  # the gateway keeps the score in a file as it streams in
         await score.append(pcm)
         score.finish()
@@ -84,7 +84,7 @@ def test_the_stream_opens_with_config_and_the_whole_original(loop, tmp_path: Pat
         await speech.write_at(0, b"s" * 8)
         await speech.close()
         spoken, music = running.create_future(), running.create_future()
-        spoken.set_result([])
+        spoken.set_result(mixer_pb2.SpeechSpans())
         score = mixing.Music(tmp_path, mixing.BGM_FORMAT)
         await score.append(b"m" * 16)
         score.finish()
