@@ -117,6 +117,10 @@ class VoiceLoudness:
     talking: np.ndarray
     lufs: float | None
 
+    def fits(self, talking: np.ndarray) -> bool:
+        """Whether it was measured for this speech activity."""
+        return bool(np.array_equal(self.talking, talking))
+
 
 def gated(speech: Source, gate: np.ndarray, lo: int, hi: int) -> np.ndarray:
     """Speech samples [lo, hi) times the gate (per frame)."""
@@ -137,7 +141,7 @@ def plan(speech: Source, music: Source, levels: MixLevels, talking: np.ndarray, 
          known: VoiceLoudness | None = None) -> Plan:
     n = speech.length
     unplaced = Plan(speech, music, n, levels, activity.gate_frames(talking), *_ducks(talking, levels), 1.0)
-    if known is None or not np.array_equal(known.talking, talking):
+    if known is None or not known.fits(talking):
         known = voice_loudness(speech, talking)
     speech_lufs = known.lufs
     speech_level = -23.0 if speech_lufs is None or speech_lufs <= -70 else speech_lufs

@@ -186,7 +186,7 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
                     if fmt.encoding != common_pb2.ENCODING_UNSPECIFIED:
                         audio.check_format(fmt, name)
                 tracks = TrackSet(config, self.server.max_input_bytes, tmp, self.server.max_duration_s,
-                                  self.speech_probability, activity.threshold_for(levels.duck_sensitivity))
+                                  activity.threshold_for(levels.duck_sensitivity), self.speech_probability)
                 try:
                     await tracks.receive(rest)
                     original, speech, music = await tracks.ready()
@@ -235,7 +235,7 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
                                                          out, target, tmp, spent)
         outcome = dataclasses.replace(outcome, loudness_lufs=checked.loudness_lufs,
                                       true_peak_dbtp=checked.true_peak_dbtp, encodes=spent.encodes)
-        early = voice is not None and bool(np.array_equal(voice.talking, talking))
+        early = voice is not None and voice.fits(talking)
         log.info("mix stages", extra={"fields": {"mix_s": round(mix_s, 3), "speech_loudness_early": early,
                                                  **spent.log()}})
         return outcome, target, out

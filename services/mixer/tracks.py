@@ -64,7 +64,7 @@ def _voice_loudness(speech: Speech, threshold: float, n: int, words: list[tuple[
 
 class TrackSet:
     def __init__(self, config: mixer_pb2.MixConfig, limit: int, tmp: str, max_duration_s: float,
-                 vad: Vad = uncached, threshold: float = activity.threshold_for(0.5)) -> None:
+                 threshold: float, vad: Vad = uncached) -> None:
         suffix = limits.file_suffix(config.original_name, "original_name")
         self.config = config
         self.limit = limit
