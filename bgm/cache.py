@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import threading
+import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from bgm import logs, vocab
 log = logs.get("bgm.cache")
 SUFFIX = ".npy"
 FILE_SUFFIX = ".raw"  # a file kept as it is (``put_file``): never loaded into memory
+ARRAYS_SUFFIX = ".npz"  # named arrays kept and read together (``put_arrays``): disk only
 
 
 def file_digest(path: str | Path) -> str:
@@ -100,6 +102,29 @@ class ArrayCache:
             except OSError as exc:  # a full or read-only cache costs speed, never the request
                 log.warning("cannot write to the cache", extra={"fields": {"folder": str(self.folder),
                                                                           "error": str(exc)}})
+
+    def get_arrays(self, name: str) -> dict[str, np.ndarray] | None:
+        """The arrays kept together under ``name`` (``put_arrays``), or None."""
+        if self.folder is None:
+            return None
+        path = self.folder / f"{name}{ARRAYS_SUFFIX}"
+        try:
+            with np.load(path, allow_pickle=False) as loaded:
+                arrays = {part: loaded[part] for part in loaded.files}
+            os.utime(path)
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+            return None
+        return arrays
+
+    def put_arrays(self, name: str, arrays: dict[str, np.ndarray]) -> None:
+        """Keep ``arrays`` together under ``name``, on disk only (a reader gets all or none)."""
+        try:
+            with self.writing(name, ARRAYS_SUFFIX) as pending:
+                if pending is not None:
+                    np.savez(pending.file, allow_pickle=False, **arrays)
+                    pending.keep = True
+        except OSError as exc:
+            self.cannot_write(exc)
 
     def kept_file(self, name: str) -> Path | None:
         """Where the file kept under ``name`` lies (now marked recently used), or None. Open it
@@ -195,7 +220,8 @@ class ArrayCache:
     def _evict(self) -> None:
         assert self.folder is not None
         entries = []
-        for path in [*self.folder.glob(f"*{SUFFIX}"), *self.folder.glob(f"*{FILE_SUFFIX}")]:
+        for path in [*self.folder.glob(f"*{SUFFIX}"), *self.folder.glob(f"*{FILE_SUFFIX}"),
+                     *self.folder.glob(f"*{ARRAYS_SUFFIX}")]:
             with contextlib.suppress(OSError):
                 stat = path.stat()
                 entries.append((stat.st_mtime, stat.st_size, path))

@@ -21,7 +21,7 @@ import numpy as np
 
 from bgm import logs, media
 from bgm.loudness import joined_loudness
-from services.mixer import aac, activity, dsp, mux, render
+from services.mixer import aac, activity, dsp, mux, render, reprise
 
 RATE = dsp.SAMPLE_RATE
 PATCH_ROUNDS = 3  # a patch can overshoot again (its own quantisation noise): measured and patched again
@@ -43,10 +43,13 @@ class Spent:
     patch_s: float = 0.0
     encodes: int = 0
     patches: int = 0
+    last_resorts: int = 0
+    reused: float = 0.0  # the share of a kept encode (``reprise``) that was reused
 
     def log(self) -> dict[str, float | int]:
         return {"encode_s": round(self.encode_s, 3), "check_s": round(self.check_s, 3),
-                "patch_s": round(self.patch_s, 3), "encodes": self.encodes, "patches": self.patches}
+                "patch_s": round(self.patch_s, 3), "encodes": self.encodes, "patches": self.patches,
+                "last_resorts": self.last_resorts, "reused": round(self.reused, 3)}
 
 
 @dataclass(frozen=True)
@@ -130,12 +133,41 @@ def _turned_down(outcome: render.MixOutcome, checked: Checked, ceiling_db: float
     return outcome.scaled(float(dsp.db_to_gain(ceiling_db - checked.true_peak_dbtp - 0.1)))
 
 
+def reprised(levelled: render.Levelled, previous: reprise.Reprise, n: int, ceiling: float, bitrate: str,
+             spent: Spent) -> tuple[render.MixOutcome, aac.Stream, Checked] | None:
+    """The mix as the kept encode of an earlier mix of the programme with the units that
+    changed encoded again (``reprise``), or None where it cannot be (the levels were not kept,
+    or too much changed). The loudness is the earlier one moved by what the leveller's
+    estimate moved."""
+    if levelled.kept is None or levelled.digests is None:
+        return None
+    clock = time.monotonic()
+    outcome = levelled.outcome
+    changed = reprise.changed_units(previous, levelled.digests, outcome.gain)
+    if changed.mean() > reprise.MOST_CHANGED:
+        return None
+    places, dips = reprise.patch_plan(changed, previous.dips, n)
+    if (dips < 1.0).any():
+        outcome = outcome.scaled(dips=dips)
+    stream, peaks = previous.stream, previous.peaks.copy()
+    if places:
+        stream = aac.patched(stream, places, n, _range_blocks(outcome), bitrate)
+        for first, measured in aac.measured(stream, places, n, ceiling):
+            peaks[first : first + measured.shape[0]] = measured
+    spent.patches += len(places)
+    spent.reused = 1.0 - sum(r.hi - r.lo for r in places) / n
+    spent.patch_s += time.monotonic() - clock
+    kept = levelled.kept
+    return outcome, stream, Checked(peaks, kept.measured_lufs + outcome.loudness_lufs - kept.estimate_lufs)
+
+
 def encode_aac(levelled: render.Levelled, n: int, ceiling_db: float, bitrate: str, folder: Path,
-               spent: Spent) -> tuple[render.MixOutcome, aac.Stream, Checked]:
-    """The mix as an ADTS stream with its true peak under ``ceiling_db``: encoded once (again
-    only where the levelling's estimate missed the loudness), then patched where it went
-    over. The loudness is the whole encode's: a patch dips a fraction of a second by a dB or
-    so."""
+               spent: Spent, previous: reprise.Reprise | None = None) -> tuple[render.MixOutcome, aac.Stream, Checked]:
+    """The mix as an ADTS stream with its true peak under ``ceiling_db``: the ``previous``
+    encode of the programme with what changed encoded again where it can be (``reprised``),
+    else encoded once (again only where the levelling's estimate missed the loudness); then
+    patched where it went over. The loudness is the whole encode's: a patch dips a fraction
+    of a second by a dB or so."""
     ceiling = float(dsp.db_to_gain(ceiling_db))
 
     def whole(made: render.MixOutcome) -> tuple[aac.Stream, Checked]:
@@ -152,11 +184,15 @@ def encode_aac(levelled: render.Levelled, n: int, ceiling_db: float, bitrate: st
         spent.encodes += 1
         return stream, checked
 
-    outcome = levelled.outcome
-    stream, checked = whole(outcome)
-    if levelled.missed(checked.loudness_lufs):
-        outcome = levelled.aimed_again(checked.loudness_lufs)
+    again = None if previous is None else reprised(levelled, previous, n, ceiling, bitrate, spent)
+    if again is not None:
+        outcome, stream, checked = again
+    else:
+        outcome = levelled.outcome
         stream, checked = whole(outcome)
+        if levelled.missed(checked.loudness_lufs):
+            outcome = levelled.aimed_again(checked.loudness_lufs)
+            stream, checked = whole(outcome)
     peaks = checked.frame_peaks.copy()
     clock = time.monotonic()
     for _ in range(PATCH_ROUNDS):
@@ -176,6 +212,7 @@ def encode_aac(levelled: render.Levelled, n: int, ceiling_db: float, bitrate: st
             break
         outcome = _turned_down(outcome, checked, ceiling_db)
         stream, checked = whole(outcome)
+        spent.last_resorts += 1
     return outcome, stream, checked
 
 
@@ -210,13 +247,21 @@ def encode_whole(levelled: render.Levelled, n: int, ceiling_db: float, bitrate: 
     return outcome, checked
 
 
+Keep = Callable[[render.MixOutcome, aac.Stream, Checked], None]
+
+
 def encoded_within_ceiling(levelled: render.Levelled, n: int, ceiling_db: float, bitrate: str, original: Path,
-                           info: media.MediaInfo, out: mux.Output, target: Path, folder: Path, spent: Spent
+                           info: media.MediaInfo, out: mux.Output, target: Path, folder: Path, spent: Spent,
+                           previous: reprise.Reprise | None = None, keep: Keep | None = None
                            ) -> tuple[render.MixOutcome, Checked]:
     """The mix encoded under the ceiling and muxed with the original's picture into
-    ``target``; the outcome as encoded (with its dips) and what the encoded audio measures."""
+    ``target``; the outcome as encoded (with its dips) and what the encoded audio measures.
+    An AAC mix is encoded from the ``previous`` one where it can be, and handed to ``keep``
+    (for the next) unless only the last resort held its ceiling."""
     if out.audio_codec == "aac":
-        outcome, stream, checked = encode_aac(levelled, n, ceiling_db, bitrate, folder, spent)
+        outcome, stream, checked = encode_aac(levelled, n, ceiling_db, bitrate, folder, spent, previous)
+        if keep is not None and not spent.last_resorts:
+            keep(outcome, stream, checked)
         clock = time.monotonic()
         mux.mux_encoded(original, info, stream, out, target)
         spent.encode_s += time.monotonic() - clock

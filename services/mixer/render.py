@@ -13,6 +13,7 @@ rendered once and held.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -25,7 +26,7 @@ from scipy.ndimage import maximum_filter1d
 from scipy.signal import lfilter
 
 from bgm.loudness import LoudnessMeter, StepEnergy, gated_loudness, loudness_of_blocks
-from services.mixer import activity, dsp
+from services.mixer import aac, activity, dsp
 from services.mixer.dsp import LIMITER_STEP, MixLevels, db_to_gain
 from services.mixer.sources import ArraySource, Silence, Source
 from services.mixer.steps import StepFile
@@ -33,6 +34,7 @@ from services.mixer.steps import StepFile
 RATE = dsp.SAMPLE_RATE
 BLOCK = 10 * RATE  # a whole number of frames, limiter steps and loudness steps
 BAND_MARGIN = round(dsp.BAND_MARGIN_S * RATE)
+UNIT = aac.UNIT  # what a re-render compares (``UnitDigests``): whole AAC frames and 10 ms frames
 # A programme this short has its mix (before the levelling gain) rendered once and held for
 # the passes that read it (energy, envelope, measure, encode): 46 MB at most, where a 30 s
 # clip spent about 0.4 s of its tail rendering the same mix four times.
@@ -57,6 +59,34 @@ def in_order(work: Callable[[int, int], T], ranges: Iterable[tuple[int, int]], a
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
+
+
+class UnitDigests:
+    """A digest per UNIT of a signal fed in blocks of any length, in order: where two mixes
+    of one programme are the same samples (``reprise``), unit by unit."""
+
+    def __init__(self) -> None:
+        self.digests: list[int] = []
+        self.carry: np.ndarray | None = None  # the samples of a unit not yet complete
+
+    def feed(self, block: np.ndarray) -> None:
+        joined = block if self.carry is None or not self.carry.shape[0] else np.concatenate([self.carry, block])
+        whole = joined.shape[0] // UNIT * UNIT
+        for lo in range(0, whole, UNIT):
+            self.digests.append(_digest(joined[lo : lo + UNIT]))
+        self.carry = joined[whole:].copy()
+
+    def finish(self) -> np.ndarray:
+        if self.carry is not None and self.carry.shape[0]:
+            self.digests.append(_digest(self.carry))
+        self.carry = None
+        return np.asarray(self.digests, dtype=np.uint64)
+
+
+def _digest(samples: np.ndarray) -> int:
+    data = np.ascontiguousarray(samples, dtype=np.float32)
+    # sha1 for speed (twice blake2b's here): a fingerprint of content, not a defence.
+    return int.from_bytes(hashlib.sha1(data.data, usedforsecurity=False).digest()[:8], "little")
 
 
 @dataclass(frozen=True)
@@ -110,6 +140,29 @@ class Plan:
 
 
 @dataclass(frozen=True)
+class KeptLevels:
+    """The levels an earlier mix of the same programme settled on (``reprise``): kept by a
+    new mix where they still hold, so what did not change comes out sample for sample the
+    same."""
+
+    bed_gain: float
+    scale: float  # the levelling gain's number (``Gain.scale``)
+    estimate_lufs: float  # the leveller's estimate at that scale
+    measured_lufs: float  # what the encoded mix measured
+
+
+# A kept level holds while the bed would now go within this much of it (an edited span moves
+# the whole score's loudness a little: each span is levelled on its own), and while the
+# programme at the kept gain still lands within this much of its loudness target: EBU R128's
+# tolerance for a programme, so that a re-render keeps what the creator already heard
+# rather than moving every sample by a fraction of a dB (a mix aimed afresh lands within
+# AIM_LU).
+KEPT_BED_DB = 1.0
+KEPT_LOUDNESS_LU = 0.5
+AIM_LU = 0.1
+
+
+@dataclass(frozen=True)
 class VoiceLoudness:
     """The gated speech's loudness (None: nobody talks) for one speech activity: measured
     while the mixer still waits for the music, used if the activity is still the same."""
@@ -138,7 +191,9 @@ def voice_loudness(speech: Source, talking: np.ndarray) -> VoiceLoudness:
 
 
 def plan(speech: Source, music: Source, levels: MixLevels, talking: np.ndarray, bgm_lufs: float,
-         known: VoiceLoudness | None = None) -> Plan:
+         known: VoiceLoudness | None = None, kept_bed_gain: float | None = None) -> Plan:
+    """How the mix is made; ``kept_bed_gain``, an earlier mix's bed gain, used where the bed
+    would now go within KEPT_BED_DB of it."""
     n = speech.length
     unplaced = Plan(speech, music, n, levels, activity.gate_frames(talking), *_ducks(talking, levels), 1.0)
     if known is None or not known.fits(talking):
@@ -146,6 +201,8 @@ def plan(speech: Source, music: Source, levels: MixLevels, talking: np.ndarray, 
     speech_lufs = known.lufs
     speech_level = -23.0 if speech_lufs is None or speech_lufs <= -70 else speech_lufs
     bed_gain = float(db_to_gain(speech_level + levels.bgm_gain_db - bgm_lufs)) if bgm_lufs > -70 else 1.0
+    if kept_bed_gain is not None and kept_bed_gain > 0 and abs(20 * np.log10(bed_gain / kept_bed_gain)) <= KEPT_BED_DB:
+        bed_gain = kept_bed_gain
     made = replace(unplaced, bed_gain=bed_gain)
     if n <= HOLD_S * RATE:
         made = replace(made, held=np.concatenate([np.zeros((0, 2), dtype=np.float32),
@@ -201,12 +258,15 @@ class Leveller:
     time: the limiter's gain is made chunk by chunk with the state of its release carried on.
     """
 
-    def __init__(self, plan: Plan, levels: MixLevels, folder: str | None = None) -> None:
+    def __init__(self, plan: Plan, levels: MixLevels, folder: str | None = None,
+                 digests: UnitDigests | None = None) -> None:
         self.plan, self.n, self.folder = plan, plan.length, folder
         meter = StepEnergy(2, LIMITER_STEP)
         self.energy = StepFile(folder)
         for block in in_order(plan.mixed, plan.ranges()):
             self.energy.append(meter.feed(block))
+            if digests is not None:
+                digests.feed(block)
         self.tenths = self._tenths(lambda a, b: self.energy.read(a, b))
         self.loudness = gated_loudness(self.tenths, max(self.n, RATE // 2), RATE)
         self.ceiling = float(db_to_gain(levels.true_peak_dbtp - dsp.CODEC_HEADROOM_DB - 0.1))
@@ -289,6 +349,19 @@ class Leveller:
             bins = np.arange(first, last) // per
             tenths[bins[0] : bins[-1] + 1] += np.bincount(bins - bins[0], weights=weighted)
         return True, gated_loudness(tenths * (scale * scale), max(self.n, RATE // 2), RATE)
+
+    def kept_gain(self, aim: float, kept: KeptLevels) -> tuple[Gain, float] | None:
+        """An earlier mix's levelling gain and its estimated loudness here, if the programme
+        at that gain still lands within KEPT_LOUDNESS_LU of ``aim`` (judged by how far the
+        estimate moved from the earlier one: the measured loudness moves with it)."""
+        kept_steps = StepFile(self.folder)
+        limiting, estimate = self.estimate(kept.scale, kept_steps)
+        holds = abs(kept.measured_lufs + estimate - kept.estimate_lufs - aim) <= KEPT_LOUDNESS_LU
+        if not (limiting and holds):
+            kept_steps.close()
+        if not holds:
+            return None
+        return Gain(self.n, kept.scale, kept_steps if limiting else None), estimate
 
     def gain(self, aim: float) -> tuple[Gain, float]:
         """The gain aimed at ``aim`` LUFS, and its estimated loudness."""
@@ -374,20 +447,23 @@ class Levelled:
     outcome: MixOutcome
     leveller: Leveller | None
     target_lufs: float
+    digests: np.ndarray | None = None  # per UNIT, the mix before the levelling gain (asked for)
+    kept: KeptLevels | None = None  # the earlier mix's levels, where this mix kept them all
 
     def missed(self, measured_lufs: float) -> bool:
-        return self.leveller is not None and abs(measured_lufs - self.target_lufs) > 0.1
+        return self.leveller is not None and abs(measured_lufs - self.target_lufs) > AIM_LU
 
     def aimed_again(self, measured_lufs: float) -> MixOutcome:
         """The mix aimed again, corrected by how far the estimate was from ``measured_lufs``
-        (hard limiting: the estimate reads low)."""
+        (hard limiting: the estimate reads low); its loudness is the new estimate."""
         assert self.leveller is not None
-        gain, _ = self.leveller.gain(self.target_lufs - (measured_lufs - self.outcome.loudness_lufs))
-        return MixOutcome(self.outcome.plan, gain, self.outcome.loudness_lufs, float("nan"))
+        gain, estimate = self.leveller.gain(self.target_lufs - (measured_lufs - self.outcome.loudness_lufs))
+        return MixOutcome(self.outcome.plan, gain, estimate, float("nan"))
 
 
 def mix_levelled(speech: Source, music: Source, levels: MixLevels, talking: np.ndarray, bgm_lufs: float,
-                 folder: str | None = None, known: VoiceLoudness | None = None) -> Levelled:
+                 folder: str | None = None, known: VoiceLoudness | None = None, kept: KeptLevels | None = None,
+                 digests: bool = False) -> Levelled:
     """The mix of ``speech`` and ``music`` (sources of the same length) with the speech
     activity (per 10 ms frame) and the music's loudness already known (the mixer takes them
     as tracks arrive), levelled by the leveller's estimate: the caller measures it as it
@@ -395,15 +471,24 @@ def mix_levelled(speech: Source, music: Source, levels: MixLevels, talking: np.n
 
     The speech is gated to where someone talks, so what separation left of the old music is
     gone from the pauses. The levelling's per-step arrays wait in ``folder``; ``known``, the
-    speech's loudness if measured already.
+    speech's loudness if measured already. With ``kept``, an earlier mix's levels, the bed
+    and the levelling gain stay where that mix put them if they still hold (``reprise``);
+    with ``digests``, the mix before the gain is digested per UNIT on the way.
     """
-    made = plan(speech, music, levels, talking, bgm_lufs, known)
-    leveller = Leveller(made, levels, folder)
+    made = plan(speech, music, levels, talking, bgm_lufs, known, None if kept is None else kept.bed_gain)
+    units = UnitDigests() if digests else None
+    leveller = Leveller(made, levels, folder, units)
+    hashed = None if units is None else units.finish()
     if leveller.loudness <= -70:
         return Levelled(MixOutcome(made, Gain(made.length, 1.0), leveller.loudness, float("nan")), None,
-                        levels.loudness_lufs)
+                        levels.loudness_lufs, hashed)
+    if kept is not None and made.bed_gain == kept.bed_gain:
+        held = leveller.kept_gain(levels.loudness_lufs, kept)
+        if held is not None:
+            return Levelled(MixOutcome(made, held[0], held[1], float("nan")), leveller, levels.loudness_lufs,
+                            hashed, kept)
     gain, estimate = leveller.gain(levels.loudness_lufs)
-    return Levelled(MixOutcome(made, gain, estimate, float("nan")), leveller, levels.loudness_lufs)
+    return Levelled(MixOutcome(made, gain, estimate, float("nan")), leveller, levels.loudness_lufs, hashed)
 
 
 def mix_measured(speech: Source, music: Source, levels: MixLevels, talking: np.ndarray, bgm_lufs: float,

@@ -21,7 +21,7 @@ from bgm.server import ModelServicer, Servicer
 from bgm.settings import ServerSettings
 from bgm.threads import iterate_in_thread
 from bgm.v1 import common_pb2, mixer_pb2, mixer_pb2_grpc
-from services.mixer import activity, dsp, encode, mux, render, residue, separation
+from services.mixer import aac, activity, dsp, encode, mux, render, reprise, residue, separation
 from services.mixer.settings import MixerSettings
 from services.mixer.tracks import DURATION_SETTING, Music, Original, Speech, TrackSet
 
@@ -200,7 +200,7 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
                 with self.mix_limiter:
                     outcome, out_path, out = await asyncio.to_thread(
                         self._mix, config, levels, tracks.original_path, original, speech, music, tracks.words,
-                        voice, Path(tmp))
+                        voice, tracks.speech_digest.hexdigest(), Path(tmp))
                 log.info("mixed", extra={"fields": {"tracks_in_s": round(received - started, 3),
                                                     "mix_and_encode_s": round(time.monotonic() - received, 3),
                                                     "encodes": outcome.encodes}})
@@ -220,24 +220,38 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
 
     def _mix(self, config: mixer_pb2.MixConfig, levels: dsp.MixLevels, original_path: Path, original: Original,
              speech: Speech, music: Music, words: Sequence[tuple[float, float]], voice: render.VoiceLoudness | None,
-             tmp: Path) -> tuple[render.MixOutcome, Path, mux.Output]:
+             speech_digest: str, tmp: Path) -> tuple[render.MixOutcome, Path, mux.Output]:
         clock = time.monotonic()
         n = original.samples
+        out = mux.output_for(config.original_name, original.info)
+        # An earlier mix of this programme (a re-render): what did not change is reused.
+        kept_as = None
+        if self.cache.folder is not None and out.audio_codec == "aac":
+            kept_as = reprise.key(speech_digest, config.speech_format, list(words), levels, n,
+                                  self.settings.audio_bitrate)
+        previous = None if kept_as is None else reprise.load(self.cache, kept_as, n, tmp)
         talking = activity.talking(speech.probability, activity.threshold_for(levels.duck_sensitivity), n, words)
         levelled = render.mix_levelled(speech.source, music.source, levels, talking, music.level_lufs,
-                                       folder=str(tmp), known=voice)
+                                       folder=str(tmp), known=voice, kept=None if previous is None else previous.levels,
+                                       digests=kept_as is not None)
         mix_s = time.monotonic() - clock
-        out = mux.output_for(config.original_name, original.info)
         target = tmp / f"remixed{out.suffix}"
         spent = encode.Spent()
+
+        def keep(made: render.MixOutcome, stream: aac.Stream, checked: encode.Checked) -> None:
+            if kept_as is not None and levelled.digests is not None:
+                reprise.save(self.cache, kept_as, levelled.digests, made, stream, checked.loudness_lufs,
+                             checked.frame_peaks)
+
         outcome, checked = encode.encoded_within_ceiling(levelled, n, levels.true_peak_dbtp,
                                                          self.settings.audio_bitrate, original_path, original.info,
-                                                         out, target, tmp, spent)
+                                                         out, target, tmp, spent, previous, keep)
         outcome = dataclasses.replace(outcome, loudness_lufs=checked.loudness_lufs,
                                       true_peak_dbtp=checked.true_peak_dbtp, encodes=spent.encodes)
         early = voice is not None and voice.fits(talking)
         log.info("mix stages", extra={"fields": {"mix_s": round(mix_s, 3), "speech_loudness_early": early,
-                                                 **spent.log()}})
+                                                 "earlier_mix": previous is not None,
+                                                 "levels_kept": levelled.kept is not None, **spent.log()}})
         return outcome, target, out
 
 

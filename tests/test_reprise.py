@@ -1,0 +1,121 @@
+"""A re-render through a mixer that keeps its last mix (``services/mixer/reprise.py``): the
+same programme mixed again with one stretch of its music edited comes back with every other
+stretch decoding to the same samples as the first run, at its loudness and under its
+ceiling; a mixer without the cache, or a changed level, mixes afresh."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from bgm.settings import ServerSettings
+from bgm.v1 import mixer_pb2, mixer_pb2_grpc
+from services.mixer import dsp
+from services.mixer.servicer import MixerServicer
+from services.mixer.settings import MixerSettings
+from tests.conftest import channel, speak, start
+from tests.media_files import colour_video, decode
+from tests.test_mixer import TEXT, mix_and_mux, reference_loudness, separate
+
+RATE = 48_000
+EDIT = (7.0, 10.0)  # seconds: the stretch whose music the second run changes
+MARGIN_S = 1.5  # around it: re-encoded with context (whole 320 ms units and a unit more each side)
+
+
+@pytest.fixture(scope="module")
+def programme(tmp_path_factory):
+    """A video, its separated speech, its score, and the score with EDIT replaced."""
+    import immich_memories_music
+
+    tmp = tmp_path_factory.mktemp("reprise")
+    first, second = (decode(speak(text, tmp / f"speech{i}.wav"))[:, 0] for i, text in enumerate(TEXT))
+    speech = np.concatenate([np.zeros(RATE), first, np.zeros(2 * RATE), second, np.zeros(RATE)]).astype(np.float32)
+    n = speech.shape[0]
+    tracks = Path(immich_memories_music.__file__).parent / "tracks"
+    score = decode(sorted(tracks.glob("energetic/*.opus"))[0])[:n, 0] * 0.3
+    other = decode(sorted(tracks.glob("calm/*.opus"))[0])[:n, 0] * 0.3
+    edited = score.copy()
+    a, b = (round(t * RATE) for t in EDIT)
+    fade = np.linspace(0.0, 1.0, RATE // 10)
+    edited[a:b] = other[a:b]
+    edited[a : a + fade.shape[0]] = score[a : a + fade.shape[0]] * fade[::-1] + other[a : a + fade.shape[0]] * fade
+    soundfile.write(tmp / "orig.wav", speech + score, RATE)
+    video = colour_video(tmp / "clip.mp4", n / RATE, tmp / "orig.wav")
+    return tmp, video, speech + score, score.astype(np.float32), edited.astype(np.float32)
+
+
+def mixer_with(loop, cache_dir: str):
+    running = start(loop, [MixerServicer(MixerSettings(cache_dir=cache_dir), ServerSettings())])
+    return mixer_pb2_grpc.MixerStub(channel(running.address)), running
+
+
+def remixed(stub, tmp: Path, video: Path, speech: np.ndarray, score: np.ndarray, name: str,
+            options: mixer_pb2.MixOptions | None = None) -> tuple[mixer_pb2.MixResult, np.ndarray]:
+    result, media, _ = mix_and_mux(stub, video, speech, score, options)
+    path = tmp / name
+    path.write_bytes(media)
+    return result, decode(path, RATE, 2)
+
+
+def outside(n: int) -> np.ndarray:
+    keep = np.ones(n, dtype=bool)
+    keep[round((EDIT[0] - MARGIN_S) * RATE) : round((EDIT[1] + MARGIN_S) * RATE)] = False
+    return keep
+
+
+def inside(n: int) -> slice:
+    return slice(round(EDIT[0] * RATE), round(EDIT[1] * RATE))
+
+
+def test_an_edited_stretch_is_all_that_is_encoded_again(loop, programme, tmp_path):
+    tmp, video, recording, score, edited = programme
+    stub, running = mixer_with(loop, str(tmp_path / "cache"))
+    try:
+        speech = separate(stub, recording)[mixer_pb2.STEM_SPEECH]
+        first_result, first = remixed(stub, tmp, video, speech, score, "first.mp4")
+        second_result, second = remixed(stub, tmp, video, speech, edited, "second.mp4")
+        # Back to the first score: the edit undone is encoded again in turn, the rest still reused.
+        third_result, third = remixed(stub, tmp, video, speech, score, "third.mp4")
+        # A level changed: nothing of the kept mix fits, the programme is mixed afresh.
+        louder = mixer_pb2.MixOptions(bgm_gain_db=-10.0)
+        _, changed = remixed(stub, tmp, video, speech, edited, "louder.mp4", louder)
+    finally:
+        loop.run(running.stop(0))
+    n = min(first.shape[0], second.shape[0], third.shape[0], changed.shape[0])
+    first, second, third, changed = first[:n], second[:n], third[:n], changed[:n]
+    keep = outside(n)
+    print(f"\nsame samples outside the edit: {np.mean(second[keep] == first[keep]):.4f} (second), "
+          f"{np.mean(third[keep] == first[keep]):.4f} (third)")
+    assert np.array_equal(second[keep], first[keep])
+    assert np.array_equal(third[keep], first[keep])
+    assert not np.array_equal(second[inside(n)], first[inside(n)])
+    assert not np.allclose(changed[keep], second[keep], atol=1e-3)
+    # A mix aimed afresh lands within 0.1 LU of its target; one that keeps the first run's
+    # levels, within EBU R128's 0.5 LU (render.KEPT_LOUDNESS_LU), and says where it landed.
+    for result, audio, within in ((first_result, first, 0.2), (second_result, second, 0.6),
+                                  (third_result, third, 0.6)):
+        lufs, peak = reference_loudness(audio), dsp.true_peak_db(audio)
+        print(f"  {lufs:.2f} LUFS (reported {result.loudness_lufs:.2f}), {peak:.2f} dBTP "
+              f"(reported {result.true_peak_dbtp:.2f})")
+        assert abs(lufs + 14.0) <= within and result.loudness_lufs == pytest.approx(lufs, abs=0.1)
+        assert peak <= -1.0 and result.true_peak_dbtp == pytest.approx(peak, abs=0.1)
+
+
+def test_without_a_kept_mix_the_same_edit_changes_every_sample(loop, programme):
+    """The case above is not the codec's doing: a mixer that keeps nothing levels the edited
+    programme afresh, and the stretches that were not edited come out different."""
+    tmp, video, recording, score, edited = programme
+    stub, running = mixer_with(loop, "")
+    try:
+        speech = separate(stub, recording)[mixer_pb2.STEM_SPEECH]
+        _, first = remixed(stub, tmp, video, speech, score, "plain-first.mp4")
+        _, second = remixed(stub, tmp, video, speech, edited, "plain-second.mp4")
+    finally:
+        loop.run(running.stop(0))
+    n = min(first.shape[0], second.shape[0])
+    keep = outside(n)
+    print(f"\nwithout a kept mix, same samples outside the edit: {np.mean(second[:n][keep] == first[:n][keep]):.4f}")
+    assert not np.array_equal(second[:n][keep], first[:n][keep])
