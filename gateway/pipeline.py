@@ -15,6 +15,9 @@ the mix of the whole, its loudness pass and the encode, once the last input is i
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -165,6 +168,7 @@ class Remix:
     started: float = field(default_factory=time.monotonic)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     paces: dict[int, tuple[float, float]] = field(default_factory=dict)  # stage: (began, fraction)
+    _digest: str | None = None  # the upload's content (``upload_digest``)
 
     # ----- helpers ----------------------------------------------------------------
     async def progress(self, stage: int, fraction: float, message: str = "") -> None:
@@ -194,7 +198,7 @@ class Remix:
         await self.progress(common_pb2.STAGE_EXTRACT_AUDIO, 0.0)
         began = time.monotonic()
         setting = f"{vocab.GATEWAY.env_prefix}_MAX_DURATION_S"
-        info = await asyncio.to_thread(media.probe, self.video, "the upload", self.max_duration_s, setting)
+        info = await asyncio.to_thread(self.probed, setting)
         if info.duration_s <= 0:
             raise InvalidInput("the upload has zero length")
         if self.options.HasField("timeline"):  # before any work: a timeline that does not fit is refused
@@ -208,6 +212,26 @@ class Remix:
         await self.progress(common_pb2.STAGE_EXTRACT_AUDIO, 1.0)
         return info, upload
 
+    def upload_digest(self) -> str:
+        if self._digest is None:
+            self._digest = cache.file_digest(self.video)
+        return self._digest
+
+    def probed(self, setting: str) -> media.MediaInfo:
+        """What the upload holds: from the cache when this same file was probed before under
+        the same duration limit (a re-render starts its music that much sooner), else probed."""
+        store = self.audio_cache
+        if store is None or store.folder is None:
+            return media.probe(self.video, "the upload", self.max_duration_s, setting)
+        name = cache.key("upload-probe", self.upload_digest(), self.max_duration_s)
+        kept = store.get(name)
+        if kept is not None:
+            with contextlib.suppress(ValueError, TypeError):
+                return media.MediaInfo(**json.loads(kept.tobytes()))
+        info = media.probe(self.video, "the upload", self.max_duration_s, setting)
+        store.put(name, np.frombuffer(json.dumps(dataclasses.asdict(info)).encode(), dtype=np.uint8))
+        return info
+
     def decoded_audio(self, setting: str) -> UploadAudio:
         """The upload's audio for transcription in a file: from the cache when this same file
         was decoded before (and still fits the duration limit), else decoded."""
@@ -216,7 +240,7 @@ class Remix:
         name = ""
         frames = 0
         if store is not None and store.folder is not None:
-            name = cache.key("upload-audio", "s16", STT_RATE, cache.file_digest(self.video))
+            name = cache.key("upload-audio", "s16", STT_RATE, self.upload_digest())
             if store.get_file(name, stt):
                 frames = stt.stat().st_size // audio.bytes_per_frame(STT_FORMAT)
                 if frames > self.max_duration_s * STT_RATE + 1:

@@ -119,3 +119,62 @@ def test_without_a_kept_mix_the_same_edit_changes_every_sample(loop, programme):
     keep = outside(n)
     print(f"\nwithout a kept mix, same samples outside the edit: {np.mean(second[:n][keep] == first[:n][keep]):.4f}")
     assert not np.array_equal(second[:n][keep], first[:n][keep])
+
+
+def test_what_is_reused_is_what_a_whole_pass_would_measure(programme, tmp_path):
+    """The levelling of an edited programme that takes the units it leaves as they were from
+    the earlier mix (``render.Reuse``) measures what a whole pass over it measures: the same
+    digest for every unit, the same envelope, and the loudness within 0.01 LU, while it
+    renders again only the units near the edit."""
+    from services.mixer import activity, render, reprise
+    from services.mixer.sources import ArraySource
+
+    _, _, _, score, edited = programme
+    speech = np.stack([programme[2] - score] * 2, axis=1)  # the recording less its score: the speech
+    n = speech.shape[0]
+    levels = dsp.MixLevels(duck_db=12, loudness_lufs=-14, true_peak_dbtp=-1, fade_in_s=0.5, fade_out_s=1.0,
+                           attack_ms=80, release_ms=400, bgm_gain_db=-2)
+    threshold = activity.threshold_for(levels.duck_sensitivity)
+    talking = activity.detect(activity.speech_probability(speech.mean(axis=1)), threshold, n)
+
+    def music_digests(music: np.ndarray) -> np.ndarray:
+        units = render.UnitDigests()
+        units.feed(np.stack([music] * 2, axis=1))
+        return units.finish()
+
+    def levelled(music: np.ndarray, kept=None, reuse=None) -> render.Levelled:
+        return render.mix_levelled(ArraySource(speech), ArraySource(music, n), levels, talking,
+                                   dsp.loudness(score), str(tmp_path), kept=kept, digests=True, reuse=reuse)
+
+    first = levelled(score)
+    assert first.leveller is not None and first.leveller.peaks is not None and first.digests is not None
+    kept = render.KeptLevels(first.outcome.plan.bed_gain, first.outcome.gain.scale, first.outcome.loudness_lufs,
+                             first.outcome.loudness_lufs)
+    earlier = reprise.Reprise(kept, music_digests(score), first.digests, np.zeros(0), np.zeros(0), np.zeros(0),
+                              None, first.leveller.energy, first.leveller.peaks,  # type: ignore[arg-type]
+                              first.leveller.covered)
+    reuse = earlier.reuse(music_digests(edited))
+    assert reuse is not None
+    print(f"\nunits measured again: {reuse.dirty.mean():.3f}")
+    assert 0.05 < reuse.dirty.mean() < 0.5
+    again = levelled(edited, kept, reuse)
+    whole = levelled(edited, kept)
+    assert again.kept is not None and whole.kept is not None  # both kept the first run's levels
+    assert again.leveller is not None and whole.leveller is not None
+    assert np.array_equal(again.digests, whole.digests)
+    assert not np.array_equal(again.digests, first.digests)
+    assert again.leveller.loudness == pytest.approx(whole.leveller.loudness, abs=0.01)
+    assert again.outcome.loudness_lufs == pytest.approx(whole.outcome.loudness_lufs, abs=0.01)
+    # The envelope of the whole edited mix, oversampled near the same level as the earlier one.
+    peaks_again = again.leveller.peaks
+    assert peaks_again is not None and again.leveller.covered == reuse.covered
+    near = whole.leveller.ceiling / reuse.covered * float(dsp.db_to_gain(-dsp.OVERSAMPLE_MARGIN_DB))
+    peaks_whole = whole.leveller._envelope(near)
+    clean = np.repeat(~reuse.dirty, render.UNIT // dsp.LIMITER_STEP)[: peaks_whole.length]
+    envelope_again, envelope_whole = peaks_again.read(0, peaks_again.length), peaks_whole.read(0, peaks_whole.length)
+    assert np.array_equal(envelope_again[clean], envelope_whole[clean])
+    hot = envelope_whole > near  # where the limiter may act: true peaks in both
+    ratio = envelope_again[~clean] / np.maximum(envelope_whole[~clean], 1e-12)
+    print(f"dirty units: envelope ratio {ratio.min():.4f}..{ratio.max():.4f} (under the oversampling level "
+          f"one may be a sample peak where the other is a true peak); {hot.sum()} steps over it")
+    assert np.allclose(envelope_again[hot], envelope_whole[hot], rtol=1e-3)

@@ -14,6 +14,7 @@ import itertools
 import os
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +115,13 @@ def joined(measures: list[Measure]) -> Checked:
     return Checked(peaks, joined_loudness([m.meter for m in measures]))
 
 
+def _mux_linked(original: Path, info: media.MediaInfo, stream: aac.Stream, out: mux.Output, target: Path) -> None:
+    try:
+        mux.mux_encoded(original, info, stream, out, target)
+    finally:
+        stream.path.unlink(missing_ok=True)
+
+
 def _measure(blocks: Iterator[np.ndarray], n: int, ceiling_db: float) -> Checked:
     measure = Measure(n, ceiling_db)
     for block in blocks:
@@ -134,11 +142,12 @@ def _turned_down(outcome: render.MixOutcome, checked: Checked, ceiling_db: float
 
 
 def reprised(levelled: render.Levelled, previous: reprise.Reprise, n: int, ceiling: float, bitrate: str,
-             spent: Spent) -> tuple[render.MixOutcome, aac.Stream, Checked] | None:
+             spent: Spent, candidate: Callable[[aac.Stream], None] | None = None
+             ) -> tuple[render.MixOutcome, aac.Stream, Checked] | None:
     """The mix as the kept encode of an earlier mix of the programme with the units that
     changed encoded again (``reprise``), or None where it cannot be (the levels were not kept,
     or too much changed). The loudness is the earlier one moved by what the leveller's
-    estimate moved."""
+    estimate moved. ``candidate`` gets the stream before it is measured."""
     if levelled.kept is None or levelled.digests is None:
         return None
     clock = time.monotonic()
@@ -152,6 +161,8 @@ def reprised(levelled: render.Levelled, previous: reprise.Reprise, n: int, ceili
     stream, peaks = previous.stream, previous.peaks.copy()
     if places:
         stream = aac.patched(stream, places, n, _range_blocks(outcome), bitrate)
+        if candidate is not None:
+            candidate(stream)
         for first, measured in aac.measured(stream, places, n, ceiling):
             peaks[first : first + measured.shape[0]] = measured
     spent.patches += len(places)
@@ -162,7 +173,9 @@ def reprised(levelled: render.Levelled, previous: reprise.Reprise, n: int, ceili
 
 
 def encode_aac(levelled: render.Levelled, n: int, ceiling_db: float, bitrate: str, folder: Path,
-               spent: Spent, previous: reprise.Reprise | None = None) -> tuple[render.MixOutcome, aac.Stream, Checked]:
+               spent: Spent, previous: reprise.Reprise | None = None,
+               candidate: Callable[[aac.Stream], None] | None = None
+               ) -> tuple[render.MixOutcome, aac.Stream, Checked]:
     """The mix as an ADTS stream with its true peak under ``ceiling_db``: the ``previous``
     encode of the programme with what changed encoded again where it can be (``reprised``),
     else encoded once (again only where the levelling's estimate missed the loudness); then
@@ -184,7 +197,7 @@ def encode_aac(levelled: render.Levelled, n: int, ceiling_db: float, bitrate: st
         spent.encodes += 1
         return stream, checked
 
-    again = None if previous is None else reprised(levelled, previous, n, ceiling, bitrate, spent)
+    again = None if previous is None else reprised(levelled, previous, n, ceiling, bitrate, spent, candidate)
     if again is not None:
         outcome, stream, checked = again
     else:
@@ -259,12 +272,29 @@ def encoded_within_ceiling(levelled: render.Levelled, n: int, ceiling_db: float,
     An AAC mix is encoded from the ``previous`` one where it can be, and handed to ``keep``
     (for the next) unless only the last resort held its ceiling."""
     if out.audio_codec == "aac":
-        outcome, stream, checked = encode_aac(levelled, n, ceiling_db, bitrate, folder, spent, previous)
-        if keep is not None and not spent.last_resorts:
-            keep(outcome, stream, checked)
-        clock = time.monotonic()
-        mux.mux_encoded(original, info, stream, out, target)
-        spent.encode_s += time.monotonic() - clock
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bgm-early-mux") as pool:
+            early: list[tuple[aac.Stream, Path, Future[None]]] = []
+
+            def mux_early(stream: aac.Stream) -> None:
+                # A patched stream is muxed while it is measured: kept if it needs no patch
+                # after all. The mux reads a link to this version (a patch replaces the name).
+                source, made = (target.with_name(f"early-{len(early)}{suffix}") for suffix in (".aac", out.suffix))
+                os.link(stream.path, source)
+                early.append((stream, made, pool.submit(_mux_linked, original, info,
+                                                        aac.Stream(source, stream.starts), out, made)))
+
+            outcome, stream, checked = encode_aac(levelled, n, ceiling_db, bitrate, folder, spent, previous,
+                                                  mux_early)
+            if keep is not None and not spent.last_resorts:
+                keep(outcome, stream, checked)
+            clock = time.monotonic()
+            for version, made, muxing in early:
+                if muxing.exception() is None and version is stream:  # waits for it
+                    os.replace(made, target)
+                made.unlink(missing_ok=True)
+            if not target.exists():
+                mux.mux_encoded(original, info, stream, out, target)
+            spent.encode_s += time.monotonic() - clock
         stream.path.unlink()
     else:
         outcome, checked = encode_whole(levelled, n, ceiling_db, bitrate, original, info, out, target, spent)

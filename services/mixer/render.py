@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -87,6 +88,15 @@ def _digest(samples: np.ndarray) -> int:
     data = np.ascontiguousarray(samples, dtype=np.float32)
     # sha1 for speed (twice blake2b's here): a fingerprint of content, not a defence.
     return int.from_bytes(hashlib.sha1(data.data, usedforsecurity=False).digest()[:8], "little")
+
+
+def _blocks(lo: int, hi: int) -> list[tuple[int, int]]:
+    return [(a, min(hi, a + BLOCK)) for a in range(lo, hi, BLOCK)]
+
+
+def _copy_steps(source: StepFile, target: StepFile, a: int, b: int) -> None:
+    for first in range(a, b, CHUNK_STEPS):
+        target.append(source.read(first, min(b, first + CHUNK_STEPS)))
 
 
 @dataclass(frozen=True)
@@ -163,6 +173,26 @@ AIM_LU = 0.1
 
 
 @dataclass(frozen=True)
+class Reuse:
+    """What an earlier mix of the programme measured, for the units whose mix a new one
+    leaves as it was (``reprise``): those are neither rendered nor measured again."""
+
+    dirty: np.ndarray  # per UNIT: where the mix may have changed (the music there, or near enough to filter)
+    digests: np.ndarray  # per UNIT: the earlier mix before the levelling gain
+    energy: StepFile  # per limiter step: its K-weighted energy
+    peaks: StepFile  # per limiter step: its envelope, measured for gains up to ``covered``
+    covered: float
+
+
+def unit_runs(marked: np.ndarray) -> Iterator[tuple[bool, int, int]]:
+    """(marked, first unit, end unit) of each run of equal values, in order."""
+    edges = [0, *(np.flatnonzero(np.diff(marked.astype(np.int8))) + 1).tolist(), marked.shape[0]]
+    for a, b in itertools.pairwise(edges):
+        if b > a:
+            yield bool(marked[a]), a, b
+
+
+@dataclass(frozen=True)
 class VoiceLoudness:
     """The gated speech's loudness (None: nobody talks) for one speech activity: measured
     while the mixer still waits for the music, used if the activity is still the same."""
@@ -191,9 +221,10 @@ def voice_loudness(speech: Source, talking: np.ndarray) -> VoiceLoudness:
 
 
 def plan(speech: Source, music: Source, levels: MixLevels, talking: np.ndarray, bgm_lufs: float,
-         known: VoiceLoudness | None = None, kept_bed_gain: float | None = None) -> Plan:
+         known: VoiceLoudness | None = None, kept_bed_gain: float | None = None, hold: bool = True) -> Plan:
     """How the mix is made; ``kept_bed_gain``, an earlier mix's bed gain, used where the bed
-    would now go within KEPT_BED_DB of it."""
+    would now go within KEPT_BED_DB of it; ``hold``: a short programme rendered once and
+    held (not where most of it is reused from an earlier mix)."""
     n = speech.length
     unplaced = Plan(speech, music, n, levels, activity.gate_frames(talking), *_ducks(talking, levels), 1.0)
     if known is None or not known.fits(talking):
@@ -204,7 +235,7 @@ def plan(speech: Source, music: Source, levels: MixLevels, talking: np.ndarray, 
     if kept_bed_gain is not None and kept_bed_gain > 0 and abs(20 * np.log10(bed_gain / kept_bed_gain)) <= KEPT_BED_DB:
         bed_gain = kept_bed_gain
     made = replace(unplaced, bed_gain=bed_gain)
-    if n <= HOLD_S * RATE:
+    if hold and n <= HOLD_S * RATE:
         made = replace(made, held=np.concatenate([np.zeros((0, 2), dtype=np.float32),
                                                   *in_order(made.mixed, made.ranges())]))
     return made
@@ -258,15 +289,21 @@ class Leveller:
     time: the limiter's gain is made chunk by chunk with the state of its release carried on.
     """
 
-    def __init__(self, plan: Plan, levels: MixLevels, folder: str | None = None,
-                 digests: UnitDigests | None = None) -> None:
-        self.plan, self.n, self.folder = plan, plan.length, folder
-        meter = StepEnergy(2, LIMITER_STEP)
-        self.energy = StepFile(folder)
-        for block in in_order(plan.mixed, plan.ranges()):
-            self.energy.append(meter.feed(block))
-            if digests is not None:
-                digests.feed(block)
+    def __init__(self, plan: Plan, levels: MixLevels, folder: str | None = None, digests: bool = False,
+                 reuse: Reuse | None = None) -> None:
+        self.plan, self.n, self.folder, self.reuse = plan, plan.length, folder, reuse
+        self.digests: np.ndarray | None = None  # per UNIT, the mix before the gain (asked for)
+        if reuse is not None:
+            self.energy, self.digests = self._reused_energy(reuse)
+        else:
+            meter = StepEnergy(2, LIMITER_STEP)
+            self.energy = StepFile(folder)
+            units = UnitDigests() if digests else None
+            for block in in_order(plan.mixed, plan.ranges()):
+                self.energy.append(meter.feed(block))
+                if units is not None:
+                    units.feed(block)
+            self.digests = None if units is None else units.finish()
         self.tenths = self._tenths(lambda a, b: self.energy.read(a, b))
         self.loudness = gated_loudness(self.tenths, max(self.n, RATE // 2), RATE)
         self.ceiling = float(db_to_gain(levels.true_peak_dbtp - dsp.CODEC_HEADROOM_DB - 0.1))
@@ -282,13 +319,52 @@ class Leveller:
                             for a in range(0, self.energy.length, CHUNK_STEPS))]
         return np.concatenate([np.zeros(0), *out])
 
-    def _envelope(self, near: float) -> StepFile:
-        """The mix's true-peak envelope (oversampled where over ``near``), its peak per step."""
+    def _unit_bounds(self, a: int, b: int) -> tuple[int, int]:
+        return a * UNIT, min(self.n, b * UNIT)
+
+    def _reused_energy(self, reuse: Reuse) -> tuple[StepFile, np.ndarray]:
+        """The energy per step and the digest per UNIT: the earlier mix's where the units are
+        as they were, measured where they are dirty (the weighting filter run in from a
+        unit before, so it has settled)."""
+        energy, digests = StepFile(self.folder), reuse.digests.copy()
+        for dirty, a, b in unit_runs(reuse.dirty):
+            lo, hi = self._unit_bounds(a, b)
+            if not dirty:
+                _copy_steps(reuse.energy, energy, lo // LIMITER_STEP, -(-hi // LIMITER_STEP))
+                continue
+            lead = max(0, lo - UNIT)
+            meter, units = StepEnergy(2, LIMITER_STEP), UnitDigests()
+            for start, block in zip(range(lead, hi, BLOCK), in_order(self.plan.mixed, _blocks(lead, hi)),
+                                    strict=True):
+                steps = meter.feed(block)
+                skip = max(0, lo - start)
+                energy.append(steps[skip // LIMITER_STEP :])
+                if block.shape[0] > skip:
+                    units.feed(block[skip:])
+            digests[a:b] = units.finish()
+        return energy, digests
+
+    def _envelope(self, near: float, reuse: Reuse | None = None) -> StepFile:
+        """The mix's true-peak envelope (oversampled where over ``near``), its peak per step;
+        with ``reuse``, the earlier mix's where the units are as they were."""
         def work(lo: int, hi: int) -> np.ndarray:
             ctx_lo, ctx_hi = max(0, lo - dsp.CONTEXT), min(self.n, hi + dsp.CONTEXT)
             env = dsp.peak_envelope(self.plan.mixed(ctx_lo, ctx_hi), near)[lo - ctx_lo : hi - ctx_lo]
             steps = -(-env.shape[0] // LIMITER_STEP)
             return np.pad(env, (0, steps * LIMITER_STEP - env.shape[0])).reshape(steps, LIMITER_STEP).max(axis=1)
+
+        if reuse is not None:
+            peaks = StepFile(self.folder)
+            for dirty, a, b in unit_runs(reuse.dirty):
+                lo, hi = self._unit_bounds(a, b)
+                if not dirty:
+                    _copy_steps(reuse.peaks, peaks, lo // LIMITER_STEP, -(-hi // LIMITER_STEP))
+                    continue
+                for part in in_order(work, _blocks(lo, hi)):
+                    peaks.append(part)
+            for a in range(0, peaks.length, CHUNK_STEPS):
+                self.loudest = max(self.loudest, float(peaks.read(a, a + CHUNK_STEPS).max(initial=0.0)))
+            return peaks
 
         peaks = StepFile(self.folder)
         for part in in_order(work, self.plan.ranges()):
@@ -297,6 +373,11 @@ class Leveller:
         return peaks
 
     def _peaks_for(self, scale: float) -> StepFile:
+        reuse = self.reuse
+        if self.peaks is None and reuse is not None and scale <= reuse.covered:
+            self.covered = reuse.covered
+            near = self.ceiling / self.covered * float(db_to_gain(-dsp.OVERSAMPLE_MARGIN_DB))
+            self.peaks = self._envelope(near, reuse)
         if self.peaks is None or scale > self.covered:
             self.covered = scale * float(db_to_gain(MAKEUP_RANGE_DB))
             near = self.ceiling / self.covered * float(db_to_gain(-dsp.OVERSAMPLE_MARGIN_DB))
@@ -463,7 +544,7 @@ class Levelled:
 
 def mix_levelled(speech: Source, music: Source, levels: MixLevels, talking: np.ndarray, bgm_lufs: float,
                  folder: str | None = None, known: VoiceLoudness | None = None, kept: KeptLevels | None = None,
-                 digests: bool = False) -> Levelled:
+                 digests: bool = False, reuse: Reuse | None = None) -> Levelled:
     """The mix of ``speech`` and ``music`` (sources of the same length) with the speech
     activity (per 10 ms frame) and the music's loudness already known (the mixer takes them
     as tracks arrive), levelled by the leveller's estimate: the caller measures it as it
@@ -472,13 +553,16 @@ def mix_levelled(speech: Source, music: Source, levels: MixLevels, talking: np.n
     The speech is gated to where someone talks, so what separation left of the old music is
     gone from the pauses. The levelling's per-step arrays wait in ``folder``; ``known``, the
     speech's loudness if measured already. With ``kept``, an earlier mix's levels, the bed
-    and the levelling gain stay where that mix put them if they still hold (``reprise``);
-    with ``digests``, the mix before the gain is digested per UNIT on the way.
+    and the levelling gain stay where that mix put them if they still hold (``reprise``),
+    and with ``reuse`` too, what it measured of the units it leaves as they were is taken
+    as it is; with ``digests``, the mix before the gain is digested per UNIT on the way.
     """
-    made = plan(speech, music, levels, talking, bgm_lufs, known, None if kept is None else kept.bed_gain)
-    units = UnitDigests() if digests else None
-    leveller = Leveller(made, levels, folder, units)
-    hashed = None if units is None else units.finish()
+    made = plan(speech, music, levels, talking, bgm_lufs, known, None if kept is None else kept.bed_gain,
+                hold=reuse is None)
+    if kept is None or made.bed_gain != kept.bed_gain:
+        reuse = None  # the bed moved: every unit's mix did
+    leveller = Leveller(made, levels, folder, digests or reuse is not None, reuse)
+    hashed = leveller.digests
     if leveller.loudness <= -70:
         return Levelled(MixOutcome(made, Gain(made.length, 1.0), leveller.loudness, float("nan")), None,
                         levels.loudness_lufs, hashed)

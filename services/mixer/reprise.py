@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from scipy import ndimage
@@ -27,28 +28,54 @@ from scipy import ndimage
 from bgm import cache
 from bgm.v1 import common_pb2
 from services.mixer import aac, activity, dsp, render
+from services.mixer.steps import StepFile
 
-VERSION = 1  # of what is kept: a mixer that kept something else never reads it
+VERSION = 2  # of what is kept: a mixer that kept something else never reads it
 # Past this share of the programme changed, one whole encode (shared by the cores) is
 # quicker than patching nearly everything.
 MOST_CHANGED = 0.5
-PARTS = ("mixed", "gains", "dips", "peaks", "levels", "stream_sha256")
+PARTS = ("music", "mixed", "gains", "dips", "peaks", "levels", "covered", "sha256")
+FILES = ("stream", "energy", "envelope")
+# A unit's mix depends on the music up to the speech-band filter's context away, and its
+# envelope on the mix a little further (filter context, a 10 ms block beside a hot one):
+# all within one unit, so the units next to one whose music changed are the only others
+# whose mix or envelope can have.
+assert render.BAND_MARGIN + dsp.CONTEXT + dsp.BLOCK <= render.UNIT
 
 
 @dataclass(frozen=True)
 class Reprise:
     levels: render.KeptLevels
+    music: np.ndarray  # per UNIT: the music it was mixed with (``tracks.Music.digests``)
     mixed: np.ndarray  # per UNIT: the mix before the levelling gain (``render.UnitDigests``)
     gains: np.ndarray  # per UNIT: the levelling gain without its dips
     dips: np.ndarray  # per 10 ms frame: the codec dips the encode ended with
     peaks: np.ndarray  # per 10 ms frame: the encoded mix's true peak (linear)
     stream: aac.Stream  # the encoded mix, copied into the job's folder
+    energy: StepFile  # per limiter step: the mix's K-weighted energy (``render.Leveller``)
+    envelope: StepFile  # per limiter step: the mix's true-peak envelope, for gains up to ``covered``
+    covered: float
+
+    def reuse(self, music: np.ndarray | None) -> render.Reuse | None:
+        """What a mix with ``music`` (its digests per UNIT) can take of this one as it is."""
+        if music is None or music.shape != self.music.shape:
+            return None
+        changed = music != self.music
+        dirty = changed.copy()
+        dirty[1:] |= changed[:-1]
+        dirty[:-1] |= changed[1:]
+        return render.Reuse(dirty, self.mixed, self.energy, self.envelope, self.covered)
+
+    def close(self) -> None:
+        self.energy.close()
+        self.envelope.close()
 
 
 def key(speech_digest: str, speech_format: common_pb2.AudioFormat, words: list[tuple[float, float]],
-        levels: dsp.MixLevels, n: int, bitrate: str) -> str:
+        talking: np.ndarray, levels: dsp.MixLevels, n: int, bitrate: str) -> str:
     return cache.key("reprise", VERSION, speech_digest, speech_format.SerializeToString(deterministic=True),
-                     np.asarray(words, dtype=np.float64).reshape(-1, 2), repr(levels), n, bitrate)
+                     np.asarray(words, dtype=np.float64).reshape(-1, 2), np.packbits(talking), repr(levels), n,
+                     bitrate)
 
 
 def units(n: int) -> int:
@@ -65,50 +92,89 @@ def gain_digests(gain: render.Gain) -> np.ndarray:
     return digests.finish()
 
 
+def _copied(kept: Path, target: IO[bytes]) -> bytes:
+    """``kept`` copied into ``target``; its sha256."""
+    digest = hashlib.sha256()
+    with open(kept, "rb") as source:
+        while piece := source.read(1 << 20):
+            digest.update(piece)
+            target.write(piece)
+    return digest.digest()
+
+
 def load(store: cache.ArrayCache, name: str, n: int, folder: Path) -> Reprise | None:
     """The mix kept under ``name``, its stream copied into ``folder``; None when none is kept
     or what is kept does not fit together (evicted in part, another length)."""
     arrays = store.get_arrays(name)
-    kept = store.kept_file(f"{name}-stream")
-    if arrays is None or kept is None or any(part not in arrays for part in PARTS):
+    files = {part: store.kept_file(f"{name}-{part}") for part in FILES}
+    if arrays is None or any(f is None for f in files.values()) or any(part not in arrays for part in PARTS):
         return None
-    frames = activity.frames(n)
-    if (arrays["mixed"].shape != (units(n),) or arrays["gains"].shape != (units(n),)
-            or arrays["dips"].shape != (frames,) or arrays["peaks"].shape != (frames,)
-            or arrays["levels"].shape != (4,)):
+    frames, steps = activity.frames(n), -(-n // dsp.LIMITER_STEP)
+    if (any(arrays[part].shape != (units(n),) for part in ("music", "mixed", "gains"))
+            or any(arrays[part].shape != (frames,) for part in ("dips", "peaks"))
+            or arrays["levels"].shape != (4,) or arrays["sha256"].shape != (len(FILES), 32)):
         return None
     target = folder / "mix.aac"
-    digest = hashlib.sha256()
+    energy, envelope = StepFile(str(folder)), StepFile(str(folder))
     try:
-        with open(kept, "rb") as source, open(target, "wb") as out:
-            while piece := source.read(1 << 20):
-                digest.update(piece)
-                out.write(piece)
-        if digest.digest() != arrays["stream_sha256"].tobytes():
-            raise ValueError("the kept stream is not the one its arrays were kept with")
+        with open(target, "wb") as out:
+            shas = [_copied(files["stream"], out)]  # type: ignore[arg-type]
+        for part, steps_file in (("energy", energy), ("envelope", envelope)):
+            shas.append(_copied(files[part], steps_file.file))  # type: ignore[arg-type]
+            steps_file.length = steps_file.file.tell() // 4
+        if [bytes(row) for row in arrays["sha256"]] != shas or energy.length != steps or envelope.length != steps:
+            raise ValueError("the kept files are not the ones the arrays were kept with")
         stream = aac.Stream.read(target)
+        if stream.count != -(-n // aac.FRAME) + 1:
+            raise ValueError("the kept stream is not this programme's length")
     except (OSError, ValueError):
         target.unlink(missing_ok=True)
-        return None
-    if stream.count != -(-n // aac.FRAME) + 1:
-        target.unlink(missing_ok=True)
+        energy.close()
+        envelope.close()
         return None
     bed_gain, scale, estimate, measured = (float(v) for v in arrays["levels"])
-    return Reprise(render.KeptLevels(bed_gain, scale, estimate, measured), arrays["mixed"], arrays["gains"],
-                   arrays["dips"].astype(np.float32), arrays["peaks"].astype(np.float32), stream)
+    return Reprise(render.KeptLevels(bed_gain, scale, estimate, measured), arrays["music"], arrays["mixed"],
+                   arrays["gains"], arrays["dips"].astype(np.float32), arrays["peaks"].astype(np.float32), stream,
+                   energy, envelope, float(arrays["covered"]))
 
 
-def save(store: cache.ArrayCache, name: str, digests: np.ndarray, outcome: render.MixOutcome,
-         stream: aac.Stream, measured_lufs: float, peaks: np.ndarray) -> None:
+def _keep_steps(store: cache.ArrayCache, name: str, steps: StepFile) -> bytes | None:
+    digest = hashlib.sha256()
+    with store.writing(name) as pending:
+        if pending is None:
+            return None
+        for a in range(0, steps.length, render.CHUNK_STEPS):
+            data = steps.read(a, a + render.CHUNK_STEPS).astype("<f4").tobytes()
+            digest.update(data)
+            pending.file.write(data)
+        pending.keep = True
+    return digest.digest()
+
+
+def save(store: cache.ArrayCache, name: str, levelled: render.Levelled, music: np.ndarray,
+         outcome: render.MixOutcome, stream: aac.Stream, measured_lufs: float, peaks: np.ndarray) -> None:
     """Keep this mix under ``name`` for the next (``outcome.loudness_lufs``: the leveller's
-    estimate at its gain; ``digests``: the mix before the gain, per UNIT)."""
+    estimate at its gain; ``music``: the music's digests per UNIT)."""
+    leveller = levelled.leveller
+    if levelled.digests is None or leveller is None or leveller.peaks is None:
+        return
     n = outcome.plan.length
     dips = outcome.gain.dips if outcome.gain.dips is not None else np.ones(activity.frames(n), dtype=np.float32)
     levels = np.array([outcome.plan.bed_gain, outcome.gain.scale, outcome.loudness_lufs, measured_lufs])
-    store.put_file(f"{name}-stream", stream.path)
-    sha = np.frombuffer(bytes.fromhex(cache.file_digest(stream.path)), dtype=np.uint8)
-    store.put_arrays(name, {"mixed": digests, "gains": gain_digests(outcome.gain), "dips": dips,
-                            "peaks": peaks.astype(np.float32), "levels": levels, "stream_sha256": sha})
+    try:
+        store.put_file(f"{name}-stream", stream.path)
+        shas = [bytes.fromhex(cache.file_digest(stream.path)),
+                _keep_steps(store, f"{name}-energy", leveller.energy),
+                _keep_steps(store, f"{name}-envelope", leveller.peaks)]
+    except OSError as exc:
+        store.cannot_write(exc)
+        return
+    if any(sha is None for sha in shas):
+        return
+    store.put_arrays(name, {"music": music, "mixed": levelled.digests, "gains": gain_digests(outcome.gain),
+                            "dips": dips, "peaks": peaks.astype(np.float32), "levels": levels,
+                            "covered": np.array(leveller.covered),
+                            "sha256": np.array([np.frombuffer(sha, dtype=np.uint8) for sha in shas if sha])})
 
 
 def changed_units(previous: Reprise, digests: np.ndarray, gain: render.Gain) -> np.ndarray:

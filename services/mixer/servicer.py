@@ -186,7 +186,8 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
                     if fmt.encoding != common_pb2.ENCODING_UNSPECIFIED:
                         audio.check_format(fmt, name)
                 tracks = TrackSet(config, self.server.max_input_bytes, tmp, self.server.max_duration_s,
-                                  activity.threshold_for(levels.duck_sensitivity), self.speech_probability)
+                                  activity.threshold_for(levels.duck_sensitivity), self.speech_probability,
+                                  digest_music=self.cache.folder is not None)
                 try:
                     await tracks.receive(rest)
                     original, speech, music = await tracks.ready()
@@ -224,35 +225,46 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
         clock = time.monotonic()
         n = original.samples
         out = mux.output_for(config.original_name, original.info)
+        talking = activity.talking(speech.probability, activity.threshold_for(levels.duck_sensitivity), n, words)
         # An earlier mix of this programme (a re-render): what did not change is reused.
         kept_as = None
-        if self.cache.folder is not None and out.audio_codec == "aac":
-            kept_as = reprise.key(speech_digest, config.speech_format, list(words), levels, n,
+        if self.cache.folder is not None and out.audio_codec == "aac" and music.digests is not None:
+            kept_as = reprise.key(speech_digest, config.speech_format, list(words), talking, levels, n,
                                   self.settings.audio_bitrate)
         previous = None if kept_as is None else reprise.load(self.cache, kept_as, n, tmp)
-        talking = activity.talking(speech.probability, activity.threshold_for(levels.duck_sensitivity), n, words)
         levelled = render.mix_levelled(speech.source, music.source, levels, talking, music.level_lufs,
                                        folder=str(tmp), known=voice, kept=None if previous is None else previous.levels,
-                                       digests=kept_as is not None)
+                                       digests=kept_as is not None,
+                                       reuse=None if previous is None else previous.reuse(music.digests))
         mix_s = time.monotonic() - clock
         target = tmp / f"remixed{out.suffix}"
         spent = encode.Spent()
 
         def keep(made: render.MixOutcome, stream: aac.Stream, checked: encode.Checked) -> None:
-            if kept_as is not None and levelled.digests is not None:
-                reprise.save(self.cache, kept_as, levelled.digests, made, stream, checked.loudness_lufs,
+            if kept_as is not None and music.digests is not None:
+                reprise.save(self.cache, kept_as, levelled, music.digests, made, stream, checked.loudness_lufs,
                              checked.frame_peaks)
 
-        outcome, checked = encode.encoded_within_ceiling(levelled, n, levels.true_peak_dbtp,
-                                                         self.settings.audio_bitrate, original_path, original.info,
-                                                         out, target, tmp, spent, previous, keep)
+        try:
+            outcome, checked = encode.encoded_within_ceiling(levelled, n, levels.true_peak_dbtp,
+                                                             self.settings.audio_bitrate, original_path,
+                                                             original.info, out, target, tmp, spent, previous, keep)
+        finally:
+            if previous is not None:
+                previous.close()
         outcome = dataclasses.replace(outcome, loudness_lufs=checked.loudness_lufs,
                                       true_peak_dbtp=checked.true_peak_dbtp, encodes=spent.encodes)
         early = voice is not None and voice.fits(talking)
         log.info("mix stages", extra={"fields": {"mix_s": round(mix_s, 3), "speech_loudness_early": early,
                                                  "earlier_mix": previous is not None,
-                                                 "levels_kept": levelled.kept is not None, **spent.log()}})
+                                                 "levels_kept": levelled.kept is not None,
+                                                 "units_measured_again": _dirty_share(levelled), **spent.log()}})
         return outcome, target, out
+
+
+def _dirty_share(levelled: render.Levelled) -> float:
+    reuse = None if levelled.leveller is None else levelled.leveller.reuse
+    return 1.0 if reuse is None else round(float(reuse.dirty.mean()), 3)
 
 
 def stem_pcm(blocks: Iterator[np.ndarray], mono: audio.Recording, stems: Sequence[int],

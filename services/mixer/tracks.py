@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import math
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ class Speech:
 class Music:
     source: sources.Source
     level_lufs: float
+    digests: np.ndarray | None = None  # per ``render.UNIT``, where asked for (``reprise``)
 
 
 Vad = Callable[[str, Callable[[], np.ndarray]], np.ndarray]
@@ -64,7 +65,7 @@ def _voice_loudness(speech: Speech, threshold: float, n: int, words: list[tuple[
 
 class TrackSet:
     def __init__(self, config: mixer_pb2.MixConfig, limit: int, tmp: str, max_duration_s: float,
-                 threshold: float, vad: Vad = uncached) -> None:
+                 threshold: float, vad: Vad = uncached, digest_music: bool = False) -> None:
         suffix = limits.file_suffix(config.original_name, "original_name")
         self.config = config
         self.limit = limit
@@ -73,6 +74,7 @@ class TrackSet:
         # ``vad(key, compute)``: the speech's VAD, named by a key of the speech as sent
         # (the servicer keeps it: a re-render sends the same speech again).
         self.vad = vad
+        self.digest_music = digest_music  # the music digested per unit as it is measured
         self.speech_digest = hashlib.sha256()
         self.following: FollowingVad | None = None
         self.spools = {track: Spool(limit, name, tmp, suffix if name == "original" else "")
@@ -234,8 +236,17 @@ class TrackSet:
 
         def work() -> Music:
             source = self._source(mixer_pb2.TRACK_BGM, self.config.bgm_format, n)
-            blocks = (source.read(lo, min(n, lo + render.BLOCK)) for lo in range(0, n, render.BLOCK))
-            return Music(source, loudness_of_blocks(blocks, sources.CHANNELS))
+            units = render.UnitDigests() if self.digest_music else None
+
+            def blocks() -> Iterator[np.ndarray]:
+                for lo in range(0, n, render.BLOCK):
+                    block = source.read(lo, min(n, lo + render.BLOCK))
+                    if units is not None:
+                        units.feed(block)
+                    yield block
+
+            level = loudness_of_blocks(blocks(), sources.CHANNELS)
+            return Music(source, level, None if units is None else units.finish())
 
         return await asyncio.to_thread(work)
 
