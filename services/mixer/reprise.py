@@ -31,6 +31,10 @@ from services.mixer import aac, activity, dsp, render
 from services.mixer.steps import StepFile
 
 VERSION = 2  # of what is kept: a mixer that kept something else never reads it
+# The code that makes and encodes the mix, by content: a mixer whose mixing changed (a new
+# release, a local edit) never takes units from a mix that older code made.
+MIXING_CODE = cache.key(*(Path(__file__).with_name(f"{name}.py").read_bytes()
+                          for name in ("activity", "aac", "dsp", "encode", "render", "reprise", "sources", "steps")))
 # Past this share of the programme changed, one whole encode (shared by the cores) is
 # quicker than patching nearly everything.
 MOST_CHANGED = 0.5
@@ -73,7 +77,8 @@ class Reprise:
 
 def key(speech_digest: str, speech_format: common_pb2.AudioFormat, words: list[tuple[float, float]],
         talking: np.ndarray, levels: dsp.MixLevels, n: int, bitrate: str) -> str:
-    return cache.key("reprise", VERSION, speech_digest, speech_format.SerializeToString(deterministic=True),
+    return cache.key("reprise", VERSION, MIXING_CODE, speech_digest,
+                     speech_format.SerializeToString(deterministic=True),
                      np.asarray(words, dtype=np.float64).reshape(-1, 2), np.packbits(talking), repr(levels), n,
                      bitrate)
 
