@@ -178,3 +178,32 @@ def test_what_is_reused_is_what_a_whole_pass_would_measure(programme, tmp_path):
     print(f"dirty units: envelope ratio {ratio.min():.4f}..{ratio.max():.4f} (under the oversampling level "
           f"one may be a sample peak where the other is a true peak); {hot.sum()} steps over it")
     assert np.allclose(envelope_again[hot], envelope_whole[hot], rtol=1e-3)
+
+
+def test_a_damaged_kept_mix_is_mixed_afresh(loop, programme, tmp_path):
+    """A kept stream that no longer matches what was kept with it (a disk fault, a hand edit)
+    is never spliced into: the edited programme is mixed afresh, and correctly."""
+    tmp, video, recording, score, edited = programme
+    folder = tmp_path / "cache"
+    stub, running = mixer_with(loop, str(folder))
+    try:
+        speech = separate(stub, recording)[mixer_pb2.STEM_SPEECH]
+        _, first = remixed(stub, tmp, video, speech, score, "kept-first.mp4")
+        streams = sorted(folder.glob("*-stream.raw"))
+        assert len(streams) == 1
+        data = bytearray(streams[0].read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        streams[0].write_bytes(bytes(data))
+        _, second = remixed(stub, tmp, video, speech, edited, "kept-second.mp4")
+    finally:
+        loop.run(running.stop(0))
+    stub, running = mixer_with(loop, "")
+    try:
+        _, fresh = remixed(stub, tmp, video, speech, edited, "fresh.mp4")
+    finally:
+        loop.run(running.stop(0))
+    assert np.array_equal(second, fresh)  # the same as a mixer that kept nothing
+    n = min(first.shape[0], second.shape[0])
+    assert not np.array_equal(second[:n][outside(n)], first[:n][outside(n)])
+    lufs = reference_loudness(second)
+    assert abs(lufs + 14.0) <= 0.2 and dsp.true_peak_db(second) <= -1.0
