@@ -17,6 +17,7 @@ import soundfile
 
 from bgm import cache, vocab
 from bgm.chunks import iter_file_chunks
+from bgm.media import decode_audio
 from bgm.settings import ServerSettings
 from bgm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, mixer_pb2, music_pb2, music_pb2_grpc
 from gateway import timeline
@@ -292,6 +293,14 @@ def test_cli_project_rerender_and_clean(video, tmp_path):
         a, b = round(span["start_s"] * RATE), round(span["end_s"] * RATE)
         assert np.array_equal(one[a:b], two[a:b]) == (i != changed), i
     assert json.loads(saved.read_text())["spans"][changed]["emotion"] == doc["spans"][changed]["emotion"]
+    # The mix too: away from the edited span (1.5 s: the units re-encoded around it), the
+    # remixed file decodes to the first run's samples (the mixer kept its last mix).
+    first_mix, second_mix = (decode_audio(tmp_path / name, RATE, 2) for name in ("one.mp4", "two.mp4"))
+    n = min(first_mix.shape[0], second_mix.shape[0])
+    away = np.ones(n, dtype=bool)
+    span = doc["spans"][changed]
+    away[max(0, round((span["start_s"] - 1.5) * RATE)) : round((span["end_s"] + 1.5) * RATE)] = False
+    assert away.mean() > 0.2 and np.array_equal(first_mix[:n][away], second_mix[:n][away])
 
     doc["spans"][0]["emotion"] = "happy"
     (tmp_path / "bad.json").write_text(json.dumps(doc))

@@ -38,7 +38,7 @@ MIXING_CODE = cache.key(*(Path(__file__).with_name(f"{name}.py").read_bytes()
 # Past this share of the programme changed, one whole encode (shared by the cores) is
 # quicker than patching nearly everything.
 MOST_CHANGED = 0.5
-PARTS = ("music", "mixed", "gains", "dips", "peaks", "levels", "covered", "sha256")
+PARTS = ("score", "mixed", "gains", "dips", "peaks", "levels", "covered", "sha256")
 FILES = ("stream", "energy", "envelope")
 # A unit's mix depends on the music up to the speech-band filter's context away, and its
 # envelope on the mix a little further (filter context, a 10 ms block beside a hot one):
@@ -115,7 +115,7 @@ def load(store: cache.ArrayCache, name: str, n: int, folder: Path) -> Reprise | 
     if arrays is None or any(f is None for f in files.values()) or any(part not in arrays for part in PARTS):
         return None
     frames, steps = activity.frames(n), -(-n // dsp.LIMITER_STEP)
-    if (any(arrays[part].shape != (units(n),) for part in ("music", "mixed", "gains"))
+    if (any(arrays[part].shape != (units(n),) for part in ("score", "mixed", "gains"))
             or any(arrays[part].shape != (frames,) for part in ("dips", "peaks"))
             or arrays["levels"].shape != (4,) or arrays["sha256"].shape != (len(FILES), 32)):
         return None
@@ -138,7 +138,7 @@ def load(store: cache.ArrayCache, name: str, n: int, folder: Path) -> Reprise | 
         envelope.close()
         return None
     bed_gain, scale, estimate, measured = (float(v) for v in arrays["levels"])
-    return Reprise(render.KeptLevels(bed_gain, scale, estimate, measured), arrays["music"], arrays["mixed"],
+    return Reprise(render.KeptLevels(bed_gain, scale, estimate, measured), arrays["score"], arrays["mixed"],
                    arrays["gains"], arrays["dips"].astype(np.float32), arrays["peaks"].astype(np.float32), stream,
                    energy, envelope, float(arrays["covered"]))
 
@@ -176,7 +176,7 @@ def save(store: cache.ArrayCache, name: str, levelled: render.Levelled, music: n
         return
     if any(sha is None for sha in shas):
         return
-    store.put_arrays(name, {"music": music, "mixed": levelled.digests, "gains": gain_digests(outcome.gain),
+    store.put_arrays(name, {"score": music, "mixed": levelled.digests, "gains": gain_digests(outcome.gain),
                             "dips": dips, "peaks": peaks.astype(np.float32), "levels": levels,
                             "covered": np.array(leveller.covered),
                             "sha256": np.array([np.frombuffer(sha, dtype=np.uint8) for sha in shas if sha])})
