@@ -457,9 +457,16 @@ class Remix:
             for strand in strands:
                 strand.cancel()
             await asyncio.gather(*strands, return_exceptions=True)
-            speech.discard()
-            if music.done() and not music.cancelled() and music.exception() is None:
-                music.result().close()
+            score = music.result() if music.done() and not music.cancelled() and music.exception() is None else None
+
+            def release() -> None:
+                speech.discard()
+                if score is not None:
+                    score.close()
+
+            # Off the loop: removing an hour's score and speech is disk work, and closing a
+            # FLAC file waits for any thread still reading it.
+            await asyncio.shield(asyncio.to_thread(release))
         log.info("remix done", extra={"fields": {
             "duration_s": info.duration_s, "wall_s": round(time.monotonic() - self.started, 2),
             "stages_s": {k: round(v, 2) for k, v in self.stage_seconds.items()}}})
