@@ -1,18 +1,22 @@
-"""A programme's last mix, kept so that mixing it again with edited music encodes only what
-changed (a re-render from an edited timeline: ``bgm remix --project``).
+"""A programme's last mix, kept so that mixing it again with edited music renders, measures
+and encodes only what changed (a re-render from an edited timeline: ``bgm remix --project``).
 
 Kept in the mixer's cache, under a key of everything but the music that decides the mix
-(the speech as sent, the words, the levels, the length, the bitrate): the levels the mix
-settled on (``render.KeptLevels``), per UNIT (320 ms) a digest of the mix before the
-levelling gain and one of the levelling gain, the codec dips and the encoded frames' true
-peaks per 10 ms frame, and the AAC stream itself.
+(the speech as sent, the words and the speech activity, the levels, the length, the
+bitrate, the mixing code itself): the levels the mix settled on (``render.KeptLevels``);
+per UNIT (320 ms) a digest of the music, of the mix before the levelling gain and of the
+levelling gain; the codec dips and the encoded frames' true peaks per 10 ms frame; the
+levelling's energy and envelope per step; and the AAC stream. Each kept file's sha256 is
+kept with the arrays: a file that does not match is never used.
 
 A new mix under the same key keeps the bed gain and the levelling gain where they still
-hold (``render.plan``, ``render.Leveller.kept_gain``). Every unit whose two digests match
-is then the same samples as before, so its AAC frames are reused, and only the units around
-an edit are encoded again, as a codec overshoot is patched (``aac.patched``): the creator
-hears every span they did not touch exactly as before, and a 10-minute programme is not
-encoded whole again for one span.
+hold (``render.plan``, ``render.Leveller.kept_gain``). The units whose music changed, and
+their neighbours, are rendered and measured again; every other unit's energy, envelope and
+digest are the kept ones (``render.Reuse``). Every unit whose mix and gain digests match is
+then the same samples as before, so its AAC frames are reused, and only the units around an
+edit are encoded again, as a codec overshoot is patched (``aac.patched``): the creator hears
+every span they did not touch exactly as before, and a 10-minute programme is neither
+measured nor encoded whole again for one span.
 """
 
 from __future__ import annotations
