@@ -94,9 +94,10 @@ def _blocks(lo: int, hi: int) -> list[tuple[int, int]]:
     return [(a, min(hi, a + BLOCK)) for a in range(lo, hi, BLOCK)]
 
 
-def _copy_steps(source: StepFile, target: StepFile, a: int, b: int) -> None:
+def _steps_of(source: StepFile, a: int, b: int) -> Iterator[np.ndarray]:
+    """Steps [a, b) of ``source``, a chunk at a time."""
     for first in range(a, b, CHUNK_STEPS):
-        target.append(source.read(first, min(b, first + CHUNK_STEPS)))
+        yield source.read(first, min(b, first + CHUNK_STEPS))
 
 
 @dataclass(frozen=True)
@@ -330,7 +331,8 @@ class Leveller:
         for dirty, a, b in unit_runs(reuse.dirty):
             lo, hi = self._unit_bounds(a, b)
             if not dirty:
-                _copy_steps(reuse.energy, energy, lo // LIMITER_STEP, -(-hi // LIMITER_STEP))
+                for part in _steps_of(reuse.energy, lo // LIMITER_STEP, -(-hi // LIMITER_STEP)):
+                    energy.append(part)
                 continue
             lead = max(0, lo - UNIT)
             meter, units = StepEnergy(2, LIMITER_STEP), UnitDigests()
@@ -353,37 +355,31 @@ class Leveller:
             steps = -(-env.shape[0] // LIMITER_STEP)
             return np.pad(env, (0, steps * LIMITER_STEP - env.shape[0])).reshape(steps, LIMITER_STEP).max(axis=1)
 
-        if reuse is not None:
-            peaks = StepFile(self.folder)
-            for dirty, a, b in unit_runs(reuse.dirty):
-                lo, hi = self._unit_bounds(a, b)
-                if not dirty:
-                    _copy_steps(reuse.peaks, peaks, lo // LIMITER_STEP, -(-hi // LIMITER_STEP))
-                    continue
-                for part in in_order(work, _blocks(lo, hi)):
-                    peaks.append(part)
-            for a in range(0, peaks.length, CHUNK_STEPS):
-                self.loudest = max(self.loudest, float(peaks.read(a, a + CHUNK_STEPS).max(initial=0.0)))
-            return peaks
-
         peaks = StepFile(self.folder)
-        for part in in_order(work, self.plan.ranges()):
-            peaks.append(part)
-            self.loudest = max(self.loudest, float(part.max(initial=0.0)))
+        runs = [(True, 0, -(-self.n // UNIT))] if reuse is None else unit_runs(reuse.dirty)
+        for dirty, a, b in runs:
+            lo, hi = self._unit_bounds(a, b)
+            parts = (in_order(work, _blocks(lo, hi)) if dirty or reuse is None
+                     else _steps_of(reuse.peaks, lo // LIMITER_STEP, -(-hi // LIMITER_STEP)))
+            for part in parts:
+                peaks.append(part)
+                self.loudest = max(self.loudest, float(part.max(initial=0.0)))
         return peaks
+
+    def _near(self) -> float:
+        """The level over which the envelope is oversampled, for gains up to ``covered``."""
+        return self.ceiling / self.covered * float(db_to_gain(-dsp.OVERSAMPLE_MARGIN_DB))
 
     def _peaks_for(self, scale: float) -> StepFile:
         reuse = self.reuse
         if self.peaks is None and reuse is not None and scale <= reuse.covered:
             self.covered = reuse.covered
-            near = self.ceiling / self.covered * float(db_to_gain(-dsp.OVERSAMPLE_MARGIN_DB))
-            self.peaks = self._envelope(near, reuse)
+            self.peaks = self._envelope(self._near(), reuse)
         if self.peaks is None or scale > self.covered:
             self.covered = scale * float(db_to_gain(MAKEUP_RANGE_DB))
-            near = self.ceiling / self.covered * float(db_to_gain(-dsp.OVERSAMPLE_MARGIN_DB))
             if self.peaks is not None:
                 self.peaks.close()
-            self.peaks = self._envelope(near)
+            self.peaks = self._envelope(self._near())
         return self.peaks
 
     def _held(self, peaks: StepFile, a: int, b: int) -> np.ndarray:
