@@ -49,8 +49,9 @@ class MixerSettings:
     # Music level relative to the speech's loudness, outside speech.
     bgm_gain_db: float = -6.0
     audio_bitrate: str = "192k"
-    # Separated speech kept by content in this folder (bgm.cache), up to cache_mb: a second
-    # run on the same audio (a re-render of an edited timeline) skips separation. Off when "".
+    # Separated speech and each programme's last mix kept by content in this folder
+    # (bgm.cache), up to cache_mb: a second run on the same audio (a re-render of an edited
+    # timeline) skips separation and mixes and encodes only what changed (reprise). Off when "".
     cache_dir: str = ""
     cache_mb: int = 4096
 
