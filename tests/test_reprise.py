@@ -79,6 +79,8 @@ def test_an_edited_stretch_is_all_that_is_encoded_again(loop, programme, tmp_pat
         second_result, second = remixed(stub, tmp, video, speech, edited, "second.mp4")
         # Back to the first score: the edit undone is encoded again in turn, the rest still reused.
         third_result, third = remixed(stub, tmp, video, speech, score, "third.mp4")
+        # Nothing changed: the kept mix is the remix, whole.
+        _, same = remixed(stub, tmp, video, speech, score, "same.mp4")
         # A level changed: nothing of the kept mix fits, the programme is mixed afresh.
         louder = mixer_pb2.MixOptions(bgm_gain_db=-10.0)
         _, changed = remixed(stub, tmp, video, speech, edited, "louder.mp4", louder)
@@ -91,6 +93,7 @@ def test_an_edited_stretch_is_all_that_is_encoded_again(loop, programme, tmp_pat
           f"{np.mean(third[keep] == first[keep]):.4f} (third)")
     assert np.array_equal(second[keep], first[keep])
     assert np.array_equal(third[keep], first[keep])
+    assert np.array_equal(same, third[: same.shape[0]]) and same.shape[0] == n
     assert not np.array_equal(second[inside(n)], first[inside(n)])
     assert not np.allclose(changed[keep], second[keep], atol=1e-3)
     # A mix aimed afresh lands within 0.1 LU of its target; one that keeps the first run's
