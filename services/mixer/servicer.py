@@ -232,25 +232,26 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
             kept_as = reprise.key(speech_digest, config.speech_format, list(words), talking, levels, n,
                                   self.settings.audio_bitrate)
         previous = None if kept_as is None else reprise.load(self.cache, kept_as, n, tmp)
-        levelled = render.mix_levelled(speech.source, music.source, levels, talking, music.level_lufs,
-                                       folder=str(tmp), known=voice, kept=None if previous is None else previous.levels,
-                                       digests=kept_as is not None,
-                                       reuse=None if previous is None else previous.reuse(music.digests))
-        mix_s = time.monotonic() - clock
-        target = tmp / f"remixed{out.suffix}"
-        spent = encode.Spent()
-
-        def keep(made: render.MixOutcome, stream: aac.Stream, checked: encode.Checked) -> None:
-            if kept_as is not None and music.digests is not None:
-                reprise.save(self.cache, kept_as, levelled, music.digests, made, stream, checked.loudness_lufs,
-                             checked.frame_peaks)
-
         try:
+            levelled = render.mix_levelled(speech.source, music.source, levels, talking, music.level_lufs,
+                                           folder=str(tmp), known=voice,
+                                           kept=None if previous is None else previous.levels,
+                                           digests=kept_as is not None,
+                                           reuse=None if previous is None else previous.reuse(music.digests))
+            mix_s = time.monotonic() - clock
+            target = tmp / f"remixed{out.suffix}"
+            spent = encode.Spent()
+
+            def keep(made: render.MixOutcome, stream: aac.Stream, checked: encode.Checked) -> None:
+                if kept_as is not None and music.digests is not None:
+                    reprise.save(self.cache, kept_as, levelled, music.digests, made, stream, checked.loudness_lufs,
+                                 checked.frame_peaks)
+
             outcome, checked = encode.encoded_within_ceiling(levelled, n, levels.true_peak_dbtp,
                                                              self.settings.audio_bitrate, original_path,
                                                              original.info, out, target, tmp, spent, previous, keep)
         finally:
-            if previous is not None:
+            if previous is not None:  # its step files are unnamed temp files: gone once closed
                 previous.close()
         outcome = dataclasses.replace(outcome, loudness_lufs=checked.loudness_lufs,
                                       true_peak_dbtp=checked.true_peak_dbtp, encodes=spent.encodes)
