@@ -152,7 +152,7 @@ def reprised(levelled: render.Levelled, previous: reprise.Reprise, n: int, ceili
         return None
     clock = time.monotonic()
     outcome = levelled.outcome
-    changed = reprise.changed_units(previous, levelled.digests, outcome.gain)
+    changed = reprise.changed_units(previous, levelled)
     if changed.mean() > reprise.MOST_CHANGED:
         return None
     places, dips = reprise.patch_plan(changed, previous.dips, n)

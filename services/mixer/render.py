@@ -260,6 +260,14 @@ class Gain:
         gain *= np.float32(self.scale)
         return gain
 
+    def unit_digests(self) -> np.ndarray:
+        """Per UNIT, a digest of this gain without its dips (``reprise``), a block at a time."""
+        plain = replace(self, dips=None)
+        digests = UnitDigests()
+        for block in in_order(plain.block, _blocks(0, self.length)):
+            digests.feed(block)
+        return digests.finish()
+
     def times(self, scale: float = 1.0, dips: np.ndarray | None = None) -> Gain:
         both = dips if self.dips is None or dips is None else self.dips * dips
         return replace(self, scale=self.scale * scale, dips=self.dips if dips is None else both)
@@ -526,6 +534,7 @@ class Levelled:
     target_lufs: float
     digests: np.ndarray | None = None  # per UNIT, the mix before the levelling gain (asked for)
     kept: KeptLevels | None = None  # the earlier mix's levels, where this mix kept them all
+    gain_digests: np.ndarray | None = None  # per UNIT, ``outcome.gain`` (with ``digests``)
 
     def missed(self, measured_lufs: float) -> bool:
         return self.leveller is not None and abs(measured_lufs - self.target_lufs) > AIM_LU
@@ -566,9 +575,10 @@ def mix_levelled(speech: Source, music: Source, levels: MixLevels, talking: np.n
         held = leveller.kept_gain(levels.loudness_lufs, kept)
         if held is not None:
             return Levelled(MixOutcome(made, held[0], held[1], float("nan")), leveller, levels.loudness_lufs,
-                            hashed, kept)
+                            hashed, kept, None if hashed is None else held[0].unit_digests())
     gain, estimate = leveller.gain(levels.loudness_lufs)
-    return Levelled(MixOutcome(made, gain, estimate, float("nan")), leveller, levels.loudness_lufs, hashed)
+    return Levelled(MixOutcome(made, gain, estimate, float("nan")), leveller, levels.loudness_lufs, hashed,
+                    None, None if hashed is None else gain.unit_digests())
 
 
 def mix_measured(speech: Source, music: Source, levels: MixLevels, talking: np.ndarray, bgm_lufs: float,

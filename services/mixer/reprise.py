@@ -22,9 +22,9 @@ measured nor encoded whole again for one span.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 from scipy import ndimage
@@ -91,23 +91,27 @@ def units(n: int) -> int:
     return -(-n // render.UNIT)
 
 
-def gain_digests(gain: render.Gain) -> np.ndarray:
-    """Per UNIT, a digest of the levelling gain without its dips (made a block at a time)."""
-    plain = replace(gain, dips=None)
-    digests = render.UnitDigests()
-    ranges = [(lo, min(gain.length, lo + render.BLOCK)) for lo in range(0, gain.length, render.BLOCK)]
-    for block in render.in_order(plain.block, ranges):
-        digests.feed(block)
-    return digests.finish()
-
-
-def _copied(kept: Path, target: IO[bytes]) -> bytes:
-    """``kept`` copied into ``target``; its sha256."""
-    digest = hashlib.sha256()
-    with open(kept, "rb") as source:
+def _pieces(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as source:
         while piece := source.read(1 << 20):
-            digest.update(piece)
-            target.write(piece)
+            yield piece
+
+
+def _step_pieces(steps: StepFile) -> Iterator[bytes]:
+    for a in range(0, steps.length, render.CHUNK_STEPS):
+        yield steps.read(a, a + render.CHUNK_STEPS).astype("<f4").tobytes()
+
+
+def _appender(steps: StepFile) -> Callable[[bytes], None]:
+    return lambda piece: steps.append(np.frombuffer(piece, dtype="<f4"))
+
+
+def _hashed(pieces: Iterable[bytes], write: Callable[[bytes], object]) -> bytes:
+    """Each piece handed to ``write``; the sha256 of them all."""
+    digest = hashlib.sha256()
+    for piece in pieces:
+        digest.update(piece)
+        write(piece)
     return digest.digest()
 
 
@@ -115,8 +119,9 @@ def load(store: cache.ArrayCache, name: str, n: int, folder: Path) -> Reprise | 
     """The mix kept under ``name``, its stream copied into ``folder``; None when none is kept
     or what is kept does not fit together (evicted in part, another length)."""
     arrays = store.get_arrays(name)
-    files = {part: store.kept_file(f"{name}-{part}") for part in FILES}
-    if arrays is None or any(f is None for f in files.values()) or any(part not in arrays for part in PARTS):
+    kept = {part: store.kept_file(f"{name}-{part}") for part in FILES}
+    files = {part: path for part, path in kept.items() if path is not None}
+    if arrays is None or len(files) < len(FILES) or any(part not in arrays for part in PARTS):
         return None
     frames, steps = activity.frames(n), -(-n // dsp.LIMITER_STEP)
     if (any(arrays[part].shape != (units(n),) for part in ("score", "mixed", "gains"))
@@ -127,10 +132,9 @@ def load(store: cache.ArrayCache, name: str, n: int, folder: Path) -> Reprise | 
     energy, envelope = StepFile(str(folder)), StepFile(str(folder))
     try:
         with open(target, "wb") as out:
-            shas = [_copied(files["stream"], out)]  # type: ignore[arg-type]
+            shas = [_hashed(_pieces(files["stream"]), out.write)]
         for part, steps_file in (("energy", energy), ("envelope", envelope)):
-            shas.append(_copied(files[part], steps_file.file))  # type: ignore[arg-type]
-            steps_file.length = steps_file.file.tell() // 4
+            shas.append(_hashed(_pieces(files[part]), _appender(steps_file)))
         if [bytes(row) for row in arrays["sha256"]] != shas or energy.length != steps or envelope.length != steps:
             raise ValueError("the kept files are not the ones the arrays were kept with")
         stream = aac.Stream.read(target)
@@ -147,17 +151,14 @@ def load(store: cache.ArrayCache, name: str, n: int, folder: Path) -> Reprise | 
                    energy, envelope, float(arrays["covered"]))
 
 
-def _keep_steps(store: cache.ArrayCache, name: str, steps: StepFile) -> bytes | None:
-    digest = hashlib.sha256()
+def _keep(store: cache.ArrayCache, name: str, pieces: Iterable[bytes]) -> bytes | None:
+    """``pieces`` kept as one file under ``name``; their sha256 (None: not kept)."""
     with store.writing(name) as pending:
         if pending is None:
             return None
-        for a in range(0, steps.length, render.CHUNK_STEPS):
-            data = steps.read(a, a + render.CHUNK_STEPS).astype("<f4").tobytes()
-            digest.update(data)
-            pending.file.write(data)
+        sha = _hashed(pieces, pending.file.write)
         pending.keep = True
-    return digest.digest()
+    return sha
 
 
 def save(store: cache.ArrayCache, name: str, levelled: render.Levelled, music: np.ndarray,
@@ -171,24 +172,28 @@ def save(store: cache.ArrayCache, name: str, levelled: render.Levelled, music: n
     dips = outcome.gain.dips if outcome.gain.dips is not None else np.ones(activity.frames(n), dtype=np.float32)
     levels = np.array([outcome.plan.bed_gain, outcome.gain.scale, outcome.loudness_lufs, measured_lufs])
     try:
-        store.put_file(f"{name}-stream", stream.path)
-        shas = [bytes.fromhex(cache.file_digest(stream.path)),
-                _keep_steps(store, f"{name}-energy", leveller.energy),
-                _keep_steps(store, f"{name}-envelope", leveller.peaks)]
+        shas = [_keep(store, f"{name}-stream", _pieces(stream.path)),
+                _keep(store, f"{name}-energy", _step_pieces(leveller.energy)),
+                _keep(store, f"{name}-envelope", _step_pieces(leveller.peaks))]
     except OSError as exc:
         store.cannot_write(exc)
         return
     if any(sha is None for sha in shas):
         return
-    store.put_arrays(name, {"score": music, "mixed": levelled.digests, "gains": gain_digests(outcome.gain),
+    # The gain's digests as the mix made them, unless the encode aimed it again since.
+    gains = levelled.gain_digests
+    if gains is None or replace(outcome.gain, dips=None) != levelled.outcome.gain:
+        gains = outcome.gain.unit_digests()
+    store.put_arrays(name, {"score": music, "mixed": levelled.digests, "gains": gains,
                             "dips": dips, "peaks": peaks.astype(np.float32), "levels": levels,
                             "covered": np.array(leveller.covered),
                             "sha256": np.array([np.frombuffer(sha, dtype=np.uint8) for sha in shas if sha])})
 
 
-def changed_units(previous: Reprise, digests: np.ndarray, gain: render.Gain) -> np.ndarray:
+def changed_units(previous: Reprise, levelled: render.Levelled) -> np.ndarray:
     """Per UNIT, whether the new mix (before its dips) differs from the kept one there."""
-    return np.asarray((digests != previous.mixed) | (gain_digests(gain) != previous.gains))
+    assert levelled.digests is not None and levelled.gain_digests is not None
+    return np.asarray((levelled.digests != previous.mixed) | (levelled.gain_digests != previous.gains))
 
 
 def patch_plan(changed: np.ndarray, old_dips: np.ndarray, n: int) -> tuple[list[aac.Region], np.ndarray]:

@@ -22,11 +22,11 @@ class StepFile:
     has no name (it is gone when closed or when the process ends, whatever happens)."""
 
     def __init__(self, folder: str | None = None) -> None:
-        self.file = tempfile.TemporaryFile(dir=folder or None, prefix="bgm-steps-")  # noqa: SIM115 - lives as long as this object
+        self._file = tempfile.TemporaryFile(dir=folder or None, prefix="bgm-steps-")  # noqa: SIM115 - lives as long as this object
         self.length = 0
 
     def append(self, values: np.ndarray) -> None:
-        self.file.write(np.ascontiguousarray(values, dtype="<f4").tobytes())
+        self._file.write(np.ascontiguousarray(values, dtype="<f4").tobytes())
         self.length += values.shape[0]
 
     def read(self, lo: int, hi: int) -> np.ndarray:
@@ -34,9 +34,9 @@ class StepFile:
         lo, hi = max(0, lo), min(self.length, hi)
         if hi <= lo:
             return np.zeros(0, dtype=np.float32)
-        self.file.flush()
-        data = os.pread(self.file.fileno(), (hi - lo) * ITEM, lo * ITEM)
+        self._file.flush()
+        data = os.pread(self._file.fileno(), (hi - lo) * ITEM, lo * ITEM)
         return np.frombuffer(data, dtype="<f4").astype(np.float32)
 
     def close(self) -> None:
-        self.file.close()
+        self._file.close()
