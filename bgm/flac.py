@@ -5,12 +5,15 @@ encoding it takes about 8 s and reading it back 6 s on one core.
 
 Bytes arrive in pieces of any size (a stream's chunks need not end on a frame); they are
 encoded a batch at a time, off the event loop for callers that await ``append``.
+``FlacSegments`` keeps a track that must be read while it still arrives (the mixer's VAD
+follows the speech as it lands) as a row of FLAC files.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -120,3 +123,127 @@ class FlacPcm:
                     handle.close()
             self._writer = self._reader = None
         self.path.unlink(missing_ok=True)
+
+
+class FlacSegments:
+    """Raw 16-bit PCM appended in pieces and kept as FLAC segments of ``segment_bytes`` raw
+    bytes each, readable at any frame offset while it still grows: the sealed segments from
+    their files, the rest from memory (at most ``segment_bytes``, and a copy of that while a
+    segment is sealed). A FLAC file cannot be read while it is written; segments can.
+
+    Appends come from one caller at a time; reads from any thread. Readers stay open on at
+    most ``OPEN_READERS`` segments (the least recently read is closed), so a long track
+    read here and there holds no file handle per segment.
+    """
+
+    SEGMENT_BYTES = 8 * vocab.MIB  # 44 s of stereo 16-bit audio at 48 kHz, 87 s of mono
+    OPEN_READERS = 4
+
+    def __init__(self, folder: Path, name: str, fmt: common_pb2.AudioFormat,
+                 segment_bytes: int = SEGMENT_BYTES) -> None:
+        if not fits(fmt):
+            raise ValueError("FlacSegments keeps 16-bit PCM only")
+        frame = audio.bytes_per_frame(fmt)
+        self.folder, self.name, self.fmt = folder, name, fmt
+        self.segment_frames = max(1, segment_bytes // frame)
+        self.segment_bytes = self.segment_frames * frame
+        self.size = 0  # raw bytes taken (what a byte limit applies to)
+        self.segments: list[FlacPcm] = []
+        self._tail = bytearray()  # what follows the sealed segments
+        self._lock = threading.Lock()  # the segments and the tail, changed together
+        self._open: OrderedDict[int, None] = OrderedDict()  # segments with a reader open, oldest first
+        self.finished = False
+
+    @property
+    def frames(self) -> int:
+        """Whole frames readable now."""
+        with self._lock:
+            return self.size // audio.bytes_per_frame(self.fmt)
+
+    def write(self, data: bytes) -> None:
+        """Take ``data``; a full segment is sealed in this thread."""
+        self._take(data)
+        while len(self._tail) >= self.segment_bytes:
+            self._seal(self.segment_bytes)
+
+    async def append(self, data: bytes) -> None:
+        """``write`` for the event loop: sealing runs in a worker thread."""
+        self._take(data)
+        while len(self._tail) >= self.segment_bytes:
+            await asyncio.to_thread(self._seal, self.segment_bytes)
+
+    def finish(self) -> None:
+        """Seal what is left; a partial frame left over is an error."""
+        if self.finished:
+            return
+        audio.check_whole_frames(self.size, self.fmt)
+        while self._tail:
+            self._seal(min(len(self._tail), self.segment_bytes))
+        self.finished = True
+
+    def _take(self, data: bytes) -> None:
+        if self.finished:
+            raise RuntimeError("write after finish")
+        with self._lock:
+            self._tail += data
+            self.size += len(data)
+
+    def _seal(self, size: int) -> None:
+        segment = FlacPcm(self.folder / f"{self.name}.{len(self.segments)}.flac", self.fmt)
+        try:
+            for lo in range(0, size, CHUNK_BYTES):  # a piece at a time: no copy of the whole segment
+                with self._lock:
+                    piece = bytes(self._tail[lo : min(size, lo + CHUNK_BYTES)])
+                segment.write(piece)
+            segment.finish()
+        except BaseException:
+            segment.close()
+            raise
+        with self._lock:  # readers see the samples in the segment or in the tail, never neither
+            self.segments.append(segment)
+            del self._tail[:size]
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """Frames [lo, hi) of what is readable now, as int16 (n, channels), cut at its end
+        (read-only where it came from memory)."""
+        frame = audio.bytes_per_frame(self.fmt)
+        lo = max(0, lo)
+        parts: list[np.ndarray] = []
+        while lo < hi:
+            with self._lock:
+                index = lo // self.segment_frames
+                if index < len(self.segments):
+                    segment: FlacPcm | None = self.segments[index]
+                    self._open[index] = None
+                    self._open.move_to_end(index)
+                    idle = [self.segments[i] for i in list(self._open)[: -self.OPEN_READERS]]
+                    for i in list(self._open)[: -self.OPEN_READERS]:
+                        del self._open[i]
+                    tail = b""
+                else:
+                    segment, idle = None, []
+                    start = (lo - len(self.segments) * self.segment_frames) * frame
+                    tail = bytes(self._tail[start : start + (hi - lo) * frame])
+            for old in idle:
+                old.release()
+            if segment is not None:
+                base = index * self.segment_frames
+                part = segment.read(lo - base, min(hi, base + self.segment_frames) - base)
+            else:
+                part = np.frombuffer(tail[: len(tail) // frame * frame], dtype="<i2").reshape(-1, self.fmt.channels)
+            if part.shape[0] == 0:
+                break
+            parts.append(part)
+            lo += part.shape[0]
+        if not parts:
+            return np.zeros((0, self.fmt.channels), dtype=np.int16)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def close(self) -> None:
+        """Remove every segment; nothing can be read after this."""
+        with self._lock:
+            segments, self.segments = self.segments, []
+            self._tail = bytearray()
+            self._open.clear()
+        for segment in segments:
+            segment.close()

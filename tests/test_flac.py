@@ -56,3 +56,39 @@ def test_a_track_cut_inside_a_frame_is_refused(tmp_path: Path):
 def test_only_16_bit_pcm_is_kept_as_flac():
     assert flac.fits(audio.audio_format(48_000, 1, audio.PCM_S16LE))
     assert not flac.fits(audio.audio_format(48_000, 1, audio.PCM_F32LE))
+
+
+def test_segments_read_while_they_grow_and_come_back_exactly(tmp_path: Path):
+    """``FlacSegments``: 16-bit PCM appended in pieces that end mid-frame is readable at any
+    offset as it grows (sealed segments and the part still in memory alike), and once
+    finished every sample comes back, across segment edges, with few readers left open."""
+    fmt = audio.audio_format(48_000, 2, audio.PCM_S16LE)
+    samples = music_like(4.0, 2)
+    raw = samples.tobytes()
+    store = flac.FlacSegments(tmp_path, "music", fmt, segment_bytes=100_000)  # 0.52 s segments
+    rng = np.random.default_rng(1)
+    for start in range(0, len(raw), 30_001):
+        store.write(raw[start : start + 30_001])
+        landed = store.frames
+        assert landed == (start + len(raw[start : start + 30_001])) // 4
+        lo = int(rng.integers(0, landed))
+        np.testing.assert_array_equal(store.read(lo, lo + 40_000), samples[lo : min(landed, lo + 40_000)])
+    store.finish()
+    assert store.size == len(raw) and store.frames == samples.shape[0]
+    assert sum(s.path.stat().st_size for s in store.segments) < 0.8 * len(raw)
+    for lo in rng.integers(0, samples.shape[0] - 60_000, 30):  # across edges, in any order
+        np.testing.assert_array_equal(store.read(int(lo), int(lo) + 60_000), samples[lo : lo + 60_000])
+    assert sum(s._reader is not None for s in store.segments) <= store.OPEN_READERS
+    assert store.read(samples.shape[0] - 10, samples.shape[0] + 100).shape == (10, 2)
+    assert store.read(samples.shape[0] + 5, samples.shape[0] + 100).shape == (0, 2)
+    store.close()
+    assert not list(tmp_path.iterdir())
+
+
+def test_segments_cut_inside_a_frame_are_refused(tmp_path: Path):
+    store = flac.FlacSegments(tmp_path, "speech", audio.audio_format(48_000, 2, audio.PCM_S16LE))
+    store.write(b"\x00" * 4001)
+    with pytest.raises(InvalidInput, match="not a whole number"):
+        store.finish()
+    store.close()
+    assert not list(tmp_path.iterdir())

@@ -412,14 +412,17 @@ def test_levelling_estimates_the_loudness_it_gives_and_holds_the_ceiling(materia
     assert np.allclose(outcome.speech + outcome.bgm, outcome.mix, atol=1e-5)  # the stems still add up
 
 
+@pytest.mark.parametrize("kept", ["flac", "raw"])
 def test_the_vad_that_follows_the_speech_as_it_arrives_gives_the_whole_tracks_verdict(material, tmp_path,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, kept):
     """MixAndMux runs the VAD on the speech while it is still arriving (``FollowingVad``):
     written in pieces that split samples, with the VAD told after each, it has run most of
     the track before the last piece lands, and what it gives once the track is complete is
-    what one call on the whole track gives, window for window."""
+    what one call on the whole track gives, window for window. The speech kept as FLAC
+    segments (16-bit, what the gateway sends) is read while segments are still sealed."""
     import time
 
+    from bgm import flac
     from services.mixer import activity, sources
     from services.mixer.following import FollowingVad
 
@@ -429,25 +432,42 @@ def test_the_vad_that_follows_the_speech_as_it_arrives_gives_the_whole_tracks_ve
     fmt = audio_format(dsp.SAMPLE_RATE, 1, PCM_S16LE)
     data = float_to_pcm(speech, PCM_S16LE)
     path = tmp_path / "speech.pcm"
+    path.write_bytes(data)  # the whole track, for the verdict of one call
     n = speech.shape[0] + dsp.SAMPLE_RATE // 3  # the original runs a little longer than the speech
-    following = FollowingVad(path, fmt, n)
-    with open(path, "wb") as f:
+    store = flac.FlacSegments(tmp_path, "speech", fmt, segment_bytes=120_000)  # 1.25 s segments
+    growing = tmp_path / "growing.pcm"
+    if kept == "flac":
+        following = FollowingVad(lambda _: sources.FlacTrack(store, n), n)
+    else:
+        following = FollowingVad(lambda written: sources.PcmFile(growing, fmt, n, written=written), n)
+    with open(growing, "wb") as f:
         for start in range(0, len(data), 30_001):  # odd sizes: pieces end inside a sample
-            f.write(data[start : start + 30_001])
-            f.flush()
-            following.grew(f.tell())
+            piece = data[start : start + 30_001]
+            if kept == "flac":
+                store.write(piece)
+                following.grew(store.size)
+            else:
+                f.write(piece)
+                f.flush()
+                following.grew(f.tell())
             time.sleep(0.01)
     deadline = time.monotonic() + 30
     while following.vad.lo < speech.shape[0] - following.vad.step48 * 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     ran_early = following.vad.done
     assert ran_early >= whole.shape[0] // 2  # it ran while the track arrived
-    got = following.finish(sources.PcmFile(path, fmt, n))
+    store.finish()
+    track = sources.FlacTrack(store, n) if kept == "flac" else sources.PcmFile(growing, fmt, n)
+    got = following.finish(track)
     expected = activity.speech_probability_of(sources.PcmFile(path, fmt, n))
     np.testing.assert_array_equal(got, expected)
     assert got.shape[0] >= whole.shape[0]
     following.thread.join(timeout=5)
     assert not following.thread.is_alive()
+    if kept == "flac":
+        assert len(store.segments) > 10
+        store.close()
+        assert not list(tmp_path.glob("speech.*.flac"))
 
 
 def test_the_mix_made_in_blocks_is_the_mix_made_whole(material, monkeypatch):

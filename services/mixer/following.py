@@ -12,25 +12,32 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from pathlib import Path
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
 from bgm import logs
-from bgm.v1 import common_pb2
 from services.mixer import activity, sources
 
 NICENESS = 10
 log = logs.get("bgm.mixer")
 
 
-class FollowingVad:
-    """``activity.StreamedVad`` over a raw PCM track (``sources.read_in_place``) still being
-    written: told how far it has grown (``grew``), it runs what has landed, one 32 s run at a
-    time; ``finish`` runs the rest once the track is complete."""
+class Landed(Protocol):
+    available: int  # samples readable
 
-    def __init__(self, path: Path, fmt: common_pb2.AudioFormat, length: int) -> None:
-        self.path, self.fmt, self.length = path, fmt, length
+    def read(self, lo: int, hi: int) -> np.ndarray: ...
+
+
+class FollowingVad:
+    """``activity.StreamedVad`` over a track still arriving: told how far it has grown
+    (``grew``), it runs what has landed, one 32 s run at a time; ``finish`` runs the rest
+    once the track is complete. ``landed(mark)`` opens what has landed by the last ``mark``
+    given to ``grew`` (``sources.PcmFile`` or ``sources.FlacTrack``)."""
+
+    def __init__(self, landed: Callable[[int], Landed], length: int) -> None:
+        self.landed, self.length = landed, length
         self.vad = activity.StreamedVad(length)
         self.written = 0
         self.lock = threading.Lock()  # one run at a time, from this thread or ``finish``'s
@@ -41,7 +48,7 @@ class FollowingVad:
         self.thread.start()
 
     def grew(self, written: int) -> None:
-        """The track's first ``written`` bytes are on disk."""
+        """The track has grown to ``written`` (bytes, handed to ``landed``)."""
         self.written = written
         self.wake.set()
 
@@ -60,7 +67,7 @@ class FollowingVad:
                     if self.stopped:
                         return
                     try:
-                        track = sources.PcmFile(self.path, self.fmt, self.length, written=self.written)
+                        track = self.landed(self.written)
                         ran = self.vad.advance(track.read, track.available, runs=1)
                     except Exception as exc:  # ``finish`` runs the whole track again
                         self.failed = True

@@ -1,9 +1,10 @@
 """A track of the mix read in windows, so no pass over a long programme holds all of it.
 
 The mix reads its speech and music a block at a time, more than once (measure, level,
-encode), and reads a little either side of a block for filter context. A track is a file
-of raw PCM at the mix's rate read at offsets (what the gateway sends), or an array (tests,
-benchmarks). Every read gives 48 kHz stereo float32, silence outside the track, cut at the
+encode), and reads a little either side of a block for filter context. A track is 16-bit
+PCM at the mix's rate kept as FLAC segments (what the gateway sends: half the disk of the raw
+bytes for music, a third for speech), a file of other raw PCM at the mix's rate read at
+offsets, or an array (tests, benchmarks). Every read gives 48 kHz stereo float32, silence outside the track, cut at the
 mix's length.
 """
 
@@ -14,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from bgm import audio, media
+from bgm import audio, flac, media
 from bgm.errors import InvalidInput
 from bgm.v1 import common_pb2
 from services.mixer import dsp
@@ -99,6 +100,25 @@ class PcmFile:
         else:
             frames = np.zeros((0, channels), dtype=np.float32)
         return _padded(_stereo(frames), lo, hi, available)
+
+
+class FlacTrack:
+    """A track kept as ``flac.FlacSegments``; ``available`` frames of it are readable (all
+    of it once it is finished, what has landed while it arrives)."""
+
+    def __init__(self, store: flac.FlacSegments, length: int) -> None:
+        self.store, self.length = store, length
+        self.available = store.frames
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        available = min(self.available, self.length)
+        words = self.store.read(max(lo, 0), max(0, min(hi, available)))
+        return _padded(_stereo(words.astype(np.float32) / 32768.0), lo, hi, available)
+
+
+def kept_as_flac(fmt: common_pb2.AudioFormat) -> bool:
+    """Whether a track in this format is kept as FLAC segments (16-bit at the mix's rate)."""
+    return read_in_place(fmt) and flac.fits(fmt)
 
 
 def read_in_place(fmt: common_pb2.AudioFormat) -> bool:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from bgm import cache, limits, media, vocab
+from bgm import audio, cache, flac, limits, media, vocab
 from bgm.chunks import Spool
 from bgm.errors import InvalidInput
 from bgm.loudness import loudness_of_blocks
@@ -79,6 +79,11 @@ class TrackSet:
         self.following: FollowingVad | None = None
         self.spools = {track: Spool(limit, name, tmp, suffix if name == "original" else "")
                        for track, name in TRACK_NAMES.items()}
+        # 16-bit speech and music at the mix's rate (what the gateway sends) are kept as FLAC
+        # as they arrive: an hour's music is 305 MiB so, not 659, its speech some 110, not 330.
+        formats = {mixer_pb2.TRACK_SPEECH: config.speech_format, mixer_pb2.TRACK_BGM: config.bgm_format}
+        self.flacs: dict[int, flac.FlacSegments] = {track: flac.FlacSegments(self.scratch, TRACK_NAMES[track], fmt)
+                      for track, fmt in formats.items() if sources.kept_as_flac(fmt)}
         self.tasks: dict[int, asyncio.Task[Any]] = {}
         # The proto lets tracks complete in any order; speech and music wait for the
         # original's length through this, whenever it arrives.
@@ -107,6 +112,8 @@ class TrackSet:
                 task.cancel()
         for spool in self.spools.values():
             spool.close()
+        for store in self.flacs.values():
+            store.close()
 
     async def receive(self, rest: AsyncIterator[mixer_pb2.MixRequest]) -> None:
         total = 0
@@ -125,7 +132,10 @@ class TrackSet:
             total += len(chunk.data)
             if total > self.limit:
                 raise InvalidInput(f"the upload is larger than the limit of {self.limit} bytes")
-            self.spools[chunk.track].write(chunk.data)
+            if chunk.track in self.flacs:
+                await self.flacs[chunk.track].append(chunk.data)
+            else:
+                self.spools[chunk.track].write(chunk.data)
             if chunk.track == mixer_pb2.TRACK_SPEECH:
                 self.speech_digest.update(chunk.data)
                 self._follow_speech()
@@ -138,12 +148,20 @@ class TrackSet:
     def _follow_speech(self) -> None:
         """The VAD told how far the speech has landed (started once the original's length is
         known, for speech read where it lies)."""
-        spool = self.spools[mixer_pb2.TRACK_SPEECH]
+        spool, store = self.spools[mixer_pb2.TRACK_SPEECH], self.flacs.get(mixer_pb2.TRACK_SPEECH)
         if self.following is None:
+            fmt = self.config.speech_format
             if (not self.original.done() or self.original.cancelled() or self.original.exception() is not None
-                    or not sources.read_in_place(self.config.speech_format)):
+                    or not sources.read_in_place(fmt)):
                 return
-            self.following = FollowingVad(spool.path, self.config.speech_format, self.original.result().samples)
+            n = self.original.result().samples
+            if store is not None:
+                self.following = FollowingVad(lambda _: sources.FlacTrack(store, n), n)
+            else:
+                self.following = FollowingVad(lambda written: sources.PcmFile(spool.path, fmt, n, written=written), n)
+        if store is not None:
+            self.following.grew(store.size)
+            return
         spool.flush()
         self.following.grew(spool.size)
 
@@ -157,7 +175,7 @@ class TrackSet:
             self._measure_voice()
 
     def prepare(self, track: int) -> None:
-        self.spools[track].finish()
+        self.spools[track].finish()  # a FLAC track's last segment is sealed by its step, off the loop
         steps: dict[int, Callable[[], Coroutine[Any, Any, object]]] = {
             mixer_pb2.TRACK_ORIGINAL: self._original, mixer_pb2.TRACK_SPEECH: self._speech,
             mixer_pb2.TRACK_BGM: self._music}
@@ -184,6 +202,15 @@ class TrackSet:
         return Original(info, round(info.duration_s * RATE))
 
     def _source(self, track: int, fmt: common_pb2.AudioFormat, n: int) -> sources.Source:
+        store = self.flacs.get(track)
+        if store is not None:
+            store.finish()
+            if store.size == 0:
+                return sources.Silence(n)
+            limit_s = self.max_duration_s + 60.0  # as ``sources.open_track``
+            if store.size > audio.pcm_bytes(fmt, limit_s):
+                raise media.too_long(TRACK_NAMES[track], limit_s, DURATION_SETTING)
+            return sources.FlacTrack(store, n)
         spool = self.spools[track]
         return sources.open_track(spool.path, spool.size, fmt, n, TRACK_NAMES[track], self.max_duration_s,
                                   DURATION_SETTING, self.scratch)
