@@ -139,9 +139,10 @@ def transitions(rate: int = 22_050, seed: int = 1) -> list[tuple[float, float, f
     spans = [("joy", 0.0, 25.0), ("sadness", 25.0, 47.0), ("anger", 47.0, 70.0)]
     composer = ComposerBackend()
     pieces = []
-    for emotion, start, end in spans:
+    for index, (emotion, start, end) in enumerate(spans):
         frames = round(end * rate) - round(start * rate)
-        piece = composer.render_span(emotion, frames, sample_rate=rate, seed=span_seed(seed, start), tempo=None)
+        piece = composer.render_span(emotion, frames, sample_rate=rate, seed=span_seed(seed, start), tempo=None,
+                                     joined=(index > 0, index < len(spans) - 1))
         pieces.append(level_span(piece, emotion, rate))
     music = np.concatenate(pieces)
     jumps = np.abs(np.diff(music.mean(axis=1)))
@@ -202,6 +203,24 @@ def main() -> None:
     for at, step, click in transitions(rate):
         print(f"join at {at:4.0f} s: short-term loudness {step:+.1f} LU across it (within 4 wanted), largest jump "
               f"{click:.2f}x the 99.9th percentile (at most 2 wanted)")
+    for at, tempos, change in tempo_glides():
+        print(f"join at {at:4.0f} s: beats at {' '.join(f'{t:.0f}' for t in tempos)} BPM across it (as the composer "
+              f"writes them); largest change from one beat to the next {change:.1%}")
+
+
+def tempo_glides() -> list[tuple[float, list[float], float]]:
+    """The same timeline's beats around each join: the four before and after (BPM), and the
+    largest change in beat length from one beat to the next anywhere in it."""
+    from services.music.composer import plan
+
+    plans = plan([("joy", 0.0, 25.0), ("sadness", 25.0, 47.0), ("anger", 47.0, 70.0)])
+    lengths = np.concatenate([np.diff(p.beat_times()) for p in plans])
+    change = float(np.abs(lengths[1:] / lengths[:-1] - 1).max())
+    out, first = [], 0
+    for p in plans[:-1]:
+        first += p.beats
+        out.append((p.end_s, [60.0 / b for b in lengths[first - 4 : first + 4]], change))
+    return out
 
 
 if __name__ == "__main__":

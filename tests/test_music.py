@@ -79,10 +79,11 @@ def test_transitions_fall_on_the_new_spans_downbeat():
     spans = [("joy", 0.0, 9.3), ("sadness", 9.3, 21.7), ("anger", 21.7, 30.0)]
     plans = plan(spans)
     for p, (emotion, begin, end) in zip(plans, spans, strict=True):
-        beats = (end - begin) / p.beat_s
-        assert beats == pytest.approx(round(beats), abs=1e-9) and p.bars == -(-round(beats) // BEATS_PER_BAR)
-        # Whole beats, not whole bars: the tempo moves by at most half a beat over the span.
-        assert abs(p.tempo - STYLES[emotion].tempo) <= 0.5 * p.tempo / round(beats) + 1e-9
+        times = p.beat_times()
+        assert times.shape[0] == p.beats + 1 and times[-1] == pytest.approx(end - begin, abs=1e-9)
+        assert p.bars == -(-p.beats // BEATS_PER_BAR)
+        # Whole beats, not whole bars: the body's tempo moves by at most a beat over the span.
+        assert abs(p.tempo - STYLES[emotion].tempo) <= p.tempo / p.beats + 1e-9
 
     from services.music.composer import compose
 
@@ -90,6 +91,41 @@ def test_transitions_fall_on_the_new_spans_downbeat():
     onsets = sorted({round(n.start, 6) for inst in score.instruments for n in inst.notes})
     for boundary in (9.3, 21.7):
         assert round(boundary, 6) in onsets  # the new section starts exactly on its first downbeat
+
+
+def test_the_tempo_glides_across_a_join_and_each_span_still_stands_alone():
+    """Where one emotion's span meets another's, the beats slow or quicken a little at a time
+    through PIVOT_BPM (no beat more than 10 % longer or shorter than the one before, where
+    joy's 120 meeting sadness's 72 was a 40 % jump), in the notes the composer writes; the
+    span bodies keep their styles' tempos; a span alone, or with one tempo asked for, keeps
+    one tempo; and each span's plan depends on whether it has neighbours, not on which."""
+    from services.music.composer import PIVOT_BPM, beat_tempos, compose
+
+    spans = [("joy", 0.0, 12.0), ("sadness", 12.0, 28.0), ("anger", 28.0, 40.0)]
+    plans = plan(spans)
+    assert [(p.ramp_in, p.ramp_out) for p in plans] == [(False, True), (True, True), (True, False)]
+    lengths = np.concatenate([np.diff(p.beat_times()) for p in plans])
+    ratios = lengths[1:] / lengths[:-1]
+    assert ratios.max() <= 1.1 and ratios.min() >= 1 / 1.1, (ratios.min(), ratios.max())
+    for p in plans:
+        assert abs(p.tempo - STYLES[p.emotion].tempo) <= 0.05 * STYLES[p.emotion].tempo
+        tempos = beat_tempos(p.beats, p.tempo, p.ramp_in, p.ramp_out)
+        assert np.all(tempos[4:-4] == p.tempo)  # the body: one tempo
+        for edge, ramped in ((tempos[0], p.ramp_in), (tempos[-1], p.ramp_out)):
+            assert (abs(edge - PIVOT_BPM) < abs(p.tempo - PIVOT_BPM) / 4 + 1e-9) == ramped
+    # The notes follow: the kick and snare of sadness's glide bar land on its uneven beats.
+    score = compose(plans, seed=1)
+    sad = plans[1]
+    downbeats = sad.start_s + sad.beat_times()[:5]
+    onsets = {round(n.start, 6) for inst in score.instruments if inst.is_drum for n in inst.notes}
+    assert sum(round(t, 6) in onsets for t in downbeats[:4]) >= 2
+    # Alone or at one asked-for tempo: no glide. With neighbours: the same plan whatever they are.
+    alone = plan([spans[1]])[0]
+    assert not (alone.ramp_in or alone.ramp_out) and np.allclose(np.diff(alone.beat_times()), 60 / alone.tempo)
+    assert not any(p.ramp_in or p.ramp_out for p in plan(spans, tempo_override=100.0))
+    other = plan([("fear", 0.0, 3.0), ("sadness", 3.0, 19.0), ("surprise", 19.0, 25.0)])[1]
+    mine = plan([("sadness", 0.0, 16.0)], joined=(True, True))[0]
+    assert other.tempo == pytest.approx(sad.tempo) == pytest.approx(mine.tempo) and other.beats == sad.beats
 
 
 ALL_SEVEN = [(e, 8.0 * i, 8.0 * (i + 1)) for i, e in enumerate(
@@ -135,8 +171,12 @@ def test_every_note_plays_with_its_own_instrument_when_all_seven_emotions_sound(
 
 
 def test_a_section_sounds_the_same_alone_and_in_a_long_timeline(composer):
+    from services.music.backends import span_seed
+
     rate = 22_050
-    alone, _ = composer.generate([ALL_SEVEN[0]], sample_rate=rate, seed=3, tempo=None)
+    emotion, start, end = ALL_SEVEN[0]
+    alone = composer.render_span(emotion, round(end * rate), sample_rate=rate, seed=span_seed(3, start), tempo=None,
+                                 joined=(False, True))  # a span follows: its last bar glides
     together, _ = composer.generate(ALL_SEVEN, sample_rate=rate, seed=3, tempo=None)
     part = slice(0, 6 * rate)  # before the first change
     a, b = alone[part].mean(axis=1), together[part].mean(axis=1)
@@ -190,7 +230,7 @@ def test_generated_audio_fits_the_timeline_to_the_sample_and_is_tagged(music):
     header = events[0].header
     assert header.format.sample_rate_hz == RATE and header.format.channels == 2
     assert header.total_samples == 12 * RATE
-    fitted = [p.tempo for p in plan([("joy", 0.0, 7.25), ("sadness", 0.0, 4.75)])]
+    fitted = [p.tempo for p in plan([("joy", 0.0, 7.25), ("sadness", 7.25, 12.0)])]  # joy glides into sadness
     assert list(header.span_tempos_bpm) == pytest.approx(fitted, rel=1e-5)
     assert header.tempo_bpm == pytest.approx(fitted[0], rel=1e-5)
     chunks = [e.chunk for e in events[1:]]

@@ -45,10 +45,14 @@ class SpanRenderer(Protocol):
     name: str
     version: str
 
-    def span_tempo(self, emotion: str, frames: int, sample_rate: int, tempo: float | None) -> float: ...
+    def span_tempo(self, emotion: str, frames: int, sample_rate: int, tempo: float | None,
+                   joined: tuple[bool, bool] = (False, False)) -> float: ...
 
     def render_span(self, emotion: str, frames: int, *, sample_rate: int, seed: int, tempo: float | None,
-                    variant: str = "", intensity: float | None = None) -> np.ndarray: ...
+                    variant: str = "", intensity: float | None = None,
+                    joined: tuple[bool, bool] = (False, False)) -> np.ndarray:
+        """``joined``: whether another span comes before and after this one (not which)."""
+        ...
 
 
 def span_tempos(backend: object, spans: Spans, tempo: float | None, reported: float) -> list[float]:

@@ -7,6 +7,11 @@ the sample. Each span is its own piece (``render_span``): it depends only on
 its emotion, length, seed and controls, so a re-render of an edited timeline reuses every
 span that did not change, sample for sample; it fades out over its last ``FADE_OUT_S``
 and the next starts on its downbeat. The same seed gives the same MIDI and so the same audio.
+
+A change of tempo glides: where a span meets another, its bar at that join ramps beat by
+beat to (or from) ``PIVOT_BPM``, the tempo every join passes through, so the tempo runs on
+across a join (joy's 120 slows to 100 and sadness takes it on from there to 72) while each
+span still depends only on whether it has a neighbour, never on what the neighbour is.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import io
 import os
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +40,9 @@ DRUM_KICK, DRUM_SNARE, DRUM_HAT, DRUM_RIDE, DRUM_CRASH = 36, 38, 42, 51, 49
 DRUM_TOM_HIGH, DRUM_TOM_LOW = 48, 45
 FADE_IN_S = 0.005  # no click at a span's first sample
 FADE_OUT_S = 0.3  # the last notes' release, faded so the next span starts clean
+PIVOT_BPM = 100.0  # the tempo at every join: the middle of the styles' 72-140
+RAMP_BEATS = BEATS_PER_BAR  # a join's glide: the bar at it
+RAMP_MIN_BEATS = 3 * BEATS_PER_BAR  # a shorter span keeps one tempo throughout
 
 
 @dataclass(frozen=True)
@@ -43,26 +51,74 @@ class SpanPlan:
     start_s: float
     end_s: float
     bars: int
-    tempo: float
+    tempo: float  # the span's body: every beat but a join's glide
     variant: str = ""
     intensity: float | None = None
+    beats: int = 0  # whole beats filling the span (0: ``bars`` of four)
+    ramp_in: bool = False  # a span comes before: the first bar glides from PIVOT_BPM
+    ramp_out: bool = False  # a span comes after: the last bar glides to PIVOT_BPM
 
     @property
     def beat_s(self) -> float:
         return 60.0 / self.tempo
 
+    def beat_times(self) -> np.ndarray:
+        """Seconds from the span's start to each beat (``beats`` + 1 of them, the last at its end)."""
+        beats = self.beats or self.bars * BEATS_PER_BAR
+        times = np.concatenate([[0.0], np.cumsum(60.0 / beat_tempos(beats, self.tempo, self.ramp_in,
+                                                                     self.ramp_out))])
+        if self.beats:  # exactly the span (the fit leaves ~1e-12 s)
+            times *= (self.end_s - self.start_s) / times[-1]
+        return times
 
-def plan(spans: Sequence[tuple[str, float, float]], tempo_override: float | None = None) -> list[SpanPlan]:
+
+def beat_tempos(beats: int, body: float, ramp_in: bool, ramp_out: bool) -> np.ndarray:
+    """The tempo of each beat: ``body``, but gliding from PIVOT_BPM over the first bar
+    (``ramp_in``) and to it over the last (``ramp_out``) where the span is long enough."""
+    tempos = np.full(beats, body, dtype=np.float64)
+    if beats >= RAMP_MIN_BEATS:
+        glide = (np.arange(RAMP_BEATS) + 0.5) / RAMP_BEATS
+        if ramp_in:
+            tempos[:RAMP_BEATS] = PIVOT_BPM + (body - PIVOT_BPM) * glide
+        if ramp_out:
+            tempos[beats - RAMP_BEATS :] = body + (PIVOT_BPM - body) * glide
+    return tempos
+
+
+def _body_tempo(beats: int, seconds: float, ramp_in: bool, ramp_out: bool) -> float:
+    """The body tempo at which ``beats`` beats, glides included, last ``seconds``."""
+    if not (beats >= RAMP_MIN_BEATS and (ramp_in or ramp_out)):
+        return beats * 60.0 / seconds
+    lo, hi = 1.0, 2000.0  # a span's length falls as its body tempo rises: bisect
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        if float((60.0 / beat_tempos(beats, mid, ramp_in, ramp_out)).sum()) > seconds:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def plan(spans: Sequence[tuple[str, float, float]], tempo_override: float | None = None,
+         joined: tuple[bool, bool] = (False, False)) -> list[SpanPlan]:
     """Whole beats per span, tempo nudged to fit (at most half a beat over the span, so a
     4.75 s sad span plays at 75.8 BPM, not the 50.5 that whole bars forced); the bars are
     the beats in fours, the last one shorter where they do not divide. A span shorter than a
-    beat plays one beat's worth."""
+    beat plays one beat's worth. Between spans, and before the first and after the last
+    where ``joined`` says another span is there, the tempo glides through PIVOT_BPM (not
+    with ``tempo_override``: one tempo throughout)."""
     plans = []
-    for emotion, start, end in spans:
+    for index, (emotion, start, end) in enumerate(spans):
         tempo = tempo_override or STYLES[emotion].tempo
         beats = max(1, round((end - start) * tempo / 60.0))
-        fitted = beats * 60.0 / (end - start)
-        plans.append(SpanPlan(emotion, start, end, -(-beats // BEATS_PER_BAR), fitted))
+        ramp_in = tempo_override is None and (index > 0 or joined[0])
+        ramp_out = tempo_override is None and (index < len(spans) - 1 or joined[1])
+        if beats >= RAMP_MIN_BEATS and (ramp_in or ramp_out):  # as many beats as fit with the glides
+            mean_beat_s = float((60.0 / beat_tempos(beats, tempo, ramp_in, ramp_out)).mean())
+            beats = max(RAMP_MIN_BEATS, round((end - start) / mean_beat_s))
+        fitted = _body_tempo(beats, end - start, ramp_in, ramp_out)
+        plans.append(SpanPlan(emotion, start, end, -(-beats // BEATS_PER_BAR), fitted, beats=beats,
+                              ramp_in=ramp_in, ramp_out=ramp_out))
     return plans
 
 
@@ -156,18 +212,27 @@ def compose(plans: Sequence[SpanPlan], seed: int) -> object:
             pm.instruments.append(tracks[key])
         return tracks[key]
 
-    section_end = 0.0
+    # Parts are written in beats from the span's start; ``note`` places them in seconds on
+    # the span's beats (a join's glide makes them uneven).
+    span = plans[0]
+    times = span.beat_times()
+
+    def seconds(beat: float) -> float:
+        k = min(max(int(beat), 0), times.shape[0] - 2)
+        return span.start_s + float(times[k] + (beat - k) * (times[k + 1] - times[k]))
 
     def note(inst: pretty_midi.Instrument, pitch: int, start: float, end: float, velocity: int) -> None:
         velocity = int(np.clip(velocity + rng.integers(-6, 7), 1, 127))  # drawn always: same seed, same music
-        if start >= section_end - 1e-9:  # in a last bar the beats do not fill
+        begin = seconds(start)
+        if begin >= span.end_s - 1e-9:  # in a last bar the beats do not fill
             return
-        inst.notes.append(pretty_midi.Note(velocity=velocity, pitch=int(pitch), start=start, end=min(end, section_end)))
+        inst.notes.append(pretty_midi.Note(velocity=velocity, pitch=int(pitch), start=begin,
+                                           end=min(seconds(end), span.end_s)))
 
     for section, p in enumerate(plans):
-        section_end = p.end_s
+        span, times = p, p.beat_times()
         style = vary(STYLES[p.emotion], p.variant, p.intensity)
-        beat = p.beat_s
+        beat = 1.0
         chords, melody, bass = (track(program, section=section)
                                 for program in (style.chord_program, style.melody_program, style.bass_program))
         drums = track(0, drum=True)
@@ -175,7 +240,7 @@ def compose(plans: Sequence[SpanPlan], seed: int) -> object:
         roles = form(p.bars)
         progressions = {"A": style.progression, "B": b_progression(style)}
         for bar, role in enumerate(roles):
-            bar_start = p.start_s + bar * BEATS_PER_BAR * beat
+            bar_start = bar * BEATS_PER_BAR * beat
             triad = _chord(style, role.degree(progressions))
             next_degree = roles[bar + 1].degree(progressions) if bar + 1 < len(roles) else 0
             # Louder in B, softer in the intro; each repeat of a section in another voicing.
@@ -192,7 +257,7 @@ def compose(plans: Sequence[SpanPlan], seed: int) -> object:
             if role.section != "intro":
                 previous = _melody(melody, style, triad, previous, bar_start, beat, role, style.velocity + lift,
                                    rng, note)
-            _drums(drums, style, bar_start, beat, note, role)
+            _drums(drums, style, bar_start, beat, note, role, 1.0 / p.beat_s)
     return pm
 
 
@@ -259,44 +324,46 @@ def _melody(melody: object, style: Style, triad: list[int], previous: int, bar_s
 
 
 def _drums(drums: object, style: Style, bar_start: float, beat: float, note: Callable[..., None],
-           role: BarRole) -> None:
+           role: BarRole, second: float) -> None:
+    """The kit's bar; ``second``: a second in the units of ``beat`` (the hits' lengths)."""
     v = style.velocity
     if role.section == "intro":  # time kept on the cymbal alone
         for k in range(BEATS_PER_BAR * 2):
             t = bar_start + k * beat / 2
-            note(drums, DRUM_RIDE if style.drums == "soft" else DRUM_HAT, t, t + 0.05, v - (20 if k % 2 == 0 else 32))
+            note(drums, DRUM_RIDE if style.drums == "soft" else DRUM_HAT, t, t + 0.05 * second,
+                 v - (20 if k % 2 == 0 else 32))
         return
     if role.section == "end":
-        note(drums, DRUM_KICK, bar_start, bar_start + 0.1, v - 10)
-        note(drums, DRUM_CRASH, bar_start, bar_start + 0.5, v - 20)
+        note(drums, DRUM_KICK, bar_start, bar_start + 0.1 * second, v - 10)
+        note(drums, DRUM_CRASH, bar_start, bar_start + 0.5 * second, v - 20)
         return
     fill = role.fill
     beats = BEATS_PER_BAR - 1 if fill else BEATS_PER_BAR  # a fill takes the last beat
     if style.drums == "straight":
         for k in range(beats):
             t = bar_start + k * beat
-            note(drums, DRUM_KICK if k % 2 == 0 else DRUM_SNARE, t, t + 0.1, v)
+            note(drums, DRUM_KICK if k % 2 == 0 else DRUM_SNARE, t, t + 0.1 * second, v)
         for k in range(beats * 2):
             t = bar_start + k * beat / 2
-            note(drums, DRUM_HAT, t, t + 0.05, v - 30)
+            note(drums, DRUM_HAT, t, t + 0.05 * second, v - 30)
     elif style.drums == "driving":
         for k in range(beats * 2):
             t = bar_start + k * beat / 2
-            note(drums, DRUM_KICK, t, t + 0.1, v)
-            note(drums, DRUM_HAT, t, t + 0.05, v - 25)
+            note(drums, DRUM_KICK, t, t + 0.1 * second, v)
+            note(drums, DRUM_HAT, t, t + 0.05 * second, v - 25)
         for k in (1, 3):
             if k < beats:
                 t = bar_start + k * beat
-                note(drums, DRUM_SNARE, t, t + 0.1, v)
+                note(drums, DRUM_SNARE, t, t + 0.1 * second, v)
     else:  # soft
         for k in range(beats):
             t = bar_start + k * beat
-            note(drums, DRUM_KICK if k % 2 == 0 else DRUM_RIDE, t, t + 0.1, v - 20)
+            note(drums, DRUM_KICK if k % 2 == 0 else DRUM_RIDE, t, t + 0.1 * second, v - 20)
     if fill:
         last = bar_start + (BEATS_PER_BAR - 1) * beat
         if style.drums == "soft":
             for k, tom in enumerate((DRUM_TOM_HIGH, DRUM_TOM_LOW)):
-                note(drums, tom, last + k * beat / 2, last + k * beat / 2 + 0.1, v - 24 + 6 * k)
+                note(drums, tom, last + k * beat / 2, last + k * beat / 2 + 0.1 * second, v - 24 + 6 * k)
         else:
             for k in range(4):
                 t = last + k * beat / 4
@@ -332,19 +399,22 @@ def fade_edges(audio: np.ndarray, sample_rate: int) -> np.ndarray:
 class ComposerBackend:
     name = vocab.MUSIC_COMPOSER
     # Bump when a change alters what a span sounds like: cached renders are keyed by it.
-    version = "span-6"
+    version = "span-7"
 
     def __init__(self) -> None:
         synthesizer()  # fail at load, not at the first request
 
-    def span_tempo(self, emotion: str, frames: int, sample_rate: int, tempo: float | None) -> float:
-        return plan([(emotion, 0.0, frames / sample_rate)], tempo)[0].tempo
+    def span_tempo(self, emotion: str, frames: int, sample_rate: int, tempo: float | None,
+                   joined: tuple[bool, bool] = (False, False)) -> float:
+        return plan([(emotion, 0.0, frames / sample_rate)], tempo, joined)[0].tempo
 
     def render_span(self, emotion: str, frames: int, *, sample_rate: int, seed: int, tempo: float | None,
-                    variant: str = "", intensity: float | None = None) -> np.ndarray:
-        """One span's music, (frames, 2) float32, from its own content alone."""
-        base = plan([(emotion, 0.0, frames / sample_rate)], tempo)[0]
-        score = compose([SpanPlan(emotion, 0.0, base.end_s, base.bars, base.tempo, variant, intensity)], seed)
+                    variant: str = "", intensity: float | None = None,
+                    joined: tuple[bool, bool] = (False, False)) -> np.ndarray:
+        """One span's music, (frames, 2) float32, from its own content alone and whether a
+        span comes before and after it (``joined``: the tempo glides there)."""
+        base = plan([(emotion, 0.0, frames / sample_rate)], tempo, joined)[0]
+        score = compose([replace(base, variant=variant, intensity=intensity)], seed)
         return fade_edges(render(score, sample_rate, frames), sample_rate)
 
     def generate(self, spans: Sequence[tuple[str, float, float]], *, sample_rate: int, seed: int,
@@ -355,13 +425,15 @@ class ComposerBackend:
         from services.music.backends import span_seed
 
         pieces = []
-        for emotion, start, end in spans:
+        last = len(spans) - 1
+        for index, (emotion, start, end) in enumerate(spans):
             if cancel is not None and cancel.is_set():
                 raise RuntimeError("cancelled")
             frames = round(end * sample_rate) - round(start * sample_rate)
-            pieces.append(self.render_span(emotion, frames, sample_rate=sample_rate,
-                                           seed=span_seed(seed, start), tempo=tempo))
+            pieces.append(self.render_span(emotion, frames, sample_rate=sample_rate, seed=span_seed(seed, start),
+                                           tempo=tempo, joined=(index > 0, index < last)))
         audio = np.concatenate(pieces)
         peak = float(np.abs(audio).max()) or 1.0
         audio *= min(1.0, 0.89 / peak)
-        return audio, self.span_tempo(spans[0][0], round(spans[0][2] * sample_rate), sample_rate, tempo)
+        return audio, self.span_tempo(spans[0][0], round(spans[0][2] * sample_rate), sample_rate, tempo,
+                                      (False, len(spans) > 1))

@@ -219,15 +219,15 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
                 yield message
 
     def _span(self, backend: backends.SpanRenderer, options: GenerateOptions, emotion: str, frames: int,
-              control: SpanControls, rate: int) -> np.ndarray:
+              control: SpanControls, rate: int, joined: tuple[bool, bool]) -> np.ndarray:
         """One span's levelled stereo music: from the cache, or rendered and kept there."""
         name = cache.key(backend.name, backend.version, emotion, frames, rate, control.seed, options.tempo,
-                         control.variant, control.intensity, levels.SPAN_LUFS)
+                         control.variant, control.intensity, levels.SPAN_LUFS, *joined)
         found = self.cache.get(name)
         if found is not None:
             return found
         piece = backend.render_span(emotion, frames, sample_rate=rate, seed=control.seed, tempo=options.tempo,
-                                    variant=control.variant, intensity=control.intensity)
+                                    variant=control.variant, intensity=control.intensity, joined=joined)
         piece = levels.level_span(piece, emotion, rate, control.intensity)
         self.cache.put(name, piece)
         return piece
@@ -241,17 +241,21 @@ class MusicServicer(ModelServicer, music_pb2_grpc.MusicGeneratorServicer):
         the rest are made."""
         rate = fmt.sample_rate_hz
         bounds = [round(start * rate) for _, start, _ in spans] + [round(spans[-1][2] * rate)]
-        tempos = [backend.span_tempo(emotion, bounds[i + 1] - bounds[i], rate, options.tempo)
+        last = len(spans) - 1
+        tempos = [backend.span_tempo(emotion, bounds[i + 1] - bounds[i], rate, options.tempo, (i > 0, i < last))
                   for i, (emotion, _, _) in enumerate(spans)]
         yield music_pb2.GenerateResponse(header=music_pb2.MusicHeader(
             format=fmt, total_samples=bounds[-1], tempo_bpm=tempos[0], backend=backend.name, seed=options.seed,
             span_seeds=[c.seed for c in controls], span_tempos_bpm=tempos))
         for index, ((emotion, _, _), control) in enumerate(zip(spans, controls, strict=True)):
             first = bounds[index]
-            for part, frames in enumerate(piece_lengths(bounds[index + 1] - bounds[index], rate)):
+            lengths = piece_lengths(bounds[index + 1] - bounds[index], rate)
+            for part, frames in enumerate(lengths):
                 seed = control.seed if part == 0 else backends.span_seed(control.seed, part * PIECE_S)
+                # The tempo glides at the span's joins, not between its own pieces.
+                joined = (index > 0 and part == 0, index < last and part == len(lengths) - 1)
                 piece = await asyncio.to_thread(self._span, backend, options, emotion, frames,
-                                                replace(control, seed=seed), rate)
+                                                replace(control, seed=seed), rate, joined)
                 if fmt.channels == 1:
                     piece = piece.mean(axis=1, keepdims=True)
                 for message in piece_chunks(piece, index, request.spans[index].emotion, first, fmt):
