@@ -128,8 +128,8 @@ class FlacPcm:
 class FlacSegments:
     """Raw 16-bit PCM appended in pieces and kept as FLAC segments of ``segment_bytes`` raw
     bytes each, readable at any frame offset while it still grows: the sealed segments from
-    their files, the rest from memory (at most ``segment_bytes``, and a copy of that while a
-    segment is sealed). A FLAC file cannot be read while it is written; segments can.
+    their files, the rest from memory (less than ``segment_bytes``, and a copy of a segment's
+    worth while it is sealed). A FLAC file cannot be read while it is written; segments can.
 
     Appends come from one caller at a time; reads from any thread. Readers stay open on at
     most ``OPEN_READERS`` segments (the least recently read is closed), so a long track
@@ -173,12 +173,12 @@ class FlacSegments:
             await asyncio.to_thread(self._seal, self.segment_bytes)
 
     def finish(self) -> None:
-        """Seal what is left; a partial frame left over is an error."""
+        """No more bytes come; a partial frame left over is an error. What follows the last
+        full segment stays in memory (less than a segment): a short track is never encoded
+        and decoded at all."""
         if self.finished:
             return
         audio.check_whole_frames(self.size, self.fmt)
-        while self._tail:
-            self._seal(min(len(self._tail), self.segment_bytes))
         self.finished = True
 
     def _take(self, data: bytes) -> None:
