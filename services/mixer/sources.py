@@ -126,6 +126,15 @@ def read_in_place(fmt: common_pb2.AudioFormat) -> bool:
     return fmt.encoding not in (common_pb2.ENCODING_UNSPECIFIED, audio.CONTAINER) and fmt.sample_rate_hz == RATE
 
 
+OVERRUN_S = 60.0  # a track may run a little past the original (it is cut to it); never far past the limit
+
+
+def check_length(size: int, fmt: common_pb2.AudioFormat, what: str, max_duration_s: float, setting: str) -> None:
+    """Refuse ``size`` bytes of raw PCM in ``fmt`` that run far past the duration limit."""
+    if size > audio.pcm_bytes(fmt, max_duration_s + OVERRUN_S):
+        raise media.too_long(what, max_duration_s + OVERRUN_S, setting)
+
+
 def open_track(path: Path, size: int, fmt: common_pb2.AudioFormat, length: int, what: str,
                max_duration_s: float, setting: str, scratch: Path) -> Source:
     """A streamed-in track as a Source ``length`` samples long: silence if nothing was sent.
@@ -137,13 +146,10 @@ def open_track(path: Path, size: int, fmt: common_pb2.AudioFormat, length: int, 
         return Silence(length)
     if fmt.encoding == common_pb2.ENCODING_UNSPECIFIED:
         raise InvalidInput(f"{what} audio was sent without {what}_format in the config")
-    # A track may run a little past the original (it is cut to it); never far past the limit.
-    limit_s = max_duration_s + 60.0
     if read_in_place(fmt):
-        if size > audio.pcm_bytes(fmt, limit_s):
-            raise media.too_long(what, limit_s, setting)
+        check_length(size, fmt, what, max_duration_s, setting)
         return PcmFile(path, fmt, length)
-    frames = audio.load_audio(path, fmt, RATE, CHANNELS, limit_s, setting)
+    frames = audio.load_audio(path, fmt, RATE, CHANNELS, max_duration_s + OVERRUN_S, setting)
     converted = scratch / f"{what}-48k.f32"
     with open(converted, "wb") as f:
         for start in range(0, frames.shape[0], CONVERT_BLOCK):

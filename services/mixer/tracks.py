@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from bgm import audio, cache, flac, limits, media, vocab
+from bgm import cache, flac, limits, media, vocab
 from bgm.chunks import Spool
 from bgm.errors import InvalidInput
 from bgm.loudness import loudness_of_blocks
@@ -82,8 +82,9 @@ class TrackSet:
         # 16-bit speech and music at the mix's rate (what the gateway sends) are kept as FLAC
         # as they arrive: an hour's music is 305 MiB so, not 659, its speech some 110, not 330.
         formats = {mixer_pb2.TRACK_SPEECH: config.speech_format, mixer_pb2.TRACK_BGM: config.bgm_format}
-        self.flacs: dict[int, flac.FlacSegments] = {track: flac.FlacSegments(self.scratch, TRACK_NAMES[track], fmt)
-                      for track, fmt in formats.items() if sources.kept_as_flac(fmt)}
+        self.flacs: dict[int, flac.FlacSegments] = {
+            track: flac.FlacSegments(self.scratch, TRACK_NAMES[track], fmt)
+            for track, fmt in formats.items() if sources.kept_as_flac(fmt)}
         self.tasks: dict[int, asyncio.Task[Any]] = {}
         # The proto lets tracks complete in any order; speech and music wait for the
         # original's length through this, whenever it arrives.
@@ -175,7 +176,7 @@ class TrackSet:
             self._measure_voice()
 
     def prepare(self, track: int) -> None:
-        self.spools[track].finish()  # a FLAC track's last segment is sealed by its step, off the loop
+        self.spools[track].finish()  # a FLAC track is finished by its step (``_source``), off the loop
         steps: dict[int, Callable[[], Coroutine[Any, Any, object]]] = {
             mixer_pb2.TRACK_ORIGINAL: self._original, mixer_pb2.TRACK_SPEECH: self._speech,
             mixer_pb2.TRACK_BGM: self._music}
@@ -207,9 +208,7 @@ class TrackSet:
             store.finish()
             if store.size == 0:
                 return sources.Silence(n)
-            limit_s = self.max_duration_s + 60.0  # as ``sources.open_track``
-            if store.size > audio.pcm_bytes(fmt, limit_s):
-                raise media.too_long(TRACK_NAMES[track], limit_s, DURATION_SETTING)
+            sources.check_length(store.size, fmt, TRACK_NAMES[track], self.max_duration_s, DURATION_SETTING)
             return sources.FlacTrack(store, n)
         spool = self.spools[track]
         return sources.open_track(spool.path, spool.size, fmt, n, TRACK_NAMES[track], self.max_duration_s,
