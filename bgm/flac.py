@@ -164,13 +164,13 @@ class FlacSegments:
         """Take ``data``; a full segment is sealed in this thread."""
         self._take(data)
         while len(self._tail) >= self.segment_bytes:
-            self._seal(self.segment_bytes)
+            self._seal()
 
     async def append(self, data: bytes) -> None:
         """``write`` for the event loop: sealing runs in a worker thread."""
         self._take(data)
         while len(self._tail) >= self.segment_bytes:
-            await asyncio.to_thread(self._seal, self.segment_bytes)
+            await asyncio.to_thread(self._seal)
 
     def finish(self) -> None:
         """No more bytes come; a partial frame left over is an error. What follows the last
@@ -188,7 +188,10 @@ class FlacSegments:
             self._tail += data
             self.size += len(data)
 
-    def _seal(self, size: int) -> None:
+    def _seal(self) -> None:
+        """The tail's first segment's worth as a sealed segment: every segment is full, so
+        frame ``f`` lies in segment ``f // segment_frames``."""
+        size = self.segment_bytes
         segment = FlacPcm(self.folder / f"{self.name}.{len(self.segments)}.flac", self.fmt)
         try:
             for lo in range(0, size, CHUNK_BYTES):  # a piece at a time: no copy of the whole segment
