@@ -128,6 +128,30 @@ def test_the_tempo_glides_across_a_join_and_each_span_still_stands_alone():
     assert other.tempo == pytest.approx(sad.tempo) == pytest.approx(mine.tempo) and other.beats == sad.beats
 
 
+def test_the_glide_is_heard_in_the_render(composer):
+    """In the audio, not only the notes: sadness's first beats after joy (kick and ride on
+    every beat) are heard where the glide from 100 BPM puts them, which by the fifth beat is
+    half a second from where its body tempo would."""
+    import librosa
+
+    rate = 22_050
+    spans = [("joy", 0.0, 12.0), ("sadness", 12.0, 28.0)]
+    music, _ = composer.generate(spans, sample_rate=rate, seed=2, tempo=None)
+    sad = plan(spans)[1]
+    glide = sad.beat_times()[:5]
+    steady = np.arange(5) * sad.beat_s
+    assert abs(glide[-1] - steady[-1]) > 0.4
+    lo = round(11.5 * rate)
+    onsets = librosa.onset.onset_detect(y=music[lo : lo + 5 * rate].mean(axis=1), sr=rate, units="time") - 0.5
+    onsets -= onsets[np.argmin(np.abs(onsets))]  # the detector's latency, from the join's downbeat
+
+    def heard(times: np.ndarray) -> int:
+        return sum(bool(np.min(np.abs(onsets - t)) < 0.03) for t in times)
+
+    assert heard(glide) >= 4, (onsets, glide)
+    assert heard(steady[2:]) <= 1, (onsets, steady)
+
+
 ALL_SEVEN = [(e, 8.0 * i, 8.0 * (i + 1)) for i, e in enumerate(
     ("joy", "sadness", "disgust", "anger", "surprise", "fear", "neutral"))]
 
