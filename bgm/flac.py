@@ -219,8 +219,9 @@ class FlacSegments:
                     segment: FlacPcm | None = self.segments[index]
                     self._open[index] = None
                     self._open.move_to_end(index)
-                    idle = [self.segments[i] for i in list(self._open)[: -self.OPEN_READERS]]
-                    for i in list(self._open)[: -self.OPEN_READERS]:
+                    stale = list(self._open)[: -self.OPEN_READERS]
+                    idle = [self.segments[i] for i in stale]
+                    for i in stale:
                         del self._open[i]
                     tail = b""
                 else:
