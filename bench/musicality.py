@@ -126,6 +126,9 @@ def leave_one_seed_out(features: dict[tuple[str, int], np.ndarray]) -> float:
     return right / total
 
 
+JOIN_TIMELINE = [("joy", 0.0, 25.0), ("sadness", 25.0, 47.0), ("anger", 47.0, 70.0)]
+
+
 def transitions(rate: int = 22_050, seed: int = 1) -> list[tuple[float, float, float]]:
     """A 70 s joy -> sadness -> anger timeline as the music service hands it out (each span
     rendered alone and levelled, ``levels.level_span``): per join, the short-term loudness
@@ -136,7 +139,7 @@ def transitions(rate: int = 22_050, seed: int = 1) -> list[tuple[float, float, f
     from services.music.composer import ComposerBackend
     from services.music.levels import level_span
 
-    spans = [("joy", 0.0, 25.0), ("sadness", 25.0, 47.0), ("anger", 47.0, 70.0)]
+    spans = JOIN_TIMELINE
     composer = ComposerBackend()
     pieces = []
     for index, (emotion, start, end) in enumerate(spans):
@@ -213,7 +216,7 @@ def tempo_glides() -> list[tuple[float, list[float], float]]:
     largest change in beat length from one beat to the next anywhere in it."""
     from services.music.composer import plan
 
-    plans = plan([("joy", 0.0, 25.0), ("sadness", 25.0, 47.0), ("anger", 47.0, 70.0)])
+    plans = plan(JOIN_TIMELINE)
     lengths = np.concatenate([np.diff(p.beat_times()) for p in plans])
     change = float(np.abs(lengths[1:] / lengths[:-1] - 1).max())
     out, first = [], 0
