@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from bgm import cache
+from bgm import cache, vocab
+from bgm.chunks import iter_file_chunks
 from bgm.v1 import common_pb2
 from services.mixer import aac, activity, dsp, render
 from services.mixer.steps import StepFile
@@ -91,12 +92,6 @@ def units(n: int) -> int:
     return -(-n // render.UNIT)
 
 
-def _pieces(path: Path) -> Iterator[bytes]:
-    with open(path, "rb") as source:
-        while piece := source.read(1 << 20):
-            yield piece
-
-
 def _step_pieces(steps: StepFile) -> Iterator[bytes]:
     for a in range(0, steps.length, render.CHUNK_STEPS):
         yield steps.read(a, a + render.CHUNK_STEPS).astype("<f4").tobytes()
@@ -132,9 +127,9 @@ def load(store: cache.ArrayCache, name: str, n: int, folder: Path) -> Reprise | 
     energy, envelope = StepFile(str(folder)), StepFile(str(folder))
     try:
         with open(target, "wb") as out:
-            shas = [_hashed(_pieces(files["stream"]), out.write)]
+            shas = [_hashed(iter_file_chunks(files["stream"], vocab.MIB), out.write)]
         for part, steps_file in (("energy", energy), ("envelope", envelope)):
-            shas.append(_hashed(_pieces(files[part]), _appender(steps_file)))
+            shas.append(_hashed(iter_file_chunks(files[part], vocab.MIB), _appender(steps_file)))
         if [bytes(row) for row in arrays["sha256"]] != shas or energy.length != steps or envelope.length != steps:
             raise ValueError("the kept files are not the ones the arrays were kept with")
         stream = aac.Stream.read(target)
@@ -172,7 +167,7 @@ def save(store: cache.ArrayCache, name: str, levelled: render.Levelled, music: n
     dips = outcome.gain.dips if outcome.gain.dips is not None else np.ones(activity.frames(n), dtype=np.float32)
     levels = np.array([outcome.plan.bed_gain, outcome.gain.scale, outcome.loudness_lufs, measured_lufs])
     try:
-        shas = [_keep(store, f"{name}-stream", _pieces(stream.path)),
+        shas = [_keep(store, f"{name}-stream", iter_file_chunks(stream.path, vocab.MIB)),
                 _keep(store, f"{name}-energy", _step_pieces(leveller.energy)),
                 _keep(store, f"{name}-envelope", _step_pieces(leveller.peaks))]
     except OSError as exc:
