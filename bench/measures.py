@@ -184,10 +184,38 @@ def si_sdr(estimate: np.ndarray, reference: np.ndarray) -> float:
 _PUNCT = re.compile(r"[^a-z0-9' ]+")
 
 
+_ONES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+         "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen")
+_TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
+_ORDINAL_ENDS = {"one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth",
+                 "nine": "ninth", "twelve": "twelfth"}
+# Whisper writes "Mr." and "20th" where a reference says "Mister" and "twentieth": the same
+# word, so both are spelled out before counting.
+_TITLES = {"mr": "mister", "mrs": "missus", "dr": "doctor"}
+_NUMBER = re.compile(r"^(\d{1,2})(st|nd|rd|th)?$")
+
+
+def _number_words(n: int, ordinal: bool) -> str:
+    tens, ones = divmod(n, 10)
+    words = [_ONES[n]] if n < 20 else [_TENS[tens]] + ([_ONES[ones]] if ones else [])
+    if ordinal:
+        last = words[-1]
+        words[-1] = _ORDINAL_ENDS.get(last, last[:-1] + "ieth" if last.endswith("y") else last + "th")
+    return " ".join(words)
+
+
+def _spelled(word: str) -> str:
+    if word in _TITLES:
+        return _TITLES[word]
+    match = _NUMBER.match(word)
+    return _number_words(int(match[1]), bool(match[2])) if match else word
+
+
 def normalise_text(text: str) -> str:
+    """Lower case, no punctuation, hyphens as spaces, titles and numbers under 100 spelled out."""
     text = text.lower().replace("-", " ")
     text = _PUNCT.sub(" ", text)
-    return " ".join(w.strip("'") for w in text.split())
+    return " ".join(_spelled(w.strip("'")) for w in text.split())
 
 
 def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:

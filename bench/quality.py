@@ -81,6 +81,7 @@ class Row:
     video_identical: bool
     duration_equal: bool
     seconds: float
+    heard: str = ""  # what Whisper tiny.en heard in the output (empty without it)
 
 
 def requests(video: Path, options: gateway_pb2.RemixOptions | None = None) -> Iterator[gateway_pb2.RemixRequest]:
@@ -152,6 +153,7 @@ def measure(case: realworld.Case, result: Remixed, folder: Path, listen: Transcr
     levels_by_span = measures.span_loudness(music, spans, speech, case.talking, FADES_S)
     spread, lowest = measures.spread_and_lowest([(p - speech_lufs, u - speech_lufs) for p, u in levels_by_span])
     mixture = speech + bed
+    heard = listen(output) if listen else ""
     return Row(
         name=case.name, **levels,
         duck_db=measures.ducking_db(music, speech, case.talking),
@@ -159,12 +161,12 @@ def measure(case: realworld.Case, result: Remixed, folder: Path, listen: Transcr
         lufs=dsp.loudness(stereo), dbtp=dsp.true_peak_db(stereo),
         words=len(measures.normalise_text(case.reference).split()),
         errors_in=measures.word_errors(case.reference, listen(mixture))[0] if listen else -1,
-        errors_out=measures.word_errors(case.reference, listen(output))[0] if listen else -1,
+        errors_out=measures.word_errors(case.reference, heard)[0] if listen else -1,
         errors_kept=measures.word_errors(case.reference, listen(kept))[0] if listen else -1,
         si_sdr_in=measures.si_sdr(mixture, speech), si_sdr_kept=measures.si_sdr(kept, speech),
         video_identical=measures.video_md5(out_path) == measures.video_md5(case.video),
         duration_equal=abs(media.probe(out_path).duration_s - media.probe(case.video).duration_s) < 0.05,
-        seconds=seconds)
+        seconds=seconds, heard=heard)
 
 
 def print_pooled(rows: list[Row]) -> None:
@@ -209,6 +211,8 @@ async def main_async(args: argparse.Namespace) -> list[Row]:
                     result = await remix(stub, case.video)
                     rows.append(measure(case, result, folder, listen, time.perf_counter() - began))
                     print_table(rows[-1:])
+                    if args.words and rows[-1].errors_out > 0:
+                        print(f"  heard: {rows[-1].heard.strip()}\n  said:  {case.reference}")
     finally:
         await running.stop(1)
     return rows
@@ -221,6 +225,7 @@ def main() -> None:
     parser.add_argument("--ids", nargs="*", help="manifest ids of the recordings to use (default: all)")
     parser.add_argument("--no-example", action="store_true", help="leave out the example video")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    parser.add_argument("--words", action="store_true", help="print what was heard where a word was wrong")
     args = parser.parse_args()
     rows = asyncio.run(main_async(args))
     print()

@@ -1,5 +1,6 @@
 """Memory the separator itself adds while it cleans a programme: DeepFilterNet (the default),
-then the residue expander where ``BGM_MIXER_RESIDUE_POWER`` turns it on, on N minutes of
+then the residue expander (in the bass by default; the whole band where
+``BGM_MIXER_RESIDUE_POWER`` turns it on), on N minutes of
 noise-like audio at 48 kHz, in a fresh process per length, the blocks consumed as the
 mixer's Separate consumes them. Reports the peak resident memory over what the process held
 with the input already decoded (the input itself is the caller's).
@@ -25,14 +26,14 @@ def child(minutes: float) -> dict[str, float]:
     from services.mixer import residue, separation
     from services.mixer.settings import MixerSettings
 
-    settings = settings_module.load(MixerSettings, vocab.MIXER.env_prefix)  # BGM_MIXER_RESIDUE_POWER=2: with it
+    settings = settings_module.load(MixerSettings, vocab.MIXER.env_prefix)  # BGM_MIXER_RESIDUE_POWER=2: the whole band
     separator = separation.create(vocab.SEPARATION_DEEPFILTERNET)
     mono = np.random.default_rng(0).standard_normal(int(minutes * 60 * separation.SAMPLE_RATE), dtype=np.float32)
     mono *= 0.05
     ready_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     began, samples = time.perf_counter(), 0
     blocks = separator.speech_blocks(mono)
-    for block in residue.expand(mono, blocks, settings.residue_power, settings.residue_knee):
+    for block in residue.expand(mono, blocks, settings.expansion):
         samples += block.shape[0]
     assert samples == mono.shape[0]
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -324,7 +324,7 @@ def test_separation_streams_speech_while_it_works(mixer, material):
     streamed = np.frombuffer(b"".join(parts), dtype="<f4")
     settings = MixerSettings()
     separated = DeepFilterNet(settings.attenuation_limit_db).speech_blocks(mix)
-    whole = np.concatenate(list(residue.expand(mix, separated, settings.residue_power, settings.residue_knee)))
+    whole = np.concatenate(list(residue.expand(mix, separated, settings.expansion)))
     assert np.array_equal(streamed, whole)
 
 

@@ -1,6 +1,7 @@
 """The residue expander (services/mixer/residue.py): with nothing to expand it gives the speech
 back sample for sample, however the speech is blocked; it takes down what the separator only
-half kept and leaves what it fully kept; the mixer's Separate uses it."""
+half kept and leaves what it fully kept; the bass setting does so in the bass alone; the
+mixer's Separate uses it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from services.mixer import residue
+from services.mixer.residue import Expansion
 
 RATE = 48_000
 
@@ -33,23 +35,24 @@ def signals(seconds: float = 2.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray
 def test_cells_above_the_knee_come_back_sample_for_sample_whatever_the_blocks(sizes):
     voice, noise = signals()
     kept = 0.5 * (voice + noise)  # every cell kept at gain 0.5, above a knee of 0.4
-    out = list(residue.expand(voice + noise, blocks(kept, sizes), power=3.0, knee=0.4))
+    out = list(residue.expand(voice + noise, blocks(kept, sizes), Expansion(3.0, 0.4, 4.0, 300.0)))
     joined = np.concatenate(out)
     assert joined.shape == kept.shape
     np.testing.assert_allclose(joined, kept, atol=2e-6)
 
 
-def test_power_one_hands_the_blocks_through():
+@pytest.mark.parametrize("off", [Expansion(1.0, 0.8), Expansion(1.0, 0.8, 3.0, 0.0), Expansion(1.0, 0.8, 1.0, 200.0)])
+def test_power_one_hands_the_blocks_through(off):
     voice, noise = signals()
     pieces = list(blocks(voice, [1000]))
-    assert all(a is b for a, b in zip(residue.expand(voice + noise, pieces, 1.0, 0.8), pieces, strict=True))
+    assert all(a is b for a, b in zip(residue.expand(voice + noise, pieces, off), pieces, strict=True))
 
 
 def test_what_was_half_kept_goes_down_and_what_was_kept_stays():
     voice, noise = signals(seed=1)
     mixture = voice + noise
     kept = voice + 0.25 * noise  # the separator let a quarter of the noise through
-    out = np.concatenate(list(residue.expand(mixture, blocks(kept, [4_800]), power=2.0, knee=0.8)))
+    out = np.concatenate(list(residue.expand(mixture, blocks(kept, [4_800]), Expansion(2.0, 0.8))))
     quiet = np.arange(out.shape[0]) / RATE % 0.5 > 0.27  # no voice here, only the noise left
     loud = (np.arange(out.shape[0]) / RATE % 0.5 > 0.02) & (np.arange(out.shape[0]) / RATE % 0.5 < 0.23)
     noise_before = 10 * np.log10(np.mean(kept[quiet] ** 2))
@@ -58,6 +61,35 @@ def test_what_was_half_kept_goes_down_and_what_was_kept_stays():
     voice_error = 10 * np.log10(np.mean((out[loud] - voice[loud]) ** 2) / np.mean(voice[loud] ** 2))
     assert voice_error <= -20.0  # the tone's own cells were kept near 1: the voice is intact
     assert out.shape == kept.shape
+
+
+def band_db(x: np.ndarray, low: float, high: float, where: np.ndarray) -> float:
+    spectrum = np.abs(np.fft.rfft(x[where])) ** 2
+    hz = np.fft.rfftfreq(int(where.sum()), 1 / RATE)
+    return float(10 * np.log10(spectrum[(hz >= low) & (hz < high)].sum()))
+
+
+def test_the_bass_setting_takes_down_the_half_kept_bass_and_leaves_the_rest():
+    """Bass power 3 up to 200 Hz: the noise the separator half kept goes about 20 dB down
+    under 200 Hz (g = 0.25 under a knee of 0.8) and stays as it was over 300 Hz; the voice
+    (a 220 Hz tone, kept whole) is intact."""
+    voice, noise = signals(seed=3)
+    kept = voice + 0.25 * noise
+    out = np.concatenate(list(residue.expand(voice + noise, blocks(kept, [4_800]), Expansion(1.0, 0.8, 3.0, 200.0))))
+    assert out.shape == kept.shape
+    phase = np.arange(out.shape[0]) / RATE % 0.5
+    quiet = phase > 0.27
+    assert band_db(kept, 20, 180, quiet) - band_db(out, 20, 180, quiet) >= 15.0
+    assert abs(band_db(kept, 300, 20_000, quiet) - band_db(out, 300, 20_000, quiet)) <= 0.2
+    loud = (phase > 0.02) & (phase < 0.23)
+    voice_error = 10 * np.log10(np.mean((out[loud] - kept[loud]) ** 2) / np.mean(voice[loud] ** 2))
+    assert voice_error <= -20.0
+
+
+def test_the_exponents_follow_the_bands():
+    exponents = Expansion(2.0, 0.8, 3.0, 200.0).exponents(960)  # 50 Hz bins
+    assert list(exponents[:6]) == [2.0, 2.0, 2.0, 2.0, 2.0, 1.0]  # 0-200 Hz: the stronger power
+    assert Expansion(4.0, 0.8, 3.0, 200.0).exponents(960)[0] == 3.0  # never weaker than the band's
 
 
 def test_the_mixer_keeps_the_expanded_speech_in_its_cache_under_the_setting(tmp_path):
@@ -82,11 +114,13 @@ def test_the_mixer_keeps_the_expanded_speech_in_its_cache_under_the_setting(tmp_
             yield
 
     def separate(power: float, with_separator=separator) -> np.ndarray:
-        servicer = MixerServicer(MixerSettings(residue_power=power, cache_dir=str(tmp_path)), ServerSettings())
+        settings = MixerSettings(residue_power=power, residue_bass_power=1.0, cache_dir=str(tmp_path))
+        servicer = MixerServicer(settings, ServerSettings())
         return np.concatenate(list(servicer.speech_blocks(with_separator, mono, threading.Event())))
 
-    expected = np.concatenate(list(residue.expand(mono, separator.speech_blocks(mono), 2.0, 0.8)))
-    stopped = MixerServicer(MixerSettings(residue_power=2.0, cache_dir=str(tmp_path)), ServerSettings())
+    expected = np.concatenate(list(residue.expand(mono, separator.speech_blocks(mono), Expansion(2.0, 0.8))))
+    stopped = MixerServicer(MixerSettings(residue_power=2.0, residue_bass_power=1.0, cache_dir=str(tmp_path)),
+                            ServerSettings())
     blocks = stopped.speech_blocks(separator, mono, threading.Event())
     next(blocks)
     blocks.close()  # a separation that stops early (cancelled, failed) leaves nothing in the cache

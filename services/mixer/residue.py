@@ -8,6 +8,12 @@ This expander takes those cells further down: a cell kept at ``g < knee`` gets t
 gain ``(g / knee) ** (power - 1)``; a cell at or above the knee (the speech) is untouched,
 and ``power == 1`` changes nothing.
 
+The bass gets its own, stronger power (``bass_power`` up to ``bass_hz``): what is left of
+a bed under a voice is mostly its bass, where a bed has most of its energy and the separator
+passes it at -5 to -11 dB (LibriSpeech: 80 % of the bed left under speech sat under
+200 Hz), and there a voice has only its fundamental, which the separator keeps near 1.
+Expanding the whole band also takes the consonants' half-kept cells and costs words.
+
 It streams: the speech arrives in blocks, the output follows one frame behind, and the
 frames overlap by half with square-root Hann windows, so with no expansion the speech comes
 back sample for sample (to rounding).
@@ -16,13 +22,36 @@ back sample for sample (to rounding).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
 from bgm.audio import Recording
 
+RATE = 48_000
 # 20 ms at 48 kHz, the separator's own frame.
 FRAME = 960
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """How far half-kept cells go down: ``power`` over the whole band, at least
+    ``bass_power`` up to ``bass_hz``; cells kept at ``knee`` or more are untouched."""
+
+    power: float = 1.0
+    knee: float = 0.8
+    bass_power: float = 1.0
+    bass_hz: float = 0.0
+
+    @property
+    def changes_nothing(self) -> bool:
+        return self.power == 1.0 and (self.bass_power == 1.0 or self.bass_hz <= 0.0)
+
+    def exponents(self, frame: int, rate: int = RATE) -> np.ndarray:
+        """``power - 1`` per rfft bin of a ``frame``-sample frame."""
+        hz = np.arange(frame // 2 + 1) * rate / frame
+        power = np.where(hz <= self.bass_hz, max(self.power, self.bass_power), self.power)
+        return (power - 1.0).astype(np.float32)
 
 
 def _window(n: int) -> np.ndarray:
@@ -43,17 +72,18 @@ def _stretch(x: Recording, start: int, length: int) -> np.ndarray:
     return out
 
 
-def expand(mixture: Recording, kept: Iterable[np.ndarray], power: float, knee: float,
+def expand(mixture: Recording, kept: Iterable[np.ndarray], expansion: Expansion,
            frame: int = FRAME) -> Iterator[np.ndarray]:
     """``kept`` (the separated speech of ``mixture``, in consecutive blocks) with the cells the
     separator only half kept pulled further down; yields blocks that together have
     ``mixture``'s length."""
-    if power == 1.0:
+    if expansion.changes_nothing:
         yield from kept
         return
     n, hop = frame, frame // 2
     total = mixture.shape[0]
     window = _window(n)
+    exponents, knee = expansion.exponents(n), expansion.knee
     # Both signals get ``hop`` zeros in front, so the first samples have two frames too; the
     # mixture is read a stretch at a time (a padded copy of an hour would be 0.7 GB).
     pending = np.zeros(hop, dtype=np.float32)  # kept speech from the next frame's start on
@@ -66,7 +96,7 @@ def expand(mixture: Recording, kept: Iterable[np.ndarray], power: float, knee: f
         spec = np.fft.rfft(_frames(pending, count, n, hop) * window, axis=1)
         mix = np.fft.rfft(_frames(_stretch(mixture, at - hop, (count + 1) * hop), count, n, hop) * window, axis=1)
         kept_gain = np.abs(spec) / (np.abs(mix) + 1e-9)
-        extra = np.minimum(1.0, kept_gain / knee) ** (power - 1.0)
+        extra = np.minimum(1.0, kept_gain / knee) ** exponents
         out = (np.fft.irfft(spec * extra, n, axis=1) * window).astype(np.float32)
         done = np.empty(count * hop, dtype=np.float32)
         done[:hop] = tail + out[0, :hop]

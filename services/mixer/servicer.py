@@ -120,13 +120,13 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
                       cancel: threading.Event) -> Iterator[np.ndarray]:
         """The separated speech block by block: from the cache when this audio was separated
         the same way before, else from the separator (and kept, once complete)."""
-        power, knee = self.settings.residue_power, self.settings.residue_knee
-        separated = residue.expand(mono, separator.speech_blocks(mono, cancel), power, knee)  # lazy: starts when read
+        expansion = self.settings.expansion
+        separated = residue.expand(mono, separator.speech_blocks(mono, cancel), expansion)  # lazy: starts when read
         if self.cache.folder is None:
             yield from separated
             return
         name = cache.key("speech", separator.name, self.settings.demucs_model, self.settings.attenuation_limit_db,
-                         power, knee, RATE, mono.digest() if isinstance(mono, audio.MonoPcmFile) else mono)
+                         expansion, RATE, mono.digest() if isinstance(mono, audio.MonoPcmFile) else mono)
         kept = self.cache.kept_file(name)
         if kept is not None:
             with open(kept, "rb") as f:
