@@ -258,6 +258,7 @@ class Sampler:
     servers: list[Server]
     tmp: Path
     peaks: dict[str, float] = field(default_factory=dict)
+    peak_at: dict[str, float] = field(default_factory=dict)  # when (time.perf_counter) each peak was seen
     disk_peak_mib: float = 0.0
     disk_at_peak: dict[str, int] = field(default_factory=dict)  # the files then
     trace: list[tuple[float, dict[str, float]]] = field(default_factory=list)  # servers' memory over time
@@ -292,7 +293,8 @@ class Sampler:
                 self.disk_peak_mib, self.disk_at_peak = sum(files.values()) / vocab.MIB, files
 
     def _note(self, name: str, mib: float) -> None:
-        self.peaks[name] = max(self.peaks.get(name, 0.0), mib)
+        if mib > self.peaks.get(name, 0.0):
+            self.peaks[name], self.peak_at[name] = mib, time.perf_counter()
 
     def stop(self) -> None:
         self.done.set()
@@ -326,6 +328,10 @@ def remix(address: str, video: Path, out: Path) -> tuple[float, dict[str, tuple[
     return wall, {name: (began[name], ended[name]) for name in ended}
 
 
+def running_at(t: float, stages: dict[str, tuple[float, float]]) -> str:
+    return " ".join(name for name, (a, b) in stages.items() if a <= t <= b) or "no stage reporting"
+
+
 def print_trace(sampler: Sampler, stages: dict[str, tuple[float, float]], every_s: float = 5.0) -> None:
     """The servers' memory every ``every_s`` seconds, with the stages running then."""
     if not sampler.trace:
@@ -335,9 +341,8 @@ def print_trace(sampler: Sampler, stages: dict[str, tuple[float, float]], every_
         if t - first - last_printed < every_s:
             continue
         last_printed = t - first
-        running = [name for name, (a, b) in stages.items() if a <= t <= b]
         print(f"  {t - first:7.1f} s  " + "  ".join(f"{k} {v:5.0f}" for k, v in memory.items())
-              + f"  MiB  [{' '.join(running)}]")
+              + f"  MiB  [{running_at(t, stages)}]")
 
 
 def run(mode: str, video: Path, seconds: float, work: Path, trace: bool) -> None:
@@ -348,6 +353,7 @@ def run(mode: str, video: Path, seconds: float, work: Path, trace: bool) -> None
     servers = start_servers(mode, {"TMPDIR": str(tmp)}, logs)
     ready = {s.name: rss_mib(s.popen.pid) for s in servers}
     sampler = Sampler(servers, tmp)
+    started = time.perf_counter()
     try:
         wall, stages = remix(servers[-1].address, video, work / "out.mp4")
     finally:
@@ -361,7 +367,8 @@ def run(mode: str, video: Path, seconds: float, work: Path, trace: bool) -> None
         print(f"  stage {name:15s} {ended - began:7.1f} s")
     for name, peak in sorted(sampler.peaks.items()):
         at_ready = f" (ready: {ready[name]:.0f} MiB)" if name in ready else ""
-        print(f"  peak memory {name:22s} {peak:7.0f} MiB{at_ready}")
+        at = sampler.peak_at[name]
+        print(f"  peak memory {name:22s} {peak:7.0f} MiB{at_ready} at {at - started:.1f} s [{running_at(at, stages)}]")
     print(f"  temp disk: peak {sampler.disk_peak_mib:.0f} MiB (input {input_mib:.0f} MiB + decoded audio "
           f"{decoded_mib:.0f} MiB; 3x input + decoded = {3 * input_mib + decoded_mib:.0f} MiB); left at the end "
           f"{left:.1f} MiB")
