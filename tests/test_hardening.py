@@ -302,11 +302,9 @@ def test_a_restart_within_the_retry_budget_is_survived(loop):
             pass
 
     async def scenario(budget_s: float) -> str:
-        import socket
+        from tests.processes import free_port
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         policy = RetryPolicy(initial_backoff_s=0.2, max_backoff_s=1.0, budget_s=budget_s)
 
         async def later() -> object:
@@ -444,11 +442,10 @@ def test_service_addresses_that_are_not_addresses_are_refused(address):
 def test_the_gateway_is_not_serving_while_a_service_is_down_and_recovers(loop):
     """Four stand-in services that only answer health checks: the gateway's readiness must
     follow them down and back up by itself, and a call meanwhile names what is missing."""
-    import socket
-
     from bgm import vocab
     from bgm.server import ModelServicer
     from tests.conftest import health_status
+    from tests.processes import free_port
 
     class Standin(ModelServicer):
         def __init__(self, name: str) -> None:
@@ -458,9 +455,7 @@ def test_the_gateway_is_not_serving_while_a_service_is_down_and_recovers(loop):
         def add_to_server(self, server) -> None:
             pass
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
 
     def services():
         return start(loop, [Standin(s.grpc_name) for s in vocab.BACKEND_SERVICES], port=port)

@@ -118,13 +118,10 @@ def test_mutual_tls_needs_a_client_certificate_from_the_right_ca(loop, pki):
 def test_probes_reach_a_mutual_tls_server_on_its_plaintext_health_port(loop, pki):
     """Kubernetes' gRPC probes speak plaintext only: with health_port set, a server on mutual
     TLS with a token still answers health checks there, and nothing else."""
-    import socket
-
     from bgm import probe
+    from tests.processes import free_port
 
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        health_port = free.getsockname()[1]
+    health_port = free_port()
     running = emotion_server(loop, tls_cert=str(pki["server"][0]), tls_key=str(pki["server"][1]),
                              tls_client_ca=str(pki["ca"]), auth_token=TOKEN, health_port=health_port)
     try:

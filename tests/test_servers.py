@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from bgm.v1 import (
     stt_pb2_grpc,
 )
 from tests.conftest import channel, health_status, start
+from tests.processes import free_port
 
 
 def _servicer(name: str):
@@ -153,15 +153,9 @@ def test_oversized_message_is_refused_by_the_limit(stt_server):
     assert health_status(channel(stt_server.address), "bgm.v1.SpeechToText") == "SERVING"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize(("module", "service"), [("services.music", "music"), ("services.emotion", "emotion")])
 def test_service_runs_as_its_own_process_and_stops_gracefully(module, service, tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, f"BGM_{service.upper()}_PORT": str(port), f"BGM_{service.upper()}_GRACE_S": "2"}
     log_path = tmp_path / "service.log"
     # Logs go to a file, not a pipe: an unread pipe can fill up and stall the service.
