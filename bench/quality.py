@@ -13,11 +13,14 @@ with the defaults and measured against the parts it was built from (``bench.meas
   (its own level) and under its speech (ducked), the fades left out: the lowest span (at its
   own level where it has a pause), and the largest spread between spans in the same state;
 - LUFS / dBTP: the programme's integrated loudness and true peak (the decoded output);
-- WER in -> out: Whisper tiny.en on the input and on the output, against the reference
-  (pooled, also on the kept speech alone: what separation costs before any music is added);
+- WER in -> out: Whisper tiny.en (``--listener base``: the bundled base) on the input and on
+  the output, against the reference, titles and numbers spelled out (pooled, also on the
+  kept speech alone: what separation costs before any music is added); ``--words`` prints
+  what was heard where a word was wrong;
 - SI-SDR in -> kept: the input and the kept speech (SPEECH stem) against the clean speech.
 
     python -m bench.quality [--levels 12 6] [--ids jfk_inaugural_1961 ...] [--no-example] [--json F]
+                            [--words] [--listener tiny.en|base]
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from bench import measures, realworld
 from bgm import media
 from bgm.chunks import iter_file_chunks
 from bgm.client import make_channel
-from bgm.models import whisper_tiny_en
+from bgm.models import WHISPER_BUNDLED
 from bgm.server import start_server
 from bgm.settings import ServerSettings
 from bgm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, mixer_pb2
@@ -123,10 +126,13 @@ async def remix(stub: gateway_pb2_grpc.GatewayStub, video: Path,
 
 
 class Transcriber:
-    def __init__(self) -> None:
+    """Whisper on 48 kHz mono: tiny.en, what the product transcribes with, or the bundled
+    multilingual base, a second listener that turns fewer single words over."""
+
+    def __init__(self, model: str = "tiny.en") -> None:
         from faster_whisper import WhisperModel
 
-        self.model = WhisperModel(str(whisper_tiny_en()), device="cpu", compute_type="int8")
+        self.model = WhisperModel(str(WHISPER_BUNDLED[model]()), device="cpu", compute_type="int8")
 
     def __call__(self, mono48k: np.ndarray) -> str:
         segments, _ = self.model.transcribe(realworld.resample_to(mono48k, 16_000), language="en", beam_size=5,
@@ -198,7 +204,7 @@ async def main_async(args: argparse.Namespace) -> list[Row]:
     settings = ServerSettings()
     running = await start_server([GatewayServicer(GatewaySettings(), settings, EmbeddedServices())], settings)
     await running.wait_ready(900)
-    listen = Transcriber()
+    listen = Transcriber(args.listener)
     rows = []
     try:
         async with make_channel(running.address) as channel:
@@ -226,6 +232,8 @@ def main() -> None:
     parser.add_argument("--no-example", action="store_true", help="leave out the example video")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     parser.add_argument("--words", action="store_true", help="print what was heard where a word was wrong")
+    parser.add_argument("--listener", choices=sorted(WHISPER_BUNDLED), default="tiny.en",
+                        help="the Whisper model the WER is measured with")
     args = parser.parse_args()
     rows = asyncio.run(main_async(args))
     print()
