@@ -26,9 +26,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bgm import vocab
 from bgm.audio import Recording
 
-RATE = 48_000
+RATE = vocab.SEPARATION_RATE
 # 20 ms at 48 kHz, the separator's own frame.
 FRAME = 960
 
