@@ -84,7 +84,7 @@ class Row:
     video_identical: bool
     duration_equal: bool
     seconds: float
-    heard: str = ""  # what Whisper tiny.en heard in the output (empty without it)
+    heard: str = ""  # what the listener (Whisper) heard in the output (empty without one)
 
 
 def requests(video: Path, options: gateway_pb2.RemixOptions | None = None) -> Iterator[gateway_pb2.RemixRequest]:
