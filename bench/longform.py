@@ -24,7 +24,6 @@ import itertools
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ from bgm import vocab
 from bgm.chunks import iter_file_chunks
 from bgm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from gateway.example import speak
+from tests.processes import free_port
 
 RATE = vocab.SEPARATION_RATE
 BED_LEVEL = 0.2
@@ -132,12 +132,6 @@ def make_video(out: Path, minutes: float, work: Path) -> Path:
                     "-movflags", "+faststart", str(out)], check=True)
     wav_path.unlink()
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -40,9 +40,9 @@ def free_port() -> int:
     """A loopback port free now and below the kernel's ephemeral range: a port picked with
     bind(0) is an ephemeral one, which any process's outgoing connection (a service already
     started talking to another) can take before the server this port is for binds it."""
-    rng = random.Random()
+    rng, below = random.Random(), max(20_001, _ephemeral_low())
     for _ in range(200):
-        port = rng.randrange(20_000, max(20_001, _ephemeral_low()))
+        port = rng.randrange(20_000, below)
         if port in _HANDED_OUT:
             continue
         with socket.socket() as s:
