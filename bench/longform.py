@@ -256,6 +256,7 @@ class Sampler:
     disk_peak_mib: float = 0.0
     disk_at_peak: dict[str, int] = field(default_factory=dict)  # the files then
     trace: list[tuple[float, dict[str, float]]] = field(default_factory=list)  # servers' memory over time
+    disk_trace: list[dict[str, int]] = field(default_factory=list)  # the temp files, sampled with ``trace``
     done: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -283,6 +284,7 @@ class Sampler:
                 pids.append(pending.pop())
                 pending.extend(tree.get(pids[-1], []))
             files = disk_files(self.tmp, pids)
+            self.disk_trace.append(files)
             if sum(files.values()) / vocab.MIB > self.disk_peak_mib:
                 self.disk_peak_mib, self.disk_at_peak = sum(files.values()) / vocab.MIB, files
 
@@ -326,17 +328,29 @@ def running_at(t: float, stages: dict[str, tuple[float, float]]) -> str:
     return " ".join(name for name, (a, b) in stages.items() if a <= t <= b) or "no stage reporting"
 
 
+def by_folder(files: dict[str, int]) -> str:
+    """Temp disk per top-level folder (one per request and service), largest first."""
+    folders: dict[str, int] = {}
+    for name, size in files.items():
+        top = name.split(os.sep, 1)[0] if os.sep in name else "."
+        folders[top] = folders.get(top, 0) + size
+    return " ".join(f"{k.split('-', 2)[1] if k.count('-') >= 2 else k}:{v / vocab.MIB:.0f}"
+                    for k, v in sorted(folders.items(), key=lambda item: -item[1]))
+
+
 def print_trace(sampler: Sampler, stages: dict[str, tuple[float, float]], every_s: float = 5.0) -> None:
-    """The servers' memory every ``every_s`` seconds, with the stages running then."""
+    """The servers' memory and the temp disk (per request folder) every ``every_s`` seconds,
+    with the stages running then."""
     if not sampler.trace:
         return
     first, last_printed = sampler.trace[0][0], -every_s
-    for t, memory in sampler.trace:
+    for (t, memory), files in zip(sampler.trace, sampler.disk_trace, strict=False):
         if t - first - last_printed < every_s:
             continue
         last_printed = t - first
         print(f"  {t - first:7.1f} s  " + "  ".join(f"{k} {v:5.0f}" for k, v in memory.items())
-              + f"  MiB  [{running_at(t, stages)}]")
+              + f"  MiB  disk {sum(files.values()) / vocab.MIB:5.0f} MiB ({by_folder(files)})"
+              + f"  [{running_at(t, stages)}]")
 
 
 def run(mode: str, video: Path, seconds: float, work: Path, trace: bool) -> None:
@@ -379,7 +393,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, nargs="+", default=[10.0, 60.0])
     parser.add_argument("--modes", nargs="+", choices=("embedded", "services"), default=["embedded", "services"])
-    parser.add_argument("--trace", action="store_true", help="also print the servers' memory every 5 s")
+    parser.add_argument("--trace", action="store_true", help="also print memory and temp disk every 5 s")
     parser.add_argument("--logs", type=Path, help="keep the servers' logs in this folder")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bgm-longform-") as name:
