@@ -1,75 +1,61 @@
-"""Bytes one stage produces while another consumes them, replayable for retries."""
+"""Bytes one stage produces while another consumes them, and how a consumer's retry gets
+them again."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from bgm import audio, flac, vocab
+from bgm import vocab
+from bgm.v1 import common_pb2
 
 T = TypeVar("T")
-# A feed's bytes as FLAC takes them: 16-bit words (the rate is only a label).
-WORDS = audio.audio_format(vocab.SEPARATION_RATE, 1, audio.PCM_S16LE)
 
 
 class Feed:
-    """An append-only byte stream: a producer writes at known offsets, readers follow it.
+    """An append-only byte stream in memory: a producer writes at known offsets, one reader
+    follows it.
 
     Writes are placed by offset, so a retried producer that starts over from zero adds
-    only what was not there yet; every reader starts from the beginning, so a retried
-    consumer replays everything.
+    only what was not there yet (for that only the count is needed, not the bytes).
 
-    With a ``path`` the bytes are kept on disk rather than in memory, so an hour of
-    separated speech costs disk, not memory: as FLAC segments of SEGMENT_BYTES beside
-    ``path`` (16-bit words, lossless whatever the bytes are; separated speech takes about
-    a third of its raw size), the bytes after the last segment in memory. Readers then
-    get pieces of at most ``READ_BYTES``.
+    An hour of speech or music is hundreds of MiB, so the reader's pieces are dropped as it
+    takes them and the producer waits while more than ``AHEAD_BYTES`` are unread. A feed
+    cannot be read again once anything was dropped (``replayable``): a retried consumer
+    starts the producer over instead (``Supply``).
     """
 
-    READ_BYTES = vocab.MIB
-    SEGMENT_BYTES = 8 * vocab.MIB  # 87 s of mono 16-bit speech at 48 kHz
+    AHEAD_BYTES = 16 * vocab.MIB
 
-    def __init__(self, path: Path | None = None) -> None:
+    def __init__(self) -> None:
         self.pieces: list[bytes] = []
-        self.path = path
-        self.segments: list[flac.FlacPcm] = []  # with a path: each SEGMENT_BYTES of the stream
-        self.tail = bytearray()  # with a path: what follows the segments
+        self.first = 0  # the index of pieces[0] among all pieces written (those before were dropped)
         self.size = 0
+        self.unread = 0  # bytes written and not yet taken
         self.closed = False
         self.error: BaseException | None = None
         self._changed = asyncio.Condition()
 
-    async def write_at(self, offset: int, data: bytes) -> None:
+    @property
+    def replayable(self) -> bool:
+        return self.first == 0
+
+    async def write_at(self, offset: int, data: bytes) -> bytes:
+        """Add what of ``data`` (placed at ``offset``) is new; that part is returned."""
         if self.closed:
             raise RuntimeError("write to a closed feed")
         if offset > self.size:
             raise ValueError(f"gap in the feed: write at {offset}, only {self.size} bytes so far")
         new = data[self.size - offset :]
         if new:
-            if self.path is not None:
-                self.tail += new
-            else:
+            async with self._changed:  # the reader's pace sets the producer's
+                await self._changed.wait_for(lambda: self.unread < self.AHEAD_BYTES or self.closed)
                 self.pieces.append(new)
-            self.size += len(new)
-            async with self._changed:
+                self.size += len(new)
+                self.unread += len(new)
                 self._changed.notify_all()
-            while self.path is not None and len(self.tail) >= self.SEGMENT_BYTES:
-                segment = await asyncio.to_thread(self._seal)
-                self.segments.append(segment)  # and out of the tail in the same step: readers see one or the other
-                del self.tail[: self.SEGMENT_BYTES]
-
-    def _seal(self) -> flac.FlacPcm:
-        """The tail's first SEGMENT_BYTES as a FLAC segment, copied a piece at a time (the
-        loop only appends to the tail meanwhile): a copy of the whole segment at once, and
-        the copies of that copy, raised the gateway's peak by some 30 MiB each time."""
-        assert self.path is not None
-        segment = flac.FlacPcm(self.path.with_name(f"{self.path.name}.{len(self.segments)}.flac"), WORDS)
-        for lo in range(0, self.SEGMENT_BYTES, self.READ_BYTES):
-            segment.write(bytes(self.tail[lo : min(self.SEGMENT_BYTES, lo + self.READ_BYTES)]))
-        segment.finish()
-        return segment
+        return new
 
     async def close(self, error: BaseException | None = None) -> None:
         self.closed = True
@@ -78,50 +64,87 @@ class Feed:
             self._changed.notify_all()
 
     def discard(self) -> None:
-        """Drop what the feed holds (its files too); nothing can be read after this."""
+        """Drop what the feed holds; nothing can be read after this."""
+        self.first += len(self.pieces)
         self.pieces = []
-        for segment in self.segments:
-            segment.close()
-        self.segments = []
-        self.tail = bytearray()
 
-    async def _read_from(self, position: int) -> bytes:
-        sealed = len(self.segments) * self.SEGMENT_BYTES
-        if position >= sealed:
-            return bytes(self.tail[position - sealed : position - sealed + self.READ_BYTES])
-        segment = self.segments[position // self.SEGMENT_BYTES]
-        lo = position % self.SEGMENT_BYTES // 2
-        hi = min(lo + self.READ_BYTES // 2, self.SEGMENT_BYTES // 2)
-        words = await asyncio.to_thread(segment.read, lo, hi)
-        if hi == self.SEGMENT_BYTES // 2:  # read to its end: no file handle held per segment of an hour
-            segment.release()
-        return words.astype("<i2", copy=False).tobytes()
-
-    async def read(self) -> AsyncIterator[bytes]:
-        """Every piece from the start, as it arrives; raises the producer's error if it failed."""
-        index = 0  # pieces (in memory) or bytes (on disk) handed out so far
+    async def read(self, idle_s: float | None = None) -> AsyncIterator[bytes]:
+        """Every piece from the start, as it arrives; raises the producer's error if it
+        failed. With ``idle_s``, an empty piece whenever nothing came for that long (the
+        caller keeps its own stream alive meanwhile)."""
+        if not self.replayable:
+            raise RuntimeError("this feed dropped what it held: start its producer over")
+        index = 0  # pieces handed out so far
 
         def ready() -> bool:
-            return index < (self.size if self.path is not None else len(self.pieces)) or self.closed
+            return index < self.first + len(self.pieces) or self.closed
 
         while True:
             async with self._changed:
-                await self._changed.wait_for(ready)
+                try:
+                    await asyncio.wait_for(self._changed.wait_for(ready), idle_s)
+                except TimeoutError:
+                    yield b""
+                    continue
             if self.error is not None:
                 raise self.error
-            if self.path is not None:
-                while index < self.size:
-                    piece = await self._read_from(index)
-                    index += len(piece)
-                    yield piece
-                if self.closed and index == self.size:
-                    return
-                continue
-            while index < len(self.pieces):
+            while index < self.first + len(self.pieces):
+                piece = self.pieces.pop(0)
                 index += 1
-                yield self.pieces[index - 1]
-            if self.closed and index == len(self.pieces):
+                self.first += 1
+                self.unread -= len(piece)
+                async with self._changed:
+                    self._changed.notify_all()
+                yield piece
+            if self.closed and index == self.first + len(self.pieces):
                 return
+
+
+Produce = Callable[["Feed", "asyncio.Future[common_pb2.AudioFormat]"], Awaitable[None]]
+
+
+class Supply:
+    """A track the mix takes as a stage makes it (the separated speech, the score): the
+    stage writes into a feed that drops what the mix took, so the gateway holds only what
+    is in flight. A retried mix cannot replay that, so ``again`` starts the stage over into
+    a new feed. ``produce(feed, fmt)`` writes the feed, closes it (with its error if it
+    failed) and sets the track's format once known."""
+
+    def __init__(self, produce: Produce) -> None:
+        self._produce = produce
+        self.fmt: asyncio.Future[common_pb2.AudioFormat] = asyncio.get_running_loop().create_future()
+        self.feed = Feed()
+        self.task = self._start()
+
+    def _start(self) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(self._run(self.feed, self.fmt))
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())  # the mix reports it
+        return task
+
+    async def _run(self, feed: Feed, fmt: asyncio.Future[common_pb2.AudioFormat]) -> None:
+        try:
+            await self._produce(feed, fmt)
+        except Exception as exc:
+            if not fmt.done():  # whoever waits for the format learns why there is none
+                fmt.set_exception(exc)
+                fmt.exception()  # read here too: nobody may be waiting
+            raise
+
+    def again(self) -> None:
+        """Start over, unless nothing was taken yet."""
+        if self.feed.replayable:
+            return
+        self.task.cancel()
+        self.feed.discard()
+        self.feed = Feed()
+        if self.fmt.done() and self.fmt.exception() is not None:
+            self.fmt = asyncio.get_running_loop().create_future()
+        self.task = self._start()
+
+    async def close(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        self.feed.discard()
 
 
 async def merge(*sources: AsyncIterator[T]) -> AsyncIterator[T]:

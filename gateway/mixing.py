@@ -1,6 +1,6 @@
 """The MixAndMux call of a remix, as named steps: what goes in (the original, then the
-speech as it is separated, the words' times and the music once they exist, each track marked
-when complete) and what comes back (the remixed file, its result and any stems).
+speech as it is separated, the words' times, then the music as it is composed, each track
+marked when complete) and what comes back (the remixed file, its result and any stems).
 
 Each step is a module function over plain inputs, so each can be tested on its own.
 """
@@ -15,9 +15,8 @@ from typing import Any
 
 from bgm import audio, flac, vocab
 from bgm.chunks import iter_chunks, iter_file_chunks
-from bgm.threads import iterate_in_thread
 from bgm.v1 import common_pb2, gateway_pb2, mixer_pb2
-from gateway.feed import Feed, merge
+from gateway.feed import Feed, Supply, merge
 
 # The score as the music service is asked for it and the mixer is sent it: 48 kHz (the
 # mix's rate: nothing to resample) stereo 16-bit (the music peaks at 0.89, and an hour of it
@@ -29,9 +28,9 @@ Progress = Callable[[float, str], Awaitable[None]]
 
 
 class Music:
-    """The score as the music service streamed it in, on disk in the job's folder: FLAC
-    when it is 16-bit (about half the bytes: an hour is some 310 MiB, not 659), else raw.
-    Kept until the remix ends, so a retried mix sends it again."""
+    """The score as the music service streamed it in, on disk in the job's folder, kept
+    for its stem (STEM_MUSIC) only: FLAC when it is 16-bit (about half the bytes: an hour
+    is some 310 MiB, not 659), else raw."""
 
     def __init__(self, work: Path, fmt: common_pb2.AudioFormat) -> None:
         self.fmt = fmt
@@ -67,15 +66,22 @@ class Music:
 
 @dataclass
 class MixInputs:
-    """What the mix waits on; the futures are shared with the stages that fill them."""
+    """What the mix takes; the futures are shared with the stages that fill them."""
 
     video: Path
     options: gateway_pb2.RemixOptions
-    speech: Feed
-    speech_format: asyncio.Future[common_pb2.AudioFormat]
-    speech_samples: int  # 0 when the upload has no audio
-    music: asyncio.Future[Music]
+    speech: Supply | None  # None when the upload has no audio
+    speech_samples: int
+    music: asyncio.Future[Supply]
     spoken: asyncio.Future[mixer_pb2.SpeechSpans]
+
+    def again(self) -> None:
+        """Before a retried mix: the speech and the music start over where the last attempt
+        took some (the gateway keeps neither)."""
+        if self.speech is not None:
+            self.speech.again()
+        if self.music.done() and not self.music.cancelled() and self.music.exception() is None:
+            self.music.result().again()
 
 
 def track(kind: int, pieces: Iterable[bytes]) -> Iterator[mixer_pb2.MixRequest]:
@@ -85,10 +91,12 @@ def track(kind: int, pieces: Iterable[bytes]) -> Iterator[mixer_pb2.MixRequest]:
     yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=kind, last=True))  # type: ignore[arg-type]
 
 
-async def speech_track(speech: Feed, total_bytes: int, progress: Progress) -> AsyncIterator[mixer_pb2.MixRequest]:
-    """The speech as the separator hands it over; the mix's progress runs to 90 % meanwhile."""
+async def speech_track(speech: Feed | None, total_bytes: int,
+                       progress: Progress) -> AsyncIterator[mixer_pb2.MixRequest]:
+    """The speech as the separator hands it over (none: no audio); the mix's progress runs
+    to 90 % meanwhile."""
     sent = 0
-    async for piece in speech.read():
+    async for piece in speech.read() if speech is not None else _nothing():
         for sub in iter_chunks(piece):
             yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=mixer_pb2.TRACK_SPEECH, data=sub))
         sent += len(piece)
@@ -108,10 +116,15 @@ async def keep_alive(result: asyncio.Future[Any]) -> AsyncIterator[mixer_pb2.Mix
             yield mixer_pb2.MixRequest(speech_spans=mixer_pb2.SpeechSpans())
 
 
+async def _nothing() -> AsyncIterator[bytes]:
+    return
+    yield
+
+
 async def music_track(spoken: asyncio.Future[mixer_pb2.SpeechSpans],
-                      music: asyncio.Future[Music]) -> AsyncIterator[mixer_pb2.MixRequest]:
+                      music: asyncio.Future[Supply]) -> AsyncIterator[mixer_pb2.MixRequest]:
     """The words' times (speech the mixer's voice-activity detector may miss still ducks the
-    music), then the music in the mix's format."""
+    music), then the music in the mix's format as it is composed."""
     async for request in keep_alive(spoken):
         yield request
     words = spoken.result()
@@ -120,14 +133,22 @@ async def music_track(spoken: asyncio.Future[mixer_pb2.SpeechSpans],
     async for request in keep_alive(music):
         yield request
     score = music.result()
-    if score.fmt != BGM_FORMAT:  # another music service may answer in its own format
-        pcm = await asyncio.to_thread(lambda: audio.convert_pcm(b"".join(score.pcm()), score.fmt,
-                                                                vocab.SEPARATION_RATE, 2, BGM_FORMAT.encoding))
+    foreign: list[bytes] = []  # another music service may answer in its own format
+    async for piece in score.feed.read(KEEP_ALIVE_S):
+        if not piece:  # a span that takes long to render (Riffusion on a CPU)
+            yield mixer_pb2.MixRequest(speech_spans=mixer_pb2.SpeechSpans())
+        elif score.fmt.result() == BGM_FORMAT:  # known before the first piece
+            for sub in iter_chunks(piece):
+                yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=mixer_pb2.TRACK_BGM, data=sub))
+        else:
+            foreign.append(piece)
+    if foreign:
+        fmt = score.fmt.result()
+        pcm = await asyncio.to_thread(lambda: audio.convert_pcm(b"".join(foreign), fmt, vocab.SEPARATION_RATE, 2,
+                                                                BGM_FORMAT.encoding))
         for request in track(mixer_pb2.TRACK_BGM, iter_chunks(pcm)):
             yield request
         return
-    async for piece in iterate_in_thread(lambda _: score.pcm()):  # decoded off the loop
-        yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=mixer_pb2.TRACK_BGM, data=piece))
     yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=mixer_pb2.TRACK_BGM, last=True))
 
 
@@ -145,12 +166,13 @@ def config(options: gateway_pb2.RemixOptions, speech_format: common_pb2.AudioFor
 
 async def requests(inputs: MixInputs, progress: Progress) -> AsyncIterator[mixer_pb2.MixRequest]:
     """The whole request stream: config, the original, then speech and music as they come."""
-    speech_format = await asyncio.shield(inputs.speech_format) if inputs.speech_samples else None
+    speech = inputs.speech
+    speech_format = await asyncio.shield(speech.fmt) if speech is not None else None
     yield mixer_pb2.MixRequest(config=config(inputs.options, speech_format))
     for request in track(mixer_pb2.TRACK_ORIGINAL, iter_file_chunks(inputs.video)):
         yield request
     total = inputs.speech_samples * audio.bytes_per_frame(speech_format) if speech_format is not None else 0
-    async for request in merge(speech_track(inputs.speech, total, progress),
+    async for request in merge(speech_track(None if speech is None else speech.feed, total, progress),
                                music_track(inputs.spoken, inputs.music)):
         yield request
     await progress(0.9, "mixing, measuring loudness and encoding")

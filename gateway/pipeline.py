@@ -5,11 +5,16 @@
                              +-> mix and mux (mixer), opened at once: original -> [mix] -> video out
                              |                                                      ^
                              +-> transcribe (stt) -> classify (emotion) -> music ---+
+                                                                  (as it is composed)
 
 Three strands run at once. The mix takes the original first, then the speech while it is
-being separated and the music once it is composed; each track is marked complete so the
+being separated and the music while it is composed; each track is marked complete so the
 mixer prepares it while the others are still coming. What no other stage can overlap is
 the mix of the whole, its loudness pass and the encode, once the last input is in.
+
+The speech and the music pass through the gateway (``feed.Supply``): it keeps neither,
+so an hour's remix costs the gateway no disk for them, and a retried mix has their stages
+made again.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from bgm.v1 import (
 )
 from gateway import mixing, sentences
 from gateway import timeline as edited_timeline
-from gateway.feed import Feed, first_failure
+from gateway.feed import Feed, Supply, first_failure
 
 log = logs.get("bgm.gateway")
 T = TypeVar("T")
@@ -169,6 +174,7 @@ class Remix:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     paces: dict[int, tuple[float, float]] = field(default_factory=dict)  # stage: (began, fraction)
     _digest: str | None = None  # the upload's content (``upload_digest``)
+    music_stem: mixing.Music | None = None  # the score as composed, when its stem is asked for
 
     # ----- helpers ----------------------------------------------------------------
     async def progress(self, stage: int, fraction: float, message: str = "") -> None:
@@ -280,12 +286,9 @@ class Remix:
         upload.speech_to_text.unlink(missing_ok=True)
         return transcript
 
-    async def separate(self, upload: UploadAudio | None, speech: Feed,
+    async def separate(self, upload: UploadAudio, speech: Feed,
                        speech_format: asyncio.Future[common_pb2.AudioFormat]) -> None:
         """Separate the speech, handing it to ``speech`` as the mixer streams it back."""
-        if upload is None:
-            await speech.close()
-            return
         config = mixer_pb2.SeparateConfig(format=SEPARATION_FORMAT, backend=self.options.separation_backend,
                                           stems=[mixer_pb2.STEM_SPEECH])
 
@@ -332,40 +335,61 @@ class Remix:
 
         return await self.stage(common_pb2.STAGE_CLASSIFY, attempt)
 
-    async def music(self, timeline: gateway_pb2.EmotionTimeline) -> mixing.Music:
-        """The score, written to the job's folder as it streams in (an hour of it is 0.7 GB
-        raw: disk, not memory; FLAC when 16-bit, about half that), in the mix's format."""
+    def music(self, timeline: gateway_pb2.EmotionTimeline) -> Supply:
+        """The score, handed on as it streams in, in the mix's format; written to the job's
+        folder only for its stem (an hour of it is 0.7 GB raw, FLAC when 16-bit: about half)."""
         request = music_pb2.GenerateRequest(spans=timeline.spans, style=self.options.music,
                                             format=mixing.BGM_FORMAT)
+        stem = mixer_pb2.STEM_MUSIC in self.options.mix.return_stems
+        announced = False
 
-        async def attempt() -> mixing.Music:
-            score: mixing.Music | None = None  # a retry starts the file over
-            total = 0
-            try:
+        async def produce(feed: Feed, fmt: asyncio.Future[common_pb2.AudioFormat]) -> None:
+            score: mixing.Music | None = None  # the stem's copy
+
+            async def attempt() -> None:
+                nonlocal announced, score
+                offset, total = 0, 0  # a retry starts over; the feed keeps only what is new
                 async for event in self.stubs.music.Generate(request, timeout=self.timeout_s):
                     kind = event.WhichOneof("event")
                     if kind == "header":
-                        score = mixing.Music(self.work, event.header.format)
+                        if not fmt.done():
+                            fmt.set_result(event.header.format)
                         total = event.header.total_samples
-                        await self.emit(gateway_pb2.RemixResponse(score=event.header))
+                        if not announced:
+                            announced = True
+                            await self.emit(gateway_pb2.RemixResponse(score=event.header))
+                        if stem and score is None:
+                            score = mixing.Music(self.work, event.header.format)
                     elif kind == "chunk":
-                        if score is None:
+                        if not fmt.done():
                             raise InvalidInput("the music service sent audio before its header")
-                        await score.append(event.chunk.pcm)
+                        new = await feed.write_at(offset, event.chunk.pcm)
+                        offset += len(event.chunk.pcm)
+                        if score is not None and new:
+                            await score.append(new)
                         if total:
-                            done = (event.chunk.start_sample
-                                    + len(event.chunk.pcm) // audio.bytes_per_frame(score.fmt))
+                            frames = len(event.chunk.pcm) // audio.bytes_per_frame(fmt.result())
+                            done = event.chunk.start_sample + frames
                             await self.progress(common_pb2.STAGE_GENERATE_MUSIC, min(0.99, done / total))
-                if score is None:
+                if not fmt.done():
                     raise InvalidInput("the music service returned no header")
-                await asyncio.to_thread(score.finish)
-            except BaseException:
-                if score is not None:
-                    score.close()
-                raise
-            return score
 
-        return await self.stage(common_pb2.STAGE_GENERATE_MUSIC, attempt)
+            try:
+                await self.stage(common_pb2.STAGE_GENERATE_MUSIC, attempt)
+                if score is not None:
+                    await asyncio.to_thread(score.finish)
+            except BaseException as exc:
+                if score is not None:
+                    await asyncio.to_thread(score.close)
+                await feed.close(exc)
+                raise
+            await feed.close()
+            if score is not None:  # a retried mix made the score again
+                if self.music_stem is not None:
+                    await asyncio.to_thread(self.music_stem.close)
+                self.music_stem = score
+
+        return Supply(produce)
 
     async def mix(self, inputs: mixing.MixInputs) -> None:
         """MixAndMux, opened at once (``gateway.mixing`` builds the stream and collects the
@@ -375,15 +399,37 @@ class Remix:
         async def progress(fraction: float, message: str) -> None:
             await self.progress(common_pb2.STAGE_MIX, fraction, message)
 
+        attempts = 0
+
         async def attempt() -> list[gateway_pb2.RemixResponse]:
-            call = self.stubs.mixer.MixAndMux(mixing.requests(inputs, progress), timeout=self.timeout_s)
-            return await mixing.collect(call, output)
+            nonlocal attempts
+            if attempts:
+                inputs.again()
+            attempts += 1
+            broken: list[Exception] = []  # a stage feeding the mix failed
+
+            async def sent() -> AsyncIterator[mixer_pb2.MixRequest]:
+                try:
+                    async for request in mixing.requests(inputs, progress):
+                        yield request
+                except Exception as exc:
+                    broken.append(exc)
+                    raise
+
+            call = self.stubs.mixer.MixAndMux(sent(), timeout=self.timeout_s)
+            try:
+                return await mixing.collect(call, output)
+            except (asyncio.CancelledError, aio.AioRpcError):
+                # gRPC cancels a call whose requests raised: the stage's own error is the news.
+                if broken:
+                    raise broken[0] from None
+                raise
 
         held = await self.stage(common_pb2.STAGE_MIX, attempt)
         for message in mixing.handed_on(held, output):
             await self.emit(message)
-        if mixer_pb2.STEM_MUSIC in self.options.mix.return_stems and inputs.music.done():
-            score = inputs.music.result()  # the stem is written and sent a piece at a time
+        if self.music_stem is not None:
+            score = self.music_stem  # the stem is written and sent a piece at a time
             async for message in iterate_in_thread(lambda _: mixing.music_stem(score, self.work)):
                 await self.emit(message)
 
@@ -418,13 +464,13 @@ class Remix:
         edited = self.options.HasField("timeline")
         loop = asyncio.get_running_loop()
         probed: asyncio.Future[media.MediaInfo] = loop.create_future()
-        music: asyncio.Future[mixing.Music] = loop.create_future()
+        music: asyncio.Future[Supply] = loop.create_future()
         spoken: asyncio.Future[mixer_pb2.SpeechSpans] = loop.create_future()
 
         async def compose_edited() -> None:
             # An edited timeline needs only the duration: its music starts while the audio decodes.
             info = await asyncio.shield(probed)
-            music.set_result(await self.music(await self.given(info.duration_s, spoken)))
+            music.set_result(self.music(await self.given(info.duration_s, spoken)))
 
         early = asyncio.ensure_future(compose_edited()) if edited and not analyze_only else None
         try:
@@ -433,23 +479,23 @@ class Remix:
             if early is not None:
                 early.cancel()
                 await asyncio.gather(early, return_exceptions=True)
+            if music.done() and not music.cancelled():
+                await music.result().close()
             raise
         if analyze_only:
             await (self.given(info.duration_s) if edited else self.analyse(upload, info.duration_s))
             return
-        # The separated speech goes to disk as it comes (the mix reads it, a retried mix again).
-        speech, speech_format = Feed(self.work / "speech.pcm"), loop.create_future()
+        # The separated speech goes on to the mix as it comes.
+        speech = None if upload is None else Supply(lambda feed, fmt: self.separate(upload, feed, fmt))
 
         async def analyse_and_compose() -> None:
-            music.set_result(await self.music(await self.analyse(upload, info.duration_s, spoken)))
+            music.set_result(self.music(await self.analyse(upload, info.duration_s, spoken)))
 
-        # Three strands at once: separation feeding the mix as it goes, the mix itself, and
-        # transcription -> emotions -> music (or an edited timeline's music), whose result
-        # the mix picks up when it is ready.
-        strands = [asyncio.ensure_future(self.separate(upload, speech, speech_format)),
-                   asyncio.ensure_future(self.mix(mixing.MixInputs(
-                       self.video, self.options, speech, speech_format, 0 if upload is None else upload.samples,
-                       music, spoken))),
+        # Two strands at once besides separation (which the mix's stream reads from, and whose
+        # failure reaches it there): the mix itself, and transcription -> emotions -> music (or
+        # an edited timeline's music), which the mix picks up when it begins.
+        strands = [asyncio.ensure_future(self.mix(mixing.MixInputs(
+                       self.video, self.options, speech, 0 if upload is None else upload.samples, music, spoken))),
                    early if early is not None else asyncio.ensure_future(analyse_and_compose())]
         try:
             await first_failure(strands)
@@ -457,16 +503,11 @@ class Remix:
             for strand in strands:
                 strand.cancel()
             await asyncio.gather(*strands, return_exceptions=True)
-            score = music.result() if music.done() and not music.cancelled() and music.exception() is None else None
-
-            def release() -> None:
-                speech.discard()
-                if score is not None:
-                    score.close()
-
-            # Off the loop: removing an hour's score and speech is disk work, and closing a
-            # FLAC file waits for any thread still reading it.
-            await asyncio.shield(asyncio.to_thread(release))
+            supplies = [s for s in (speech, music.result() if music.done() and not music.cancelled() else None)
+                        if s is not None]
+            await asyncio.gather(*(s.close() for s in supplies))
+            if self.music_stem is not None:  # off the loop: closing a FLAC file waits for its readers
+                await asyncio.shield(asyncio.to_thread(self.music_stem.close))
         log.info("remix done", extra={"fields": {
             "duration_s": info.duration_s, "wall_s": round(time.monotonic() - self.started, 2),
             "stages_s": {k: round(v, 2) for k, v in self.stage_seconds.items()}}})

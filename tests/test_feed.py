@@ -1,81 +1,102 @@
-"""The gateway's plumbing between streaming stages: the replayable feed, merge, first failure."""
+"""The gateway's plumbing between streaming stages: the feed, the supply, merge, first failure."""
 
 from __future__ import annotations
 
 import asyncio
 
-import numpy as np
 import pytest
 
-from gateway.feed import Feed, first_failure, merge
+from gateway.feed import Feed, Supply, first_failure, merge
 
 
 async def collect(feed: Feed) -> bytes:
     return b"".join([piece async for piece in feed.read()])
 
 
-def test_readers_follow_the_writer_and_a_retried_writer_adds_only_what_is_new():
-    async def scenario() -> tuple[bytes, bytes, bytes]:
+def test_the_reader_follows_the_writer_and_a_retried_writer_adds_only_what_is_new():
+    async def scenario() -> tuple[bytes, bytes]:
         feed = Feed()
         early = asyncio.ensure_future(collect(feed))  # reading before anything is written
         await feed.write_at(0, b"abc")
         await asyncio.sleep(0)
         await feed.write_at(3, b"def")
         # A retried producer starts over from zero: the overlap is dropped, the rest kept.
-        await feed.write_at(0, b"abcdefgh")
+        new = await feed.write_at(0, b"abcdefgh")
         await feed.close()
-        return await early, await collect(feed), await collect(feed)
+        return await early, new
 
-    early, replay, again = asyncio.run(scenario())
-    assert early == replay == again == b"abcdefgh"
-
-
-def test_a_feed_kept_on_disk_reads_the_same_and_removes_its_files(tmp_path, monkeypatch):
-    """An hour of separated speech goes to disk (FLAC segments): readers still follow the
-    writer, retries still replay everything, in pieces of at most READ_BYTES."""
-    monkeypatch.setattr(Feed, "READ_BYTES", 4)
-    monkeypatch.setattr(Feed, "SEGMENT_BYTES", 6)
-    path = tmp_path / "speech.pcm"
-
-    async def scenario() -> tuple[bytes, bytes, list[bytes]]:
-        feed = Feed(path)
-        early = asyncio.ensure_future(collect(feed))
-        await feed.write_at(0, b"abc")
-        await asyncio.sleep(0)
-        await feed.write_at(3, b"def")  # six bytes: the first segment
-        await feed.write_at(0, b"abcdefghij")  # a retried producer: only "ghij" is new
-        await feed.close()
-        pieces = [piece async for piece in feed.read()]
-        replay, first = await collect(feed), await early
-        assert feed.pieces == [] and len(feed.segments) == 1 and feed.tail == b"ghij"  # on disk, not in memory
-        assert [p.name for p in tmp_path.iterdir()] == ["speech.pcm.0.flac"]
-        feed.discard()
-        return first, replay, pieces
-
-    early, replay, pieces = asyncio.run(scenario())
-    assert early == replay == b"abcdefghij"
-    assert pieces == [b"abcd", b"ef", b"ghij"]
-    assert not list(tmp_path.iterdir())
+    got, new = asyncio.run(scenario())
+    assert got == b"abcdefgh" and new == b"gh"
 
 
-def test_any_bytes_come_back_from_the_segments_exactly(tmp_path, monkeypatch):
-    monkeypatch.setattr(Feed, "SEGMENT_BYTES", 4096)
-    data = np.random.default_rng(3).integers(0, 256, 50_001, dtype=np.uint8).tobytes()  # not audio, odd length
+def test_a_feed_that_drops_what_was_read_holds_only_what_is_in_flight(monkeypatch):
+    """The remix's feeds: the reader's pieces are gone once taken, the producer waits while
+    AHEAD_BYTES are unread, and a second read is refused rather than given half a track."""
+    monkeypatch.setattr(Feed, "AHEAD_BYTES", 4)
 
-    async def scenario() -> bytes:
-        feed = Feed(tmp_path / "speech.pcm")
-        reader = asyncio.ensure_future(collect(feed))
-        for start in range(0, len(data), 3_001):
-            await feed.write_at(start, data[start : start + 3_001])
-            await asyncio.sleep(0)
-        await feed.close()
-        assert len(feed.segments) == len(data) // 4096
-        got = await reader
-        assert await collect(feed) == got
-        feed.discard()
-        return got
+    async def scenario() -> tuple[bytes, list[int]]:
+        feed = Feed()
+        held: list[int] = []
 
-    assert asyncio.run(scenario()) == data
+        async def produce() -> None:
+            for start in range(0, 12, 3):
+                await feed.write_at(start, b"abcdefghijkl"[start : start + 3])
+                held.append(sum(len(p) for p in feed.pieces))
+            await feed.close()
+
+        producer = asyncio.ensure_future(produce())
+        await asyncio.sleep(0.01)
+        assert feed.size == 6  # two writes in, the third waits for the reader
+        got = await collect(feed)
+        await producer
+        assert not feed.replayable and feed.pieces == []
+        with pytest.raises(RuntimeError, match="start its producer over"):
+            await collect(feed)
+        return got, held
+
+    got, held = asyncio.run(scenario())
+    assert got == b"abcdefghijkl"
+    assert max(held) <= 6  # never more than AHEAD_BYTES plus the piece being added
+
+
+def test_a_supply_starts_its_stage_over_only_once_something_was_taken():
+    async def scenario() -> tuple[int, bytes, bytes]:
+        runs = 0
+
+        async def produce(feed: Feed, fmt: asyncio.Future) -> None:
+            nonlocal runs
+            runs += 1
+            if not fmt.done():
+                fmt.set_result("format")
+            await feed.write_at(0, b"track")
+            await feed.close()
+
+        supply = Supply(produce)
+        supply.again()  # nothing taken yet: the same run serves
+        first = await collect(supply.feed)
+        supply.again()  # what was taken is gone: the stage runs again into a new feed
+        again = await collect(supply.feed)
+        await supply.close()
+        return runs, first, again
+
+    runs, first, again = asyncio.run(scenario())
+    assert (runs, first, again) == (2, b"track", b"track")
+
+
+def test_a_stage_that_fails_before_its_format_tells_whoever_waits_for_it():
+    async def scenario() -> None:
+        async def produce(feed: Feed, fmt: asyncio.Future) -> None:
+            await feed.close(LookupError("separation failed"))
+            raise LookupError("separation failed")
+
+        supply = Supply(produce)
+        with pytest.raises(LookupError, match="separation failed"):
+            await supply.fmt
+        with pytest.raises(LookupError, match="separation failed"):
+            await collect(supply.feed)
+        await supply.close()
+
+    asyncio.run(scenario())
 
 
 def test_a_gap_and_a_producer_failure_reach_the_reader():

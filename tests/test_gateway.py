@@ -259,3 +259,52 @@ def test_cancelling_half_way_removes_temp_files(gateway, example):
     servicer = running.servicers[0]
     assert servicer.limiter.active == 0
     assert health_status(channel(running.address), "bgm.v1.Gateway") == "SERVING"
+
+
+def test_a_mix_that_fails_after_taking_every_track_is_made_again_the_same(loop, tmp_path):
+    """The gateway keeps neither the speech nor the music it passes on, so when the mixer
+    goes away after taking them all, the retried mix has separation and the music made
+    again, and the file is the very one an undisturbed run gives."""
+    from bgm import settings as bgm_settings
+    from bgm import vocab
+    from bgm.errors import NotReady
+    from bgm.server import start_server
+    from services.mixer.servicer import MixerServicer
+    from services.mixer.settings import MixerSettings
+
+    class MixerThatRestartsOnce(MixerServicer):
+        restarted = False
+
+        async def MixAndMux(self, request_iterator, context):
+            if not self.restarted:
+                self.restarted = True
+                async for _ in request_iterator:  # every track taken, then it goes away
+                    pass
+                raise NotReady("the mixer restarted")
+            async for answer in super().MixAndMux(request_iterator, context):
+                yield answer
+
+    class WithThatMixer(EmbeddedServices):
+        async def start(self) -> dict[str, str]:
+            addresses = await super().start()
+            await self.wait_ready()  # one mixer loading at a time, as in a deployment
+            local = ServerSettings(host="127.0.0.1", port=0)
+            mixer = MixerThatRestartsOnce(bgm_settings.load(MixerSettings, vocab.MIXER.env_prefix), local)
+            self.running["restarting"] = await start_server([mixer], local)
+            addresses[vocab.MIXER.name] = self.running["restarting"].address
+            return addresses
+
+    example = make_example(tmp_path / "example.mp4", section_s=4)
+    running = start(loop, [GatewayServicer(GatewaySettings(), ServerSettings(), WithThatMixer())])
+    try:
+        before = bgm_temp_files()
+        stub = gateway_pb2_grpc.GatewayStub(channel(running.address))
+        retried = run(stub.Remix(requests(example), timeout=600))
+        undisturbed = run(stub.Remix(requests(example), timeout=600))
+        assert bgm_temp_files() <= before
+    finally:
+        loop.run(running.stop(1))
+    finished = [p for p in retried["progress"] if p.fraction == 1.0]
+    assert [p.stage for p in finished].count(common_pb2.STAGE_SEPARATE) == 2
+    assert [p.stage for p in finished].count(common_pb2.STAGE_GENERATE_MUSIC) == 2
+    assert b"".join(retried["video"]) == b"".join(undisturbed["video"])

@@ -10,7 +10,7 @@ import numpy as np
 from bgm import audio
 from bgm.v1 import common_pb2, gateway_pb2, mixer_pb2
 from gateway import mixing
-from gateway.feed import Feed
+from gateway.feed import Feed, Supply
 
 
 def kinds(requests: list[mixer_pb2.MixRequest]) -> list[str]:
@@ -52,14 +52,24 @@ def test_speech_streams_as_it_is_separated_with_progress(loop):
     assert seen == [0.45, 0.9]
 
 
+def supplied(fmt: common_pb2.AudioFormat, pcm: bytes, pause_s: float = 0.0) -> Supply:
+    """A track made in two pieces, ``pause_s`` apart, as a stage would write it."""
+    async def produce(feed: Feed, known: asyncio.Future[common_pb2.AudioFormat]) -> None:
+        known.set_result(fmt)
+        half = len(pcm) // 2
+        await feed.write_at(0, pcm[:half])
+        await asyncio.sleep(pause_s)
+        await feed.write_at(half, pcm[half:])
+        await feed.close()
+
+    return Supply(produce)
+
+
 def test_music_comes_after_the_words_and_in_the_mix_format(loop, tmp_path: Path):
     async def go(fmt: common_pb2.AudioFormat, pcm: bytes) -> list[mixer_pb2.MixRequest]:
         spoken, music = asyncio.get_running_loop().create_future(), asyncio.get_running_loop().create_future()
         spoken.set_result(mixer_pb2.SpeechSpans(spans=[common_pb2.TimeSpan(start_s=1, end_s=2)]))
-        score = mixing.Music(tmp_path, fmt)  # the gateway keeps the score in a file as it streams in
-        await score.append(pcm)
-        score.finish()
-        music.set_result(score)
+        music.set_result(supplied(fmt, pcm))
         return await collected(mixing.music_track(spoken, music))
 
     stereo = audio.float_to_pcm(np.zeros((48_000, 2), dtype=np.float32), mixing.BGM_FORMAT.encoding)
@@ -73,24 +83,33 @@ def test_music_comes_after_the_words_and_in_the_mix_format(loop, tmp_path: Path)
     assert len(sent) == 48_000 * audio.bytes_per_frame(mixing.BGM_FORMAT)
 
 
+def test_music_that_pauses_keeps_the_mix_stream_alive(loop, monkeypatch):
+    """A span that renders for minutes (Riffusion on a CPU) must not leave the mix's stream
+    silent past the mixer's idle timeout: empty SpeechSpans go meanwhile."""
+    monkeypatch.setattr(mixing, "KEEP_ALIVE_S", 0.05)
+
+    async def go() -> list[mixer_pb2.MixRequest]:
+        spoken, music = asyncio.get_running_loop().create_future(), asyncio.get_running_loop().create_future()
+        spoken.set_result(mixer_pb2.SpeechSpans())
+        music.set_result(supplied(mixing.BGM_FORMAT, b"m" * 64, pause_s=0.3))
+        return await collected(mixing.music_track(spoken, music))
+
+    order = kinds(loop.run(go()))
+    assert order[0] == "bgm" and order[-2:] == ["bgm", "bgm last"]
+    assert order.count("speech_spans") >= 3
+
+
 def test_the_stream_opens_with_config_and_the_whole_original(loop, tmp_path: Path):
     video = tmp_path / "in.mp4"
     video.write_bytes(b"v" * 1000)
 
     async def go() -> list[mixer_pb2.MixRequest]:
         running = asyncio.get_running_loop()
-        speech, speech_format = Feed(), running.create_future()
-        speech_format.set_result(audio.audio_format(48_000, 1))
-        await speech.write_at(0, b"s" * 8)
-        await speech.close()
+        speech = supplied(audio.audio_format(48_000, 1), b"s" * 8)
         spoken, music = running.create_future(), running.create_future()
         spoken.set_result(mixer_pb2.SpeechSpans())
-        score = mixing.Music(tmp_path, mixing.BGM_FORMAT)
-        await score.append(b"m" * 16)
-        score.finish()
-        music.set_result(score)
-        inputs = mixing.MixInputs(video, gateway_pb2.RemixOptions(filename="in.mp4"), speech, speech_format, 2,
-                                  music, spoken)
+        music.set_result(supplied(mixing.BGM_FORMAT, b"m" * 16))
+        inputs = mixing.MixInputs(video, gateway_pb2.RemixOptions(filename="in.mp4"), speech, 2, music, spoken)
 
         async def progress(fraction: float, message: str) -> None:
             pass
@@ -100,7 +119,7 @@ def test_the_stream_opens_with_config_and_the_whole_original(loop, tmp_path: Pat
     requests = loop.run(go())
     order = kinds(requests)
     assert order[:3] == ["config", "original", "original last"]
-    assert sorted(order[3:]) == sorted(["speech", "speech last", "bgm", "bgm last"])
+    assert sorted(order[3:]) == sorted(["speech", "speech", "speech last", "bgm", "bgm", "bgm last"])
     assert requests[0].config.original_name == "in.mp4" and requests[0].config.speech_format.sample_rate_hz == 48_000
 
 
