@@ -265,12 +265,13 @@ Keep = Callable[[render.MixOutcome, aac.Stream, Checked], None]
 
 def encoded_within_ceiling(levelled: render.Levelled, n: int, ceiling_db: float, bitrate: str, original: Path,
                            info: media.MediaInfo, out: mux.Output, target: Path, folder: Path, spent: Spent,
-                           previous: reprise.Reprise | None = None, keep: Keep | None = None
-                           ) -> tuple[render.MixOutcome, Checked]:
+                           previous: reprise.Reprise | None = None, keep: Keep | None = None,
+                           encoded: Callable[[], None] | None = None) -> tuple[render.MixOutcome, Checked]:
     """The mix encoded under the ceiling and muxed with the original's picture into
     ``target``; the outcome as encoded (with its dips) and what the encoded audio measures.
     An AAC mix is encoded from the ``previous`` one where it can be, and handed to ``keep``
-    (for the next) unless only the last resort held its ceiling."""
+    (for the next) unless only the last resort held its ceiling. ``encoded`` is called once
+    the AAC stream is final, before the mux: what only the encode needed can go then."""
     if out.audio_codec == "aac":
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bgm-early-mux") as pool:
             early: list[tuple[aac.Stream, Path, Future[None]]] = []
@@ -287,6 +288,8 @@ def encoded_within_ceiling(levelled: render.Levelled, n: int, ceiling_db: float,
                                                   mux_early)
             if keep is not None and not spent.last_resorts:
                 keep(outcome, stream, checked)
+            if encoded is not None:
+                encoded()
             clock = time.monotonic()
             for version, made, muxing in early:
                 if muxing.exception() is None and version is stream:  # waits for it

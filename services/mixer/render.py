@@ -306,7 +306,7 @@ class Leveller:
             self.energy, self.digests = self._reused_energy(reuse)
         else:
             meter = StepEnergy(2, LIMITER_STEP)
-            self.energy = StepFile(folder)
+            self.energy = StepFile(folder, "nearest")
             units = UnitDigests() if digests else None
             for block in in_order(plan.mixed, plan.ranges()):
                 self.energy.append(meter.feed(block))
@@ -335,7 +335,7 @@ class Leveller:
         """The energy per step and the digest per UNIT: the earlier mix's where the units are
         as they were, measured where they are dirty (the weighting filter run in from a
         unit before, so it has settled)."""
-        energy, digests = StepFile(self.folder), reuse.digests.copy()
+        energy, digests = StepFile(self.folder, "nearest"), reuse.digests.copy()
         for dirty, a, b in unit_runs(reuse.dirty):
             lo, hi = self._unit_bounds(a, b)
             if not dirty:
@@ -363,7 +363,7 @@ class Leveller:
             steps = -(-env.shape[0] // LIMITER_STEP)
             return np.pad(env, (0, steps * LIMITER_STEP - env.shape[0])).reshape(steps, LIMITER_STEP).max(axis=1)
 
-        peaks = StepFile(self.folder)
+        peaks = StepFile(self.folder, "up")  # never low: the limiter is set by it
         runs = [(True, 0, -(-self.n // UNIT))] if reuse is None else unit_runs(reuse.dirty)
         for dirty, a, b in runs:
             lo, hi = self._unit_bounds(a, b)
@@ -538,6 +538,14 @@ class Levelled:
 
     def missed(self, measured_lufs: float) -> bool:
         return self.leveller is not None and abs(measured_lufs - self.target_lufs) > AIM_LU
+
+    def release(self) -> None:
+        """Remove the levelling's per-step energy and envelope once the gain is final (an
+        hour's are 82 MiB each on disk); the gain itself stays with ``outcome``."""
+        if self.leveller is not None:
+            self.leveller.energy.close()
+            if self.leveller.peaks is not None:
+                self.leveller.peaks.close()
 
     def aimed_again(self, measured_lufs: float) -> MixOutcome:
         """The mix aimed again, corrected by how far the estimate was from ``measured_lufs``

@@ -98,6 +98,15 @@ class TrackSet:
         self.measuring: asyncio.Task[None] | None = None
         self.words_changed = False
 
+    def close_audio(self) -> None:
+        """Remove the speech and the music (once the mix is encoded and no stem needs them);
+        the original stays for the mux."""
+        for track, spool in self.spools.items():
+            if track != mixer_pb2.TRACK_ORIGINAL:
+                spool.close()
+        for store in self.flacs.values():
+            store.close()
+
     def close(self) -> None:
         if self.following is not None:
             self.following.stop()
