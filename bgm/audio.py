@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from bgm import media, vocab
-from bgm.chunks import Spool, spool_payload
+from bgm.chunks import Spool, payloads, spool_payload
 from bgm.errors import InvalidInput
 from bgm.v1 import common_pb2
 
@@ -152,39 +152,51 @@ class Recording(Protocol):
     def __getitem__(self, key: slice, /) -> np.ndarray: ...
 
 
-class MonoPcmFile:
-    """Mono raw PCM in a file as a read-only 1-D float32 array (``x.shape``, ``x[a:b]``) that
+class WindowedMono:
+    """A long mono recording as a read-only 1-D float32 array (``x.shape``, ``x[a:b]``) that
     holds a window of it at a time: the services walk through a recording in order, so a
-    long one is never held whole (an hour at 48 kHz is 0.7 GB as floats)."""
+    long one is never held whole (an hour at 48 kHz is 0.7 GB as floats). Subclasses say
+    where the samples lie (``_read``)."""
 
     WINDOW_S = 10.0
+    shape: tuple[int]
+    fmt: common_pb2.AudioFormat
 
-    def __init__(self, path: Path, fmt: common_pb2.AudioFormat) -> None:
-        check_whole_frames(path.stat().st_size, fmt)
-        if fmt.channels != 1 or fmt.encoding not in (PCM_S16LE, PCM_F32LE):
-            raise ValueError("MonoPcmFile reads mono raw PCM")
-        self.path, self.fmt = path, fmt
-        self.width = bytes_per_frame(fmt)
-        self.shape = (path.stat().st_size // self.width,)
+    def _start(self, frames: int, fmt: common_pb2.AudioFormat) -> None:
+        self.shape, self.fmt = (frames,), fmt
         self.window = max(1, int(self.WINDOW_S * fmt.sample_rate_hz))
         self._lo = 0
         self._held = np.zeros(0, dtype=np.float32)
+
+    def _read(self, start: int, end: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def reader(self) -> WindowedMono:
+        """Another reader of the same samples, for another thread (each keeps its window)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Let go of the samples (where this reader owns them)."""
+
+    async def __aenter__(self) -> WindowedMono:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.close)
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __getitem__(self, key: slice) -> np.ndarray:
         if not isinstance(key, slice):
-            raise TypeError("MonoPcmFile takes slices")
+            raise TypeError(f"{type(self).__name__} takes slices")
         start, stop, step = key.indices(self.shape[0])
         if step != 1:
-            raise TypeError("MonoPcmFile takes contiguous slices")
+            raise TypeError(f"{type(self).__name__} takes contiguous slices")
         stop = max(start, stop)
         if start < self._lo or stop > self._lo + self._held.shape[0]:
             end = min(self.shape[0], max(stop, start + self.window))
-            with open(self.path, "rb") as f:
-                f.seek(start * self.width)
-                self._lo, self._held = start, pcm_to_float(f.read((end - start) * self.width), self.fmt)[:, 0]
+            self._lo, self._held = start, self._read(start, end)
         return self._held[start - self._lo : stop - self._lo]
 
     def blocks(self) -> Iterator[np.ndarray]:
@@ -198,6 +210,26 @@ class MonoPcmFile:
         for block in self.blocks():
             made.update(np.ascontiguousarray(block).data)
         return made.hexdigest()
+
+
+class MonoPcmFile(WindowedMono):
+    """Mono raw PCM in a file (16-bit or float), read a window at a time."""
+
+    def __init__(self, path: Path, fmt: common_pb2.AudioFormat) -> None:
+        check_whole_frames(path.stat().st_size, fmt)
+        if fmt.channels != 1 or fmt.encoding not in (PCM_S16LE, PCM_F32LE):
+            raise ValueError("MonoPcmFile reads mono raw PCM")
+        self.path = path
+        self.width = bytes_per_frame(fmt)
+        self._start(path.stat().st_size // self.width, fmt)
+
+    def _read(self, start: int, end: int) -> np.ndarray:
+        with open(self.path, "rb") as f:
+            f.seek(start * self.width)
+            return pcm_to_float(f.read((end - start) * self.width), self.fmt)[:, 0]
+
+    def reader(self) -> MonoPcmFile:
+        return MonoPcmFile(self.path, self.fmt)
 
 
 def open_mono(path: Path, fmt: common_pb2.AudioFormat, sample_rate: int, max_duration_s: float, setting: str,
@@ -220,11 +252,29 @@ def open_mono(path: Path, fmt: common_pb2.AudioFormat, sample_rate: int, max_dur
 
 
 async def receive_recording(rest: AsyncIterator[Any], spool: Spool, fmt: common_pb2.AudioFormat, sample_rate: int,
-                            max_duration_s: float, setting: str, scratch: Path) -> MonoPcmFile:
+                            max_duration_s: float, setting: str, scratch: Path) -> WindowedMono:
     """The audio messages that follow a stream's config (``rest``, from ``read_config``)
-    spooled, refused past the duration limit as they arrive, and opened with ``open_mono``
-    (off the event loop): what Separate and Transcribe both begin with."""
+    received, refused past the duration limit as they arrive, and opened as a recording
+    read a window at a time: what Separate and Transcribe both begin with. Mono 16-bit at
+    ``sample_rate`` (what the gateway sends) is kept as FLAC segments in ``scratch`` as it
+    comes (an hour at 48 kHz is some 330 MiB raw); anything else is spooled and opened with
+    ``open_mono``. The caller closes the recording."""
     cap_spool(spool, fmt, max_duration_s, setting)
+    if fmt.encoding == PCM_S16LE and fmt.channels == 1 and fmt.sample_rate_hz == sample_rate:
+        from bgm import flac  # built on this module
+
+        store = flac.FlacSegments(scratch, "recording", fmt)
+        try:
+            async for data in payloads(rest, "config", "audio"):
+                spool.reserve(len(data))  # the spool's limits, the bytes kept as FLAC
+                await store.append(data)
+            if store.size == 0:
+                raise InvalidInput("no audio was sent after the config message")
+            store.finish()
+        except BaseException:
+            await asyncio.to_thread(store.close)
+            raise
+        return flac.MonoFlac(store)
     await spool_payload(rest, spool, "config", "audio")
     if spool.size == 0:
         raise InvalidInput("no audio was sent after the config message")

@@ -64,16 +64,21 @@ class Spool:
         if limit < self.limit:
             self.limit, self._too_large = limit, error
 
-    def write(self, data: bytes) -> None:
-        if self.size + len(data) > self.limit:
+    def reserve(self, count: int) -> None:
+        """Count ``count`` more bytes against the limit (``write`` does; so do bytes the
+        caller keeps elsewhere, in another form)."""
+        if self.size + count > self.limit:
             if self._too_large is not None:
                 raise self._too_large
             raise InvalidInput(
                 f"{self.what} is larger than the limit of {_mib(self.limit)}; send a shorter file "
                 "or raise the server's MAX_INPUT_BYTES setting"
             )
+        self.size += count
+
+    def write(self, data: bytes) -> None:
+        self.reserve(len(data))
         self._file.write(data)
-        self.size += len(data)
 
     def flush(self) -> None:
         """What was written so far, on disk for a reader of ``path`` (a track read as it arrives)."""
@@ -164,12 +169,18 @@ async def spool_payload(
 ) -> int:
     """Write every ``payload_field`` chunk of the rest of the stream into ``spool``."""
     count = 0
+    async for data in payloads(iterator, config_field, payload_field):
+        spool.write(data)
+        count += 1
+    return count
+
+
+async def payloads(iterator: AsyncIterable[Any], config_field: str, payload_field: str) -> AsyncIterator[bytes]:
+    """The ``payload_field`` chunks of the rest of the stream; any other message is refused."""
     async for message in iterator:
         kind = message.WhichOneof("payload")
         if kind == config_field:
             raise InvalidInput(f"'{config_field}' was sent twice; send it once, as the first message")
         if kind != payload_field:
             raise InvalidInput(f"expected '{payload_field}' chunks after the '{config_field}' message")
-        spool.write(getattr(message, payload_field))
-        count += 1
-    return count
+        yield getattr(message, payload_field)

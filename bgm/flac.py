@@ -140,12 +140,12 @@ class FlacSegments:
     OPEN_READERS = 4
 
     def __init__(self, folder: Path, name: str, fmt: common_pb2.AudioFormat,
-                 segment_bytes: int = SEGMENT_BYTES) -> None:
+                 segment_bytes: int | None = None) -> None:
         if not fits(fmt):
             raise ValueError("FlacSegments keeps 16-bit PCM only")
         frame = audio.bytes_per_frame(fmt)
         self.folder, self.name, self.fmt = folder, name, fmt
-        self.segment_frames = max(1, segment_bytes // frame)
+        self.segment_frames = max(1, (segment_bytes or self.SEGMENT_BYTES) // frame)
         self.segment_bytes = self.segment_frames * frame
         self.size = 0  # raw bytes taken (what a byte limit applies to)
         self.segments: list[FlacPcm] = []
@@ -251,3 +251,24 @@ class FlacSegments:
             self._open.clear()
         for segment in segments:
             segment.close()
+
+
+class MonoFlac(audio.WindowedMono):
+    """A finished mono ``FlacSegments`` store read as a recording, a window at a time; the
+    recording owns the store (``close`` removes it), its other readers share it."""
+
+    def __init__(self, store: FlacSegments, owner: bool = True) -> None:
+        if store.fmt.channels != 1 or not store.finished:
+            raise ValueError("MonoFlac reads a finished mono store")
+        self.store, self.owner = store, owner
+        self._start(store.frames, store.fmt)
+
+    def _read(self, start: int, end: int) -> np.ndarray:
+        return self.store.read(start, end)[:, 0].astype(np.float32) / np.float32(32768.0)
+
+    def reader(self) -> MonoFlac:
+        return MonoFlac(self.store, owner=False)
+
+    def close(self) -> None:
+        if self.owner:
+            self.store.close()

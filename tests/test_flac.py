@@ -94,3 +94,65 @@ def test_segments_cut_inside_a_frame_are_refused(tmp_path: Path):
         store.finish()
     store.close()
     assert not list(tmp_path.iterdir())
+
+
+def _audio_messages(raw: bytes, piece: int):
+    from bgm.v1 import stt_pb2
+
+    async def messages():
+        for start in range(0, len(raw), piece):
+            yield stt_pb2.TranscribeRequest(audio=raw[start : start + piece])
+
+    return messages()
+
+
+def test_a_received_recording_is_kept_as_flac_and_reads_as_the_raw_one(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch):
+    """What the gateway sends Separate and Transcribe (mono 16-bit at the service's rate) is
+    kept as FLAC segments as it arrives: every window, a second reader's too, and the
+    digest (a cache key) are those of the same samples read raw; closing removes it."""
+    from bgm.chunks import Spool
+
+    fmt = audio.audio_format(16_000, 1, audio.PCM_S16LE)
+    samples = music_like(40.0, 1, 16_000)
+    raw = samples.tobytes()
+    raw_path = tmp_path / "raw.s16"
+    raw_path.write_bytes(raw)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+
+    async def receive() -> audio.WindowedMono:
+        with Spool(10 * len(raw), "audio", str(tmp_path)) as spool:
+            return await audio.receive_recording(_audio_messages(raw, 9_999), spool, fmt, 16_000, 3600.0, "LIMIT",
+                                                 scratch)
+
+    monkeypatch.setattr(flac.FlacSegments, "SEGMENT_BYTES", 300_000)  # several segments
+    recording = asyncio.run(receive())
+    plain = audio.MonoPcmFile(raw_path, fmt)
+    assert isinstance(recording, flac.MonoFlac) and recording.shape == plain.shape
+    on_disk = sum(p.stat().st_size for p in scratch.iterdir())
+    assert len(list(scratch.iterdir())) >= 2 and on_disk < 0.8 * len(raw)
+    other = recording.reader()
+    for lo, hi in [(0, 10), (150_000, 170_000), (299_990, 300_010), (639_000, 640_000), (5, 400_000)]:
+        assert np.array_equal(recording[lo:hi], plain[lo:hi])
+        assert np.array_equal(other[hi - 1 : hi], plain[hi - 1 : hi])
+    assert recording.digest() == plain.digest()
+    other.close()  # a second reader leaves the store to its owner
+    assert list(scratch.iterdir())
+    recording.close()
+    assert not list(scratch.iterdir())
+
+
+def test_a_received_recording_past_its_limit_is_refused_and_removed(tmp_path: Path):
+    from bgm.chunks import Spool
+
+    fmt = audio.audio_format(16_000, 1, audio.PCM_S16LE)
+    raw = music_like(5.0, 1, 16_000).tobytes()
+
+    async def receive() -> None:
+        with Spool(len(raw) // 2, "audio", str(tmp_path)) as spool:
+            await audio.receive_recording(_audio_messages(raw, 4_000), spool, fmt, 16_000, 3600.0, "LIMIT", tmp_path)
+
+    with pytest.raises(InvalidInput, match="larger than the limit"):
+        asyncio.run(receive())
+    assert not list(tmp_path.iterdir())

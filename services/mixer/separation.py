@@ -26,7 +26,7 @@ from typing import IO, Protocol
 import numpy as np
 
 from bgm import logs, models, processes, vocab
-from bgm.audio import MonoPcmFile, Recording
+from bgm.audio import Recording, WindowedMono
 from bgm.errors import Unsupported
 from services.mixer import dfn_worker
 
@@ -320,8 +320,8 @@ class IdleCores:
 
 
 def _own_reader(mono: Recording) -> Recording:
-    """A reader of the same recording for another thread (a MonoPcmFile keeps a window)."""
-    return MonoPcmFile(mono.path, mono.fmt) if isinstance(mono, MonoPcmFile) else mono
+    """A reader of the same recording for another thread (a file's reader keeps a window)."""
+    return mono.reader() if isinstance(mono, WindowedMono) else mono
 
 
 class _Spooled:

@@ -81,7 +81,7 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
         self.require_ready()
         self.limiter.check()
         started = time.monotonic()
-        # The recording stays in its spool and is read a window at a time (``audio.MonoPcmFile``).
+        # The recording stays on disk and is read a window at a time (``audio.WindowedMono``).
         with scratch.workdir("separate", self.server.tmp_dir) as tmp, \
                 Spool(self.server.max_input_bytes, "audio", tmp) as spool:
             with self.uploads:
@@ -93,28 +93,29 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
                 separator = await self.separator(config.backend)
                 mono = await audio.receive_recording(rest, spool, config.format, RATE, self.server.max_duration_s,
                                                      DURATION_SETTING, Path(tmp))
-            with self.limiter:
-                # Stems come back in the encoding the audio came in (16-bit halves what the
-                # caller keeps on disk), at the mixer's rate, mono.
-                encoding = config.format.encoding if config.format.encoding == audio.PCM_S16LE else audio.PCM_F32LE
-                fmt = audio.audio_format(RATE, 1, encoding)
-                yield mixer_pb2.SeparateResponse(header=mixer_pb2.StemsHeader(
-                    format=fmt, stems=stems, total_samples=mono.shape[0], backend=separator.name))
-                # Stems go out as the separator produces them, so the caller can start on the
-                # first seconds (the gateway feeds them straight into MixAndMux).
-                done = 0
+            async with mono:  # closed off the loop: a file may wait for a reader thread
+                with self.limiter:
+                    # Stems come back in the encoding the audio came in (16-bit halves what the
+                    # caller keeps on disk), at the mixer's rate, mono.
+                    encoding = config.format.encoding if config.format.encoding == audio.PCM_S16LE else audio.PCM_F32LE
+                    fmt = audio.audio_format(RATE, 1, encoding)
+                    yield mixer_pb2.SeparateResponse(header=mixer_pb2.StemsHeader(
+                        format=fmt, stems=stems, total_samples=mono.shape[0], backend=separator.name))
+                    # Stems go out as the separator produces them, so the caller can start on the
+                    # first seconds (the gateway feeds them straight into MixAndMux).
+                    done = 0
 
-                def produce(cancel: threading.Event) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:
-                    return stem_pcm(self.speech_blocks(separator, mono, cancel), mono, stems, encoding)
+                    def produce(cancel: threading.Event) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:
+                        return stem_pcm(self.speech_blocks(separator, mono, cancel), mono, stems, encoding)
 
-                async for size, encoded in iterate_in_thread(produce):
-                    for stem, pcm in encoded:
-                        for piece in iter_chunks(pcm, CHUNK_BYTES):
-                            yield mixer_pb2.SeparateResponse(chunk=mixer_pb2.StemChunk(stem=stem, data=piece))  # type: ignore[arg-type]
-                    done += size
-                    yield mixer_pb2.SeparateResponse(progress=_progress(
-                        common_pb2.STAGE_SEPARATE, done / max(1, mono.shape[0]), started,
-                        f"separating with {separator.name}"))
+                    async for size, encoded in iterate_in_thread(produce):
+                        for stem, pcm in encoded:
+                            for piece in iter_chunks(pcm, CHUNK_BYTES):
+                                yield mixer_pb2.SeparateResponse(chunk=mixer_pb2.StemChunk(stem=stem, data=piece))  # type: ignore[arg-type]
+                        done += size
+                        yield mixer_pb2.SeparateResponse(progress=_progress(
+                            common_pb2.STAGE_SEPARATE, done / max(1, mono.shape[0]), started,
+                            f"separating with {separator.name}"))
 
     def speech_blocks(self, separator: separation.Separator, mono: audio.Recording,
                       cancel: threading.Event) -> Iterator[np.ndarray]:
@@ -126,7 +127,7 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
             yield from separated
             return
         name = cache.key("speech", separator.name, self.settings.demucs_model, self.settings.attenuation_limit_db,
-                         expansion, RATE, mono.digest() if isinstance(mono, audio.MonoPcmFile) else mono)
+                         expansion, RATE, mono.digest() if isinstance(mono, audio.WindowedMono) else mono)
         kept = self.cache.kept_file(name)
         if kept is not None:
             with open(kept, "rb") as f:
@@ -200,8 +201,7 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
             try:
                 with self.mix_limiter:
                     outcome, out_path, out = await asyncio.to_thread(
-                        self._mix, config, levels, tracks.original_path, original, speech, music, tracks.words,
-                        voice, tracks.speech_digest.hexdigest(), Path(tmp))
+                        self._mix, config, levels, tracks, original, speech, music, voice, Path(tmp))
                 log.info("mixed", extra={"fields": {"tracks_in_s": round(received - started, 3),
                                                     "mix_and_encode_s": round(time.monotonic() - received, 3),
                                                     "encodes": outcome.encodes}})
@@ -219,10 +219,11 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
             for message in stem_messages(written):
                 yield message
 
-    def _mix(self, config: mixer_pb2.MixConfig, levels: dsp.MixLevels, original_path: Path, original: Original,
-             speech: Speech, music: Music, words: Sequence[tuple[float, float]], voice: render.VoiceLoudness | None,
-             speech_digest: str, tmp: Path) -> tuple[render.MixOutcome, Path, mux.Output]:
+    def _mix(self, config: mixer_pb2.MixConfig, levels: dsp.MixLevels, tracks: TrackSet, original: Original,
+             speech: Speech, music: Music, voice: render.VoiceLoudness | None,
+             tmp: Path) -> tuple[render.MixOutcome, Path, mux.Output]:
         clock = time.monotonic()
+        words, speech_digest = tracks.words, tracks.speech_digest.hexdigest()
         n = original.samples
         out = mux.output_for(config.original_name, original.info)
         talking = activity.talking(speech.probability, activity.threshold_for(levels.duck_sensitivity), n, words)
@@ -247,9 +248,17 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
                     reprise.save(self.cache, kept_as, levelled, music.digests, made, stream, checked.loudness_lufs,
                                  checked.frame_peaks)
 
+            def encoded() -> None:
+                # The mux needs only the original and the stream: an hour's speech, music and
+                # levelling are some 600 MiB of disk (the stems, where asked, still need the tracks).
+                levelled.release()
+                if not config.options.return_stems:
+                    tracks.close_audio()
+
             outcome, checked = encode.encoded_within_ceiling(levelled, n, levels.true_peak_dbtp,
-                                                             self.settings.audio_bitrate, original_path,
-                                                             original.info, out, target, tmp, spent, previous, keep)
+                                                             self.settings.audio_bitrate, tracks.original_path,
+                                                             original.info, out, target, tmp, spent, previous, keep,
+                                                             encoded)
         finally:
             if previous is not None:  # its step files are unnamed temp files: gone once closed
                 previous.close()

@@ -64,7 +64,7 @@ class SpeechToTextServicer(ModelServicer, stt_pb2_grpc.SpeechToTextServicer):
         self.limiter.check()
         started = time.monotonic()
         setting = f"{vocab.STT.env_prefix}_MAX_DURATION_S"
-        # The recording stays in its spool and is read a window at a time (``audio.MonoPcmFile``).
+        # The recording stays on disk and is read a window at a time (``audio.WindowedMono``).
         with scratch.workdir(vocab.STT.name, self.server.tmp_dir) as tmp, \
                 Spool(self.server.max_input_bytes, "audio", tmp) as spool:
             with self.uploads:
@@ -72,19 +72,20 @@ class SpeechToTextServicer(ModelServicer, stt_pb2_grpc.SpeechToTextServicer):
                 options = self.options(config)
                 mono = await audio.receive_recording(rest, spool, config.format, SAMPLE_RATE,
                                                      self.server.max_duration_s, setting, Path(tmp))
-            with self.limiter:
-                backend = self.backend
-                count = 0
-                async for item in iterate_in_thread(lambda cancel: backend.transcribe(mono, options, cancel)):
-                    if isinstance(item, Detected):
-                        yield stt_pb2.TranscribeResponse(
-                            language=stt_pb2.LanguageInfo(language=item.language, probability=item.probability))
-                    else:
-                        count += 1
-                        yield stt_pb2.TranscribeResponse(segment=segment_message(item))
-                yield stt_pb2.TranscribeResponse(summary=stt_pb2.TranscribeSummary(
-                    duration_s=mono.shape[0] / SAMPLE_RATE, segment_count=count, model=backend.name,
-                    processing_s=time.monotonic() - started))
+            async with mono:  # closed off the loop: a file may wait for a reader thread
+                with self.limiter:
+                    backend = self.backend
+                    count = 0
+                    async for item in iterate_in_thread(lambda cancel: backend.transcribe(mono, options, cancel)):
+                        if isinstance(item, Detected):
+                            yield stt_pb2.TranscribeResponse(
+                                language=stt_pb2.LanguageInfo(language=item.language, probability=item.probability))
+                        else:
+                            count += 1
+                            yield stt_pb2.TranscribeResponse(segment=segment_message(item))
+                    yield stt_pb2.TranscribeResponse(summary=stt_pb2.TranscribeSummary(
+                        duration_s=mono.shape[0] / SAMPLE_RATE, segment_count=count, model=backend.name,
+                        processing_s=time.monotonic() - started))
 
 
 def segment_message(seg: Segment) -> stt_pb2.Segment:
