@@ -122,7 +122,10 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
         """The separated speech block by block: from the cache when this audio was separated
         the same way before, else from the separator (and kept, once complete)."""
         expansion = self.settings.expansion
-        separated = residue.expand(mono, separator.speech_blocks(mono, cancel), expansion)  # lazy: starts when read
+        # The expander reads the recording behind the separator: a reader of its own keeps each
+        # one's window (one reader would load a window anew at every turn).
+        mixture = mono.reader() if isinstance(mono, audio.WindowedMono) else mono
+        separated = residue.expand(mixture, separator.speech_blocks(mono, cancel), expansion)  # lazy: starts when read
         if self.cache.folder is None:
             yield from separated
             return
