@@ -59,11 +59,17 @@ def check_whole_frames(size: int, fmt: common_pb2.AudioFormat) -> None:
         )
 
 
+def s16_to_float(samples: np.ndarray) -> np.ndarray:
+    """16-bit samples (any shape) as float32 in [-1, 1): every reader of 16-bit audio scales
+    them the same, so the same samples give the same floats (and digests) however kept."""
+    return samples.astype(np.float32) / np.float32(32768.0)
+
+
 def pcm_to_float(data: bytes, fmt: common_pb2.AudioFormat) -> np.ndarray:
     """Raw PCM bytes to float32 frames (n, channels)."""
     check_whole_frames(len(data), fmt)
     if fmt.encoding == PCM_S16LE:
-        samples = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+        samples = s16_to_float(np.frombuffer(data, dtype="<i2"))
     else:
         samples = np.frombuffer(data, dtype="<f4").astype(np.float32)
         if not np.all(np.isfinite(samples)):
@@ -210,6 +216,12 @@ class WindowedMono:
         for block in self.blocks():
             made.update(np.ascontiguousarray(block).data)
         return made.hexdigest()
+
+
+def own_reader(recording: Recording) -> Recording:
+    """A reader of ``recording`` for another thread or a second pass (a windowed reader keeps
+    one window; an array needs none of its own)."""
+    return recording.reader() if isinstance(recording, WindowedMono) else recording
 
 
 class MonoPcmFile(WindowedMono):

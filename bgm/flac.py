@@ -264,7 +264,7 @@ class MonoFlac(audio.WindowedMono):
         self._start(store.frames, store.fmt)
 
     def _read(self, start: int, end: int) -> np.ndarray:
-        return self.store.read(start, end)[:, 0].astype(np.float32) / np.float32(32768.0)
+        return audio.s16_to_float(self.store.read(start, end)[:, 0])
 
     def reader(self) -> MonoFlac:
         return MonoFlac(self.store, owner=False)

@@ -26,7 +26,7 @@ from typing import IO, Protocol
 import numpy as np
 
 from bgm import logs, models, processes, vocab
-from bgm.audio import Recording, WindowedMono
+from bgm.audio import Recording, own_reader, s16_to_float
 from bgm.errors import Unsupported
 from services.mixer import dfn_worker
 
@@ -121,7 +121,7 @@ class DeepFilterNet:
     def _second_part(self, mono: Recording, lo: int, cancel: threading.Event | None,
                      block_s: float) -> Iterator[np.ndarray]:
         total = mono.shape[0]
-        for block, _ in self._cleaned(_own_reader(mono), lo, lambda: total, cancel, block_s):
+        for block, _ in self._cleaned(own_reader(mono), lo, lambda: total, cancel, block_s):
             yield block
 
     def _cleaned(self, mono: Recording, lo: int, end: Callable[[], int], cancel: threading.Event | None,
@@ -319,11 +319,6 @@ class IdleCores:
         return total > 0 and idle / total * self.cores >= self.CORES
 
 
-def _own_reader(mono: Recording) -> Recording:
-    """A reader of the same recording for another thread (a file's reader keeps a window)."""
-    return mono.reader() if isinstance(mono, WindowedMono) else mono
-
-
 class _Spooled:
     """Blocks made in a thread of their own into a nameless 16-bit temp file, read back in
     order once wanted (waiting for the thread where the reader catches up with it)."""
@@ -373,7 +368,7 @@ class _Spooled:
                 self.file.seek(at * 2)
                 data = self.file.read(count * 2)
             at += count
-            yield np.frombuffer(data, "<i2").astype(np.float32) / np.float32(32768)
+            yield s16_to_float(np.frombuffer(data, "<i2"))
 
     def close(self) -> None:
         self.stopped.set()

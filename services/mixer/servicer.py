@@ -123,9 +123,8 @@ class MixerServicer(ModelServicer, mixer_pb2_grpc.MixerServicer):
         the same way before, else from the separator (and kept, once complete)."""
         expansion = self.settings.expansion
         # The expander reads the recording behind the separator: a reader of its own keeps each
-        # one's window (one reader would load a window anew at every turn).
-        mixture = mono.reader() if isinstance(mono, audio.WindowedMono) else mono
-        separated = residue.expand(mixture, separator.speech_blocks(mono, cancel), expansion)  # lazy: starts when read
+        # one's window (one reader would load a window anew at every turn). Lazy: starts when read.
+        separated = residue.expand(audio.own_reader(mono), separator.speech_blocks(mono, cancel), expansion)
         if self.cache.folder is None:
             yield from separated
             return

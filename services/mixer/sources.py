@@ -94,7 +94,7 @@ class PcmFile:
         if last > first:
             raw = np.fromfile(self.path, dtype=self.dtype, count=(last - first) * channels,
                               offset=first * channels * self.dtype.itemsize).reshape(-1, channels)
-            frames = raw.astype(np.float32) / 32768.0 if self.dtype.kind == "i" else raw.astype(np.float32)
+            frames = audio.s16_to_float(raw) if self.dtype.kind == "i" else raw.astype(np.float32)
             if not np.all(np.isfinite(frames)):
                 raise InvalidInput("PCM_F32LE audio contains NaN or infinite samples")
         else:
@@ -113,7 +113,7 @@ class FlacTrack:
     def read(self, lo: int, hi: int) -> np.ndarray:
         available = min(self.available, self.length)
         words = self.store.read(max(lo, 0), max(0, min(hi, available)))
-        return _padded(_stereo(words.astype(np.float32) / 32768.0), lo, hi, available)
+        return _padded(_stereo(audio.s16_to_float(words)), lo, hi, available)
 
 
 def kept_as_flac(fmt: common_pb2.AudioFormat) -> bool:
