@@ -96,11 +96,12 @@ async def speech_track(speech: Feed | None, total_bytes: int,
     """The speech as the separator hands it over (none: no audio); the mix's progress runs
     to 90 % meanwhile."""
     sent = 0
-    async for piece in speech.read() if speech is not None else _nothing():
-        for sub in iter_chunks(piece):
-            yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=mixer_pb2.TRACK_SPEECH, data=sub))
-        sent += len(piece)
-        await progress(0.9 * min(1.0, sent / max(1, total_bytes)), "taking the speech as it is separated")
+    if speech is not None:
+        async for piece in speech.read():
+            for sub in iter_chunks(piece):
+                yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=mixer_pb2.TRACK_SPEECH, data=sub))
+            sent += len(piece)
+            await progress(0.9 * min(1.0, sent / max(1, total_bytes)), "taking the speech as it is separated")
     yield mixer_pb2.MixRequest(chunk=mixer_pb2.TrackChunk(track=mixer_pb2.TRACK_SPEECH, last=True))
 
 
@@ -114,11 +115,6 @@ async def keep_alive(result: asyncio.Future[Any]) -> AsyncIterator[mixer_pb2.Mix
         await asyncio.wait({result}, timeout=KEEP_ALIVE_S)
         if not result.done():
             yield mixer_pb2.MixRequest(speech_spans=mixer_pb2.SpeechSpans())
-
-
-async def _nothing() -> AsyncIterator[bytes]:
-    return
-    yield
 
 
 async def music_track(spoken: asyncio.Future[mixer_pb2.SpeechSpans],

@@ -399,13 +399,8 @@ class Remix:
         async def progress(fraction: float, message: str) -> None:
             await self.progress(common_pb2.STAGE_MIX, fraction, message)
 
-        attempts = 0
-
         async def attempt() -> list[gateway_pb2.RemixResponse]:
-            nonlocal attempts
-            if attempts:
-                inputs.again()
-            attempts += 1
+            inputs.again()  # a retry: what the last attempt took is made again (nothing on the first)
             broken: list[Exception] = []  # a stage feeding the mix failed
 
             async def sent() -> AsyncIterator[mixer_pb2.MixRequest]:
